@@ -1,0 +1,39 @@
+// Every mmkernels operator schema, declared once. Each backend registers its
+// kernels with TORCH_LIBRARY_IMPL in its own file; fake (meta) kernels and
+// autograd are registered in Python (mmkernels/ops/).
+#include <Python.h>
+#include <torch/library.h>
+
+TORCH_LIBRARY(mmkernels, m) {
+  // ---- RoIAlign family (csrc/roi_align/) -------------------------------------
+  // input (N, C, H, W); rois (K, 5) = (batch_index, x1, y1, x2, y2), input's dtype.
+  m.def(
+      "roi_align(Tensor input, Tensor rois, float spatial_scale, int pooled_height, "
+      "int pooled_width, int sampling_ratio, bool aligned) -> Tensor");
+  m.def(
+      "_roi_align_backward(Tensor grad, Tensor rois, float spatial_scale, int pooled_height, "
+      "int pooled_width, SymInt batch_size, SymInt channels, SymInt height, SymInt width, "
+      "int sampling_ratio, bool aligned, bool channels_last) -> Tensor");
+  // (K, C): roi_align(...).mean((2, 3)) in one pass.
+  m.def(
+      "region_features(Tensor input, Tensor rois, float spatial_scale, int pooled_height, "
+      "int pooled_width, int sampling_ratio, bool aligned) -> Tensor");
+  m.def(
+      "_region_features_backward(Tensor grad, Tensor rois, float spatial_scale, "
+      "int pooled_height, int pooled_width, SymInt batch_size, SymInt channels, SymInt height, "
+      "SymInt width, int sampling_ratio, bool aligned, bool channels_last) -> Tensor");
+  // features: L levels (N, C, H_l, W_l); levels (K,) int64 in [0, L); scales (L,).
+  m.def(
+      "multiscale_roi_align(Tensor[] features, Tensor rois, Tensor levels, float[] scales, "
+      "int pooled_height, int pooled_width, int sampling_ratio, bool aligned) -> Tensor");
+  m.def(
+      "_multiscale_roi_align_backward(Tensor grad, Tensor rois, Tensor levels, float[] scales, "
+      "SymInt batch_size, SymInt channels, SymInt[] heights, SymInt[] widths, "
+      "int sampling_ratio, bool aligned, bool channels_last) -> Tensor[]");
+}
+
+// Importable as a Python module (mmkernels._C); loading it runs the registrations.
+extern "C" PyObject* PyInit__C(void) {
+  static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  return PyModule_Create(&module);
+}

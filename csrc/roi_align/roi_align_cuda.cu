@@ -1,0 +1,319 @@
+// RoIAlign family, CUDA kernels. The per-sample math is in roi_align_math.h,
+// shared with the CPU kernels; this file only maps threads to outputs.
+//
+//   _roi_align_fwd_kernel     one thread per output element (k, c, ph, pw) or,
+//                             for region_features, per (k, c) over every bin.
+//   _roi_align_bwd_kernel     one thread per grad element, atomicAdd into an
+//                             fp32/fp64 buffer (fp32 even for half inputs).
+//   _roi_align_bwd_det_kernel one thread per grad_input element, gathering the
+//                             contributions of every region in ascending order.
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+#include "roi_align/roi_align_cuda.h"
+#include "roi_align/roi_align_math.h"
+
+namespace mmkernels {
+namespace roi_align {
+namespace cuda {
+namespace {
+
+template <typename T> struct Acc { using type = float; };
+template <> struct Acc<double> { using type = double; };
+
+__device__ __forceinline__ float to_acc(float v) { return v; }
+__device__ __forceinline__ double to_acc(double v) { return v; }
+__device__ __forceinline__ float to_acc(__half v) { return __half2float(v); }
+__device__ __forceinline__ float to_acc(__nv_bfloat16 v) { return __bfloat162float(v); }
+
+template <typename T> __device__ __forceinline__ T from_acc(typename Acc<T>::type v);
+template <> __device__ __forceinline__ float from_acc<float>(float v) { return v; }
+template <> __device__ __forceinline__ double from_acc<double>(double v) { return v; }
+template <> __device__ __forceinline__ __half from_acc<__half>(float v) { return __float2half_rn(v); }
+template <> __device__ __forceinline__ __nv_bfloat16 from_acc<__nv_bfloat16>(float v) {
+  return __float2bfloat16_rn(v);
+}
+
+// p.lv[l] with a run-time l, selected with constant indices so that the
+// parameter struct is never copied to local memory.
+__device__ __forceinline__ Level level_at(const Params& p, int l) {
+  Level out = p.lv[0];
+#pragma unroll
+  for (int j = 1; j < kMaxLevels; ++j) {
+    if (j == l) out = p.lv[j];
+  }
+  return out;
+}
+
+template <typename T, typename A>
+__device__ __forceinline__ RoiGeometry<A> geometry(const Params& p, const T* r, double scale) {
+  return roi_geometry<A>(to_acc(r[1]), to_acc(r[2]), to_acc(r[3]), to_acc(r[4]),
+                         static_cast<A>(scale), p.PH, p.PW, p.sampling_ratio, p.aligned);
+}
+
+// Sum of the samples of bins [ph0, ph1) x [pw0, pw1) of one (n, c) plane.
+template <typename T, typename A>
+__device__ __forceinline__ A sum_bins(const T* plane, const Level& lv, const RoiGeometry<A>& g,
+                                      int ph0, int ph1, int pw0, int pw1) {
+  A acc = A(0);
+  for (int ph = ph0; ph < ph1; ++ph) {
+    for (int iy = 0; iy < g.grid_h; ++iy) {
+      const auto ty = axis_tap(lv.H, sample_coord(g.start_h, g.bin_h, ph, iy, g.grid_h));
+      for (int pw = pw0; pw < pw1; ++pw) {
+        for (int ix = 0; ix < g.grid_w; ++ix) {
+          const auto tx = axis_tap(lv.W, sample_coord(g.start_w, g.bin_w, pw, ix, g.grid_w));
+          const auto s = combine_taps(ty, tx);
+          if (!s.inside) continue;
+          const T* r0 = plane + s.y_lo * lv.sH;
+          const T* r1 = plane + s.y_hi * lv.sH;
+          acc += blend4<A>(s, to_acc(r0[s.x_lo * lv.sW]), to_acc(r0[s.x_hi * lv.sW]),
+                           to_acc(r1[s.x_lo * lv.sW]), to_acc(r1[s.x_hi * lv.sW]));
+        }
+      }
+    }
+  }
+  return acc;
+}
+
+// Decompose a linear thread index into (k, c, ph, pw); for `mean`, ph = pw = 0.
+__device__ __forceinline__ void unravel(const Params& p, int64_t i, int64_t& k, int64_t& c,
+                                        int& ph, int& pw) {
+  if (p.mean) {
+    c = i % p.C;
+    k = i / p.C;
+    ph = pw = 0;
+  } else if (p.channels_inner) {
+    c = i % p.C;
+    int64_t t = i / p.C;
+    pw = static_cast<int>(t % p.PW);
+    t /= p.PW;
+    ph = static_cast<int>(t % p.PH);
+    k = t / p.PH;
+  } else {
+    pw = static_cast<int>(i % p.PW);
+    int64_t t = i / p.PW;
+    ph = static_cast<int>(t % p.PH);
+    t /= p.PH;
+    c = t % p.C;
+    k = t / p.C;
+  }
+}
+
+template <typename T>
+__global__ void _roi_align_fwd_kernel(const Params p, T* __restrict__ out, const int64_t os0,
+                                      const int64_t os1, const int64_t os2, const int64_t os3,
+                                      const int64_t total) {
+  using A = typename Acc<T>::type;
+  const T* rois = static_cast<const T*>(p.rois);
+  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < total;
+       i += int64_t(gridDim.x) * blockDim.x) {
+    int64_t k, c;
+    int ph, pw;
+    unravel(p, i, k, c, ph, pw);
+    const T* r = rois + k * 5;
+    const int l = p.levels != nullptr ? static_cast<int>(p.levels[k]) : 0;
+    const Level lv = level_at(p, l);
+    const auto g = geometry<T, A>(p, r, lv.scale);
+    const int64_t n = static_cast<int64_t>(to_acc(r[0]));
+    A v;
+    if (g.nan || n < 0 || n >= p.N || l < 0 || l >= p.L) {
+      // NaN box; or an index the host check rejects (never read out of bounds).
+      v = A(NAN);
+    } else {
+      const T* plane = static_cast<const T*>(lv.data) + n * lv.sN + c * lv.sC;
+      if (p.mean) {
+        v = sum_bins<T, A>(plane, lv, g, 0, p.PH, 0, p.PW) / (g.count * A(p.PH * p.PW));
+      } else {
+        v = sum_bins<T, A>(plane, lv, g, ph, ph + 1, pw, pw + 1) / g.count;
+      }
+    }
+    out[k * os0 + c * os1 + ph * os2 + pw * os3] = from_acc<T>(v);
+  }
+}
+
+// Scatter w / norm * grad into the buffer at the taps of bins [ph0, ph1) x [pw0, pw1).
+template <typename A>
+__device__ __forceinline__ void scatter_bins(A* plane, const Level& lv, const RoiGeometry<A>& g,
+                                             int ph0, int ph1, int pw0, int pw1, A gv) {
+  for (int ph = ph0; ph < ph1; ++ph) {
+    for (int iy = 0; iy < g.grid_h; ++iy) {
+      const auto ty = axis_tap(lv.H, sample_coord(g.start_h, g.bin_h, ph, iy, g.grid_h));
+      for (int pw = pw0; pw < pw1; ++pw) {
+        for (int ix = 0; ix < g.grid_w; ++ix) {
+          const auto tx = axis_tap(lv.W, sample_coord(g.start_w, g.bin_w, pw, ix, g.grid_w));
+          const auto s = combine_taps(ty, tx);
+          if (!s.inside) continue;
+          atomicAdd(plane + s.y_lo * lv.sH + s.x_lo * lv.sW, s.w[0] * gv);
+          atomicAdd(plane + s.y_lo * lv.sH + s.x_hi * lv.sW, s.w[1] * gv);
+          atomicAdd(plane + s.y_hi * lv.sH + s.x_lo * lv.sW, s.w[2] * gv);
+          atomicAdd(plane + s.y_hi * lv.sH + s.x_hi * lv.sW, s.w[3] * gv);
+        }
+      }
+    }
+  }
+}
+
+template <typename T>
+__global__ void _roi_align_bwd_kernel(const Params p, const T* __restrict__ grad,
+                                      const int64_t gs0, const int64_t gs1, const int64_t gs2,
+                                      const int64_t gs3, const int64_t total) {
+  using A = typename Acc<T>::type;
+  const T* rois = static_cast<const T*>(p.rois);
+  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < total;
+       i += int64_t(gridDim.x) * blockDim.x) {
+    int64_t k, c;
+    int ph, pw;
+    unravel(p, i, k, c, ph, pw);
+    const T* r = rois + k * 5;
+    const int l = p.levels != nullptr ? static_cast<int>(p.levels[k]) : 0;
+    const int64_t n = static_cast<int64_t>(to_acc(r[0]));
+    if (n < 0 || n >= p.N || l < 0 || l >= p.L) continue;  // rejected on the host
+    const Level lv = level_at(p, l);
+    const auto g = geometry<T, A>(p, r, lv.scale);
+    A* plane = const_cast<A*>(static_cast<const A*>(lv.data)) + n * lv.sN + c * lv.sC;
+    const A gv = to_acc(grad[k * gs0 + c * gs1 + ph * gs2 + pw * gs3]);
+    if (p.mean) {
+      scatter_bins<A>(plane, lv, g, 0, p.PH, 0, p.PW, gv / (g.count * A(p.PH * p.PW)));
+    } else {
+      scatter_bins<A>(plane, lv, g, ph, ph + 1, pw, pw + 1, gv / g.count);
+    }
+  }
+}
+
+template <typename T>
+__global__ void _roi_align_bwd_det_kernel(const Params p, const int level,
+                                          const T* __restrict__ grad, const int64_t gs0,
+                                          const int64_t gs1, const int64_t gs2, const int64_t gs3,
+                                          const int64_t total) {
+  using A = typename Acc<T>::type;
+  const T* rois = static_cast<const T*>(p.rois);
+  const Level lv = level_at(p, level);
+  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < total;
+       i += int64_t(gridDim.x) * blockDim.x) {
+    // (n, c, h, w), w fastest (or c fastest for channels-last buffers).
+    int64_t n, c;
+    int h, w;
+    if (p.channels_inner) {
+      c = i % p.C;
+      int64_t t = i / p.C;
+      w = static_cast<int>(t % lv.W);
+      t /= lv.W;
+      h = static_cast<int>(t % lv.H);
+      n = t / lv.H;
+    } else {
+      w = static_cast<int>(i % lv.W);
+      int64_t t = i / lv.W;
+      h = static_cast<int>(t % lv.H);
+      t /= lv.H;
+      c = t % p.C;
+      n = t / p.C;
+    }
+    A acc = A(0);
+    for (int64_t k = 0; k < p.K; ++k) {
+      const T* r = rois + k * 5;
+      if (p.levels != nullptr && p.levels[k] != level) continue;
+      if (static_cast<int64_t>(to_acc(r[0])) != n) continue;
+      const auto g = geometry<T, A>(p, r, lv.scale);
+      if (g.grid_h <= 0 || g.grid_w <= 0) continue;
+      // Conservative reject: the taps of a sample at y lie in [floor(y) - 1, ceil(y) + 1].
+      const A ya = sample_coord(g.start_h, g.bin_h, 0, 0, g.grid_h);
+      const A yb = sample_coord(g.start_h, g.bin_h, p.PH - 1, g.grid_h - 1, g.grid_h);
+      const A xa = sample_coord(g.start_w, g.bin_w, 0, 0, g.grid_w);
+      const A xb = sample_coord(g.start_w, g.bin_w, p.PW - 1, g.grid_w - 1, g.grid_w);
+      if (A(h) < floor(ya < yb ? ya : yb) - A(1) || A(h) > ceil(ya < yb ? yb : ya) + A(1)) continue;
+      if (A(w) < floor(xa < xb ? xa : xb) - A(1) || A(w) > ceil(xa < xb ? xb : xa) + A(1)) continue;
+      for (int ph = 0; ph < p.PH; ++ph) {
+        A bin_acc = A(0);
+        for (int iy = 0; iy < g.grid_h; ++iy) {
+          const auto ty = axis_tap(lv.H, sample_coord(g.start_h, g.bin_h, ph, iy, g.grid_h));
+          if (!ty.inside || (ty.lo != h && ty.hi != h)) continue;
+          for (int pw = 0; pw < p.PW; ++pw) {
+            A wsum = A(0);
+            for (int ix = 0; ix < g.grid_w; ++ix) {
+              const auto tx = axis_tap(lv.W, sample_coord(g.start_w, g.bin_w, pw, ix, g.grid_w));
+              if (!tx.inside || (tx.lo != w && tx.hi != w)) continue;
+              const auto s = combine_taps(ty, tx);
+              if (s.y_lo == h && s.x_lo == w) wsum += s.w[0];
+              if (s.y_lo == h && s.x_hi == w) wsum += s.w[1];
+              if (s.y_hi == h && s.x_lo == w) wsum += s.w[2];
+              if (s.y_hi == h && s.x_hi == w) wsum += s.w[3];
+            }
+            if (wsum != A(0)) {
+              const int64_t gi = p.mean ? k * gs0 + c * gs1 : k * gs0 + c * gs1 + ph * gs2 + pw * gs3;
+              bin_acc += wsum * to_acc(grad[gi]);
+            }
+          }
+        }
+        acc += bin_acc / (p.mean ? g.count * A(p.PH * p.PW) : g.count);
+      }
+    }
+    A* buf = const_cast<A*>(static_cast<const A*>(lv.data));
+    buf[n * lv.sN + c * lv.sC + h * lv.sH + w * lv.sW] = acc;
+  }
+}
+
+constexpr int kThreads = 256;
+
+inline int blocks_for(int64_t total) {
+  const int64_t b = (total + kThreads - 1) / kThreads;
+  return static_cast<int>(b < 65535 * 32 ? b : 65535 * 32);  // grid-stride beyond
+}
+
+template <typename F>
+cudaError_t dispatch(DType dtype, F&& f) {
+  switch (dtype) {
+    case DType::kFloat: return f(float(0));
+    case DType::kDouble: return f(double(0));
+    case DType::kHalf: return f(__half());
+    case DType::kBFloat16: return f(__nv_bfloat16());
+  }
+  return cudaErrorInvalidValue;
+}
+
+int64_t grad_elements(const Params& p) { return p.mean ? p.K * p.C : p.K * p.C * p.PH * p.PW; }
+
+}  // namespace
+
+cudaError_t launch_forward(DType dtype, const Params& p, void* out, const int64_t os[4],
+                           cudaStream_t stream) {
+  const int64_t total = grad_elements(p);
+  if (total == 0) return cudaSuccess;
+  return dispatch(dtype, [&](auto tag) {
+    using T = decltype(tag);
+    _roi_align_fwd_kernel<T><<<blocks_for(total), kThreads, 0, stream>>>(
+        p, static_cast<T*>(out), os[0], os[1], os[2], os[3], total);
+    return cudaGetLastError();
+  });
+}
+
+cudaError_t launch_backward_atomic(DType dtype, const Params& p, const void* grad,
+                                   const int64_t gs[4], cudaStream_t stream) {
+  const int64_t total = grad_elements(p);
+  if (total == 0) return cudaSuccess;
+  return dispatch(dtype, [&](auto tag) {
+    using T = decltype(tag);
+    _roi_align_bwd_kernel<T><<<blocks_for(total), kThreads, 0, stream>>>(
+        p, static_cast<const T*>(grad), gs[0], gs[1], gs[2], gs[3], total);
+    return cudaGetLastError();
+  });
+}
+
+cudaError_t launch_backward_deterministic(DType dtype, const Params& p, int level,
+                                          const void* grad, const int64_t gs[4],
+                                          cudaStream_t stream) {
+  const int64_t total = p.N * p.C * int64_t(p.lv[level].H) * p.lv[level].W;
+  if (total == 0) return cudaSuccess;
+  return dispatch(dtype, [&](auto tag) {
+    using T = decltype(tag);
+    _roi_align_bwd_det_kernel<T><<<blocks_for(total), kThreads, 0, stream>>>(
+        p, level, static_cast<const T*>(grad), gs[0], gs[1], gs[2], gs[3], total);
+    return cudaGetLastError();
+  });
+}
+
+}  // namespace cuda
+}  // namespace roi_align
+}  // namespace mmkernels

@@ -1,0 +1,212 @@
+// RoIAlign family, CUDA registration: validation, allocation, device guard and
+// stream, then the launchers in roi_align_cuda.cu. Compiled by the host
+// compiler, only when the extension is built with CUDA.
+#ifdef MMKERNELS_WITH_CUDA
+
+#include <ATen/ATen.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/library.h>
+
+#include <vector>
+
+#include "roi_align/roi_align_common.h"
+#include "roi_align/roi_align_cuda.h"
+
+namespace mmkernels {
+namespace roi_align {
+namespace {
+
+cuda::DType dtype_of(at::ScalarType t) {
+  switch (t) {
+    case at::kFloat: return cuda::DType::kFloat;
+    case at::kDouble: return cuda::DType::kDouble;
+    case at::kHalf: return cuda::DType::kHalf;
+    case at::kBFloat16: return cuda::DType::kBFloat16;
+    default: TORCH_CHECK(false, "mmkernels roi_align: unsupported dtype ", t);
+  }
+}
+
+void fill_level(cuda::Level& lv, const at::Tensor& t, double scale) {
+  lv.data = t.const_data_ptr();
+  lv.sN = t.stride(0);
+  lv.sC = t.stride(1);
+  lv.sH = t.stride(2);
+  lv.sW = t.stride(3);
+  lv.H = static_cast<int>(t.size(2));
+  lv.W = static_cast<int>(t.size(3));
+  lv.scale = scale;
+}
+
+cuda::Params make_params(const at::Tensor& rois, const at::Tensor* levels, int64_t N, int64_t C,
+                         int64_t PH, int64_t PW, int64_t sr, bool aligned, bool mean,
+                         bool channels_inner) {
+  cuda::Params p{};
+  p.rois = rois.const_data_ptr();
+  p.levels = levels != nullptr ? levels->const_data_ptr<int64_t>() : nullptr;
+  p.K = rois.size(0);
+  p.N = N;
+  p.C = C;
+  p.PH = static_cast<int>(PH);
+  p.PW = static_cast<int>(PW);
+  p.sampling_ratio = static_cast<int>(sr);
+  p.aligned = aligned;
+  p.mean = mean;
+  p.channels_inner = channels_inner;
+  return p;
+}
+
+at::Tensor forward_cuda(const char* op, at::TensorList features, const at::Tensor& rois,
+                        const at::Tensor* levels, at::ArrayRef<double> scales, int64_t PH,
+                        int64_t PW, int64_t sr, bool aligned, bool mean) {
+  check_inputs(op, features, rois, levels, PH, PW, static_cast<int64_t>(scales.size()));
+  TORCH_CHECK(static_cast<int>(features.size()) <= cuda::kMaxLevels, op, ": at most ",
+              cuda::kMaxLevels, " feature levels on CUDA, got ", features.size());
+  const auto& f0 = features[0];
+  const c10::cuda::CUDAGuard guard(f0.device());
+  const int64_t K = rois.size(0), N = f0.size(0), C = f0.size(1);
+  const bool cl = f0.suggest_memory_format() == at::MemoryFormat::ChannelsLast;
+  at::Tensor out = mean ? at::empty({K, C}, f0.options())
+                        : at::empty({K, C, PH, PW}, f0.options().memory_format(
+                                                        cl ? at::MemoryFormat::ChannelsLast
+                                                           : at::MemoryFormat::Contiguous));
+  if (out.numel() == 0) return out;
+  const at::Tensor r = rois.contiguous();
+  const at::Tensor lvl = levels != nullptr ? levels->contiguous() : at::Tensor();
+  auto p = make_params(r, levels != nullptr ? &lvl : nullptr, N, C, PH, PW, sr, aligned, mean,
+                       cl || mean);
+  p.L = static_cast<int>(features.size());
+  for (int l = 0; l < p.L; ++l) {
+    TORCH_CHECK(features[l].size(2) > 0 && features[l].size(3) > 0, op,
+                ": input height and width must be positive, got ", features[l].sizes());
+    fill_level(p.lv[l], features[l], scales[l]);
+  }
+  const int64_t os[4] = {out.stride(0), out.stride(1), mean ? 0 : out.stride(2),
+                         mean ? 0 : out.stride(3)};
+  const cudaError_t err = cuda::launch_forward(dtype_of(f0.scalar_type()), p,
+                                               out.mutable_data_ptr(), os,
+                                               c10::cuda::getCurrentCUDAStream());
+  TORCH_CHECK(err == cudaSuccess, op, ": CUDA launch failed: ", cudaGetErrorString(err));
+  return out;
+}
+
+std::vector<at::Tensor> backward_cuda(const char* op, const at::Tensor& grad,
+                                      const at::Tensor& rois, const at::Tensor* levels,
+                                      at::ArrayRef<double> scales, int64_t PH, int64_t PW,
+                                      int64_t N, int64_t C, at::IntArrayRef heights,
+                                      at::IntArrayRef widths, int64_t sr, bool aligned,
+                                      bool channels_last, bool mean) {
+  const int64_t L = static_cast<int64_t>(heights.size());
+  TORCH_CHECK(L >= 1 && L <= cuda::kMaxLevels && static_cast<int64_t>(widths.size()) == L &&
+                  static_cast<int64_t>(scales.size()) == L,
+              op, ": heights, widths and scales must have one entry per level (at most ",
+              cuda::kMaxLevels, ")");
+  TORCH_CHECK(N >= 0 && C >= 0, op, ": batch_size and channels must be non-negative");
+  TORCH_CHECK(PH > 0 && PW > 0, op, ": output_size must be positive");
+  const int64_t K = rois.size(0);
+  if (mean) {
+    check_grad(op, grad, rois, {K, C}, levels, N, L);
+  } else {
+    check_grad(op, grad, rois, {K, C, PH, PW}, levels, N, L);
+  }
+  const c10::cuda::CUDAGuard guard(grad.device());
+  const auto acc_type = grad.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  const auto fmt = channels_last ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
+  std::vector<at::Tensor> bufs;
+  for (int64_t l = 0; l < L; ++l) {
+    TORCH_CHECK(heights[l] >= 0 && widths[l] >= 0, op, ": negative height/width");
+    bufs.push_back(
+        at::zeros({N, C, heights[l], widths[l]}, grad.options().dtype(acc_type).memory_format(fmt)));
+  }
+  if (K > 0 && C > 0) {
+    const at::Tensor r = rois.contiguous();
+    const at::Tensor lvl = levels != nullptr ? levels->contiguous() : at::Tensor();
+    auto p = make_params(r, levels != nullptr ? &lvl : nullptr, N, C, PH, PW, sr, aligned, mean,
+                         channels_last);
+    p.L = static_cast<int>(L);
+    for (int l = 0; l < p.L; ++l) {
+      TORCH_CHECK(heights[l] > 0 && widths[l] > 0, op, ": input height and width must be positive");
+      fill_level(p.lv[l], bufs[l], scales[l]);
+    }
+    const int64_t gs[4] = {grad.stride(0), grad.stride(1), mean ? 0 : grad.stride(2),
+                           mean ? 0 : grad.stride(3)};
+    const auto stream = c10::cuda::getCurrentCUDAStream();
+    const auto dt = dtype_of(grad.scalar_type());
+    if (at::globalContext().deterministicAlgorithms()) {
+      for (int l = 0; l < p.L; ++l) {
+        const cudaError_t err =
+            cuda::launch_backward_deterministic(dt, p, l, grad.const_data_ptr(), gs, stream);
+        TORCH_CHECK(err == cudaSuccess, op, ": CUDA launch failed: ", cudaGetErrorString(err));
+      }
+    } else {
+      const cudaError_t err = cuda::launch_backward_atomic(dt, p, grad.const_data_ptr(), gs, stream);
+      TORCH_CHECK(err == cudaSuccess, op, ": CUDA launch failed: ", cudaGetErrorString(err));
+    }
+  }
+  std::vector<at::Tensor> grads;
+  for (auto& b : bufs) grads.push_back(b.to(grad.scalar_type()));
+  return grads;
+}
+
+at::Tensor roi_align_cuda(const at::Tensor& input, const at::Tensor& rois, double spatial_scale,
+                          int64_t PH, int64_t PW, int64_t sr, bool aligned) {
+  return forward_cuda("roi_align", {input}, rois, nullptr, {spatial_scale}, PH, PW, sr, aligned,
+                      false);
+}
+
+at::Tensor roi_align_backward_cuda(const at::Tensor& grad, const at::Tensor& rois,
+                                   double spatial_scale, int64_t PH, int64_t PW, int64_t N,
+                                   int64_t C, int64_t H, int64_t W, int64_t sr, bool aligned,
+                                   bool channels_last) {
+  return backward_cuda("roi_align_backward", grad, rois, nullptr, {spatial_scale}, PH, PW, N, C,
+                       {H}, {W}, sr, aligned, channels_last, false)[0];
+}
+
+at::Tensor region_features_cuda(const at::Tensor& input, const at::Tensor& rois,
+                                double spatial_scale, int64_t PH, int64_t PW, int64_t sr,
+                                bool aligned) {
+  return forward_cuda("region_features", {input}, rois, nullptr, {spatial_scale}, PH, PW, sr,
+                      aligned, true);
+}
+
+at::Tensor region_features_backward_cuda(const at::Tensor& grad, const at::Tensor& rois,
+                                         double spatial_scale, int64_t PH, int64_t PW, int64_t N,
+                                         int64_t C, int64_t H, int64_t W, int64_t sr,
+                                         bool aligned, bool channels_last) {
+  return backward_cuda("region_features_backward", grad, rois, nullptr, {spatial_scale}, PH, PW,
+                       N, C, {H}, {W}, sr, aligned, channels_last, true)[0];
+}
+
+at::Tensor multiscale_roi_align_cuda(at::TensorList features, const at::Tensor& rois,
+                                     const at::Tensor& levels, at::ArrayRef<double> scales,
+                                     int64_t PH, int64_t PW, int64_t sr, bool aligned) {
+  return forward_cuda("multiscale_roi_align", features, rois, &levels, scales, PH, PW, sr,
+                      aligned, false);
+}
+
+std::vector<at::Tensor> multiscale_roi_align_backward_cuda(
+    const at::Tensor& grad, const at::Tensor& rois, const at::Tensor& levels,
+    at::ArrayRef<double> scales, int64_t N, int64_t C, at::IntArrayRef heights,
+    at::IntArrayRef widths, int64_t sr, bool aligned, bool channels_last) {
+  TORCH_CHECK(grad.dim() == 4, "multiscale_roi_align_backward: grad must be (K, C, PH, PW), got ",
+              grad.sizes());
+  return backward_cuda("multiscale_roi_align_backward", grad, rois, &levels, scales,
+                       grad.size(2), grad.size(3), N, C, heights, widths, sr, aligned,
+                       channels_last, false);
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(mmkernels, CUDA, m) {
+  m.impl("roi_align", TORCH_FN(roi_align_cuda));
+  m.impl("_roi_align_backward", TORCH_FN(roi_align_backward_cuda));
+  m.impl("region_features", TORCH_FN(region_features_cuda));
+  m.impl("_region_features_backward", TORCH_FN(region_features_backward_cuda));
+  m.impl("multiscale_roi_align", TORCH_FN(multiscale_roi_align_cuda));
+  m.impl("_multiscale_roi_align_backward", TORCH_FN(multiscale_roi_align_backward_cuda));
+}
+
+}  // namespace roi_align
+}  // namespace mmkernels
+
+#endif  // MMKERNELS_WITH_CUDA

@@ -1,0 +1,153 @@
+// RoIAlign math, written once and shared by roi_align_cpu.cpp and roi_align_cuda.cu.
+//
+// Semantics are those of torchvision.ops.roi_align (Mask R-CNN, He et al. 2017):
+//   * a box (x1, y1, x2, y2) is scaled by spatial_scale and, when `aligned`,
+//     shifted by -0.5 (half-pixel centres);
+//   * without `aligned`, width and height are clamped to at least 1;
+//   * the box is split into pooled_h x pooled_w bins, and each bin averages a
+//     grid_h x grid_w grid of bilinear samples at the sub-bin centres, where
+//     grid = sampling_ratio if > 0, else ceil(bin size) (adaptive);
+//   * a sample outside [-1, size] on either axis contributes 0; inside, the
+//     coordinate is clamped to [0, size - 1] and interpolated bilinearly.
+//
+// Forward:  out[k, c, ph, pw] = 1/count * sum_{iy, ix} sum_{t in 4 taps} w_t * in[n_k, c, y_t, x_t]
+// Backward: grad_in[n_k, c, y_t, x_t] += w_t / count * grad_out[k, c, ph, pw]   (same taps, same weights)
+// The bilinear weight is separable, w = w_y * w_x, so the taps are computed per axis.
+#pragma once
+
+#include <cmath>
+#include <cstdint>
+
+#include "common/host_device.h"
+
+namespace mmkernels {
+namespace roi_align {
+
+// Largest per-bin sampling grid (per axis) in adaptive mode. Beyond this a box
+// is absurdly large (the sample count would be > 4e9 per bin); the cap keeps
+// the float->int conversion defined.
+constexpr int kMaxAdaptiveGrid = 1 << 16;
+
+// Geometry of one region of interest, all in feature-map pixels.
+template <typename T>
+struct RoiGeometry {
+  T start_h, start_w;  // top-left corner after scaling and the aligned shift
+  T bin_h, bin_w;      // bin size
+  int grid_h, grid_w;  // samples per bin along each axis (>= 0)
+  T count;             // normaliser: max(grid_h * grid_w, 1)
+  bool nan;            // a coordinate is NaN: the region's outputs are NaN
+};
+
+template <typename T>
+HOST_DEVICE_INLINE int adaptive_grid(T extent) {
+  // ceil(extent) for extent > 0, else 0 (also for NaN); capped, see above.
+  if (!(extent > T(0))) return 0;
+  if (extent >= T(kMaxAdaptiveGrid)) return kMaxAdaptiveGrid;
+  return static_cast<int>(ceil(extent));
+}
+
+template <typename T>
+HOST_DEVICE_INLINE RoiGeometry<T> roi_geometry(T x1, T y1, T x2, T y2, T spatial_scale,
+                                               int pooled_h, int pooled_w, int sampling_ratio,
+                                               bool aligned) {
+  RoiGeometry<T> g;
+  const T offset = aligned ? T(0.5) : T(0);
+  g.start_w = x1 * spatial_scale - offset;
+  g.start_h = y1 * spatial_scale - offset;
+  const T end_w = x2 * spatial_scale - offset;
+  const T end_h = y2 * spatial_scale - offset;
+  T roi_w = end_w - g.start_w;
+  T roi_h = end_h - g.start_h;
+  if (!aligned) {  // legacy behaviour: force malformed boxes to 1x1
+    roi_w = roi_w > T(1) ? roi_w : T(1);
+    roi_h = roi_h > T(1) ? roi_h : T(1);
+  }
+  g.bin_h = roi_h / static_cast<T>(pooled_h);
+  g.bin_w = roi_w / static_cast<T>(pooled_w);
+  g.grid_h = sampling_ratio > 0 ? sampling_ratio : adaptive_grid(roi_h / static_cast<T>(pooled_h));
+  g.grid_w = sampling_ratio > 0 ? sampling_ratio : adaptive_grid(roi_w / static_cast<T>(pooled_w));
+  const int n = g.grid_h * g.grid_w;
+  g.count = static_cast<T>(n > 1 ? n : 1);
+  g.nan = (x1 != x1) || (y1 != y1) || (x2 != x2) || (y2 != y2);
+  return g;
+}
+
+// Coordinate of sample i of bin b along one axis (the sub-bin centre).
+template <typename T>
+HOST_DEVICE_INLINE T sample_coord(T start, T bin, int b, int i, int grid) {
+  return start + static_cast<T>(b) * bin + static_cast<T>(i + .5f) * bin / static_cast<T>(grid);
+}
+
+// The two bilinear taps along one axis. `inside` is false when the sample lies
+// outside [-1, size] (or is NaN); it then contributes nothing.
+template <typename T>
+struct AxisTap {
+  int lo, hi;
+  T w_lo, w_hi;
+  bool inside;
+};
+
+template <typename T>
+HOST_DEVICE_INLINE AxisTap<T> axis_tap(int size, T coord) {
+  AxisTap<T> t;
+  t.inside = coord >= T(-1) && coord <= static_cast<T>(size);
+  if (!t.inside) {
+    t.lo = t.hi = 0;
+    t.w_lo = t.w_hi = T(0);
+    return t;
+  }
+  if (coord <= T(0)) coord = T(0);
+  int lo = static_cast<int>(coord);
+  int hi;
+  if (lo >= size - 1) {
+    hi = lo = size - 1;
+    coord = static_cast<T>(lo);
+  } else {
+    hi = lo + 1;
+  }
+  const T frac = coord - static_cast<T>(lo);
+  t.lo = lo;
+  t.hi = hi;
+  t.w_lo = T(1) - frac;
+  t.w_hi = frac;
+  return t;
+}
+
+// The four taps of one 2-D sample: value = w[0]*in[y_lo,x_lo] + w[1]*in[y_lo,x_hi]
+// + w[2]*in[y_hi,x_lo] + w[3]*in[y_hi,x_hi]; the gradient of the value with
+// respect to in[y_t, x_t] is w[t].
+template <typename T>
+struct Taps2D {
+  int y_lo, y_hi, x_lo, x_hi;
+  T w[4];
+  bool inside;
+};
+
+template <typename T>
+HOST_DEVICE_INLINE Taps2D<T> combine_taps(const AxisTap<T>& ty, const AxisTap<T>& tx) {
+  Taps2D<T> s;
+  s.inside = ty.inside && tx.inside;
+  s.y_lo = ty.lo;
+  s.y_hi = ty.hi;
+  s.x_lo = tx.lo;
+  s.x_hi = tx.hi;
+  s.w[0] = ty.w_lo * tx.w_lo;
+  s.w[1] = ty.w_lo * tx.w_hi;
+  s.w[2] = ty.w_hi * tx.w_lo;
+  s.w[3] = ty.w_hi * tx.w_hi;
+  return s;
+}
+
+// The bilinear blend of the four tap values v00 = in[y_lo, x_lo], v01 = in[y_lo, x_hi],
+// v10 = in[y_hi, x_lo], v11 = in[y_hi, x_hi] (in this order, as torchvision sums them).
+template <typename T>
+HOST_DEVICE_INLINE T blend4(const Taps2D<T>& s, T v00, T v01, T v10, T v11) {
+  return s.w[0] * v00 + s.w[1] * v01 + s.w[2] * v10 + s.w[3] * v11;
+}
+
+// FPN level of a box (torchvision LevelMapper, Lin et al. 2017 eq. 1) is
+// computed on the host in Python with the same float32 formula as torchvision,
+// so that the assignment is bit-identical; the kernels take it as an index.
+
+}  // namespace roi_align
+}  // namespace mmkernels
