@@ -42,6 +42,7 @@ def is_available() -> bool:
     return _load()
 
 
+@torch.compiler.assume_constant_result
 def has_kernel(op: str, device_type: str) -> bool:
     """True when ``mmkernels::<op>`` has a kernel for ``device_type`` ("cpu"/"cuda")."""
     if not _load():
@@ -71,6 +72,7 @@ def require(op: str, device_type: str) -> None:
         )
 
 
+@torch.compiler.assume_constant_result
 def backend_override() -> str | None:
     """``MMKERNELS_BACKEND=reference`` forces the eager reference everywhere (debugging)."""
     value = os.environ.get("MMKERNELS_BACKEND", "").strip().lower()

@@ -1,0 +1,13 @@
+"""mmkernels: fused kernels for vision-language models.
+
+The functional API is re-exported here; modules are in :mod:`mmkernels.nn`.
+Importing this package never fails because the compiled extension is missing:
+an op whose kernel is unavailable raises an actionable error when called.
+"""
+
+from mmkernels import nn
+from mmkernels.ops.roi_align import multiscale_roi_align, region_features, roi_align
+
+__version__ = "0.1.0"
+
+__all__ = ["nn", "roi_align", "region_features", "multiscale_roi_align", "__version__"]

@@ -1,0 +1,5 @@
+"""Drop-in ``nn.Module`` wrappers around the functional API."""
+
+from mmkernels.nn.roi_align import RegionFeatures, RoIAlign
+
+__all__ = ["RoIAlign", "RegionFeatures"]

@@ -1,0 +1,2 @@
+"""One module per op family: validation, torch.library registration (fake
+kernels, autograd), the documented functional API and the backend choice."""

@@ -1,0 +1,67 @@
+"""Shared test and correctness-report helpers: the tolerance table and the
+low-precision comparison rule. Used by tests/ and by ``python -m mmkernels.bench``.
+
+Rule (flash-attn's): every kernel is compared with the float64 eager reference.
+  * float64 / float32: ``|out - ref| <= atol + rtol * |ref|`` with the table below.
+  * float16 / bfloat16: the kernel's max error may be at most ``LOWP_FACTOR`` times
+    the max error of the eager reference run in that dtype, plus the error of
+    rounding the exact answer to that dtype once (a kernel cannot beat that).
+The table is the only place tolerances live; never loosen an entry to pass a test.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+#: (atol, rtol) against the float64 reference, per dtype of the kernel's inputs.
+TOLERANCES: dict[torch.dtype, tuple[float, float]] = {
+    torch.float64: (1e-10, 1e-10),
+    torch.float32: (2e-5, 2e-5),
+}
+
+#: float16/bfloat16 kernels may err at most this many times eager PyTorch in that dtype.
+LOWP_FACTOR = 2.0
+
+LOWP_DTYPES = (torch.float16, torch.bfloat16)
+
+
+def max_error(a: Tensor, b: Tensor) -> float:
+    """max |a - b| in float64 (NaNs compare equal when both are NaN)."""
+    a, b = a.detach().double(), b.detach().double()
+    both_nan = torch.isnan(a) & torch.isnan(b)
+    d = (a - b).abs().masked_fill(both_nan, 0.0)
+    if d.numel() == 0:
+        return 0.0
+    if torch.isnan(d).any():
+        return float("inf")
+    return float(d.max())
+
+
+def assert_close_to_reference(out: Tensor, ref64: Tensor, *, eager_lowp: Tensor | None = None,
+                              what: str = "output") -> None:
+    """Check ``out`` (any float dtype) against the float64 reference ``ref64``.
+
+    For float16/bfloat16 ``out``, ``eager_lowp`` is the eager reference computed in
+    that dtype, which sets the error budget.
+    """
+    if out.shape != ref64.shape:
+        raise AssertionError(f"{what}: shape {tuple(out.shape)} != reference {tuple(ref64.shape)}")
+    if out.dtype in LOWP_DTYPES:
+        if eager_lowp is None:
+            raise ValueError("eager_lowp is required for float16/bfloat16 outputs")
+        err = max_error(out, ref64)
+        eager_err = max_error(eager_lowp, ref64)
+        ref64 = ref64.detach()
+        finite = ref64[torch.isfinite(ref64)]
+        scale = float(finite.abs().max()) if finite.numel() else 0.0
+        rounding = torch.finfo(out.dtype).eps / 2 * scale
+        budget = LOWP_FACTOR * eager_err + rounding
+        if not err <= budget:
+            raise AssertionError(
+                f"{what} ({out.dtype}): max error {err:.3e} exceeds {LOWP_FACTOR} x eager "
+                f"{out.dtype} error {eager_err:.3e} + rounding {rounding:.3e}")
+        return
+    atol, rtol = TOLERANCES[out.dtype]
+    torch.testing.assert_close(out.double(), ref64.double(), atol=atol, rtol=rtol,
+                               equal_nan=True, msg=lambda m: f"{what} ({out.dtype}): {m}")
