@@ -8,6 +8,7 @@ Environment:
   TORCH_CUDA_ARCH_LIST    honoured; defaults to "8.0;9.0" when no GPU is visible.
   CUDA_HOME               toolkit directory (the one whose bin/ holds nvcc); found
                           from nvcc on PATH when unset.
+  MMKERNELS_CPU_ARCH      -march for the C++ CPU kernels (default "native"; "" = compiler default).
   MAX_JOBS                parallel compile jobs (ninja).
 """
 
@@ -66,6 +67,13 @@ def _extensions():
     cpp_sources = sorted(glob.glob(os.path.join("csrc", "**", "*.cpp"), recursive=True))
     cu_sources = sorted(glob.glob(os.path.join("csrc", "**", "*.cu"), recursive=True))
     cxx_flags = ["-O3", "-fopenmp"] if os.name != "nt" else ["/O2"]
+    # The CPU kernels are compiled for the installing machine's CPU (AVX2/AVX-512
+    # lanes for the channel loops), as DeepSpeed's CPU ops are. For a wheel or an
+    # image that runs elsewhere, set MMKERNELS_CPU_ARCH to a portable target
+    # (e.g. x86-64-v2), or to "" for the compiler's default.
+    cpu_arch = os.environ.get("MMKERNELS_CPU_ARCH", "native")
+    if cpu_arch and os.name != "nt":
+        cxx_flags.append(f"-march={cpu_arch}")
     print(f"mmkernels: CUDA kernels {'ON (' + why + ')' if want_cuda else 'OFF (' + why + ')'}")
     if want_cuda:
         if not os.environ.get("TORCH_CUDA_ARCH_LIST") and not torch.cuda.is_available():

@@ -42,15 +42,18 @@ RoiGeometry<acc_t> geometry_of(const scalar_t* r, double scale, int PH, int PW, 
                              static_cast<acc_t>(scale), PH, PW, sr, aligned);
 }
 
-// out[k, c, ph, pw] (or out[k, c] when kMean) for every region k.
-template <typename scalar_t, bool kMean>
+// out[k, c, ph, pw] for every region k.
+template <typename scalar_t>
 void forward_kernel(const std::vector<PlaneCL<const scalar_t>>& levels, int64_t C,
                     const scalar_t* rois, const int64_t* level_of, int64_t K,
                     const std::vector<double>& scales, int PH, int PW, int sr, bool aligned,
                     scalar_t* out, const int64_t* os) {
   using acc_t = at::opmath_type<scalar_t>;
+  const int bins = PH * PW;
   at::parallel_for(0, K, 1, [&](int64_t k0, int64_t k1) {
-    std::vector<acc_t> acc(C);
+    // The region's (bins, C) result stays in this buffer until it is complete,
+    // then is written out in the output's own order (contiguous for NCHW too).
+    std::vector<acc_t> acc(static_cast<size_t>(bins) * C);
     for (int64_t k = k0; k < k1; ++k) {
       const scalar_t* r = rois + k * 5;
       const int l = level_of != nullptr ? static_cast<int>(level_of[k]) : 0;
@@ -58,11 +61,10 @@ void forward_kernel(const std::vector<PlaneCL<const scalar_t>>& levels, int64_t 
       const int64_t n = static_cast<int64_t>(static_cast<acc_t>(r[0]));
       const auto g = geometry_of<scalar_t, acc_t>(r, scales[l], PH, PW, sr, aligned);
       const scalar_t* base = lv.data + n * lv.H * lv.W * C;
-      scalar_t* o = out + k * os[0];
-      if (kMean) std::fill(acc.begin(), acc.end(), acc_t(0));
+      std::fill(acc.begin(), acc.end(), acc_t(0));
       for (int ph = 0; ph < PH; ++ph) {
         for (int pw = 0; pw < PW; ++pw) {
-          if (!kMean) std::fill(acc.begin(), acc.end(), acc_t(0));
+          acc_t* a = acc.data() + static_cast<int64_t>(ph * PW + pw) * C;
           for (int iy = 0; iy < g.grid_h; ++iy) {
             const auto ty = axis_tap(lv.H, sample_coord(g.start_h, g.bin_h, ph, iy, g.grid_h));
             for (int ix = 0; ix < g.grid_w; ++ix) {
@@ -73,33 +75,34 @@ void forward_kernel(const std::vector<PlaneCL<const scalar_t>>& levels, int64_t 
               const scalar_t* p01 = base + (int64_t(s.y_lo) * lv.W + s.x_hi) * C;
               const scalar_t* p10 = base + (int64_t(s.y_hi) * lv.W + s.x_lo) * C;
               const scalar_t* p11 = base + (int64_t(s.y_hi) * lv.W + s.x_hi) * C;
-              acc_t* a = acc.data();
+#pragma omp simd
               for (int64_t c = 0; c < C; ++c) {
                 a[c] += blend4<acc_t>(s, static_cast<acc_t>(p00[c]), static_cast<acc_t>(p01[c]),
                                       static_cast<acc_t>(p10[c]), static_cast<acc_t>(p11[c]));
               }
             }
           }
-          if (!kMean) {
-            for (int64_t c = 0; c < C; ++c) {
-              const acc_t v = g.nan ? acc_t(NAN) : acc[c] / g.count;
-              o[c * os[1] + ph * os[2] + pw * os[3]] = static_cast<scalar_t>(v);
-            }
-          }
         }
       }
-      if (kMean) {
-        const acc_t norm = g.count * static_cast<acc_t>(PH * PW);
-        for (int64_t c = 0; c < C; ++c) {
-          o[c * os[1]] = static_cast<scalar_t>(g.nan ? acc_t(NAN) : acc[c] / norm);
-        }
+      scalar_t* o = out + k * os[0];
+      auto value = [&](int64_t c, int bin) {
+        return static_cast<scalar_t>(g.nan ? acc_t(NAN) : acc[int64_t(bin) * C + c] / g.count);
+      };
+      if (os[1] == 1) {  // channels-last output: bins outer, C contiguous
+        for (int ph = 0; ph < PH; ++ph)
+          for (int pw = 0; pw < PW; ++pw)
+            for (int64_t c = 0; c < C; ++c) o[c + ph * os[2] + pw * os[3]] = value(c, ph * PW + pw);
+      } else {
+        for (int64_t c = 0; c < C; ++c)
+          for (int ph = 0; ph < PH; ++ph)
+            for (int pw = 0; pw < PW; ++pw) o[c * os[1] + ph * os[2] + pw * os[3]] = value(c, ph * PW + pw);
       }
     }
   });
 }
 
-// grad_in[level][n, y, x, c] += w / count * grad[k, c, ph, pw] (or grad[k, c] / (count*PH*PW)).
-template <typename scalar_t, bool kMean>
+// grad_in[level][n, y, x, c] += w / count * grad[k, c, ph, pw].
+template <typename scalar_t>
 void backward_kernel(const std::vector<PlaneCL<at::opmath_type<scalar_t>>>& levels, int64_t N,
                      int64_t C, const scalar_t* rois, const int64_t* level_of, int64_t K,
                      const std::vector<double>& scales, int PH, int PW, int sr, bool aligned,
@@ -126,16 +129,10 @@ void backward_kernel(const std::vector<PlaneCL<at::opmath_type<scalar_t>>>& leve
       for (const int64_t k : bucket[ln]) {
         const auto g = geometry_of<scalar_t, acc_t>(rois + k * 5, scales[l], PH, PW, sr, aligned);
         const scalar_t* gk = grad + k * gs[0] + c0 * gs[1];
-        if (kMean) {
-          const acc_t norm = g.count * static_cast<acc_t>(PH * PW);
-          for (int64_t c = 0; c < cn; ++c) gbuf[c] = static_cast<acc_t>(gk[c * gs[1]]) / norm;
-        }
         for (int ph = 0; ph < PH; ++ph) {
           for (int pw = 0; pw < PW; ++pw) {
-            if (!kMean) {
-              for (int64_t c = 0; c < cn; ++c) {
-                gbuf[c] = static_cast<acc_t>(gk[c * gs[1] + ph * gs[2] + pw * gs[3]]) / g.count;
-              }
+            for (int64_t c = 0; c < cn; ++c) {
+              gbuf[c] = static_cast<acc_t>(gk[c * gs[1] + ph * gs[2] + pw * gs[3]]) / g.count;
             }
             for (int iy = 0; iy < g.grid_h; ++iy) {
               const auto ty = axis_tap(lv.H, sample_coord(g.start_h, g.bin_h, ph, iy, g.grid_h));
@@ -149,9 +146,13 @@ void backward_kernel(const std::vector<PlaneCL<at::opmath_type<scalar_t>>>& leve
                 acc_t* p10 = base + (int64_t(s.y_hi) * lv.W + s.x_lo) * C;
                 acc_t* p11 = base + (int64_t(s.y_hi) * lv.W + s.x_hi) * C;
                 // Sequential, not fused: taps may coincide at the border.
+#pragma omp simd
                 for (int64_t c = 0; c < cn; ++c) p00[c] += s.w[0] * gbuf[c];
+#pragma omp simd
                 for (int64_t c = 0; c < cn; ++c) p01[c] += s.w[1] * gbuf[c];
+#pragma omp simd
                 for (int64_t c = 0; c < cn; ++c) p10[c] += s.w[2] * gbuf[c];
+#pragma omp simd
                 for (int64_t c = 0; c < cn; ++c) p11[c] += s.w[3] * gbuf[c];
               }
             }
@@ -162,15 +163,229 @@ void backward_kernel(const std::vector<PlaneCL<at::opmath_type<scalar_t>>>& leve
   });
 }
 
+// ---- region_features: the separable (bilinear-form) formulation -----------------
+//
+// out[k, c] = 1/(count*PH*PW) * sum_y py[y] * sum_x px[x] * in[n, c, y, x], with the
+// axis profiles of roi_align_math.h. It reads only the region's window, row by row
+// (NCHW) or pixel by pixel with a C-vector (channels-last), straight from the
+// input's own layout: no (K, C, PH, PW) tensor and no layout copy, so the extra
+// memory is the output plus K*(H+W) profile weights.
+
+template <typename acc_t>
+struct Profiles {  // per region: py (H) and px (W) with their touched ranges
+  std::vector<acc_t> w;
+  std::vector<int> range;  // y0, y1, x0, x1 per region
+  std::vector<acc_t> norm; // count * PH * PW, or NaN for a NaN box
+  int64_t H, W;
+  const acc_t* py(int64_t k) const { return w.data() + k * (H + W); }
+  const acc_t* px(int64_t k) const { return w.data() + k * (H + W) + H; }
+};
+
+template <typename scalar_t>
+Profiles<at::opmath_type<scalar_t>> region_profiles(const scalar_t* rois, int64_t K, double scale,
+                                                    int64_t H, int64_t W, int PH, int PW, int sr,
+                                                    bool aligned) {
+  using acc_t = at::opmath_type<scalar_t>;
+  Profiles<acc_t> p;
+  p.H = H;
+  p.W = W;
+  p.w.assign(K * (H + W), acc_t(0));
+  p.range.resize(K * 4);
+  p.norm.resize(K);
+  at::parallel_for(0, K, 16, [&](int64_t k0, int64_t k1) {
+    for (int64_t k = k0; k < k1; ++k) {
+      const auto g = geometry_of<scalar_t, acc_t>(rois + k * 5, scale, PH, PW, sr, aligned);
+      acc_t* py = p.w.data() + k * (H + W);
+      int* r = p.range.data() + k * 4;
+      axis_profile(g.start_h, g.bin_h, PH, g.grid_h, static_cast<int>(H), py, r[0], r[1]);
+      axis_profile(g.start_w, g.bin_w, PW, g.grid_w, static_cast<int>(W), py + H, r[2], r[3]);
+      p.norm[k] = g.nan ? acc_t(NAN) : g.count * static_cast<acc_t>(PH * PW);
+    }
+  });
+  return p;
+}
+
+// in: (N, C, H, W) with strides is[4], either sW == 1 or sC == 1.
+template <typename scalar_t>
+void region_forward_kernel(const scalar_t* in, const int64_t* is, int64_t C,
+                           const Profiles<at::opmath_type<scalar_t>>& pr, const scalar_t* rois,
+                           int64_t K, scalar_t* out, const int64_t* os) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const bool row_major = is[3] == 1;
+  at::parallel_for(0, K, 1, [&](int64_t k0, int64_t k1) {
+    std::vector<acc_t> acc(row_major ? 0 : C);
+    std::vector<acc_t> col;
+    for (int64_t k = k0; k < k1; ++k) {
+      const int64_t n = static_cast<int64_t>(static_cast<acc_t>(rois[k * 5]));
+      const acc_t* py = pr.py(k);
+      const acc_t* px = pr.px(k);
+      const int* r = pr.range.data() + k * 4;
+      const scalar_t* base = in + n * is[0];
+      if (row_major) {
+        // Per channel: column sums col[x] = sum_y py[y] * in[y, x] (row axpys), then col . px.
+        const int x0 = r[2], nx = r[3] - r[2] + 1;
+        if (static_cast<int>(col.size()) < nx) col.resize(nx);
+        for (int64_t c = 0; c < C; ++c) {
+          const scalar_t* plane = base + c * is[1] + x0;
+          acc_t* cs = col.data();
+          std::fill(cs, cs + std::max(nx, 0), acc_t(0));
+          for (int y = r[0]; y <= r[1]; ++y) {
+            const scalar_t* row = plane + y * is[2];
+            const acc_t wy = py[y];
+#pragma omp simd
+            for (int x = 0; x < nx; ++x) cs[x] += wy * static_cast<acc_t>(row[x]);
+          }
+          acc_t total = 0;
+#pragma omp simd reduction(+ : total)
+          for (int x = 0; x < nx; ++x) total += cs[x] * px[x0 + x];
+          out[k * os[0] + c * os[1]] = static_cast<scalar_t>(total / pr.norm[k]);
+        }
+      } else {
+        std::fill(acc.begin(), acc.end(), acc_t(0));
+        for (int y = r[0]; y <= r[1]; ++y) {
+          for (int x = r[2]; x <= r[3]; ++x) {
+            const acc_t w = py[y] * px[x];
+            if (w == acc_t(0)) continue;
+            const scalar_t* p = base + y * is[2] + x * is[3];
+#pragma omp simd
+            for (int64_t c = 0; c < C; ++c) acc[c] += w * static_cast<acc_t>(p[c]);
+          }
+        }
+        for (int64_t c = 0; c < C; ++c) {
+          out[k * os[0] + c * os[1]] = static_cast<scalar_t>(acc[c] / pr.norm[k]);
+        }
+      }
+    }
+  });
+}
+
+// grad_in (N, C, H, W) acc_t, contiguous or channels-last: += g[k, c] / norm * py[y] * px[x].
+template <typename scalar_t>
+void region_backward_kernel(at::opmath_type<scalar_t>* gin, bool channels_last, int64_t N,
+                            int64_t C, const Profiles<at::opmath_type<scalar_t>>& pr,
+                            const scalar_t* rois, int64_t K, const scalar_t* grad,
+                            const int64_t* gs) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t H = pr.H, W = pr.W;
+  std::vector<std::vector<int64_t>> bucket(N);
+  for (int64_t k = 0; k < K; ++k) {
+    bucket[static_cast<int64_t>(static_cast<acc_t>(rois[k * 5]))].push_back(k);
+  }
+  if (!channels_last) {
+    // One (n, c) plane per work item: disjoint writes, regions in ascending order.
+    at::parallel_for(0, N * C, 1, [&](int64_t i0, int64_t i1) {
+      for (int64_t i = i0; i < i1; ++i) {
+        const int64_t n = i / C, c = i % C;
+        acc_t* plane = gin + i * H * W;
+        for (const int64_t k : bucket[n]) {
+          const acc_t coef = static_cast<acc_t>(grad[k * gs[0] + c * gs[1]]) / pr.norm[k];
+          const acc_t* py = pr.py(k);
+          const acc_t* px = pr.px(k);
+          const int* r = pr.range.data() + k * 4;
+          for (int y = r[0]; y <= r[1]; ++y) {
+            const acc_t cy = coef * py[y];
+            acc_t* row = plane + y * W;
+#pragma omp simd
+            for (int x = r[2]; x <= r[3]; ++x) row[x] += cy * px[x];
+          }
+        }
+      }
+    });
+    return;
+  }
+  const int64_t nblocks = (C + kChannelBlock - 1) / kChannelBlock;
+  at::parallel_for(0, N * nblocks, 1, [&](int64_t i0, int64_t i1) {
+    acc_t coef[kChannelBlock];
+    for (int64_t item = i0; item < i1; ++item) {
+      const int64_t n = item / nblocks;
+      const int64_t c0 = (item % nblocks) * kChannelBlock;
+      const int64_t cn = std::min(kChannelBlock, C - c0);
+      acc_t* base = gin + n * H * W * C + c0;
+      for (const int64_t k : bucket[n]) {
+        for (int64_t c = 0; c < cn; ++c) {
+          coef[c] = static_cast<acc_t>(grad[k * gs[0] + (c0 + c) * gs[1]]) / pr.norm[k];
+        }
+        const acc_t* py = pr.py(k);
+        const acc_t* px = pr.px(k);
+        const int* r = pr.range.data() + k * 4;
+        for (int y = r[0]; y <= r[1]; ++y) {
+          for (int x = r[2]; x <= r[3]; ++x) {
+            const acc_t w = py[y] * px[x];
+            if (w == acc_t(0)) continue;
+            acc_t* p = base + (int64_t(y) * W + x) * C;
+#pragma omp simd
+            for (int64_t c = 0; c < cn; ++c) p[c] += w * coef[c];
+          }
+        }
+      }
+    }
+  });
+}
+
+at::Tensor region_forward_cpu(const at::Tensor& input, const at::Tensor& rois,
+                              double spatial_scale, int64_t PH, int64_t PW, int64_t sr,
+                              bool aligned) {
+  const char* op = "region_features";
+  check_inputs(op, {input}, rois, nullptr, PH, PW, 1);
+  const int64_t K = rois.size(0), C = input.size(1);
+  at::Tensor out = at::empty({K, C}, input.options());
+  if (out.numel() == 0) return out;
+  TORCH_CHECK(input.size(2) > 0 && input.size(3) > 0, op,
+              ": input height and width must be positive, got ", input.sizes());
+  // Read the input in its own layout when a unit stride allows it.
+  at::Tensor x = input;
+  if (x.stride(3) != 1 && x.stride(1) != 1) x = x.contiguous();
+  const at::Tensor r = rois.contiguous();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "region_forward_cpu",
+                                  [&] {
+    const auto pr = region_profiles<scalar_t>(r.const_data_ptr<scalar_t>(), K, spatial_scale,
+                                              x.size(2), x.size(3), PH, PW, sr, aligned);
+    const int64_t is[4] = {x.stride(0), x.stride(1), x.stride(2), x.stride(3)};
+    const int64_t os[2] = {out.stride(0), out.stride(1)};
+    region_forward_kernel<scalar_t>(x.const_data_ptr<scalar_t>(), is, C, pr,
+                                    r.const_data_ptr<scalar_t>(), K,
+                                    out.mutable_data_ptr<scalar_t>(), os);
+  });
+  return out;
+}
+
+at::Tensor region_backward_cpu(const at::Tensor& grad, const at::Tensor& rois,
+                               double spatial_scale, int64_t PH, int64_t PW, int64_t N, int64_t C,
+                               int64_t H, int64_t W, int64_t sr, bool aligned,
+                               bool channels_last) {
+  const char* op = "region_features_backward";
+  TORCH_CHECK(N >= 0 && C >= 0 && H >= 0 && W >= 0, op, ": negative input size");
+  TORCH_CHECK(PH > 0 && PW > 0, op, ": output_size must be positive");
+  const int64_t K = rois.size(0);
+  check_grad(op, grad, rois, {K, C}, nullptr, N, 1);
+  const auto fmt = channels_last ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
+  const auto acc_type = at::toOpMathType(grad.scalar_type());
+  at::Tensor gin = at::empty({N, C, H, W}, grad.options().dtype(acc_type).memory_format(fmt)).zero_();
+  if (K > 0 && C > 0) {
+    TORCH_CHECK(H > 0 && W > 0, op, ": input height and width must be positive");
+    const at::Tensor r = rois.contiguous();
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad.scalar_type(),
+                                    "region_backward_cpu", [&] {
+      using acc_t = at::opmath_type<scalar_t>;
+      const auto pr = region_profiles<scalar_t>(r.const_data_ptr<scalar_t>(), K, spatial_scale,
+                                                H, W, PH, PW, sr, aligned);
+      const int64_t gs[2] = {grad.stride(0), grad.stride(1)};
+      region_backward_kernel<scalar_t>(gin.mutable_data_ptr<acc_t>(), channels_last, N, C, pr,
+                                       r.const_data_ptr<scalar_t>(), K,
+                                       grad.const_data_ptr<scalar_t>(), gs);
+    });
+  }
+  return gin.to(grad.scalar_type());
+}
+
 at::Tensor forward_cpu(const char* op, at::TensorList features, const at::Tensor& rois,
                        const at::Tensor* levels, const std::vector<double>& scales, int64_t PH,
-                       int64_t PW, int64_t sr, bool aligned, bool mean) {
+                       int64_t PW, int64_t sr, bool aligned) {
   check_inputs(op, features, rois, levels, PH, PW, static_cast<int64_t>(scales.size()));
   const auto& f0 = features[0];
   const int64_t K = rois.size(0), C = f0.size(1);
-  at::Tensor out = mean ? at::empty({K, C}, f0.options())
-                        : at::empty({K, C, PH, PW},
-                                    f0.options().memory_format(f0.suggest_memory_format()));
+  at::Tensor out =
+      at::empty({K, C, PH, PW}, f0.options().memory_format(f0.suggest_memory_format()));
   if (out.numel() == 0) return out;
   std::vector<at::Tensor> cl;
   for (const auto& f : features) {
@@ -186,16 +401,10 @@ at::Tensor forward_cpu(const char* op, at::TensorList features, const at::Tensor
       planes.push_back({t.const_data_ptr<scalar_t>(), static_cast<int>(t.size(2)),
                         static_cast<int>(t.size(3))});
     }
-    const int64_t os[4] = {out.stride(0), out.stride(1), mean ? 0 : out.stride(2),
-                           mean ? 0 : out.stride(3)};
+    const int64_t os[4] = {out.stride(0), out.stride(1), out.stride(2), out.stride(3)};
     const int64_t* lp = levels != nullptr ? lvl.const_data_ptr<int64_t>() : nullptr;
-    if (mean) {
-      forward_kernel<scalar_t, true>(planes, C, r.const_data_ptr<scalar_t>(), lp, K, scales,
-                                     PH, PW, sr, aligned, out.mutable_data_ptr<scalar_t>(), os);
-    } else {
-      forward_kernel<scalar_t, false>(planes, C, r.const_data_ptr<scalar_t>(), lp, K, scales,
-                                      PH, PW, sr, aligned, out.mutable_data_ptr<scalar_t>(), os);
-    }
+    forward_kernel<scalar_t>(planes, C, r.const_data_ptr<scalar_t>(), lp, K, scales, PH, PW, sr,
+                             aligned, out.mutable_data_ptr<scalar_t>(), os);
   });
   return out;
 }
@@ -205,7 +414,7 @@ std::vector<at::Tensor> backward_cpu(const char* op, const at::Tensor& grad,
                                      const std::vector<double>& scales, int64_t PH, int64_t PW,
                                      int64_t N, int64_t C, at::IntArrayRef heights,
                                      at::IntArrayRef widths, int64_t sr, bool aligned,
-                                     bool channels_last, bool mean) {
+                                     bool channels_last) {
   const int64_t L = static_cast<int64_t>(heights.size());
   TORCH_CHECK(L >= 1 && static_cast<int64_t>(widths.size()) == L &&
                   static_cast<int64_t>(scales.size()) == L,
@@ -213,11 +422,7 @@ std::vector<at::Tensor> backward_cpu(const char* op, const at::Tensor& grad,
   TORCH_CHECK(N >= 0 && C >= 0, op, ": batch_size and channels must be non-negative");
   TORCH_CHECK(PH > 0 && PW > 0, op, ": output_size must be positive");
   const int64_t K = rois.size(0);
-  if (mean) {
-    check_grad(op, grad, rois, {K, C}, levels, N, L);
-  } else {
-    check_grad(op, grad, rois, {K, C, PH, PW}, levels, N, L);
-  }
+  check_grad(op, grad, rois, {K, C, PH, PW}, levels, N, L);
   const auto acc_type = at::toOpMathType(grad.scalar_type());
   std::vector<at::Tensor> bufs;
   for (int64_t l = 0; l < L; ++l) {
@@ -238,18 +443,10 @@ std::vector<at::Tensor> backward_cpu(const char* op, const at::Tensor& grad,
         planes.push_back({b.mutable_data_ptr<acc_t>(), static_cast<int>(b.size(1)),
                           static_cast<int>(b.size(2))});
       }
-      const int64_t gs[4] = {grad.stride(0), grad.stride(1), mean ? 0 : grad.stride(2),
-                             mean ? 0 : grad.stride(3)};
+      const int64_t gs[4] = {grad.stride(0), grad.stride(1), grad.stride(2), grad.stride(3)};
       const int64_t* lp = levels != nullptr ? lvl.const_data_ptr<int64_t>() : nullptr;
-      if (mean) {
-        backward_kernel<scalar_t, true>(planes, N, C, r.const_data_ptr<scalar_t>(), lp, K,
-                                        scales, PH, PW, sr, aligned,
-                                        grad.const_data_ptr<scalar_t>(), gs);
-      } else {
-        backward_kernel<scalar_t, false>(planes, N, C, r.const_data_ptr<scalar_t>(), lp, K,
-                                         scales, PH, PW, sr, aligned,
-                                         grad.const_data_ptr<scalar_t>(), gs);
-      }
+      backward_kernel<scalar_t>(planes, N, C, r.const_data_ptr<scalar_t>(), lp, K, scales, PH,
+                                PW, sr, aligned, grad.const_data_ptr<scalar_t>(), gs);
     });
   }
   std::vector<at::Tensor> grads;
@@ -264,8 +461,7 @@ std::vector<at::Tensor> backward_cpu(const char* op, const at::Tensor& grad,
 
 at::Tensor roi_align_cpu(const at::Tensor& input, const at::Tensor& rois, double spatial_scale,
                          int64_t PH, int64_t PW, int64_t sr, bool aligned) {
-  return forward_cpu("roi_align", {input}, rois, nullptr, {spatial_scale}, PH, PW, sr, aligned,
-                     /*mean=*/false);
+  return forward_cpu("roi_align", {input}, rois, nullptr, {spatial_scale}, PH, PW, sr, aligned);
 }
 
 at::Tensor roi_align_backward_cpu(const at::Tensor& grad, const at::Tensor& rois,
@@ -273,29 +469,28 @@ at::Tensor roi_align_backward_cpu(const at::Tensor& grad, const at::Tensor& rois
                                   int64_t C, int64_t H, int64_t W, int64_t sr, bool aligned,
                                   bool channels_last) {
   return backward_cpu("roi_align_backward", grad, rois, nullptr, {spatial_scale}, PH, PW, N, C,
-                      {H}, {W}, sr, aligned, channels_last, /*mean=*/false)[0];
+                      {H}, {W}, sr, aligned, channels_last)[0];
 }
 
 at::Tensor region_features_cpu(const at::Tensor& input, const at::Tensor& rois,
                                double spatial_scale, int64_t PH, int64_t PW, int64_t sr,
                                bool aligned) {
-  return forward_cpu("region_features", {input}, rois, nullptr, {spatial_scale}, PH, PW, sr,
-                     aligned, /*mean=*/true);
+  return region_forward_cpu(input, rois, spatial_scale, PH, PW, sr, aligned);
 }
 
 at::Tensor region_features_backward_cpu(const at::Tensor& grad, const at::Tensor& rois,
                                         double spatial_scale, int64_t PH, int64_t PW, int64_t N,
                                         int64_t C, int64_t H, int64_t W, int64_t sr,
                                         bool aligned, bool channels_last) {
-  return backward_cpu("region_features_backward", grad, rois, nullptr, {spatial_scale}, PH, PW,
-                      N, C, {H}, {W}, sr, aligned, channels_last, /*mean=*/true)[0];
+  return region_backward_cpu(grad, rois, spatial_scale, PH, PW, N, C, H, W, sr, aligned,
+                             channels_last);
 }
 
 at::Tensor multiscale_roi_align_cpu(at::TensorList features, const at::Tensor& rois,
                                     const at::Tensor& levels, at::ArrayRef<double> scales,
                                     int64_t PH, int64_t PW, int64_t sr, bool aligned) {
   return forward_cpu("multiscale_roi_align", features, rois, &levels, scales.vec(), PH, PW, sr,
-                     aligned, /*mean=*/false);
+                     aligned);
 }
 
 std::vector<at::Tensor> multiscale_roi_align_backward_cpu(
@@ -306,7 +501,7 @@ std::vector<at::Tensor> multiscale_roi_align_backward_cpu(
               grad.sizes());
   return backward_cpu("multiscale_roi_align_backward", grad, rois, &levels, scales.vec(),
                       grad.size(2), grad.size(3), N, C, heights, widths, sr, aligned,
-                      channels_last, /*mean=*/false);
+                      channels_last);
 }
 
 }  // namespace

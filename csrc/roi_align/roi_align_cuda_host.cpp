@@ -115,8 +115,9 @@ std::vector<at::Tensor> backward_cuda(const char* op, const at::Tensor& grad,
   std::vector<at::Tensor> bufs;
   for (int64_t l = 0; l < L; ++l) {
     TORCH_CHECK(heights[l] >= 0 && widths[l] >= 0, op, ": negative height/width");
-    bufs.push_back(
-        at::zeros({N, C, heights[l], widths[l]}, grad.options().dtype(acc_type).memory_format(fmt)));
+    bufs.push_back(at::empty({N, C, heights[l], widths[l]},
+                             grad.options().dtype(acc_type).memory_format(fmt))
+                       .zero_());
   }
   if (K > 0 && C > 0) {
     const at::Tensor r = rois.contiguous();

@@ -145,6 +145,30 @@ HOST_DEVICE_INLINE T blend4(const Taps2D<T>& s, T v00, T v01, T v10, T v11) {
   return s.w[0] * v00 + s.w[1] * v01 + s.w[2] * v10 + s.w[3] * v11;
 }
 
+// Total bilinear weight that every sample of every bin puts on each pixel along
+// one axis: profile[p] += w for each tap (p, w) of each inside sample. Because
+// the samples of a region form a Cartesian grid and a sample counts only when
+// inside on both axes, the sum over all samples of w_y * w_x * in[y, x] equals
+// sum_y profile_y[y] * sum_x profile_x[x] * in[y, x]: region_features is a
+// bilinear form with two 1-D profiles. `profile` has `size` zeroed entries;
+// [first, last] receives the touched range (first > last when none).
+template <typename T>
+HOST_DEVICE_INLINE void axis_profile(T start, T bin, int pooled, int grid, int size, T* profile,
+                                     int& first, int& last) {
+  first = size;
+  last = -1;
+  for (int b = 0; b < pooled; ++b) {
+    for (int i = 0; i < grid; ++i) {
+      const AxisTap<T> t = axis_tap(size, sample_coord(start, bin, b, i, grid));
+      if (!t.inside) continue;
+      profile[t.lo] += t.w_lo;
+      profile[t.hi] += t.w_hi;
+      first = t.lo < first ? t.lo : first;
+      last = t.hi > last ? t.hi : last;
+    }
+  }
+}
+
 // FPN level of a box (torchvision LevelMapper, Lin et al. 2017 eq. 1) is
 // computed on the host in Python with the same float32 formula as torchvision,
 // so that the assignment is bit-identical; the kernels take it as an index.
