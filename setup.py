@@ -5,6 +5,7 @@ when torch was built with CUDA and nvcc is found, even with no GPU present.
 
 Environment:
   MMKERNELS_SKIP_CUDA=1   skip the .cu sources (CPU-only extension).
+  MMKERNELS_REQUIRE_CUDA=1  fail instead of silently skipping the .cu sources (CI).
   TORCH_CUDA_ARCH_LIST    honoured; defaults to "8.0;9.0" when no GPU is visible.
   CUDA_HOME               toolkit directory (the one whose bin/ holds nvcc); found
                           from nvcc on PATH when unset.
@@ -48,12 +49,16 @@ def _want_cuda():
     import torch
 
     if torch.version.cuda is None:
-        return False, "torch was built without CUDA"
-    home = _find_cuda_home()
-    if home is None or not os.path.exists(os.path.join(home, "bin", "nvcc")):
-        return False, "nvcc not found"
-    os.environ["CUDA_HOME"] = home
-    return True, home
+        why = "torch was built without CUDA"
+    else:
+        home = _find_cuda_home()
+        if home is not None and os.path.exists(os.path.join(home, "bin", "nvcc")):
+            os.environ["CUDA_HOME"] = home
+            return True, home
+        why = "nvcc not found (set CUDA_HOME or put nvcc on PATH)"
+    if os.environ.get("MMKERNELS_REQUIRE_CUDA", "0") == "1":
+        raise RuntimeError(f"MMKERNELS_REQUIRE_CUDA=1 but the CUDA kernels cannot be built: {why}")
+    return False, why
 
 
 def _extensions():

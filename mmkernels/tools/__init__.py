@@ -1,0 +1,1 @@
+"""Developer tools (static GPU kernel report)."""
