@@ -30,6 +30,26 @@ TORCH_LIBRARY(mmkernels, m) {
       "_multiscale_roi_align_backward(Tensor grad, Tensor rois, Tensor levels, float[] scales, "
       "SymInt batch_size, SymInt channels, SymInt[] heights, SymInt[] widths, "
       "int sampling_ratio, bool aligned, bool channels_last) -> Tensor[]");
+
+  // ---- token gathers (csrc/token_gather/) -----------------------------------------
+  // x (B, N, D); noise (B, N) float; keeps the n_keep lowest-noise tokens.
+  m.def(
+      "random_masking(Tensor x, Tensor noise, int n_keep) -> "
+      "(Tensor x_kept, Tensor mask, Tensor ids_restore, Tensor ids_keep)");
+  // x_kept (B, K, D); ids_restore (B, N) int64, a permutation of [0, N) per row;
+  // mask_token (D,) or None (zeros).
+  m.def("restore_tokens(Tensor x_kept, Tensor ids_restore, Tensor? mask_token) -> Tensor");
+  m.def(
+      "_restore_tokens_backward(Tensor grad, Tensor ids_restore, int n_keep) -> "
+      "(Tensor grad_x_kept, Tensor grad_mask_token)");
+  // x (B, N, D); mask (B, N) bool; max_rows < 0: exactly the selected rows.
+  m.def("masked_select_rows(Tensor x, Tensor mask, int max_rows) -> (Tensor rows, Tensor index)");
+  // out (num_rows, D) zeros, out[index[m]] = src[m] where index[m] >= 0 (distinct).
+  m.def("_scatter_rows(Tensor src, Tensor index, SymInt num_rows) -> Tensor");
+  // inputs_embeds (B, L, D); image_mask (B, L) bool; image_features (T, D).
+  m.def(
+      "scatter_image_features(Tensor inputs_embeds, Tensor image_mask, Tensor image_features) "
+      "-> Tensor");
 }
 
 // Importable as a Python module (mmkernels._C); loading it runs the registrations.

@@ -112,3 +112,58 @@ def multiscale_roi_align(features: list[Tensor], rois: Tensor, levels: Tensor,
             out = out.index_put((idx,), roi_align(feat, rois[idx], output_size, scale,
                                                   sampling_ratio, aligned))
     return out
+
+
+# ---------------------------------------------------------------------------------
+# Token gathers (MAE / FLIP masking, masked-region selection, LLaVA merge)
+# ---------------------------------------------------------------------------------
+
+
+def random_masking(x: Tensor, n_keep: int, noise: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """MAE's random_masking (facebookresearch/mae, models_mae.py), given the noise.
+
+    x (B, N, D), noise (B, N) → x_kept (B, n_keep, D), mask (B, N) in x's dtype
+    (1 = removed), ids_restore (B, N) int64. The argsort is stable (ties go to the
+    lower index).
+    """
+    B, N, D = x.shape
+    ids_shuffle = torch.argsort(noise, dim=1, stable=True)
+    ids_restore = torch.argsort(ids_shuffle, dim=1, stable=True)
+    ids_keep = ids_shuffle[:, :n_keep]
+    x_kept = torch.gather(x, dim=1, index=ids_keep.unsqueeze(-1).repeat(1, 1, D))
+    mask = torch.ones(B, N, dtype=x.dtype, device=x.device)
+    mask[:, :n_keep] = 0
+    mask = torch.gather(mask, dim=1, index=ids_restore)
+    return x_kept, mask, ids_restore
+
+
+def restore_tokens(x_kept: Tensor, ids_restore: Tensor, mask_token: Tensor) -> Tensor:
+    """MAE decoder unshuffle: ``gather(cat([x_kept, mask_tokens]), 1, ids_restore)``."""
+    B, K, D = x_kept.shape
+    N = ids_restore.shape[1]
+    mask_tokens = mask_token.reshape(1, 1, D).expand(B, N - K, D)
+    full = torch.cat([x_kept, mask_tokens], dim=1)
+    return torch.gather(full, dim=1, index=ids_restore.unsqueeze(-1).repeat(1, 1, D))
+
+
+def masked_select_rows(x: Tensor, mask: Tensor, max_rows: int | None = None
+                       ) -> tuple[Tensor, Tensor]:
+    """``x[mask]`` and the flat positions; padded to ``max_rows`` (index -1) when given."""
+    B, N, D = x.shape
+    rows = x[mask]
+    index = torch.nonzero(mask.reshape(-1)).squeeze(1)
+    if max_rows is not None:
+        if rows.shape[0] > max_rows:
+            raise ValueError(f"{rows.shape[0]} positions are selected, more than max_rows = "
+                             f"{max_rows}")
+        pad = max_rows - rows.shape[0]
+        rows = torch.cat([rows, rows.new_zeros(pad, D)])
+        index = torch.cat([index, index.new_full((pad,), -1)])
+    return rows, index
+
+
+def scatter_image_features(inputs_embeds: Tensor, image_mask: Tensor,
+                           image_features: Tensor) -> Tensor:
+    """Hugging Face LLaVA's merge: ``masked_scatter`` of the features at the image tokens."""
+    mask = image_mask[..., None].expand_as(inputs_embeds)
+    return inputs_embeds.masked_scatter(mask, image_features.to(inputs_embeds.dtype))

@@ -1,0 +1,52 @@
+// Token gather math, written once and shared by token_gather_cpu.cpp and
+// token_gather_cuda.cu: the masking order and the index rules of each op.
+//
+//   random_masking  MAE (He et al. 2022): ids_shuffle = argsort(noise) (stable:
+//                   ties go to the lower index; NaN sorts last, as torch.sort),
+//                   keep ids_shuffle[:n_keep], ids_restore = argsort(ids_shuffle),
+//                   i.e. ids_restore[j] = rank of token j.
+//   restore_tokens  out[j] = x_kept[ids_restore[j]] if ids_restore[j] < n_keep,
+//                   else mask_token.
+//   masked rows     the m-th selected position (row-major) goes to output row m.
+// Every op is a permutation or a selection, so every backward is a gather or a
+// scatter to distinct rows: deterministic, without atomics.
+#pragma once
+
+#include <cstdint>
+
+#include "common/host_device.h"
+
+namespace mmkernels {
+namespace token_gather {
+
+// True when token (a, ia) comes before token (b, ib) in the masking order:
+// ascending noise, NaN last, ties broken by the lower index.
+template <typename T>
+HOST_DEVICE_INLINE bool noise_before(T a, int64_t ia, T b, int64_t ib) {
+  const bool a_nan = a != a, b_nan = b != b;
+  if (a_nan || b_nan) {
+    if (a_nan && b_nan) return ia < ib;
+    return b_nan;  // a is a number, b is NaN
+  }
+  if (a < b) return true;
+  if (b < a) return false;
+  return ia < ib;
+}
+
+// Rank of token j in the masking order (= ids_restore[j]), by counting: used by
+// the CUDA kernel, where each thread ranks its tokens against the row in shared memory.
+template <typename T, typename Load>
+HOST_DEVICE_INLINE int64_t rank_of(int64_t j, int64_t n, const Load& noise) {
+  const T v = noise(j);
+  int64_t r = 0;
+  for (int64_t i = 0; i < n; ++i) r += noise_before<T>(noise(i), i, v, j) ? 1 : 0;
+  return r;
+}
+
+// restore_tokens: source row of output token j, or -1 for the mask token.
+HOST_DEVICE_INLINE int64_t restore_source(int64_t id, int64_t n_keep) {
+  return (id >= 0 && id < n_keep) ? id : -1;
+}
+
+}  // namespace token_gather
+}  // namespace mmkernels
