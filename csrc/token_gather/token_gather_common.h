@@ -27,13 +27,17 @@ inline void check_index(const char* op, const char* name, const at::Tensor& idx,
               ", got ", idx.device());
 }
 
-// ids (B, N) int64: every row a permutation of [0, N).
-inline void check_permutation(const char* op, const at::Tensor& ids) {
+// ids (B, N) int64 with values in [0, N); with `permutation`, every row must be a
+// permutation of [0, N). The forward gather only needs the range (the kernels map
+// any other value to the fill row, so nothing is read out of bounds); the backward,
+// a scatter to distinct rows, needs the permutation.
+inline void check_permutation(const char* op, const at::Tensor& ids, bool permutation = true) {
   const int64_t B = ids.size(0), N = ids.size(1);
   if (ids.numel() == 0) return;
   const auto in_range = at::logical_and(ids >= 0, ids < N).all();
   if (ids.is_cuda()) {
     at::_assert_async(in_range, "ids_restore values out of range [0, N)");
+    if (!permutation) return;
     auto counts = at::zeros({B, N}, ids.options());
     counts.scatter_add_(1, ids.clamp(0, N - 1), at::ones_like(ids));
     at::_assert_async((counts == 1).all(), "ids_restore rows must be permutations of [0, N)");
@@ -42,6 +46,7 @@ inline void check_permutation(const char* op, const at::Tensor& ids) {
   TORCH_CHECK(in_range.item<bool>(), op, ": ids_restore values must lie in [0, N) = [0, ", N,
               "); got values in [", ids.min().item<int64_t>(), ", ", ids.max().item<int64_t>(),
               "]");
+  if (!permutation) return;
   auto sorted = std::get<0>(ids.sort(1));
   const bool perm = sorted.eq(at::arange(N, ids.options()).expand({B, N})).all().item<bool>();
   TORCH_CHECK(perm, op, ": each row of ids_restore must be a permutation of [0, N) (as returned "

@@ -131,7 +131,7 @@ at::Tensor restore_tokens_cpu(const at::Tensor& x_kept, const at::Tensor& ids_re
     TORCH_CHECK(mask_token->device() == x_kept.device(), op, ": mask_token must be on ",
                 x_kept.device());
   }
-  check_permutation(op, ids_restore);
+  check_permutation(op, ids_restore, /*permutation=*/false);
   auto out = at::empty({B, N, D}, x_kept.options());
   if (out.numel() == 0) return out;
   const int64_t elem = x_kept.element_size();

@@ -11,8 +11,11 @@ pytest-benchmark suites in bench/.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import os
 import statistics
+import sys
 import time
 from collections.abc import Callable
 
@@ -58,11 +61,20 @@ def time_fn(fn: Callable[[], object], device: torch.device, *, warmup: int = 3,
 
 
 def mode_fn(make_inputs: Callable[[], tuple], run: Callable[..., torch.Tensor], mode: str):
-    """A zero-argument callable that performs ``mode`` on fresh-graph inputs.
+    """A zero-argument callable that performs ``mode`` on the inputs.
 
     ``backward`` times ``out.backward(grad, retain_graph=True)`` on one forward.
+    Gradients of the inputs are reset to None before every backward (as
+    ``triton.testing.do_bench(grad_to_none=...)`` does), so the time is the op's
+    backward, not the accumulation into ``.grad``.
     """
     inputs = make_inputs()
+    leaves = [t for t in inputs if isinstance(t, torch.Tensor) and t.requires_grad]
+
+    def clear():
+        for t in leaves:
+            t.grad = None
+
     if mode == "forward":
         def f():
             with torch.no_grad():
@@ -71,9 +83,15 @@ def mode_fn(make_inputs: Callable[[], tuple], run: Callable[..., torch.Tensor], 
     out = run(*inputs)
     grad = torch.randn_like(out)
     if mode == "backward":
-        return lambda: out.backward(grad, retain_graph=True)
+        def b():
+            clear()
+            out.backward(grad, retain_graph=True)
+        return b
     if mode == "forward+backward":
-        return lambda: run(*inputs).backward(grad)
+        def fb():
+            clear()
+            run(*inputs).backward(grad)
+        return fb
     raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
 
 
@@ -86,6 +104,20 @@ def peak_memory_cuda(fn: Callable[[], object]) -> int:
     return torch.cuda.max_memory_allocated() - base
 
 
+@contextlib.contextmanager
+def _quiet_stderr():
+    """Silence the profiler's native start/stop log lines (written to fd 2)."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "w") as null:
+            os.dup2(null.fileno(), 2)
+            yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
 def peak_memory_cpu(fn: Callable[[], object]) -> int:
     """Allocator peak growth (bytes) during ``fn()`` on the CPU.
 
@@ -96,9 +128,9 @@ def peak_memory_cpu(fn: Callable[[], object]) -> int:
     """
     from torch.profiler._memory_profiler import MemoryProfileTimeline
 
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU],
-                                profile_memory=True, record_shapes=True,
-                                with_stack=True) as prof:
+    with _quiet_stderr(), torch.profiler.profile(
+            activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True,
+            record_shapes=True, with_stack=True) as prof:
         fn()
     timeline = MemoryProfileTimeline(prof._memory_profile())
     _, sizes = timeline._coalesce_timeline(torch.device("cpu"))

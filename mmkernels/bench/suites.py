@@ -47,7 +47,10 @@ class Suite:
         raise KeyError(f"suite {self.name!r} has no case {name!r}")
 
 
-_MODULES = {"roi_align": "mmkernels.bench.roi_align"}
+_MODULES = {
+    "roi_align": "mmkernels.bench.roi_align",
+    "token_gather": "mmkernels.bench.token_gather",
+}
 
 
 def names() -> list[str]:

@@ -199,7 +199,9 @@ def restore_tokens(x_kept: Tensor, ids_restore: Tensor, mask_token: Tensor) -> T
     Args:
         x_kept: (B, N_keep, D), float dtype.
         ids_restore: (B, N) int64, each row a permutation of [0, N) (as returned by
-            :func:`random_masking`); checked (on CUDA by a device-side assertion, no sync).
+            :func:`random_masking`). Values outside [0, N) raise in the forward; a
+            row that is not a permutation raises in the backward, whose scatter
+            needs distinct targets (on CUDA both are device-side assertions, no sync).
         mask_token: D elements (e.g. MAE's (1, 1, D) parameter), x_kept's dtype.
 
     Returns:

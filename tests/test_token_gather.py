@@ -1,0 +1,387 @@
+"""Token gathers: random_masking, restore_tokens, masked_select_rows,
+scatter_image_features, against the eager formulations in mmkernels.reference
+(MAE's random_masking, x[mask], HF LLaVA's masked_scatter)."""
+
+import pytest
+import torch
+
+import mmkernels
+from mmkernels import _extension, reference
+
+pytestmark = pytest.mark.skipif(not _extension.is_available(),
+                                reason="mmkernels._C is not built")
+
+DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
+SHAPES = [pytest.param((3, 13, 7), id="B3-N13-D7"), pytest.param((2, 50, 33), id="B2-N50-D33"),
+          pytest.param((1, 1, 5), id="B1-N1-D5")]
+
+
+def make_x(shape, dtype, layout="contiguous", device="cpu"):
+    B, N, D = shape
+    if layout == "noncontiguous":  # strided along D and N
+        x = torch.randn(B, N * 2, D * 3, dtype=torch.float64)[:, ::2, ::3]
+    elif layout == "transposed":
+        x = torch.randn(B, D, N, dtype=torch.float64).transpose(1, 2)
+    else:
+        x = torch.randn(B, N, D, dtype=torch.float64)
+    return x.to(dtype=dtype, device=device)
+
+
+# ---------------------------------------------------------------------------------
+# random_masking
+# ---------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("layout", ["contiguous", "noncontiguous", "transposed"])
+@pytest.mark.parametrize("mask_ratio", [0.0, 0.25, 0.75, 0.999])
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_random_masking_equals_mae(dtype, shape, mask_ratio, layout):
+    x = make_x(shape, dtype, layout).requires_grad_()
+    noise = torch.rand(shape[:2])
+    ours = mmkernels.random_masking(x, mask_ratio, noise=noise)
+    n_keep = int(shape[1] * (1 - mask_ratio))
+    xr = x.detach().clone().requires_grad_()
+    theirs = reference.random_masking(xr, n_keep, noise)
+    for a, b, name in zip(ours, theirs, ("x_kept", "mask", "ids_restore")):
+        assert a.dtype == b.dtype and a.shape == b.shape, name
+        assert torch.equal(a, b), name
+    g = torch.randn_like(ours[0])
+    ours[0].backward(g)
+    theirs[0].backward(g)
+    assert torch.equal(x.grad, xr.grad)
+
+
+def test_random_masking_ties_nan_and_noise_dtypes():
+    x = torch.randn(2, 8, 3)
+    noise = torch.tensor([[0.5, 0.1, 0.5, float("nan"), 0.1, 0.9, 0.5, 0.0],
+                          [1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0]])
+    for dt in (torch.float32, torch.float64, torch.float16, torch.bfloat16):
+        ours = mmkernels.random_masking(x, 0.5, noise=noise.to(dt))
+        theirs = reference.random_masking(x, 4, noise.to(dt))
+        for a, b in zip(ours, theirs):
+            assert torch.equal(a, b), dt
+    # ties go to the lower index, NaN last
+    assert ours[2][0].tolist() == [3, 1, 4, 7, 2, 6, 5, 0]
+    assert ours[2][1].tolist() == list(range(8))
+
+
+def test_random_masking_generator_reproducible():
+    x = torch.randn(4, 20, 6)
+    a = mmkernels.random_masking(x, 0.5, generator=torch.Generator().manual_seed(7))
+    b = mmkernels.random_masking(x, 0.5, generator=torch.Generator().manual_seed(7))
+    c = reference.random_masking(x, 10, torch.rand(4, 20, generator=torch.Generator().manual_seed(7)))
+    for u, v, w in zip(a, b, c):
+        assert torch.equal(u, v) and torch.equal(u, w)
+
+
+def test_random_masking_empty():
+    for shape, ratio in [((0, 5, 3), 0.5), ((2, 0, 3), 0.5), ((2, 3, 0), 0.5), ((2, 3, 4), 0.7)]:
+        x = torch.randn(shape, requires_grad=True)
+        kept, mask, ids = mmkernels.random_masking(x, ratio)
+        n_keep = int(shape[1] * (1 - ratio))
+        assert kept.shape == (shape[0], n_keep, shape[2])
+        assert mask.shape == shape[:2] and ids.shape == shape[:2]
+        kept.sum().backward()
+        assert x.grad.shape == x.shape and not x.grad.any()
+
+
+# ---------------------------------------------------------------------------------
+# restore_tokens
+# ---------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("layout", ["contiguous", "noncontiguous"])
+@pytest.mark.parametrize("mask_ratio", [0.0, 0.5, 0.75])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_restore_tokens_equals_mae(dtype, mask_ratio, layout):
+    B, N, D = 3, 17, 9
+    n_keep = int(N * (1 - mask_ratio))
+    x_kept = make_x((B, n_keep, D), dtype, layout).requires_grad_()
+    ids_restore = torch.argsort(torch.rand(B, N), dim=1)
+    token = torch.randn(1, 1, D, dtype=dtype, requires_grad=True)  # MAE's parameter shape
+    out = mmkernels.restore_tokens(x_kept, ids_restore, token)
+    xr = x_kept.detach().clone().requires_grad_()
+    tr = token.detach().clone().requires_grad_()
+    ref = reference.restore_tokens(xr, ids_restore, tr)
+    assert torch.equal(out, ref)
+    g = torch.randn_like(ref)
+    out.backward(g)
+    ref.backward(g)
+    assert torch.equal(x_kept.grad, xr.grad)
+    # mask_token's gradient is a sum: accumulated in float32 (or float64), so compare
+    # against the float64 sum with the table's rule for the low-precision dtypes
+    from mmkernels.testing import assert_close_to_reference
+    exact = g.double().mul(ids_restore.ge(n_keep)[..., None]).sum((0, 1)).view(1, 1, D)
+    eager = tr.grad if dtype in (torch.float16, torch.bfloat16) else None
+    assert_close_to_reference(token.grad, exact, eager_lowp=eager, what="grad mask_token")
+
+
+def test_restore_after_masking_roundtrip():
+    x = torch.randn(4, 30, 8)
+    kept, mask, ids = mmkernels.random_masking(x, 0.6)
+    token = torch.full((8,), float("nan"))
+    full = mmkernels.restore_tokens(kept, ids, token)
+    keep = mask == 0
+    assert torch.equal(full[keep], x[keep])
+    assert torch.isnan(full[~keep]).all()
+
+
+# ---------------------------------------------------------------------------------
+# masked_select_rows
+# ---------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("layout", ["contiguous", "noncontiguous", "transposed"])
+@pytest.mark.parametrize("density", [0.0, 0.15, 1.0])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_masked_select_rows_equals_boolean_indexing(dtype, density, layout):
+    x = make_x((3, 19, 11), dtype, layout).requires_grad_()
+    mask = torch.rand(3, 19) < density
+    rows, index = mmkernels.masked_select_rows(x, mask)
+    assert torch.equal(rows, x[mask])
+    assert torch.equal(index, torch.nonzero(mask.reshape(-1)).squeeze(1))
+    g = torch.randn_like(rows)
+    rows.backward(g)
+    expect = torch.zeros_like(x)
+    expect[mask] = g
+    assert torch.equal(x.grad, expect)
+
+
+def test_masked_select_rows_max_rows_padding_and_overflow():
+    x = torch.randn(2, 6, 4, requires_grad=True)
+    mask = torch.tensor([[1, 0, 1, 0, 0, 1], [0, 0, 0, 1, 0, 0]], dtype=torch.bool)
+    rows, index = mmkernels.masked_select_rows(x, mask, max_rows=6)
+    ref_rows, ref_index = reference.masked_select_rows(x, mask, max_rows=6)
+    assert torch.equal(rows, ref_rows) and torch.equal(index, ref_index)
+    assert index.tolist() == [0, 2, 5, 9, -1, -1] and not rows[4:].any()
+    rows.sum().backward()
+    assert torch.equal(x.grad, mask[..., None].expand_as(x).float())
+    with pytest.raises(RuntimeError, match="max_rows"):
+        mmkernels.masked_select_rows(x, mask, max_rows=3)
+
+
+# ---------------------------------------------------------------------------------
+# scatter_image_features
+# ---------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("features_layout", ["flat", "per-image"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_scatter_image_features_equals_hf_masked_scatter(dtype, features_layout):
+    B, L, D, tokens_per_image = 3, 23, 10, 4
+    embeds = make_x((B, L, D), dtype, "noncontiguous").requires_grad_()
+    mask = torch.zeros(B, L, dtype=torch.bool)
+    mask[0, 2:6] = True          # one image in sample 0
+    mask[2, 5:9] = True          # two images in sample 2
+    mask[2, 15:19] = True
+    feats = torch.randn(3, tokens_per_image, D, dtype=dtype)
+    if features_layout == "flat":
+        feats = feats.reshape(-1, D)
+    feats.requires_grad_()
+    out = mmkernels.scatter_image_features(embeds, mask, feats)
+    er = embeds.detach().clone().requires_grad_()
+    fr = feats.detach().clone().requires_grad_()
+    ref = reference.scatter_image_features(er, mask, fr.reshape(-1, D))
+    assert torch.equal(out, ref)
+    g = torch.randn_like(ref)
+    out.backward(g)
+    ref.backward(g)
+    assert torch.equal(embeds.grad, er.grad)
+    assert torch.equal(feats.grad, fr.grad)
+
+
+def test_scatter_image_features_count_mismatch_raises():
+    embeds = torch.randn(2, 8, 4)
+    mask = torch.zeros(2, 8, dtype=torch.bool)
+    mask[0, :3] = True
+    with pytest.raises(ValueError, match="do not match"):
+        mmkernels.scatter_image_features(embeds, mask, torch.randn(4, 4))
+    with pytest.raises(RuntimeError, match="do not match"):  # the raw op checks too
+        torch.ops.mmkernels.scatter_image_features(embeds, mask, torch.randn(2, 4))
+
+
+def test_scatter_image_features_no_image_tokens():
+    embeds = torch.randn(2, 5, 3, requires_grad=True)
+    out = mmkernels.scatter_image_features(embeds, torch.zeros(2, 5, dtype=torch.bool),
+                                           torch.randn(0, 3))
+    assert torch.equal(out, embeds)
+
+
+# ---------------------------------------------------------------------------------
+# gradcheck, opcheck, compile, determinism, NaN, bad input
+# ---------------------------------------------------------------------------------
+
+def test_gradcheck_all():
+    x = torch.randn(2, 7, 3, dtype=torch.float64, requires_grad=True)
+    noise = torch.rand(2, 7)
+    assert torch.autograd.gradcheck(lambda t: mmkernels.random_masking(t, 0.4, noise=noise)[0], (x,))
+    kept = torch.randn(2, 4, 3, dtype=torch.float64, requires_grad=True)
+    ids = torch.argsort(torch.rand(2, 7), 1)
+    tok = torch.randn(3, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda a, t: mmkernels.restore_tokens(a, ids, t), (kept, tok))
+    mask = torch.rand(2, 7) > 0.5
+    assert torch.autograd.gradcheck(lambda t: mmkernels.masked_select_rows(t, mask)[0], (x,))
+    assert torch.autograd.gradcheck(lambda t: mmkernels.masked_select_rows(t, mask, 14)[0], (x,))
+    feats = torch.randn(int(mask.sum()), 3, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(
+        lambda e, f: mmkernels.scatter_image_features(e, mask, f), (x, feats))
+
+
+def _opcheck_cases():
+    x = torch.randn(2, 7, 3, requires_grad=True)
+    ids = torch.argsort(torch.rand(2, 7), 1)
+    mask = torch.rand(2, 7) > 0.5
+    ops = torch.ops.mmkernels
+    n = int(mask.sum())
+    return [
+        pytest.param(ops.random_masking.default, (x, torch.rand(2, 7), 3), id="random_masking"),
+        pytest.param(ops.restore_tokens.default,
+                     (torch.randn(2, 4, 3, requires_grad=True), ids,
+                      torch.randn(3, requires_grad=True)), id="restore_tokens"),
+        pytest.param(ops.restore_tokens.default,
+                     (torch.randn(2, 4, 3, requires_grad=True), ids, None),
+                     id="restore_tokens-no-token"),
+        pytest.param(ops._restore_tokens_backward.default, (torch.randn(2, 7, 3), ids, 4),
+                     id="restore_tokens_backward"),
+        pytest.param(ops.masked_select_rows.default, (x, mask, 9), id="masked_select_rows-max"),
+        pytest.param(ops.masked_select_rows.default, (x, mask, -1), id="masked_select_rows"),
+        pytest.param(ops._scatter_rows.default,
+                     (torch.randn(4, 3), torch.tensor([5, -1, 0, 2]), 7), id="scatter_rows"),
+        pytest.param(ops.scatter_image_features.default,
+                     (x, mask, torch.randn(n, 3, requires_grad=True)),
+                     id="scatter_image_features"),
+    ]
+
+
+@pytest.mark.parametrize("op,args", _opcheck_cases())
+def test_opcheck(op, args):
+    torch.library.opcheck(op, args)
+
+
+def test_torch_compile_fullgraph():
+    x = torch.randn(2, 12, 5)
+    noise = torch.rand(2, 12)
+    token = torch.randn(5)
+    mask = torch.rand(2, 12) > 0.5
+
+    def fn(x, noise, token, mask):
+        kept, m, ids = mmkernels.random_masking(x, 0.5, noise=noise)
+        full = mmkernels.restore_tokens(kept * 2, ids, token)
+        rows, _ = mmkernels.masked_select_rows(full, mask, max_rows=24)
+        return full.sum() + rows.sum() + m.sum()
+
+    compiled = torch.compile(fn, fullgraph=True)
+    torch.testing.assert_close(compiled(x, noise, token, mask), fn(x, noise, token, mask))
+
+
+def test_run_twice_deterministic():
+    x = torch.randn(8, 64, 40, requires_grad=True)
+    noise = torch.rand(8, 64)
+    grads = []
+    threads = torch.get_num_threads()
+    try:
+        for n in (threads, 1):
+            torch.set_num_threads(n)
+            kept, _, ids = mmkernels.random_masking(x, 0.5, noise=noise)
+            token = torch.randn(40, generator=torch.Generator().manual_seed(0), requires_grad=True)
+            full = mmkernels.restore_tokens(kept, ids, token)
+            gx, gt = torch.autograd.grad(full.pow(2).sum(), (x, token))
+            grads.append((gx, gt))
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(grads[0][0], grads[1][0]) and torch.equal(grads[0][1], grads[1][1])
+
+
+def test_nan_rows_move_untouched():
+    x = torch.randn(2, 6, 3)
+    x[0, 2, 1] = float("nan")
+    kept, mask, ids = mmkernels.random_masking(x, 0.0, noise=torch.rand(2, 6))
+    assert torch.isnan(kept).sum() == 1
+    rows, _ = mmkernels.masked_select_rows(x, torch.ones(2, 6, dtype=torch.bool))
+    assert torch.isnan(rows).sum() == 1
+
+
+BAD = [
+    ("ratio-one", lambda: mmkernels.random_masking(torch.randn(2, 4, 3), 1.0), ValueError,
+     "mask_ratio"),
+    ("ratio-negative", lambda: mmkernels.random_masking(torch.randn(2, 4, 3), -0.1), ValueError,
+     "mask_ratio"),
+    ("x-2d", lambda: mmkernels.random_masking(torch.randn(4, 3), 0.5), ValueError, "3-D"),
+    ("noise-shape", lambda: mmkernels.random_masking(torch.randn(2, 4, 3), 0.5,
+                                                     noise=torch.rand(2, 5)), ValueError, "noise"),
+    ("noise-int", lambda: mmkernels.random_masking(torch.randn(2, 4, 3), 0.5,
+                                                   noise=torch.ones(2, 4, dtype=torch.long)),
+     TypeError, "noise"),
+    ("ids-out-of-range", lambda: mmkernels.restore_tokens(
+        torch.randn(1, 2, 3), torch.tensor([[0, 1, 7]]), torch.randn(3)), RuntimeError,
+     "out of range|must lie in"),
+    ("ids-not-permutation", lambda: mmkernels.restore_tokens(
+        torch.randn(1, 2, 3, requires_grad=True), torch.tensor([[0, 0, 1]]),
+        torch.randn(3)).sum().backward(), RuntimeError, "permutation"),
+    ("ids-int32", lambda: mmkernels.restore_tokens(
+        torch.randn(1, 2, 3), torch.tensor([[0, 2, 1]], dtype=torch.int32), torch.randn(3)),
+     TypeError, "ids_restore"),
+    ("mask-token-size", lambda: mmkernels.restore_tokens(
+        torch.randn(1, 2, 3), torch.tensor([[0, 2, 1]]), torch.randn(4)), ValueError,
+     "mask_token"),
+    ("mask-token-dtype", lambda: mmkernels.restore_tokens(
+        torch.randn(1, 2, 3), torch.tensor([[0, 2, 1]]), torch.randn(3).double()), TypeError,
+     "mask_token"),
+    ("select-mask-shape", lambda: mmkernels.masked_select_rows(
+        torch.randn(2, 4, 3), torch.ones(2, 5, dtype=torch.bool)), ValueError, "mask"),
+    ("select-mask-dtype", lambda: mmkernels.masked_select_rows(
+        torch.randn(2, 4, 3), torch.ones(2, 4)), TypeError, "mask"),
+    ("select-max-rows", lambda: mmkernels.masked_select_rows(
+        torch.randn(2, 4, 3), torch.ones(2, 4, dtype=torch.bool), max_rows=-2), ValueError,
+     "max_rows"),
+    ("image-dim", lambda: mmkernels.scatter_image_features(
+        torch.randn(2, 4, 3), torch.ones(2, 4, dtype=torch.bool), torch.randn(8, 5)),
+     ValueError, "image_features"),
+    ("scatter-rows-duplicate", lambda: torch.ops.mmkernels._scatter_rows(
+        torch.randn(2, 3), torch.tensor([1, 1]), 4), RuntimeError, "twice"),
+    ("scatter-rows-range", lambda: torch.ops.mmkernels._scatter_rows(
+        torch.randn(2, 3), torch.tensor([1, 9]), 4), RuntimeError, "outside"),
+]
+
+
+@pytest.mark.parametrize("name,call,exc,match", BAD, ids=[b[0] for b in BAD])
+def test_bad_input_raises(name, call, exc, match):
+    with pytest.raises(exc, match=match):
+        call()
+
+
+# ---------------------------------------------------------------------------------
+# CUDA
+# ---------------------------------------------------------------------------------
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("N", [13, 196, 7000])  # 7000: ranked from global memory
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_cuda_random_masking_and_restore(dtype, N):
+    x = make_x((3, N, 24), dtype, "noncontiguous", device="cuda").requires_grad_()
+    noise = torch.rand(3, N, device="cuda")
+    noise[:, :4] = 0.5  # ties
+    ours = mmkernels.random_masking(x, 0.75, noise=noise)
+    xr = x.detach().clone().requires_grad_()
+    theirs = reference.random_masking(xr, int(N * 0.25), noise)
+    for a, b in zip(ours, theirs):
+        assert torch.equal(a, b)
+    g = torch.randn_like(ours[0])
+    ours[0].backward(g)
+    theirs[0].backward(g)
+    assert torch.equal(x.grad, xr.grad)
+    token = torch.randn(24, device="cuda", dtype=dtype, requires_grad=True)
+    out = mmkernels.restore_tokens(ours[0].detach(), ours[2], token)
+    assert torch.equal(out, reference.restore_tokens(ours[0].detach(), ours[2], token))
+
+
+@pytest.mark.cuda
+def test_cuda_select_and_scatter():
+    x = torch.randn(4, 50, 16, device="cuda", requires_grad=True)
+    mask = torch.rand(4, 50, device="cuda") < 0.3
+    rows, index = mmkernels.masked_select_rows(x, mask)
+    assert torch.equal(rows, x[mask])
+    rows_p, index_p = mmkernels.masked_select_rows(x, mask, max_rows=200)
+    assert torch.equal(rows_p[: rows.shape[0]], rows) and (index_p[rows.shape[0]:] == -1).all()
+    rows_p.sum().backward()
+    assert torch.equal(x.grad, mask[..., None].expand_as(x).float())
+    feats = torch.randn(int(mask.sum()), 16, device="cuda")
+    out = mmkernels.scatter_image_features(x.detach(), mask, feats)
+    assert torch.equal(out, reference.scatter_image_features(x.detach(), mask, feats))
