@@ -167,3 +167,83 @@ def scatter_image_features(inputs_embeds: Tensor, image_mask: Tensor,
     """Hugging Face LLaVA's merge: ``masked_scatter`` of the features at the image tokens."""
     mask = image_mask[..., None].expand_as(inputs_embeds)
     return inputs_embeds.masked_scatter(mask, image_features.to(inputs_embeds.dtype))
+
+
+# ---------------------------------------------------------------------------------
+# Attention over packed sequences (varlen), ViLBERT co-attention
+# ---------------------------------------------------------------------------------
+
+
+def attention_visibility(seqlen_q: int, seqlen_k: int, causal: bool, bid_q: Tensor | None = None,
+                         bid_k: Tensor | None = None, device=None) -> Tensor:
+    """(Lq, Lk) bool: key j visible to query i. Causal is bottom-right aligned (flash-attn);
+    with block ids, tokens sharing a non-zero id see each other both ways."""
+    i = torch.arange(seqlen_q, device=device)[:, None]
+    j = torch.arange(seqlen_k, device=device)[None, :]
+    if not causal:
+        return torch.ones(seqlen_q, seqlen_k, dtype=torch.bool, device=device)
+    vis = j <= i + (seqlen_k - seqlen_q)
+    if bid_q is not None:
+        vis = vis | ((bid_q[:, None] == bid_k[None, :]) & (bid_q[:, None] != 0))
+    return vis
+
+
+def attention(q: Tensor, k: Tensor, v: Tensor, scale: float, visible: Tensor,
+              keep: Tensor | None = None, dropout_p: float = 0.0) -> tuple[Tensor, Tensor]:
+    """Softmax attention of one sequence, computed in q's dtype.
+
+    q (Lq, H, D), k/v (Lk, H_kv, D), visible (Lq, Lk) bool, keep (H, Lq, Lk) bool or
+    None. Returns out (Lq, H, D) and lse (H, Lq) float32; rows without a visible key
+    give zeros and lse = -inf.
+    """
+    H, H_kv = q.shape[1], k.shape[1]
+    kh = k.repeat_interleave(H // H_kv, dim=1).transpose(0, 1)   # (H, Lk, D)
+    vh = v.repeat_interleave(H // H_kv, dim=1).transpose(0, 1)
+    s = torch.matmul(q.transpose(0, 1), kh.transpose(1, 2)) * scale  # (H, Lq, Lk)
+    s = s.masked_fill(~visible, float("-inf"))
+    lse = torch.logsumexp(s, dim=-1)
+    finite = torch.isfinite(lse)
+    p = torch.exp(s - torch.where(finite, lse, torch.zeros_like(lse))[..., None])
+    p = p.masked_fill(~visible, 0.0)
+    if keep is not None and dropout_p > 0:
+        p = p * keep / (1.0 - dropout_p)
+    out = torch.matmul(p, vh).transpose(0, 1)
+    return out, lse.float()
+
+
+def varlen_attention(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_seqlens_k: Tensor,
+                     softmax_scale: float | None = None, causal: bool = False,
+                     block_ids: Tensor | None = None, dropout_p: float = 0.0,
+                     keep_masks: list[Tensor] | None = None, chunk_size: int | None = None,
+                     compute_dtype: torch.dtype | None = None) -> tuple[Tensor, Tensor]:
+    """Per-sequence reference for packed attention (never pads to the batch max).
+
+    q (total_q, H, D); k, v (total_k, H_kv, D); cu_seqlens (batch + 1,) int. keep_masks:
+    one (H, Lq_b, Lk_b) bool mask per sequence when dropout_p > 0. chunk_size bounds the
+    query rows processed at once (memory O(chunk * Lk * H)). compute_dtype: upcast for
+    the math (the CPU path uses float32 for half inputs). Returns out (total_q, H, D) in
+    q's dtype and lse (H, total_q) float32.
+    """
+    scale = softmax_scale if softmax_scale is not None else q.shape[-1] ** -0.5
+    cq = cu_seqlens_q.tolist()
+    ck = cu_seqlens_k.tolist()
+    outs, lses = [], []
+    for b in range(len(cq) - 1):
+        q0, q1, k0, k1 = cq[b], cq[b + 1], ck[b], ck[b + 1]
+        qs, ks, vs = q[q0:q1], k[k0:k1], v[k0:k1]
+        if compute_dtype is not None:
+            qs, ks, vs = qs.to(compute_dtype), ks.to(compute_dtype), vs.to(compute_dtype)
+        bq = block_ids[q0:q1] if block_ids is not None else None
+        bk = block_ids[k0:k1] if block_ids is not None else None
+        vis = attention_visibility(q1 - q0, k1 - k0, causal, bq, bk, device=q.device)
+        keep = keep_masks[b] if keep_masks is not None else None
+        step = chunk_size or max(q1 - q0, 1)
+        for r in range(0, q1 - q0, step):
+            o, l = attention(qs[r:r + step], ks, vs, scale, vis[r:r + step],
+                             None if keep is None else keep[:, r:r + step], dropout_p)
+            outs.append(o.to(q.dtype))
+            lses.append(l)
+    H = q.shape[1]
+    out = torch.cat(outs) if outs else q.new_zeros(q.shape)
+    lse = torch.cat(lses, dim=1) if lses else torch.zeros(H, 0, device=q.device)
+    return out, lse

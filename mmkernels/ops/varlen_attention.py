@@ -1,0 +1,545 @@
+"""Packed multimodal attention: ``varlen_attention`` (flash_attn_varlen_func semantics,
+plus image blocks that see each other inside a causal sequence).
+
+Layers: Triton kernels (mmkernels/triton/varlen_attention.py on the shared core in
+mmkernels/triton/attention.py); then two opaque ``torch.library.custom_op``s (forward,
+backward) with fake kernels and autograd; then the functional API with validation
+and the backend choice; the module is :class:`mmkernels.nn.VarlenSelfAttention`.
+
+Backends (chosen in :func:`_backend`): CUDA tensors, or any tensors under
+``TRITON_INTERPRET=1``: Triton. CPU tensors: the per-sequence, row-chunked PyTorch
+path in :mod:`mmkernels.reference` (float32 math for half inputs), with a backward
+that recomputes per sequence. ``MMKERNELS_BACKEND=reference``: eager autograd.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import torch
+from torch import Tensor
+
+from mmkernels import _extension, reference
+from mmkernels.triton import KernelSpec, interpreting
+
+__all__ = ["varlen_attention", "dropout_keep_mask"]
+
+SEED_STRIDE = 65537  # Philox key stride between dropout streams (head, direction)
+CPU_CHUNK_ROWS = 1024  # query rows per step on the CPU path
+
+
+@dataclasses.dataclass(frozen=True)
+class AttnConfig:
+    block_m: int
+    block_n: int
+    num_warps: int
+    num_stages: int
+
+    def __str__(self) -> str:
+        return f"M{self.block_m}-N{self.block_n}-w{self.num_warps}-s{self.num_stages}"
+
+
+# Launch configurations, largest first; prune_configs keeps those that fit a head dim.
+FWD_CONFIGS = [AttnConfig(128, 64, 8, 3), AttnConfig(64, 64, 4, 3), AttnConfig(64, 32, 4, 2)]
+BWD_CONFIGS = [AttnConfig(64, 64, 8, 2), AttnConfig(64, 32, 4, 2), AttnConfig(32, 32, 4, 1)]
+INTERPRET_CONFIG = AttnConfig(16, 16, 4, 1)  # CPU interpreter: small tiles, ragged tails
+
+
+def block_d_for(head_dim: int) -> int:
+    """Head dim padded to a power of two (>= 16): D = 80 runs as 128 with masked lanes."""
+    return max(16, 1 << (head_dim - 1).bit_length())
+
+
+def prune_configs(configs: list[AttnConfig], block_d: int, kind: str) -> list[AttnConfig]:
+    """Configs whose tiles fit the register file at this head dim (checked by the
+    kernel report: no spills at sm_80/sm_90)."""
+    if kind == "fwd":
+        limit = {16: 128, 32: 128, 64: 128, 128: 128, 256: 64}[block_d]
+        return [c for c in configs if c.block_m <= limit and (block_d < 256 or c.block_n <= 32)]
+    limit = {16: 64, 32: 64, 64: 64, 128: 64, 256: 32}[block_d]
+    return [c for c in configs if c.block_m <= limit and c.block_n <= limit
+            and (block_d < 128 or c.num_warps <= 4 or c.block_n <= 32)]
+
+
+def pick_config(kind: str, block_d: int) -> AttnConfig:
+    if interpreting():
+        return INTERPRET_CONFIG
+    return prune_configs(FWD_CONFIGS if kind == "fwd" else BWD_CONFIGS, block_d, kind)[0]
+
+
+# ---------------------------------------------------------------------------------
+# helpers shared with co-attention
+# ---------------------------------------------------------------------------------
+
+
+def block_tables(block_ids: Tensor, cu_seqlens: Tensor, total: int) -> tuple[Tensor, Tensor]:
+    """Per-token reach tables for causal attention with image blocks (no host sync).
+
+    reach[i]: last key (local index) query i sees = max(i, last position of i's block);
+    reach_back[j]: first query that sees key j = min(j, first position of j's block).
+    Both (total,) int32; block id 0 means "no block". Tiles outside these ranges are
+    skipped by the kernels.
+    """
+    device = block_ids.device
+    batch = cu_seqlens.numel() - 1
+    cu = cu_seqlens.long()
+    seq = torch.repeat_interleave(torch.arange(batch, device=device), cu.diff(),
+                                  output_size=total)
+    pos = torch.arange(total, device=device) - cu[seq]
+    ids = block_ids.long()
+    key = (seq << 32) | (ids & 0xFFFFFFFF)
+    order = torch.argsort(key, stable=True)
+    sk = key[order]
+    new = torch.ones_like(sk, dtype=torch.long)
+    new[1:] = (sk[1:] != sk[:-1]).long()
+    gid = torch.empty_like(order)
+    gid[order] = torch.cumsum(new, 0) - 1
+    last = torch.full((total,), -1, dtype=torch.long, device=device).scatter_reduce(
+        0, gid, pos, "amax")
+    first = torch.full((total,), total, dtype=torch.long, device=device).scatter_reduce(
+        0, gid, pos, "amin")
+    in_block = ids != 0
+    reach = torch.where(in_block, torch.maximum(pos, last[gid]), pos)
+    reach_back = torch.where(in_block, torch.minimum(pos, first[gid]), pos)
+    return reach.to(torch.int32), reach_back.to(torch.int32)
+
+
+def _guard(device: torch.device):
+    return torch.cuda.device(device) if device.type == "cuda" else _nullcontext()
+
+
+class _nullcontext:
+    def __enter__(self):
+        return None
+
+    def __exit__(self, *exc):
+        return False
+
+
+def _cpu_keep_masks(seed: int, cu_q: list[int], cu_k: list[int], heads: int, dropout_p: float,
+                    stream0: int = 0) -> list[Tensor]:
+    """Dropout keep-masks of the CPU path: one (H, Lq, Lk) per sequence, from a
+    torch.Generator seeded by (seed, stream, sequence), so backward regenerates them."""
+    masks = []
+    for b in range(len(cu_q) - 1):
+        lq, lk = cu_q[b + 1] - cu_q[b], cu_k[b + 1] - cu_k[b]
+        per_head = []
+        for h in range(heads):
+            g = torch.Generator().manual_seed(seed + (stream0 + h) * SEED_STRIDE + 1_000_003 * b)
+            per_head.append(torch.rand(lq, lk, generator=g) >= dropout_p)
+        masks.append(torch.stack(per_head) if per_head else torch.zeros(0, lq, lk, dtype=torch.bool))
+    return masks
+
+
+# ---------------------------------------------------------------------------------
+# Triton launches
+# ---------------------------------------------------------------------------------
+
+
+def _triton_fwd(q, k, v, cu_q, cu_k, block_ids, max_q, max_k, scale, causal, dropout_p, seed):
+    from mmkernels.triton.varlen_attention import _varlen_attn_fwd_kernel
+
+    total_q, H, D = q.shape
+    H_kv = k.shape[1]
+    batch = cu_q.numel() - 1
+    out = torch.empty_like(q, memory_format=torch.contiguous_format)
+    lse = torch.full((H, total_q), float("-inf"), dtype=torch.float32, device=q.device)
+    if total_q == 0 or batch == 0 or max_q == 0:
+        out.zero_()
+        return out, lse
+    has_blocks = causal and block_ids is not None
+    if has_blocks:
+        bid = block_ids.to(torch.int32).contiguous()
+        reach, _ = block_tables(bid, cu_q, total_q)
+    else:
+        bid = reach = cu_q  # unused placeholders
+    block_d = block_d_for(D)
+    cfg = pick_config("fwd", block_d)
+    grid = (triton_cdiv(max_q, cfg.block_m), batch, H)
+    with _guard(q.device):
+        _varlen_attn_fwd_kernel[grid](
+            q, k, v, out, lse, cu_q, cu_k, bid, reach,
+            *q.stride(), *k.stride(), *v.stride(), *out.stride(), lse.stride(0),
+            scale, dropout_p, seed, max_k, D, H // H_kv,
+            CAUSAL=causal, HAS_BLOCKS=has_blocks, HAS_DROPOUT=dropout_p > 0,
+            BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=block_d,
+            num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    return out, lse
+
+
+def _triton_bwd(do, q, k, v, out, lse, cu_q, cu_k, block_ids, max_q, max_k, scale, causal,
+                dropout_p, seed):
+    from mmkernels.triton.varlen_attention import (
+        _varlen_attn_bwd_dkdv_kernel,
+        _varlen_attn_bwd_dq_kernel,
+    )
+
+    total_q, H, D = q.shape
+    total_k, H_kv, _ = k.shape
+    batch = cu_q.numel() - 1
+    dq = torch.zeros_like(q, memory_format=torch.contiguous_format)
+    dk = torch.zeros_like(k, memory_format=torch.contiguous_format)
+    dv = torch.zeros_like(v, memory_format=torch.contiguous_format)
+    if batch == 0 or total_q == 0 or total_k == 0:
+        return dq, dk, dv
+    # preprocess: delta_i = rowsum(dO_i * O_i), (H, total_q) float32
+    delta = (do.float() * out.float()).sum(-1).transpose(0, 1).contiguous()
+    has_blocks = causal and block_ids is not None
+    if has_blocks:
+        bid = block_ids.to(torch.int32).contiguous()
+        reach, reach_back = block_tables(bid, cu_q, total_q)
+    else:
+        bid = reach = reach_back = cu_q
+    block_d = block_d_for(D)
+    cfg = pick_config("bwd", block_d)
+    common = dict(CAUSAL=causal, HAS_BLOCKS=has_blocks, HAS_DROPOUT=dropout_p > 0,
+                  BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=block_d,
+                  num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    with _guard(q.device):
+        if max_k > 0:
+            _varlen_attn_bwd_dkdv_kernel[(triton_cdiv(max_k, cfg.block_n), batch, H_kv)](
+                q, k, v, do, lse, delta, dk, dv, cu_q, cu_k, bid, reach_back,
+                *q.stride(), *k.stride(), *v.stride(), *do.stride(), lse.stride(0),
+                *dk.stride(), *dv.stride(), scale, dropout_p, seed, max_k, D, H // H_kv,
+                **common)
+        if max_q > 0:
+            _varlen_attn_bwd_dq_kernel[(triton_cdiv(max_q, cfg.block_m), batch, H)](
+                q, k, v, do, dq, lse, delta, cu_q, cu_k, bid, reach,
+                *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dq.stride(),
+                lse.stride(0), scale, dropout_p, seed, max_k, D, H // H_kv, **common)
+    return dq, dk, dv
+
+
+def triton_cdiv(a: int, b: int) -> int:
+    return (a + b - 1) // b
+
+
+# ---------------------------------------------------------------------------------
+# CPU path (row-chunked, per sequence)
+# ---------------------------------------------------------------------------------
+
+
+def _cpu_fwd(q, k, v, cu_q, cu_k, block_ids, scale, causal, dropout_p, seed):
+    keep = None
+    if dropout_p > 0:
+        keep = _cpu_keep_masks(seed, cu_q.tolist(), cu_k.tolist(), q.shape[1], dropout_p)
+    compute = torch.float32 if q.dtype in (torch.float16, torch.bfloat16) else None
+    return reference.varlen_attention(q, k, v, cu_q, cu_k, scale, causal, block_ids, dropout_p,
+                                      keep, CPU_CHUNK_ROWS, compute)
+
+
+def _cpu_bwd(do, q, k, v, cu_q, cu_k, block_ids, scale, causal, dropout_p, seed):
+    """Recompute each sequence's forward with autograd and backpropagate it."""
+    cq, ck = cu_q.tolist(), cu_k.tolist()
+    keep = _cpu_keep_masks(seed, cq, ck, q.shape[1], dropout_p) if dropout_p > 0 else None
+    compute = torch.float32 if q.dtype in (torch.float16, torch.bfloat16) else q.dtype
+    dq = torch.zeros(q.shape, dtype=compute)
+    dk = torch.zeros(k.shape, dtype=compute)
+    dv = torch.zeros(v.shape, dtype=compute)
+    with torch.enable_grad():
+        for b in range(len(cq) - 1):
+            q0, q1, k0, k1 = cq[b], cq[b + 1], ck[b], ck[b + 1]
+            if q1 == q0 or k1 == k0:
+                continue
+            ks = k[k0:k1].to(compute).requires_grad_()
+            vs = v[k0:k1].to(compute).requires_grad_()
+            bq = block_ids[q0:q1] if block_ids is not None else None
+            bk = block_ids[k0:k1] if block_ids is not None else None
+            vis = reference.attention_visibility(q1 - q0, k1 - k0, causal, bq, bk)
+            for r in range(0, q1 - q0, CPU_CHUNK_ROWS):
+                rr = slice(q0 + r, min(q0 + r + CPU_CHUNK_ROWS, q1))
+                qs = q[rr].to(compute).requires_grad_()
+                kp = None if keep is None else keep[b][:, r:r + CPU_CHUNK_ROWS]
+                o, _ = reference.attention(qs, ks, vs, scale, vis[r:r + CPU_CHUNK_ROWS], kp,
+                                           dropout_p)
+                gq, gk, gv = torch.autograd.grad(o, (qs, ks, vs), do[rr].to(compute))
+                dq[rr] += gq
+                dk[k0:k1] += gk
+                dv[k0:k1] += gv
+    return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
+
+
+# ---------------------------------------------------------------------------------
+# torch.library ops: forward, backward, fake kernels, autograd
+# ---------------------------------------------------------------------------------
+
+
+def _uses_triton(device: torch.device) -> bool:
+    return device.type == "cuda" or interpreting()
+
+
+@torch.library.custom_op("mmkernels::varlen_attention_fwd", mutates_args=())
+def _varlen_attention_fwd(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor,
+                          cu_seqlens_k: Tensor, block_ids: Tensor | None, max_seqlen_q: int,
+                          max_seqlen_k: int, softmax_scale: float, causal: bool,
+                          dropout_p: float, seed: int) -> tuple[Tensor, Tensor]:
+    if _uses_triton(q.device):
+        return _triton_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, block_ids, max_seqlen_q,
+                           max_seqlen_k, softmax_scale, causal, dropout_p, seed)
+    out, lse = _cpu_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, block_ids, softmax_scale, causal,
+                        dropout_p, seed)
+    return out.contiguous(), lse.contiguous()
+
+
+@_varlen_attention_fwd.register_fake
+def _(q, k, v, cu_seqlens_q, cu_seqlens_k, block_ids, max_seqlen_q, max_seqlen_k, softmax_scale,
+      causal, dropout_p, seed):
+    return (torch.empty_like(q, memory_format=torch.contiguous_format),
+            q.new_empty((q.shape[1], q.shape[0]), dtype=torch.float32))
+
+
+@torch.library.custom_op("mmkernels::varlen_attention_bwd", mutates_args=())
+def _varlen_attention_bwd(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor,
+                          lse: Tensor, cu_seqlens_q: Tensor, cu_seqlens_k: Tensor,
+                          block_ids: Tensor | None, max_seqlen_q: int, max_seqlen_k: int,
+                          softmax_scale: float, causal: bool, dropout_p: float,
+                          seed: int) -> tuple[Tensor, Tensor, Tensor]:
+    if _uses_triton(q.device):
+        return _triton_bwd(grad_out, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, block_ids,
+                           max_seqlen_q, max_seqlen_k, softmax_scale, causal, dropout_p, seed)
+    return _cpu_bwd(grad_out, q, k, v, cu_seqlens_q, cu_seqlens_k, block_ids, softmax_scale,
+                    causal, dropout_p, seed)
+
+
+@_varlen_attention_bwd.register_fake
+def _(grad_out, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, block_ids, max_seqlen_q,
+      max_seqlen_k, softmax_scale, causal, dropout_p, seed):
+    return (torch.empty_like(q, memory_format=torch.contiguous_format),
+            torch.empty_like(k, memory_format=torch.contiguous_format),
+            torch.empty_like(v, memory_format=torch.contiguous_format))
+
+
+def _setup_context(ctx, inputs, output):
+    (q, k, v, cu_q, cu_k, block_ids, max_q, max_k, scale, causal, dropout_p, seed) = inputs
+    out, lse = output
+    ctx.save_for_backward(q, k, v, out, lse, cu_q, cu_k, block_ids)
+    ctx.args = (max_q, max_k, scale, causal, dropout_p, seed)
+    ctx.mark_non_differentiable(lse)
+
+
+def _backward(ctx, grad_out, _grad_lse):
+    q, k, v, out, lse, cu_q, cu_k, block_ids = ctx.saved_tensors
+    dq, dk, dv = _varlen_attention_bwd(grad_out.contiguous(), q, k, v, out, lse, cu_q, cu_k,
+                                       block_ids, *ctx.args)
+    return dq, dk, dv, None, None, None, None, None, None, None, None, None
+
+
+_varlen_attention_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+# ---------------------------------------------------------------------------------
+# functional API
+# ---------------------------------------------------------------------------------
+
+
+def check_cu_seqlens(cu: Tensor, total: int, max_seqlen: int, name: str, max_name: str) -> None:
+    """cu_seqlens: (batch + 1,) int32, 0 first, non-decreasing, `total` last, every
+    length <= max_seqlen. On CUDA the data checks are device-side assertions (no sync;
+    they run before any kernel reads the offsets)."""
+    if not isinstance(cu, Tensor):
+        raise TypeError(f"{name} must be a Tensor, got {type(cu).__name__}")
+    if cu.dtype != torch.int32:
+        raise TypeError(f"{name} must be int32 (as flash_attn_varlen_func), got {cu.dtype}")
+    if cu.dim() != 1 or cu.numel() < 1:
+        raise ValueError(f"{name} must be a 1-D (batch + 1,) tensor, got shape {tuple(cu.shape)}")
+    if isinstance(max_seqlen, bool) or not isinstance(max_seqlen, int) or max_seqlen < 0:
+        raise TypeError(f"{max_name} must be a non-negative int, got {max_seqlen!r}")
+    lengths = cu.diff()
+    conds = [
+        (cu[0] == 0, f"{name}[0] must be 0"),
+        (cu[-1] == total, f"{name}[-1] must equal the number of packed tokens ({total})"),
+        ((lengths >= 0).all(), f"{name} must be non-decreasing"),
+        ((lengths <= max_seqlen).all(),
+         f"{max_name} = {max_seqlen} is smaller than a sequence length in {name}"),
+    ]
+    if cu.device.type == "cuda":
+        for cond, msg in conds:
+            torch._assert_async(cond, msg)
+        return
+    for cond, msg in conds:
+        if not bool(cond):
+            detail = f"; got {cu.tolist()}" if cu.numel() <= 16 else ""
+            raise ValueError(msg + detail)
+
+
+def _check_qkv(q, k, v, names=("q", "k", "v")):
+    for t, n in zip((q, k, v), names):
+        if not isinstance(t, Tensor):
+            raise TypeError(f"{n} must be a Tensor, got {type(t).__name__}")
+        if t.dim() != 3:
+            raise ValueError(f"{n} must be (total, heads, head_dim), got shape {tuple(t.shape)}")
+        if t.dtype not in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
+            raise TypeError(f"{n} dtype must be float16, bfloat16 or float32, got {t.dtype}")
+    if not (q.dtype == k.dtype == v.dtype):
+        raise TypeError(f"{names[0]}, {names[1]}, {names[2]} must share a dtype, got "
+                        f"{q.dtype}, {k.dtype}, {v.dtype}")
+    if not (q.device == k.device == v.device):
+        raise ValueError(f"{names[0]}, {names[1]}, {names[2]} must be on one device")
+    if k.shape != v.shape:
+        raise ValueError(f"{names[1]} and {names[2]} must have the same shape, got "
+                         f"{tuple(k.shape)} and {tuple(v.shape)}")
+    if q.shape[2] != k.shape[2]:
+        raise ValueError(f"head dims differ: {names[0]} has {q.shape[2]}, {names[1]} has "
+                         f"{k.shape[2]}")
+    if q.shape[2] > 256 or q.shape[2] < 1:
+        raise ValueError(f"head_dim must be in [1, 256], got {q.shape[2]}")
+    if k.shape[1] < 1 or q.shape[1] % k.shape[1] != 0:
+        raise ValueError(f"the number of query heads ({q.shape[1]}) must be a multiple of the "
+                         f"number of key/value heads ({k.shape[1]})")
+    if q.dtype == torch.float64 and _uses_triton(q.device):
+        raise TypeError("float64 is supported on the CPU path only (the Triton kernels run "
+                        "float16, bfloat16 and float32)")
+
+
+def _draw_seed() -> int:
+    # From the CPU default generator: reproducible under torch.manual_seed, no GPU sync.
+    return int(torch.randint(0, 2**30, (1,)).item())
+
+
+def varlen_attention(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_seqlens_k: Tensor,
+                     max_seqlen_q: int, max_seqlen_k: int, *, softmax_scale: float | None = None,
+                     causal: bool = False, block_ids: Tensor | None = None,
+                     dropout_p: float = 0.0, return_lse: bool = False,
+                     dropout_seed: int | None = None):
+    """Attention over packed variable-length sequences (``flash_attn_varlen_func`` layout).
+
+    Args:
+        q: (total_q, H, D); k, v: (total_k, H_kv, D) with H % H_kv == 0 (GQA/MQA).
+            float16/bfloat16/float32 (float64 on the CPU path); any D <= 256 (padded
+            internally to a power of two).
+        cu_seqlens_q, cu_seqlens_k: (batch + 1,) int32 offsets of the sequences; zero
+            lengths are allowed.
+        max_seqlen_q, max_seqlen_k: the longest sequence lengths (ints).
+        softmax_scale: default 1 / sqrt(D).
+        causal: bottom-right aligned causal mask when seqlen_q != seqlen_k, as flash-attn;
+            a query row with no visible key outputs zeros (lse = -inf).
+        block_ids: optional (total_q,) int32; requires cu_seqlens_q == cu_seqlens_k. With
+            causal=True, two tokens of one sequence with the same non-zero id see each
+            other both ways (an image's patches attend bidirectionally, text stays causal).
+        dropout_p: dropout on the attention probabilities (Philox; the backward regenerates
+            the mask). Use 0 in evaluation.
+        return_lse: also return the log-sum-exp (H, total_q) float32 (not differentiable).
+        dropout_seed: testing hook; the seed of the dropout mask (default: drawn from
+            torch's CPU generator). :func:`dropout_keep_mask` returns the same mask.
+
+    Returns:
+        out (total_q, H, D) in q's dtype; with return_lse, (out, lse).
+        Gradients flow to q, k and v (deterministic: no atomics).
+    """
+    _check_qkv(q, k, v)
+    check_cu_seqlens(cu_seqlens_q, q.shape[0], max_seqlen_q, "cu_seqlens_q", "max_seqlen_q")
+    check_cu_seqlens(cu_seqlens_k, k.shape[0], max_seqlen_k, "cu_seqlens_k", "max_seqlen_k")
+    if cu_seqlens_q.numel() != cu_seqlens_k.numel():
+        raise ValueError(f"cu_seqlens_q and cu_seqlens_k must describe the same batch, got "
+                         f"{cu_seqlens_q.numel() - 1} and {cu_seqlens_k.numel() - 1} sequences")
+    if cu_seqlens_q.device != q.device or cu_seqlens_k.device != q.device:
+        raise ValueError("cu_seqlens must be on q's device")
+    if block_ids is not None:
+        if not isinstance(block_ids, Tensor) or block_ids.dtype != torch.int32:
+            raise TypeError("block_ids must be an int32 Tensor")
+        if block_ids.shape != (q.shape[0],):
+            raise ValueError(f"block_ids must have shape (total_q,) = ({q.shape[0]},), got "
+                             f"{tuple(block_ids.shape)}")
+        if q.shape[0] != k.shape[0] or (q.device.type == "cpu"
+                                        and not torch.equal(cu_seqlens_q, cu_seqlens_k)):
+            raise ValueError("block_ids requires seqlen_q == seqlen_k for every sequence "
+                             "(cu_seqlens_q == cu_seqlens_k)")
+        if q.device.type == "cuda":
+            torch._assert_async((cu_seqlens_q == cu_seqlens_k).all(),
+                                "block_ids requires cu_seqlens_q == cu_seqlens_k")
+    if not 0.0 <= dropout_p < 1.0:
+        raise ValueError(f"dropout_p must lie in [0, 1), got {dropout_p}")
+    scale = float(softmax_scale) if softmax_scale is not None else 1.0 / math.sqrt(q.shape[2])
+    seed = 0 if dropout_p == 0 else (dropout_seed if dropout_seed is not None else _draw_seed())
+    if _extension.backend_override() == "reference":
+        keep = None
+        if dropout_p > 0:
+            keep = _cpu_keep_masks(seed, cu_seqlens_q.tolist(), cu_seqlens_k.tolist(),
+                                   q.shape[1], dropout_p)
+        out, lse = reference.varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, scale, causal,
+                                              block_ids, dropout_p, keep)
+    else:
+        out, lse = _varlen_attention_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, block_ids,
+                                         int(max_seqlen_q), int(max_seqlen_k), scale,
+                                         bool(causal), float(dropout_p), int(seed))
+    return (out, lse) if return_lse else out
+
+
+def dropout_keep_mask(seed: int, cu_seqlens_q: Tensor, cu_seqlens_k: Tensor, max_seqlen_k: int,
+                      num_heads: int, dropout_p: float, device: torch.device | str,
+                      stream0: int = 0) -> list[Tensor]:
+    """Testing hook: the keep-masks that ``varlen_attention(..., dropout_seed=seed)`` used,
+    one (H, seqlen_q, seqlen_k) bool tensor per sequence (for a per-sequence reference).
+    ``stream0`` selects the direction in co-attention (0 for A->B, H for B->A)."""
+    device = torch.device(device)
+    cq, ck = cu_seqlens_q.tolist(), cu_seqlens_k.tolist()
+    if not _uses_triton(device):
+        return _cpu_keep_masks(seed, cq, ck, num_heads, dropout_p, stream0)
+    from mmkernels.triton.attention import _dropout_mask_kernel
+
+    total_q = cq[-1]
+    batch = len(cq) - 1
+    mask = torch.zeros(num_heads, total_q, max(max_seqlen_k, 1), dtype=torch.int8, device=device)
+    max_q = max((cq[b + 1] - cq[b] for b in range(batch)), default=0)
+    if total_q and batch and max_q and max_seqlen_k:
+        cu = cu_seqlens_q.to(device=device, dtype=torch.int32)
+        with _guard(device):
+            _dropout_mask_kernel[(triton_cdiv(max_q, 16), batch, num_heads)](
+                mask, cu, mask.stride(0), mask.stride(1), max_seqlen_k, dropout_p, seed,
+                stream0, BLOCK_M=16, BLOCK_N=16)
+    return [mask[:, cq[b]:cq[b + 1], : ck[b + 1] - ck[b]].bool() for b in range(batch)]
+
+
+# ---------------------------------------------------------------------------------
+# static report specs
+# ---------------------------------------------------------------------------------
+
+
+def kernel_specs() -> list[KernelSpec]:
+    """Every (kernel, head-dim bucket, config) the package can launch, in bf16."""
+    from mmkernels.triton.varlen_attention import (
+        _varlen_attn_bwd_dkdv_kernel,
+        _varlen_attn_bwd_dq_kernel,
+        _varlen_attn_fwd_kernel,
+    )
+
+    specs = []
+    for kernel, kind in ((_varlen_attn_fwd_kernel, "fwd"), (_varlen_attn_bwd_dkdv_kernel, "bwd"),
+                         (_varlen_attn_bwd_dq_kernel, "bwd")):
+        for block_d in (64, 128, 256):
+            configs = prune_configs(FWD_CONFIGS if kind == "fwd" else BWD_CONFIGS, block_d, kind)
+            for cfg in configs:
+                for causal, blocks in ((False, False), (True, True)):
+                    specs.append(attention_spec(kernel, block_d, cfg, causal, blocks, "bf16"))
+    return specs
+
+
+def attention_spec(kernel, block_d: int, cfg: AttnConfig, causal: bool, blocks: bool,
+                   dtype: str, dropout: bool = False) -> KernelSpec:
+    """A KernelSpec for an attention kernel from its argument names: *_ptr are
+    pointers (lse/delta float32, cu/bid/reach int32, the rest `dtype`), stride_* and
+    sizes int32, scale/p float32."""
+    import inspect
+
+    names = list(inspect.signature(kernel.fn).parameters)
+    consts = {"CAUSAL": causal, "HAS_BLOCKS": blocks, "HAS_DROPOUT": dropout,
+              "BLOCK_M": cfg.block_m, "BLOCK_N": cfg.block_n, "BLOCK_D": block_d}
+    sig = {}
+    for n in names:
+        if n in consts:
+            sig[n] = "constexpr"
+        elif n.endswith("_ptr"):
+            if n.startswith(("lse", "delta")):
+                sig[n] = "*fp32"
+            elif n.startswith(("cu", "bid", "reach")):
+                sig[n] = "*i32"
+            else:
+                sig[n] = f"*{dtype}"
+        elif n in ("sm_scale", "dropout_p"):
+            sig[n] = "fp32"
+        else:
+            sig[n] = "i32"
+    tag = ("causal+blocks" if blocks else "causal" if causal else "full") + f" D{block_d} {cfg}"
+    return KernelSpec(kernel.fn.__name__, kernel, sig, consts,
+                      {"num_warps": cfg.num_warps, "num_stages": cfg.num_stages}, tag)

@@ -1,0 +1,43 @@
+"""Triton kernels. Importing this package needs triton; the ops import it lazily.
+
+:func:`kernel_specs` lists every kernel configuration the package can launch, for
+the static report (``python -m mmkernels.tools.kernel_report``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+
+
+def interpreting() -> bool:
+    """True when Triton runs kernels in its CPU interpreter (TRITON_INTERPRET=1)."""
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+@dataclasses.dataclass
+class KernelSpec:
+    name: str
+    fn: object                 # the @triton.jit function
+    signature: dict[str, str]
+    constexprs: dict[str, object]
+    options: dict[str, int]
+    config: str
+    needs_mma: bool = True
+
+
+def kernel_specs() -> list[KernelSpec]:
+    from mmkernels.ops import varlen_attention
+
+    specs = list(varlen_attention.kernel_specs())
+    try:
+        from mmkernels.ops import co_attention
+        specs += co_attention.kernel_specs()
+    except ImportError:
+        pass
+    try:
+        from mmkernels.ops import contrastive
+        specs += contrastive.kernel_specs()
+    except ImportError:
+        pass
+    return specs

@@ -1,0 +1,279 @@
+"""FlashAttention-style attention core in Triton, shared by varlen attention and
+ViLBERT co-attention.
+
+Layout: q (total_q, H, D), k/v (total_k, H_kv, D), out like q, lse (H, total_q) fp32,
+sequences packed back to back and delimited by cu_seqlens (int32). Heads are
+grouped (GQA/MQA): query head h reads key/value head h // (H // H_kv).
+
+Visibility of key j to query i (0-based within their sequences):
+  * causal=False: every key;
+  * causal=True: j <= i + (seqlen_k - seqlen_q) (bottom-right aligned, as flash-attn),
+    or, with block ids, the two tokens share a non-zero block id (an image's patches
+    see each other both ways while text stays causal).
+A query with no visible key outputs zeros and lse = -inf.
+
+Forward (one program per (q tile, sequence, head)): the q tile stays in SRAM for the
+whole key loop; scores are kept in the log2 domain with the online softmax (running
+max m, running sum l) and exp2. Key tiles past the tile's reach (the last key any of
+its queries can see) are never loaded: fully masked blocks are skipped.
+
+Backward (FA2): delta = rowsum(dO * O) (preprocess), then
+  * dK/dV: one program per (key tile, sequence, kv head); it loops over the query heads
+    of its group and over the query tiles that can see it (from the tile's first
+    visible query), recomputing P = exp2(S - lse). No atomics: deterministic.
+  * dQ: one program per (q tile, sequence, head), looping over the key tiles like the
+    forward.
+Dropout keeps an element with probability 1 - p, decided by Philox (tl.rand) from
+(seed + stream * 65537, q_global * max_seqlen_k + j), so the backward and the
+testing hook regenerate exactly the forward's mask.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+LOG2E: tl.constexpr = tl.constexpr(1.4426950408889634)
+LN2: tl.constexpr = tl.constexpr(0.6931471805599453)
+SEED_STRIDE: tl.constexpr = tl.constexpr(65537)
+
+
+@triton.jit
+def _dropout_keep(seed, rows_global, cols, max_seqlen_k, dropout_p):
+    """(BLOCK_M, BLOCK_N) bool: keep element (row, col) of this stream's mask."""
+    offs = rows_global[:, None] * max_seqlen_k + cols[None, :]
+    return tl.rand(seed, offs) >= dropout_p
+
+
+@triton.jit
+def _visible(rows, cols, seqlen_q, seqlen_k, bq, bk, CAUSAL: tl.constexpr,
+             HAS_BLOCKS: tl.constexpr):
+    """(BLOCK_M, BLOCK_N) bool: in range and visible under the causal/block rule."""
+    ok = (rows[:, None] < seqlen_q) & (cols[None, :] < seqlen_k)
+    if CAUSAL:
+        vis = cols[None, :] <= rows[:, None] + (seqlen_k - seqlen_q)
+        if HAS_BLOCKS:
+            vis = vis | ((bq[:, None] == bk[None, :]) & (bq[:, None] != 0))
+        ok = ok & vis
+    return ok
+
+
+@triton.jit
+def _attn_fwd_tile(q_base, k_base, v_base, o_base, lse_base, bq_base, bk_base, reach_base,
+                   stride_qt, stride_qd, stride_kt, stride_kd, stride_vt, stride_vd,
+                   stride_ot, stride_od, seqlen_q, seqlen_k, start_m, head_dim, sm_scale,
+                   dropout_p, seed, q_global0, max_seqlen_k,
+                   CAUSAL: tl.constexpr, HAS_BLOCKS: tl.constexpr, HAS_DROPOUT: tl.constexpr,
+                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Output rows [start_m*BLOCK_M, +BLOCK_M) of one (sequence, head).
+
+    The *_base pointers point at this sequence's first token and this head.
+    """
+    rows = start_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    row_ok = rows < seqlen_q
+    d_ok = offs_d < head_dim
+    q = tl.load(q_base + rows[:, None].to(tl.int64) * stride_qt + offs_d[None, :] * stride_qd,
+                mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+    qk_scale = sm_scale * LOG2E
+    # Key range: [0, hi). Causal: stop after the last key any row of the tile sees.
+    hi = seqlen_k
+    bq = tl.zeros([BLOCK_M], dtype=tl.int32)
+    if CAUSAL:
+        if HAS_BLOCKS:
+            reach = tl.load(reach_base + rows, mask=row_ok, other=-1)
+            hi = tl.minimum(tl.max(reach, 0) + 1, seqlen_k)
+            bq = tl.load(bq_base + rows, mask=row_ok, other=0)
+        else:
+            hi = tl.minimum((start_m + 1) * BLOCK_M + (seqlen_k - seqlen_q), seqlen_k)
+        hi = tl.maximum(hi, 0)
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    for start_n in range(0, hi, BLOCK_N):
+        cols = start_n + offs_n
+        col_ok = cols < seqlen_k
+        kt = tl.load(k_base + cols[None, :].to(tl.int64) * stride_kt + offs_d[:, None] * stride_kd,
+                     mask=col_ok[None, :] & d_ok[:, None], other=0.0)
+        s = tl.dot(q, kt, input_precision="ieee") * qk_scale
+        bk = bq
+        if HAS_BLOCKS:
+            bk = tl.load(bk_base + cols, mask=col_ok, other=0)
+        ok = _visible(rows, cols, seqlen_q, seqlen_k, bq, bk, CAUSAL, HAS_BLOCKS)
+        s = tl.where(ok, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.math.exp2(s - m_safe[:, None])
+        alpha = tl.math.exp2(m_i - m_safe)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None]
+        if HAS_DROPOUT:
+            keep = _dropout_keep(seed, q_global0 + rows, cols, max_seqlen_k, dropout_p)
+            p = tl.where(keep, p / (1.0 - dropout_p), 0.0)
+        v = tl.load(v_base + cols[:, None].to(tl.int64) * stride_vt + offs_d[None, :] * stride_vd,
+                    mask=col_ok[:, None] & d_ok[None, :], other=0.0)
+        acc += tl.dot(p.to(v.dtype), v, input_precision="ieee")
+        m_i = m_new
+    l_safe = tl.where(l_i == 0.0, 1.0, l_i)
+    out = acc / l_safe[:, None]
+    lse = tl.where(l_i == 0.0, float("-inf"), (m_i + tl.math.log2(l_safe)) * LN2)
+    tl.store(o_base + rows[:, None].to(tl.int64) * stride_ot + offs_d[None, :] * stride_od,
+             out.to(o_base.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
+    tl.store(lse_base + rows, lse, mask=row_ok)
+
+
+@triton.jit
+def _attn_bwd_dkdv_tile(q_seq, k_base, v_base, do_seq, lse_seq, delta_seq, dk_base, dv_base,
+                        bq_base, bk_base, reach_back_base,
+                        stride_qt, stride_qh, stride_qd, stride_kt, stride_kd,
+                        stride_vt, stride_vd, stride_dot, stride_doh, stride_dod, stride_lh,
+                        stride_dkt, stride_dkd, stride_dvt, stride_dvd,
+                        seqlen_q, seqlen_k, start_n, head_dim, sm_scale, dropout_p, seed,
+                        q_global0, max_seqlen_k, kv_head, group,
+                        CAUSAL: tl.constexpr, HAS_BLOCKS: tl.constexpr,
+                        HAS_DROPOUT: tl.constexpr, BLOCK_M: tl.constexpr,
+                        BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+    """dK, dV for key rows [start_n*BLOCK_N, +BLOCK_N) of one (sequence, kv head).
+
+    q_seq/do_seq/lse_seq/delta_seq point at the sequence start (head 0); the loop
+    covers the `group` query heads that share this kv head.
+    """
+    cols = start_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    col_ok = cols < seqlen_k
+    d_ok = offs_d < head_dim
+    k = tl.load(k_base + cols[:, None].to(tl.int64) * stride_kt + offs_d[None, :] * stride_kd,
+                mask=col_ok[:, None] & d_ok[None, :], other=0.0)
+    v = tl.load(v_base + cols[:, None].to(tl.int64) * stride_vt + offs_d[None, :] * stride_vd,
+                mask=col_ok[:, None] & d_ok[None, :], other=0.0)
+    dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    qk_scale = sm_scale * LOG2E
+    # Query range: from the first query that sees any key of the tile.
+    lo = 0
+    bk = tl.zeros([BLOCK_N], dtype=tl.int32)
+    if CAUSAL:
+        if HAS_BLOCKS:
+            first = tl.load(reach_back_base + cols, mask=col_ok, other=2147483647)
+            lo = tl.maximum(tl.min(first, 0), 0)
+            bk = tl.load(bk_base + cols, mask=col_ok, other=0)
+        else:
+            lo = tl.maximum(start_n * BLOCK_N - (seqlen_k - seqlen_q), 0)
+        lo = (lo // BLOCK_M) * BLOCK_M
+    for g in range(group):
+        h = kv_head * group + g
+        q_h = q_seq + h * stride_qh
+        do_h = do_seq + h * stride_doh
+        seed_h = seed + h * SEED_STRIDE
+        for start_m in range(lo, seqlen_q, BLOCK_M):
+            rows = start_m + offs_m
+            row_ok = rows < seqlen_q
+            q = tl.load(q_h + rows[:, None].to(tl.int64) * stride_qt + offs_d[None, :] * stride_qd,
+                        mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+            do = tl.load(do_h + rows[:, None].to(tl.int64) * stride_dot
+                         + offs_d[None, :] * stride_dod,
+                         mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+            lse = tl.load(lse_seq + h * stride_lh + rows, mask=row_ok, other=0.0)
+            delta = tl.load(delta_seq + h * stride_lh + rows, mask=row_ok, other=0.0)
+            lse2 = tl.where(lse == float("-inf"), 0.0, lse * LOG2E)
+            bq = bk
+            if HAS_BLOCKS:
+                bq = tl.load(bq_base + rows, mask=row_ok, other=0)
+            s = tl.dot(q, tl.trans(k), input_precision="ieee") * qk_scale
+            ok = _visible(rows, cols, seqlen_q, seqlen_k, bq, bk, CAUSAL, HAS_BLOCKS)
+            p = tl.where(ok, tl.math.exp2(s - lse2[:, None]), 0.0)
+            dp = tl.dot(do, tl.trans(v), input_precision="ieee")
+            if HAS_DROPOUT:
+                keep = _dropout_keep(seed_h, q_global0 + rows, cols, max_seqlen_k, dropout_p)
+                p_drop = tl.where(keep, p / (1.0 - dropout_p), 0.0)
+                dp = tl.where(keep, dp / (1.0 - dropout_p), 0.0)
+            else:
+                p_drop = p
+            dv += tl.dot(tl.trans(p_drop.to(do.dtype)), do, input_precision="ieee")
+            ds = p * (dp - delta[:, None])
+            dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision="ieee")
+    dk = dk * sm_scale
+    tl.store(dk_base + cols[:, None].to(tl.int64) * stride_dkt + offs_d[None, :] * stride_dkd,
+             dk.to(dk_base.dtype.element_ty), mask=col_ok[:, None] & d_ok[None, :])
+    tl.store(dv_base + cols[:, None].to(tl.int64) * stride_dvt + offs_d[None, :] * stride_dvd,
+             dv.to(dv_base.dtype.element_ty), mask=col_ok[:, None] & d_ok[None, :])
+
+
+@triton.jit
+def _attn_bwd_dq_tile(q_base, k_base, v_base, do_base, dq_base, lse_base, delta_base,
+                      bq_base, bk_base, reach_base,
+                      stride_qt, stride_qd, stride_kt, stride_kd, stride_vt, stride_vd,
+                      stride_dot, stride_dod, stride_dqt, stride_dqd,
+                      seqlen_q, seqlen_k, start_m, head_dim, sm_scale, dropout_p, seed,
+                      q_global0, max_seqlen_k,
+                      CAUSAL: tl.constexpr, HAS_BLOCKS: tl.constexpr, HAS_DROPOUT: tl.constexpr,
+                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+    """dQ for query rows [start_m*BLOCK_M, +BLOCK_M) of one (sequence, head)."""
+    rows = start_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    row_ok = rows < seqlen_q
+    d_ok = offs_d < head_dim
+    q = tl.load(q_base + rows[:, None].to(tl.int64) * stride_qt + offs_d[None, :] * stride_qd,
+                mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+    do = tl.load(do_base + rows[:, None].to(tl.int64) * stride_dot + offs_d[None, :] * stride_dod,
+                 mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+    lse = tl.load(lse_base + rows, mask=row_ok, other=0.0)
+    delta = tl.load(delta_base + rows, mask=row_ok, other=0.0)
+    lse2 = tl.where(lse == float("-inf"), 0.0, lse * LOG2E)
+    qk_scale = sm_scale * LOG2E
+    hi = seqlen_k
+    bq = tl.zeros([BLOCK_M], dtype=tl.int32)
+    if CAUSAL:
+        if HAS_BLOCKS:
+            reach = tl.load(reach_base + rows, mask=row_ok, other=-1)
+            hi = tl.minimum(tl.max(reach, 0) + 1, seqlen_k)
+            bq = tl.load(bq_base + rows, mask=row_ok, other=0)
+        else:
+            hi = tl.minimum((start_m + 1) * BLOCK_M + (seqlen_k - seqlen_q), seqlen_k)
+        hi = tl.maximum(hi, 0)
+    dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    for start_n in range(0, hi, BLOCK_N):
+        cols = start_n + offs_n
+        col_ok = cols < seqlen_k
+        kt = tl.load(k_base + cols[None, :].to(tl.int64) * stride_kt + offs_d[:, None] * stride_kd,
+                     mask=col_ok[None, :] & d_ok[:, None], other=0.0)
+        vt = tl.load(v_base + cols[None, :].to(tl.int64) * stride_vt + offs_d[:, None] * stride_vd,
+                     mask=col_ok[None, :] & d_ok[:, None], other=0.0)
+        bk = bq
+        if HAS_BLOCKS:
+            bk = tl.load(bk_base + cols, mask=col_ok, other=0)
+        s = tl.dot(q, kt, input_precision="ieee") * qk_scale
+        ok = _visible(rows, cols, seqlen_q, seqlen_k, bq, bk, CAUSAL, HAS_BLOCKS)
+        p = tl.where(ok, tl.math.exp2(s - lse2[:, None]), 0.0)
+        dp = tl.dot(do, vt, input_precision="ieee")
+        if HAS_DROPOUT:
+            keep = _dropout_keep(seed, q_global0 + rows, cols, max_seqlen_k, dropout_p)
+            dp = tl.where(keep, dp / (1.0 - dropout_p), 0.0)
+        ds = p * (dp - delta[:, None])
+        dq += tl.dot(ds.to(kt.dtype), tl.trans(kt), input_precision="ieee")
+    dq = dq * sm_scale
+    tl.store(dq_base + rows[:, None].to(tl.int64) * stride_dqt + offs_d[None, :] * stride_dqd,
+             dq.to(dq_base.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
+
+
+@triton.jit
+def _dropout_mask_kernel(mask_ptr, cu_q_ptr, stride_mh, stride_mt, max_seqlen_k, dropout_p,
+                         seed, stream0, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Testing hook: keep-mask (H, total_q, max_seqlen_k) int8 of stream stream0 + h."""
+    pid_m = tl.program_id(0)
+    b = tl.program_id(1)
+    h = tl.program_id(2)
+    q_start = tl.load(cu_q_ptr + b)
+    seqlen_q = tl.load(cu_q_ptr + b + 1) - q_start
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    seed_h = seed + (stream0 + h) * SEED_STRIDE
+    for start_n in range(0, max_seqlen_k, BLOCK_N):
+        cols = start_n + tl.arange(0, BLOCK_N)
+        keep = _dropout_keep(seed_h, q_start + rows, cols, max_seqlen_k, dropout_p)
+        ptrs = (mask_ptr + h.to(tl.int64) * stride_mh
+                + (q_start + rows)[:, None].to(tl.int64) * stride_mt + cols[None, :])
+        tl.store(ptrs, keep.to(tl.int8),
+                 mask=(rows[:, None] < seqlen_q) & (cols[None, :] < max_seqlen_k))

@@ -1,0 +1,114 @@
+"""Varlen (packed) attention kernels: thin launch wrappers over the shared core in
+:mod:`mmkernels.triton.attention`. One program per (tile, sequence, head)."""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+from mmkernels.triton.attention import _attn_bwd_dkdv_tile, _attn_bwd_dq_tile, _attn_fwd_tile
+
+SEED_STRIDE = 65537
+
+
+@triton.jit
+def _varlen_attn_fwd_kernel(q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, cu_q_ptr, cu_k_ptr, bid_ptr,
+                            reach_ptr, stride_qt, stride_qh, stride_qd, stride_kt, stride_kh,
+                            stride_kd, stride_vt, stride_vh, stride_vd, stride_ot, stride_oh,
+                            stride_od, stride_lh, sm_scale, dropout_p, seed, max_seqlen_k,
+                            head_dim, group,
+                            CAUSAL: tl.constexpr, HAS_BLOCKS: tl.constexpr,
+                            HAS_DROPOUT: tl.constexpr, BLOCK_M: tl.constexpr,
+                            BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+    start_m = tl.program_id(0)
+    b = tl.program_id(1)
+    h = tl.program_id(2)
+    q_start = tl.load(cu_q_ptr + b)
+    seqlen_q = tl.load(cu_q_ptr + b + 1) - q_start
+    if start_m * BLOCK_M < seqlen_q:
+        k_start = tl.load(cu_k_ptr + b)
+        seqlen_k = tl.load(cu_k_ptr + b + 1) - k_start
+        kvh = h // group
+        q64 = q_start.to(tl.int64)
+        k64 = k_start.to(tl.int64)
+        _attn_fwd_tile(q_ptr + q64 * stride_qt + h * stride_qh,
+                       k_ptr + k64 * stride_kt + kvh * stride_kh,
+                       v_ptr + k64 * stride_vt + kvh * stride_vh,
+                       o_ptr + q64 * stride_ot + h * stride_oh,
+                       lse_ptr + h.to(tl.int64) * stride_lh + q64,
+                       bid_ptr + q64, bid_ptr + k64, reach_ptr + q64,
+                       stride_qt, stride_qd, stride_kt, stride_kd, stride_vt, stride_vd,
+                       stride_ot, stride_od, seqlen_q, seqlen_k, start_m, head_dim, sm_scale,
+                       dropout_p, seed + h * SEED_STRIDE, q_start, max_seqlen_k,
+                       CAUSAL, HAS_BLOCKS, HAS_DROPOUT, BLOCK_M, BLOCK_N, BLOCK_D)
+
+
+@triton.jit
+def _varlen_attn_bwd_dkdv_kernel(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dk_ptr, dv_ptr,
+                                 cu_q_ptr, cu_k_ptr, bid_ptr, reach_back_ptr,
+                                 stride_qt, stride_qh, stride_qd, stride_kt, stride_kh,
+                                 stride_kd, stride_vt, stride_vh, stride_vd, stride_dot,
+                                 stride_doh, stride_dod, stride_lh, stride_dkt, stride_dkh,
+                                 stride_dkd, stride_dvt, stride_dvh, stride_dvd,
+                                 sm_scale, dropout_p, seed, max_seqlen_k, head_dim, group,
+                                 CAUSAL: tl.constexpr, HAS_BLOCKS: tl.constexpr,
+                                 HAS_DROPOUT: tl.constexpr, BLOCK_M: tl.constexpr,
+                                 BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+    start_n = tl.program_id(0)
+    b = tl.program_id(1)
+    kvh = tl.program_id(2)
+    k_start = tl.load(cu_k_ptr + b)
+    seqlen_k = tl.load(cu_k_ptr + b + 1) - k_start
+    if start_n * BLOCK_N < seqlen_k:
+        q_start = tl.load(cu_q_ptr + b)
+        seqlen_q = tl.load(cu_q_ptr + b + 1) - q_start
+        q64 = q_start.to(tl.int64)
+        k64 = k_start.to(tl.int64)
+        _attn_bwd_dkdv_tile(q_ptr + q64 * stride_qt, k_ptr + k64 * stride_kt + kvh * stride_kh,
+                            v_ptr + k64 * stride_vt + kvh * stride_vh, do_ptr + q64 * stride_dot,
+                            lse_ptr + q64, delta_ptr + q64,
+                            dk_ptr + k64 * stride_dkt + kvh * stride_dkh,
+                            dv_ptr + k64 * stride_dvt + kvh * stride_dvh,
+                            bid_ptr + q64, bid_ptr + k64, reach_back_ptr + k64,
+                            stride_qt, stride_qh, stride_qd, stride_kt, stride_kd,
+                            stride_vt, stride_vd, stride_dot, stride_doh, stride_dod, stride_lh,
+                            stride_dkt, stride_dkd, stride_dvt, stride_dvd,
+                            seqlen_q, seqlen_k, start_n, head_dim, sm_scale, dropout_p, seed,
+                            q_start, max_seqlen_k, kvh, group,
+                            CAUSAL, HAS_BLOCKS, HAS_DROPOUT, BLOCK_M, BLOCK_N, BLOCK_D)
+
+
+@triton.jit
+def _varlen_attn_bwd_dq_kernel(q_ptr, k_ptr, v_ptr, do_ptr, dq_ptr, lse_ptr, delta_ptr,
+                               cu_q_ptr, cu_k_ptr, bid_ptr, reach_ptr,
+                               stride_qt, stride_qh, stride_qd, stride_kt, stride_kh, stride_kd,
+                               stride_vt, stride_vh, stride_vd, stride_dot, stride_doh,
+                               stride_dod, stride_dqt, stride_dqh, stride_dqd, stride_lh,
+                               sm_scale, dropout_p, seed, max_seqlen_k, head_dim, group,
+                               CAUSAL: tl.constexpr, HAS_BLOCKS: tl.constexpr,
+                               HAS_DROPOUT: tl.constexpr, BLOCK_M: tl.constexpr,
+                               BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+    start_m = tl.program_id(0)
+    b = tl.program_id(1)
+    h = tl.program_id(2)
+    q_start = tl.load(cu_q_ptr + b)
+    seqlen_q = tl.load(cu_q_ptr + b + 1) - q_start
+    if start_m * BLOCK_M < seqlen_q:
+        k_start = tl.load(cu_k_ptr + b)
+        seqlen_k = tl.load(cu_k_ptr + b + 1) - k_start
+        kvh = h // group
+        q64 = q_start.to(tl.int64)
+        k64 = k_start.to(tl.int64)
+        _attn_bwd_dq_tile(q_ptr + q64 * stride_qt + h * stride_qh,
+                          k_ptr + k64 * stride_kt + kvh * stride_kh,
+                          v_ptr + k64 * stride_vt + kvh * stride_vh,
+                          do_ptr + q64 * stride_dot + h * stride_doh,
+                          dq_ptr + q64 * stride_dqt + h * stride_dqh,
+                          lse_ptr + h.to(tl.int64) * stride_lh + q64,
+                          delta_ptr + h.to(tl.int64) * stride_lh + q64,
+                          bid_ptr + q64, bid_ptr + k64, reach_ptr + q64,
+                          stride_qt, stride_qd, stride_kt, stride_kd, stride_vt, stride_vd,
+                          stride_dot, stride_dod, stride_dqt, stride_dqd,
+                          seqlen_q, seqlen_k, start_m, head_dim, sm_scale, dropout_p,
+                          seed + h * SEED_STRIDE, q_start, max_seqlen_k,
+                          CAUSAL, HAS_BLOCKS, HAS_DROPOUT, BLOCK_M, BLOCK_N, BLOCK_D)
