@@ -211,6 +211,43 @@ def attention(q: Tensor, k: Tensor, v: Tensor, scale: float, visible: Tensor,
     return out, lse.float()
 
 
+def attention_backward(q: Tensor, k: Tensor, v: Tensor, scale: float, visible: Tensor,
+                       grad_out: Tensor, keep: Tensor | None = None, dropout_p: float = 0.0
+                       ) -> tuple[Tensor, Tensor, Tensor]:
+    """Explicit backward of :func:`attention` (recomputes P; used where autograd is
+    unavailable, e.g. inside a custom op's kernel).
+
+    With P = softmax(S), P_d = P * keep / (1 - p), O = P_d V:
+    dV = P_d^T dO, dP = (dO V^T) * keep / (1 - p), dS = P * (dP - rowsum(dO * O)),
+    dQ = dS K * scale, dK = dS^T Q * scale; K/V gradients are summed over each head group.
+    """
+    H, H_kv = q.shape[1], k.shape[1]
+    group = H // H_kv
+    kh = k.repeat_interleave(group, dim=1).transpose(0, 1)   # (H, Lk, D)
+    vh = v.repeat_interleave(group, dim=1).transpose(0, 1)
+    qh = q.transpose(0, 1)                                    # (H, Lq, D)
+    doh = grad_out.transpose(0, 1)
+    s = torch.matmul(qh, kh.transpose(1, 2)) * scale
+    s = s.masked_fill(~visible, float("-inf"))
+    lse = torch.logsumexp(s, dim=-1)
+    lse = torch.where(torch.isfinite(lse), lse, torch.zeros_like(lse))
+    p = torch.exp(s - lse[..., None]).masked_fill(~visible, 0.0)
+    pd = p * keep / (1.0 - dropout_p) if keep is not None and dropout_p > 0 else p
+    out = torch.matmul(pd, vh)
+    dv = torch.matmul(pd.transpose(1, 2), doh)
+    dp = torch.matmul(doh, vh.transpose(1, 2))
+    if keep is not None and dropout_p > 0:
+        dp = dp * keep / (1.0 - dropout_p)
+    delta = (doh * out).sum(-1, keepdim=True)
+    ds = p * (dp - delta)
+    dq = torch.matmul(ds, kh) * scale
+    dk = torch.matmul(ds.transpose(1, 2), qh) * scale
+    Lk, D = k.shape[0], k.shape[2]
+    dk = dk.view(H_kv, group, Lk, D).sum(1).transpose(0, 1)
+    dv = dv.view(H_kv, group, Lk, D).sum(1).transpose(0, 1)
+    return dq.transpose(0, 1), dk, dv
+
+
 def varlen_attention(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_seqlens_k: Tensor,
                      softmax_scale: float | None = None, causal: bool = False,
                      block_ids: Tensor | None = None, dropout_p: float = 0.0,

@@ -1,8 +1,14 @@
 import os
 import zlib
 
-import pytest
 import torch
+
+# Without a GPU, the Triton kernels run in Triton's CPU interpreter; it must be
+# chosen before triton is imported (by mmkernels). With a GPU they run for real.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
 
 
 def pytest_collection_modifyitems(config, items):

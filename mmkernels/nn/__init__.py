@@ -1,5 +1,6 @@
 """Drop-in ``nn.Module`` wrappers around the functional API."""
 
+from mmkernels.nn.attention import VarlenSelfAttention
 from mmkernels.nn.roi_align import RegionFeatures, RoIAlign
 
-__all__ = ["RoIAlign", "RegionFeatures"]
+__all__ = ["RoIAlign", "RegionFeatures", "VarlenSelfAttention"]

@@ -40,9 +40,22 @@ class AttnConfig:
         return f"M{self.block_m}-N{self.block_n}-w{self.num_warps}-s{self.num_stages}"
 
 
-# Launch configurations, largest first; prune_configs keeps those that fit a head dim.
-FWD_CONFIGS = [AttnConfig(128, 64, 8, 3), AttnConfig(64, 64, 4, 3), AttnConfig(64, 32, 4, 2)]
-BWD_CONFIGS = [AttnConfig(64, 64, 8, 2), AttnConfig(64, 32, 4, 2), AttnConfig(32, 32, 4, 1)]
+# Launch configurations per kernel and padded head dim, best first. Every entry was
+# compiled for sm_80 and sm_90 in its lightest (full) and heaviest (causal + image
+# blocks + dropout) variants and kept only without spills; `python -m mmkernels.tools.kernel_report`
+# re-checks all of them in CI.
+_C = AttnConfig
+CONFIGS: dict[str, dict[int, list[AttnConfig]]] = {
+    "fwd": {64: [_C(128, 64, 8, 3), _C(64, 64, 4, 3)],
+            128: [_C(128, 64, 8, 3), _C(128, 64, 8, 2)],
+            256: [_C(32, 32, 4, 2)]},
+    "dkdv": {64: [_C(32, 32, 4, 1)],
+             128: [_C(32, 64, 8, 1), _C(16, 32, 4, 1)],
+             256: [_C(32, 32, 8, 1), _C(16, 32, 4, 1)]},
+    "dq": {64: [_C(64, 32, 8, 2), _C(64, 32, 4, 2)],
+           128: [_C(64, 64, 8, 2), _C(64, 32, 8, 2)],
+           256: [_C(32, 32, 8, 1), _C(16, 32, 4, 1)]},
+}
 INTERPRET_CONFIG = AttnConfig(16, 16, 4, 1)  # CPU interpreter: small tiles, ragged tails
 
 
@@ -51,21 +64,17 @@ def block_d_for(head_dim: int) -> int:
     return max(16, 1 << (head_dim - 1).bit_length())
 
 
-def prune_configs(configs: list[AttnConfig], block_d: int, kind: str) -> list[AttnConfig]:
-    """Configs whose tiles fit the register file at this head dim (checked by the
-    kernel report: no spills at sm_80/sm_90)."""
-    if kind == "fwd":
-        limit = {16: 128, 32: 128, 64: 128, 128: 128, 256: 64}[block_d]
-        return [c for c in configs if c.block_m <= limit and (block_d < 256 or c.block_n <= 32)]
-    limit = {16: 64, 32: 64, 64: 64, 128: 64, 256: 32}[block_d]
-    return [c for c in configs if c.block_m <= limit and c.block_n <= limit
-            and (block_d < 128 or c.num_warps <= 4 or c.block_n <= 32)]
+def prune_configs(kind: str, block_d: int) -> list[AttnConfig]:
+    """The configurations of kernel `kind` ("fwd", "dkdv", "dq") that fit a padded head
+    dim without spills (head dims below 64 use the 64 entries, which need fewer
+    registers)."""
+    return CONFIGS[kind][max(block_d, 64)]
 
 
 def pick_config(kind: str, block_d: int) -> AttnConfig:
     if interpreting():
         return INTERPRET_CONFIG
-    return prune_configs(FWD_CONFIGS if kind == "fwd" else BWD_CONFIGS, block_d, kind)[0]
+    return prune_configs(kind, block_d)[0]
 
 
 # ---------------------------------------------------------------------------------
@@ -192,22 +201,24 @@ def _triton_bwd(do, q, k, v, out, lse, cu_q, cu_k, block_ids, max_q, max_k, scal
     else:
         bid = reach = reach_back = cu_q
     block_d = block_d_for(D)
-    cfg = pick_config("bwd", block_d)
-    common = dict(CAUSAL=causal, HAS_BLOCKS=has_blocks, HAS_DROPOUT=dropout_p > 0,
-                  BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=block_d,
-                  num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    flags = dict(CAUSAL=causal, HAS_BLOCKS=has_blocks, HAS_DROPOUT=dropout_p > 0, BLOCK_D=block_d)
     with _guard(q.device):
         if max_k > 0:
+            cfg = pick_config("dkdv", block_d)
             _varlen_attn_bwd_dkdv_kernel[(triton_cdiv(max_k, cfg.block_n), batch, H_kv)](
                 q, k, v, do, lse, delta, dk, dv, cu_q, cu_k, bid, reach_back,
                 *q.stride(), *k.stride(), *v.stride(), *do.stride(), lse.stride(0),
                 *dk.stride(), *dv.stride(), scale, dropout_p, seed, max_k, D, H // H_kv,
-                **common)
+                BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, num_warps=cfg.num_warps,
+                num_stages=cfg.num_stages, **flags)
         if max_q > 0:
+            cfg = pick_config("dq", block_d)
             _varlen_attn_bwd_dq_kernel[(triton_cdiv(max_q, cfg.block_m), batch, H)](
                 q, k, v, do, dq, lse, delta, cu_q, cu_k, bid, reach,
                 *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dq.stride(),
-                lse.stride(0), scale, dropout_p, seed, max_k, D, H // H_kv, **common)
+                lse.stride(0), scale, dropout_p, seed, max_k, D, H // H_kv,
+                BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, num_warps=cfg.num_warps,
+                num_stages=cfg.num_stages, **flags)
     return dq, dk, dv
 
 
@@ -230,33 +241,30 @@ def _cpu_fwd(q, k, v, cu_q, cu_k, block_ids, scale, causal, dropout_p, seed):
 
 
 def _cpu_bwd(do, q, k, v, cu_q, cu_k, block_ids, scale, causal, dropout_p, seed):
-    """Recompute each sequence's forward with autograd and backpropagate it."""
+    """Per sequence and row chunk, recompute P and apply the explicit backward."""
     cq, ck = cu_q.tolist(), cu_k.tolist()
     keep = _cpu_keep_masks(seed, cq, ck, q.shape[1], dropout_p) if dropout_p > 0 else None
     compute = torch.float32 if q.dtype in (torch.float16, torch.bfloat16) else q.dtype
     dq = torch.zeros(q.shape, dtype=compute)
     dk = torch.zeros(k.shape, dtype=compute)
     dv = torch.zeros(v.shape, dtype=compute)
-    with torch.enable_grad():
-        for b in range(len(cq) - 1):
-            q0, q1, k0, k1 = cq[b], cq[b + 1], ck[b], ck[b + 1]
-            if q1 == q0 or k1 == k0:
-                continue
-            ks = k[k0:k1].to(compute).requires_grad_()
-            vs = v[k0:k1].to(compute).requires_grad_()
-            bq = block_ids[q0:q1] if block_ids is not None else None
-            bk = block_ids[k0:k1] if block_ids is not None else None
-            vis = reference.attention_visibility(q1 - q0, k1 - k0, causal, bq, bk)
-            for r in range(0, q1 - q0, CPU_CHUNK_ROWS):
-                rr = slice(q0 + r, min(q0 + r + CPU_CHUNK_ROWS, q1))
-                qs = q[rr].to(compute).requires_grad_()
-                kp = None if keep is None else keep[b][:, r:r + CPU_CHUNK_ROWS]
-                o, _ = reference.attention(qs, ks, vs, scale, vis[r:r + CPU_CHUNK_ROWS], kp,
-                                           dropout_p)
-                gq, gk, gv = torch.autograd.grad(o, (qs, ks, vs), do[rr].to(compute))
-                dq[rr] += gq
-                dk[k0:k1] += gk
-                dv[k0:k1] += gv
+    for b in range(len(cq) - 1):
+        q0, q1, k0, k1 = cq[b], cq[b + 1], ck[b], ck[b + 1]
+        if q1 == q0 or k1 == k0:
+            continue
+        ks, vs = k[k0:k1].to(compute), v[k0:k1].to(compute)
+        bq = block_ids[q0:q1] if block_ids is not None else None
+        bk = block_ids[k0:k1] if block_ids is not None else None
+        vis = reference.attention_visibility(q1 - q0, k1 - k0, causal, bq, bk)
+        for r in range(0, q1 - q0, CPU_CHUNK_ROWS):
+            rr = slice(q0 + r, min(q0 + r + CPU_CHUNK_ROWS, q1))
+            kp = None if keep is None else keep[b][:, r:r + CPU_CHUNK_ROWS]
+            gq, gk, gv = reference.attention_backward(
+                q[rr].to(compute), ks, vs, scale, vis[r:r + CPU_CHUNK_ROWS], do[rr].to(compute),
+                kp, dropout_p)
+            dq[rr] += gq
+            dk[k0:k1] += gk
+            dv[k0:k1] += gv
     return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
 
 
@@ -353,7 +361,7 @@ def check_cu_seqlens(cu: Tensor, total: int, max_seqlen: int, name: str, max_nam
         ((lengths <= max_seqlen).all(),
          f"{max_name} = {max_seqlen} is smaller than a sequence length in {name}"),
     ]
-    if cu.device.type == "cuda":
+    if cu.device.type == "cuda" or torch.compiler.is_compiling():
         for cond, msg in conds:
             torch._assert_async(cond, msg)
         return
@@ -441,13 +449,15 @@ def varlen_attention(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_s
         if block_ids.shape != (q.shape[0],):
             raise ValueError(f"block_ids must have shape (total_q,) = ({q.shape[0]},), got "
                              f"{tuple(block_ids.shape)}")
-        if q.shape[0] != k.shape[0] or (q.device.type == "cpu"
-                                        and not torch.equal(cu_seqlens_q, cu_seqlens_k)):
+        if q.shape[0] != k.shape[0]:
             raise ValueError("block_ids requires seqlen_q == seqlen_k for every sequence "
                              "(cu_seqlens_q == cu_seqlens_k)")
-        if q.device.type == "cuda":
+        if q.device.type == "cuda" or torch.compiler.is_compiling():
             torch._assert_async((cu_seqlens_q == cu_seqlens_k).all(),
                                 "block_ids requires cu_seqlens_q == cu_seqlens_k")
+        elif not torch.equal(cu_seqlens_q, cu_seqlens_k):
+            raise ValueError("block_ids requires seqlen_q == seqlen_k for every sequence "
+                             "(cu_seqlens_q == cu_seqlens_k)")
     if not 0.0 <= dropout_p < 1.0:
         raise ValueError(f"dropout_p must lie in [0, 1), got {dropout_p}")
     scale = float(softmax_scale) if softmax_scale is not None else 1.0 / math.sqrt(q.shape[2])
@@ -505,30 +515,35 @@ def kernel_specs() -> list[KernelSpec]:
     )
 
     specs = []
-    for kernel, kind in ((_varlen_attn_fwd_kernel, "fwd"), (_varlen_attn_bwd_dkdv_kernel, "bwd"),
-                         (_varlen_attn_bwd_dq_kernel, "bwd")):
+    for kernel, kind in ((_varlen_attn_fwd_kernel, "fwd"), (_varlen_attn_bwd_dkdv_kernel, "dkdv"),
+                         (_varlen_attn_bwd_dq_kernel, "dq")):
         for block_d in (64, 128, 256):
-            configs = prune_configs(FWD_CONFIGS if kind == "fwd" else BWD_CONFIGS, block_d, kind)
-            for cfg in configs:
-                for causal, blocks in ((False, False), (True, True)):
-                    specs.append(attention_spec(kernel, block_d, cfg, causal, blocks, "bf16"))
+            for cfg in prune_configs(kind, block_d):
+                # the lightest and the heaviest variant of each configuration
+                specs.append(attention_spec(kernel, block_d, cfg, False, False, "bf16"))
+                specs.append(attention_spec(kernel, block_d, cfg, True, True, "bf16",
+                                            dropout=True))
     return specs
 
 
 def attention_spec(kernel, block_d: int, cfg: AttnConfig, causal: bool, blocks: bool,
                    dtype: str, dropout: bool = False) -> KernelSpec:
-    """A KernelSpec for an attention kernel from its argument names: *_ptr are
-    pointers (lse/delta float32, cu/bid/reach int32, the rest `dtype`), stride_* and
-    sizes int32, scale/p float32."""
+    """A KernelSpec for an attention kernel, specialised as a real launch on contiguous
+    (total, heads, D) tensors is: the head-dim strides (stride_*d) are 1, the other
+    strides and the pointers are multiples of 16. Pointers: lse/delta float32,
+    cu/bid/reach int32, the rest `dtype`; sizes int32; scale/p float32."""
     import inspect
 
     names = list(inspect.signature(kernel.fn).parameters)
     consts = {"CAUSAL": causal, "HAS_BLOCKS": blocks, "HAS_DROPOUT": dropout,
               "BLOCK_M": cfg.block_m, "BLOCK_N": cfg.block_n, "BLOCK_D": block_d}
-    sig = {}
-    for n in names:
+    sig, attrs = {}, {}
+    for i, n in enumerate(names):
         if n in consts:
             sig[n] = "constexpr"
+        elif n.startswith("stride_") and n.endswith("d") and n != "stride_dkh":
+            sig[n] = "constexpr"
+            consts[n] = 1
         elif n.endswith("_ptr"):
             if n.startswith(("lse", "delta")):
                 sig[n] = "*fp32"
@@ -536,10 +551,16 @@ def attention_spec(kernel, block_d: int, cfg: AttnConfig, causal: bool, blocks: 
                 sig[n] = "*i32"
             else:
                 sig[n] = f"*{dtype}"
+            attrs[(i,)] = [["tt.divisibility", 16]]
         elif n in ("sm_scale", "dropout_p"):
             sig[n] = "fp32"
         else:
             sig[n] = "i32"
-    tag = ("causal+blocks" if blocks else "causal" if causal else "full") + f" D{block_d} {cfg}"
+            if n.startswith("stride_"):
+                attrs[(i,)] = [["tt.divisibility", 16]]
+    tag = ("causal+blocks" if blocks else "causal" if causal else "full")
+    tag += "+dropout" if dropout else ""
+    tag += f" D{block_d} {cfg}"
     return KernelSpec(kernel.fn.__name__, kernel, sig, consts,
-                      {"num_warps": cfg.num_warps, "num_stages": cfg.num_stages}, tag)
+                      {"num_warps": cfg.num_warps, "num_stages": cfg.num_stages}, tag,
+                      attrs=attrs)

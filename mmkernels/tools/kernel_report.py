@@ -7,8 +7,8 @@ Proves, without a GPU, that every kernel we ship is sound for sm_80 and sm_90:
   with ``triton.compile(ASTSource(...), target=GPUTarget("cuda", arch, 32))`` for
   each configuration it can be launched with.
 
-For each kernel it prints registers, spills (LOCAL bytes) and stack from
-``cuobjdump --dump-resource-usage``, shared memory, and the number of
+For each kernel it prints registers, spills (STACK and LOCAL bytes: ptxas puts
+spilled registers in the stack frame) from ``cuobjdump --dump-resource-usage``, shared memory, and the number of
 tensor-core instructions (HMMA on sm_80; HGMMA or HMMA on sm_90) in the SASS.
 It exits 1 when a kernel spills, exceeds the SM's shared memory, when a
 matmul-bearing kernel has no tensor-core instruction, or (with
@@ -48,8 +48,9 @@ class KernelReport:
 
     def problems(self) -> list[str]:
         out = []
-        if self.local > 0:
-            out.append(f"spills {self.local} bytes to local memory")
+        if self.local > 0 or self.stack > 0:
+            # ptxas places spilled registers in the stack frame (local memory)
+            out.append(f"spills (stack {self.stack} B, local {self.local} B)")
         if self.shared > SMEM_LIMIT[self.arch]:
             out.append(f"uses {self.shared} bytes of shared memory > {SMEM_LIMIT[self.arch]}")
         if self.needs_mma and self.mma == 0:
@@ -170,7 +171,8 @@ def triton_reports(cuobjdump: str, archs: tuple[int, ...]) -> list[KernelReport]
     reports = []
     for spec in kernel_specs():
         for arch in archs:
-            src = ASTSource(fn=spec.fn, signature=spec.signature, constexprs=spec.constexprs)
+            src = ASTSource(fn=spec.fn, signature=spec.signature, constexprs=spec.constexprs,
+                            attrs=spec.attrs)
             k = triton.compile(src, target=GPUTarget("cuda", arch, 32), options=spec.options)
             with tempfile.NamedTemporaryFile(suffix=".cubin", delete=False) as f:
                 f.write(k.asm["cubin"])

@@ -24,6 +24,7 @@ class KernelSpec:
     options: dict[str, int]
     config: str
     needs_mma: bool = True
+    attrs: dict | None = None  # {(arg index,): [["tt.divisibility", 16]]}, as a real launch
 
 
 def kernel_specs() -> list[KernelSpec]:

@@ -6,9 +6,13 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from mmkernels.triton.attention import _attn_bwd_dkdv_tile, _attn_bwd_dq_tile, _attn_fwd_tile
+from mmkernels.triton.attention import (
+    SEED_STRIDE,
+    _attn_bwd_dkdv_tile,
+    _attn_bwd_dq_tile,
+    _attn_fwd_tile,
+)
 
-SEED_STRIDE = 65537
 
 
 @triton.jit
