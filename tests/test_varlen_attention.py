@@ -354,3 +354,17 @@ def test_cuda_matches_sdpa_per_sequence():
             q[s].transpose(0, 1), k[s].transpose(0, 1), v[s].transpose(0, 1), is_causal=True)
         torch.testing.assert_close(out[s], ref.transpose(0, 1), atol=2e-2, rtol=2e-2)
     assert math.isfinite(out.float().sum().item())
+
+
+@pytest.mark.skipif(not interpreting(), reason="exercises tile shapes in the interpreter")
+@pytest.mark.parametrize("tiles", [(32, 16), (16, 32), (32, 64)], ids=lambda t: f"M{t[0]}-N{t[1]}")
+def test_tile_shapes_with_blocks(tiles, monkeypatch):
+    """Reach-based tile skipping and the q-range start of dK/dV with BLOCK_M != BLOCK_N."""
+    monkeypatch.setattr(va, "INTERPRET_CONFIG", va.AttnConfig(tiles[0], tiles[1], 4, 1))
+    lengths = [45, 70]
+    bid = torch.zeros(115, dtype=torch.int32)
+    bid[10:30] = 1
+    bid[50:90] = 2
+    run_and_compare(lengths, lengths, H=2, H_kv=1, D=32, dtype=torch.float32, causal=True,
+                    block_ids=bid)
+    run_and_compare([45, 20], [30, 70], H=2, H_kv=2, D=32, dtype=torch.float32, causal=True)

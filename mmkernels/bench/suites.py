@@ -50,6 +50,7 @@ class Suite:
 _MODULES = {
     "roi_align": "mmkernels.bench.roi_align",
     "token_gather": "mmkernels.bench.token_gather",
+    "attention": "mmkernels.bench.attention",
 }
 
 

@@ -6,10 +6,12 @@ mmkernels/triton/attention.py); then two opaque ``torch.library.custom_op``s (fo
 backward) with fake kernels and autograd; then the functional API with validation
 and the backend choice; the module is :class:`mmkernels.nn.VarlenSelfAttention`.
 
-Backends (chosen in :func:`_backend`): CUDA tensors, or any tensors under
-``TRITON_INTERPRET=1``: Triton. CPU tensors: the per-sequence, row-chunked PyTorch
-path in :mod:`mmkernels.reference` (float32 math for half inputs), with a backward
-that recomputes per sequence. ``MMKERNELS_BACKEND=reference``: eager autograd.
+Backends (chosen in :func:`_uses_triton`): CUDA tensors, or any tensors under
+``TRITON_INTERPRET=1``: Triton. CPU tensors: per sequence and row chunk, never padded:
+torch's fused CPU flash-attention kernel (aten._scaled_dot_product_flash_attention_for_cpu,
+forward and backward) for float32/bfloat16/float16 without dropout; otherwise the
+explicit path of :mod:`mmkernels.reference` (float64, or dropout with a regenerable
+mask). ``MMKERNELS_BACKEND=reference``: eager autograd.
 """
 
 from __future__ import annotations
@@ -231,6 +233,91 @@ def triton_cdiv(a: int, b: int) -> int:
 # ---------------------------------------------------------------------------------
 
 
+_FUSED_CPU_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def _cpu_segments(q, k, v, cu_q, cu_k, block_ids, causal):
+    """Yield (sequence slices, row chunk, is_causal, additive mask or None, rows without
+    a visible key) for the fused CPU flash-attention kernel, never padding."""
+    cq, ck = cu_q.tolist(), cu_k.tolist()
+    for b in range(len(cq) - 1):
+        q0, q1, k0, k1 = cq[b], cq[b + 1], ck[b], ck[b + 1]
+        lq, lk = q1 - q0, k1 - k0
+        if lq == 0:
+            continue
+        if lk == 0:
+            yield b, q0, q1, k0, k1, None, None, None
+            continue
+        if causal and block_ids is None and lq == lk and lq <= CPU_CHUNK_ROWS:
+            yield b, q0, q1, k0, k1, True, None, None
+            continue
+        bq = block_ids[q0:q1] if block_ids is not None else None
+        bk = block_ids[k0:k1] if block_ids is not None else None
+        for r in range(0, lq, CPU_CHUNK_ROWS):
+            r1 = min(r + CPU_CHUNK_ROWS, lq)
+            if causal:
+                vis = reference.attention_visibility(lq, lk, True, bq, bk)[r:r1]
+                mask = torch.zeros(vis.shape, dtype=q.dtype).masked_fill_(~vis, float("-inf"))
+                empty = ~vis.any(1)
+            else:
+                mask, empty = None, None
+            yield b, q0 + r, q0 + r1, k0, k1, False, mask, empty
+
+
+def _heads_first(t, group):
+    t = t.transpose(0, 1)
+    if group > 1:
+        t = t.repeat_interleave(group, dim=0)
+    return t.unsqueeze(0)
+
+
+def _cpu_fwd_fused(q, k, v, cu_q, cu_k, block_ids, scale, causal):
+    """CPU forward on torch's fused flash-attention CPU kernel, one (sequence, row
+    chunk) at a time."""
+    flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
+    total_q, H, D = q.shape
+    group = H // k.shape[1]
+    out = torch.zeros_like(q, memory_format=torch.contiguous_format)
+    lse = torch.full((H, total_q), float("-inf"), dtype=torch.float32)
+    for _b, r0, r1, k0, k1, is_causal, mask, empty in _cpu_segments(q, k, v, cu_q, cu_k,
+                                                                   block_ids, causal):
+        if is_causal is None:
+            continue
+        o, l = flash(_heads_first(q[r0:r1], 1), _heads_first(k[k0:k1], group),
+                     _heads_first(v[k0:k1], group), is_causal=is_causal,
+                     attn_mask=None if mask is None else mask[None, None], scale=scale)
+        l = l[0].float()
+        if empty is not None:
+            l = l.masked_fill(empty[None], float("-inf"))
+        out[r0:r1] = o[0].transpose(0, 1)
+        lse[:, r0:r1] = l
+    return out, lse
+
+
+def _cpu_bwd_fused(do, q, k, v, out, lse, cu_q, cu_k, block_ids, scale, causal):
+    flash_bwd = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward
+    H, H_kv = q.shape[1], k.shape[1]
+    group = H // H_kv
+    dq = torch.zeros_like(q, memory_format=torch.contiguous_format)
+    dk = torch.zeros(k.shape, dtype=torch.float32)
+    dv = torch.zeros(v.shape, dtype=torch.float32)
+    for _b, r0, r1, k0, k1, is_causal, mask, _empty in _cpu_segments(q, k, v, cu_q, cu_k,
+                                                                    block_ids, causal):
+        if is_causal is None:
+            continue
+        l = lse[:, r0:r1]
+        l = torch.where(torch.isfinite(l), l, torch.zeros_like(l))[None]
+        gq, gk, gv = flash_bwd(_heads_first(do[r0:r1], 1), _heads_first(q[r0:r1], 1),
+                               _heads_first(k[k0:k1], group), _heads_first(v[k0:k1], group),
+                               _heads_first(out[r0:r1], 1), l, 0.0, is_causal,
+                               attn_mask=None if mask is None else mask[None, None], scale=scale)
+        dq[r0:r1] = gq[0].transpose(0, 1)
+        lk = k1 - k0
+        dk[k0:k1] += gk[0].float().view(H_kv, group, lk, -1).sum(1).transpose(0, 1)
+        dv[k0:k1] += gv[0].float().view(H_kv, group, lk, -1).sum(1).transpose(0, 1)
+    return dq, dk.to(k.dtype), dv.to(v.dtype)
+
+
 def _cpu_fwd(q, k, v, cu_q, cu_k, block_ids, scale, causal, dropout_p, seed):
     keep = None
     if dropout_p > 0:
@@ -285,6 +372,9 @@ def _varlen_attention_fwd(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor,
     if _uses_triton(q.device):
         return _triton_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, block_ids, max_seqlen_q,
                            max_seqlen_k, softmax_scale, causal, dropout_p, seed)
+    if dropout_p == 0 and q.dtype in _FUSED_CPU_DTYPES:
+        return _cpu_fwd_fused(q, k, v, cu_seqlens_q, cu_seqlens_k, block_ids, softmax_scale,
+                              causal)
     out, lse = _cpu_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, block_ids, softmax_scale, causal,
                         dropout_p, seed)
     return out.contiguous(), lse.contiguous()
@@ -306,6 +396,9 @@ def _varlen_attention_bwd(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out
     if _uses_triton(q.device):
         return _triton_bwd(grad_out, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, block_ids,
                            max_seqlen_q, max_seqlen_k, softmax_scale, causal, dropout_p, seed)
+    if dropout_p == 0 and q.dtype in _FUSED_CPU_DTYPES:
+        return _cpu_bwd_fused(grad_out, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, block_ids,
+                              softmax_scale, causal)
     return _cpu_bwd(grad_out, q, k, v, cu_seqlens_q, cu_seqlens_k, block_ids, softmax_scale,
                     causal, dropout_p, seed)
 
