@@ -284,3 +284,68 @@ def varlen_attention(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_s
     out = torch.cat(outs) if outs else q.new_zeros(q.shape)
     lse = torch.cat(lses, dim=1) if lses else torch.zeros(H, 0, device=q.device)
     return out, lse
+
+
+def co_attention(q_a: Tensor, k_a: Tensor, v_a: Tensor, q_b: Tensor, k_b: Tensor, v_b: Tensor,
+                 cu_seqlens_a: Tensor, cu_seqlens_b: Tensor, softmax_scale: float | None = None,
+                 keep_a: list[Tensor] | None = None, keep_b: list[Tensor] | None = None,
+                 dropout_p: tuple[float, float] = (0.0, 0.0)) -> tuple[Tensor, Tensor]:
+    """The two directions of co-attention computed separately, per sample:
+    out_a = attention(q_a, k_b, v_b), out_b = attention(q_b, k_a, v_a)."""
+    out_a, _ = varlen_attention(q_a, k_b, v_b, cu_seqlens_a, cu_seqlens_b, softmax_scale, False,
+                                None, dropout_p[0], keep_a)
+    out_b, _ = varlen_attention(q_b, k_a, v_a, cu_seqlens_b, cu_seqlens_a, softmax_scale, False,
+                                None, dropout_p[1], keep_b)
+    return out_a, out_b
+
+
+class BertBiAttention(torch.nn.Module):
+    """Eager ViLBERT co-attention (facebookresearch/vilbert-multi-task, BertBiAttention),
+    rewritten from its description: stream 1 is vision (v_hidden_size), stream 2 is text
+    (hidden_size). context_layer1 = softmax(q2 k1^T / sqrt(d) + mask1) v1 (text queries
+    over regions, dropout1 = v_attention_probs_dropout_prob); context_layer2 =
+    softmax(q1 k2^T / sqrt(d) + mask2) v2 (region queries over text, dropout2 =
+    attention_probs_dropout_prob). Masks are additive (B, 1, 1, L). The co_attention_mask
+    is accepted and unused, as in the original."""
+
+    def __init__(self, config) -> None:
+        super().__init__()
+        if config.bi_hidden_size % config.bi_num_attention_heads != 0:
+            raise ValueError("bi_hidden_size must be a multiple of bi_num_attention_heads")
+        self.visualization = config.visualization
+        self.num_attention_heads = config.bi_num_attention_heads
+        self.attention_head_size = config.bi_hidden_size // config.bi_num_attention_heads
+        self.all_head_size = self.num_attention_heads * self.attention_head_size
+        self.query1 = torch.nn.Linear(config.v_hidden_size, self.all_head_size)
+        self.key1 = torch.nn.Linear(config.v_hidden_size, self.all_head_size)
+        self.value1 = torch.nn.Linear(config.v_hidden_size, self.all_head_size)
+        self.dropout1 = torch.nn.Dropout(config.v_attention_probs_dropout_prob)
+        self.query2 = torch.nn.Linear(config.hidden_size, self.all_head_size)
+        self.key2 = torch.nn.Linear(config.hidden_size, self.all_head_size)
+        self.value2 = torch.nn.Linear(config.hidden_size, self.all_head_size)
+        self.dropout2 = torch.nn.Dropout(config.attention_probs_dropout_prob)
+
+    def _heads(self, x: Tensor) -> Tensor:
+        return x.view(*x.shape[:-1], self.num_attention_heads,
+                      self.attention_head_size).permute(0, 2, 1, 3)
+
+    def _merge(self, x: Tensor) -> Tensor:
+        x = x.permute(0, 2, 1, 3).contiguous()
+        return x.view(*x.shape[:-2], self.all_head_size)
+
+    def forward(self, input_tensor1, attention_mask1, input_tensor2, attention_mask2,
+                co_attention_mask=None, use_co_attention_mask=False):
+        q1, k1, v1 = (self._heads(f(input_tensor1)) for f in (self.query1, self.key1, self.value1))
+        q2, k2, v2 = (self._heads(f(input_tensor2)) for f in (self.query2, self.key2, self.value2))
+        scale = math.sqrt(self.attention_head_size)
+        probs1 = torch.softmax(q2 @ k1.transpose(-1, -2) / scale + attention_mask1, dim=-1)
+        probs1 = self.dropout1(probs1)
+        context1 = self._merge(probs1 @ v1)
+        probs2 = torch.softmax(q1 @ k2.transpose(-1, -2) / scale + attention_mask2, dim=-1)
+        probs2 = self.dropout2(probs2)
+        context2 = self._merge(probs2 @ v2)
+        attn_data = None
+        if self.visualization:
+            attn_data = {"attn1": probs1, "queries1": q2, "keys1": k1, "attn2": probs2,
+                         "querues2": q1, "keys2": k2}
+        return context1, context2, attn_data

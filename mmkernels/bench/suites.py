@@ -51,6 +51,7 @@ _MODULES = {
     "roi_align": "mmkernels.bench.roi_align",
     "token_gather": "mmkernels.bench.token_gather",
     "attention": "mmkernels.bench.attention",
+    "co_attention": "mmkernels.bench.co_attention",
 }
 
 

@@ -1,6 +1,7 @@
 """Drop-in ``nn.Module`` wrappers around the functional API."""
 
 from mmkernels.nn.attention import VarlenSelfAttention
+from mmkernels.nn.co_attention import BiAttention
 from mmkernels.nn.roi_align import RegionFeatures, RoIAlign
 
-__all__ = ["RoIAlign", "RegionFeatures", "VarlenSelfAttention"]
+__all__ = ["RoIAlign", "RegionFeatures", "VarlenSelfAttention", "BiAttention"]

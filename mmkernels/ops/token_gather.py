@@ -100,6 +100,18 @@ def _register() -> None:
     torch.library.register_autograd(lib + "masked_select_rows", _msr_backward,
                                     setup_context=_msr_setup)
 
+    # _scatter_rows (used to unpack packed results): its backward gathers the rows back.
+    def _sr_setup(ctx, inputs, output):
+        src, index, num_rows = inputs
+        ctx.save_for_backward(index)
+
+    def _sr_backward(ctx, grad):
+        (index,) = ctx.saved_tensors
+        rows = grad.index_select(0, index.clamp(min=0))
+        return torch.where((index >= 0)[:, None], rows, torch.zeros_like(rows)), None, None
+
+    torch.library.register_autograd(lib + "_scatter_rows", _sr_backward, setup_context=_sr_setup)
+
     def _sif_setup(ctx, inputs, output):
         inputs_embeds, image_mask, image_features = inputs
         ctx.save_for_backward(image_mask)

@@ -264,11 +264,11 @@ def _cpu_segments(q, k, v, cu_q, cu_k, block_ids, causal):
             yield b, q0 + r, q0 + r1, k0, k1, False, mask, empty
 
 
-def _heads_first(t, group):
+def _heads_first(t: Tensor, group: int = 1) -> Tensor:
+    """(total, heads, D) -> (heads * group, total, D): one layout change for the whole
+    packed tensor, so each sequence is a strided slice (no per-sequence copies)."""
     t = t.transpose(0, 1)
-    if group > 1:
-        t = t.repeat_interleave(group, dim=0)
-    return t.unsqueeze(0)
+    return t.repeat_interleave(group, dim=0) if group > 1 else t
 
 
 def _cpu_fwd_fused(q, k, v, cu_q, cu_k, block_ids, scale, causal):
@@ -277,60 +277,65 @@ def _cpu_fwd_fused(q, k, v, cu_q, cu_k, block_ids, scale, causal):
     flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
     total_q, H, D = q.shape
     group = H // k.shape[1]
-    out = torch.zeros_like(q, memory_format=torch.contiguous_format)
+    qh, kh, vh = _heads_first(q), _heads_first(k, group), _heads_first(v, group)
+    out = torch.zeros(H, total_q, D, dtype=q.dtype)
     lse = torch.full((H, total_q), float("-inf"), dtype=torch.float32)
     for _b, r0, r1, k0, k1, is_causal, mask, empty in _cpu_segments(q, k, v, cu_q, cu_k,
                                                                    block_ids, causal):
         if is_causal is None:
             continue
-        o, l = flash(_heads_first(q[r0:r1], 1), _heads_first(k[k0:k1], group),
-                     _heads_first(v[k0:k1], group), is_causal=is_causal,
-                     attn_mask=None if mask is None else mask[None, None], scale=scale)
-        l = l[0].float()
-        if empty is not None:
-            l = l.masked_fill(empty[None], float("-inf"))
-        out[r0:r1] = o[0].transpose(0, 1)
-        lse[:, r0:r1] = l
-    return out, lse
+        o, l = flash(qh[None, :, r0:r1], kh[None, :, k0:k1], vh[None, :, k0:k1],
+                     is_causal=is_causal, attn_mask=None if mask is None else mask[None, None],
+                     scale=scale)
+        out[:, r0:r1] = o[0]
+        lse[:, r0:r1] = l[0] if empty is None else l[0].masked_fill(empty[None], float("-inf"))
+    return out.transpose(0, 1).contiguous(), lse
 
 
 def _cpu_bwd_fused(do, q, k, v, out, lse, cu_q, cu_k, block_ids, scale, causal):
     flash_bwd = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward
-    H, H_kv = q.shape[1], k.shape[1]
+    total_q, H, D = q.shape
+    total_k, H_kv = k.shape[0], k.shape[1]
     group = H // H_kv
-    dq = torch.zeros_like(q, memory_format=torch.contiguous_format)
-    dk = torch.zeros(k.shape, dtype=torch.float32)
-    dv = torch.zeros(v.shape, dtype=torch.float32)
+    qh, kh, vh = _heads_first(q), _heads_first(k, group), _heads_first(v, group)
+    doh, oh = _heads_first(do), _heads_first(out)
+    lse0 = torch.where(torch.isfinite(lse), lse, torch.zeros_like(lse))
+    dq = torch.zeros(H, total_q, D, dtype=q.dtype)
+    acc = torch.float32 if q.dtype != torch.float32 else q.dtype
+    dk = torch.zeros(H, total_k, D, dtype=acc)
+    dv = torch.zeros(H, total_k, D, dtype=acc)
     for _b, r0, r1, k0, k1, is_causal, mask, _empty in _cpu_segments(q, k, v, cu_q, cu_k,
                                                                     block_ids, causal):
         if is_causal is None:
             continue
-        l = lse[:, r0:r1]
-        l = torch.where(torch.isfinite(l), l, torch.zeros_like(l))[None]
-        gq, gk, gv = flash_bwd(_heads_first(do[r0:r1], 1), _heads_first(q[r0:r1], 1),
-                               _heads_first(k[k0:k1], group), _heads_first(v[k0:k1], group),
-                               _heads_first(out[r0:r1], 1), l, 0.0, is_causal,
+        gq, gk, gv = flash_bwd(doh[None, :, r0:r1], qh[None, :, r0:r1], kh[None, :, k0:k1],
+                               vh[None, :, k0:k1], oh[None, :, r0:r1], lse0[None, :, r0:r1],
+                               0.0, is_causal,
                                attn_mask=None if mask is None else mask[None, None], scale=scale)
-        dq[r0:r1] = gq[0].transpose(0, 1)
-        lk = k1 - k0
-        dk[k0:k1] += gk[0].float().view(H_kv, group, lk, -1).sum(1).transpose(0, 1)
-        dv[k0:k1] += gv[0].float().view(H_kv, group, lk, -1).sum(1).transpose(0, 1)
-    return dq, dk.to(k.dtype), dv.to(v.dtype)
+        dq[:, r0:r1] = gq[0]
+        dk[:, k0:k1] += gk[0]
+        dv[:, k0:k1] += gv[0]
+    dk = dk.view(H_kv, group, total_k, D).sum(1).transpose(0, 1)
+    dv = dv.view(H_kv, group, total_k, D).sum(1).transpose(0, 1)
+    return (dq.transpose(0, 1).contiguous(), dk.to(k.dtype).contiguous(),
+            dv.to(v.dtype).contiguous())
 
 
-def _cpu_fwd(q, k, v, cu_q, cu_k, block_ids, scale, causal, dropout_p, seed):
+def _cpu_fwd(q, k, v, cu_q, cu_k, block_ids, scale, causal, dropout_p, seed, stream0=0):
     keep = None
     if dropout_p > 0:
-        keep = _cpu_keep_masks(seed, cu_q.tolist(), cu_k.tolist(), q.shape[1], dropout_p)
+        keep = _cpu_keep_masks(seed, cu_q.tolist(), cu_k.tolist(), q.shape[1], dropout_p,
+                               stream0)
     compute = torch.float32 if q.dtype in (torch.float16, torch.bfloat16) else None
     return reference.varlen_attention(q, k, v, cu_q, cu_k, scale, causal, block_ids, dropout_p,
                                       keep, CPU_CHUNK_ROWS, compute)
 
 
-def _cpu_bwd(do, q, k, v, cu_q, cu_k, block_ids, scale, causal, dropout_p, seed):
+def _cpu_bwd(do, q, k, v, cu_q, cu_k, block_ids, scale, causal, dropout_p, seed, stream0=0):
     """Per sequence and row chunk, recompute P and apply the explicit backward."""
     cq, ck = cu_q.tolist(), cu_k.tolist()
-    keep = _cpu_keep_masks(seed, cq, ck, q.shape[1], dropout_p) if dropout_p > 0 else None
+    keep = (_cpu_keep_masks(seed, cq, ck, q.shape[1], dropout_p, stream0) if dropout_p > 0
+            else None)
     compute = torch.float32 if q.dtype in (torch.float16, torch.bfloat16) else q.dtype
     dq = torch.zeros(q.shape, dtype=compute)
     dk = torch.zeros(k.shape, dtype=compute)
@@ -630,6 +635,7 @@ def attention_spec(kernel, block_d: int, cfg: AttnConfig, causal: bool, blocks: 
     names = list(inspect.signature(kernel.fn).parameters)
     consts = {"CAUSAL": causal, "HAS_BLOCKS": blocks, "HAS_DROPOUT": dropout,
               "BLOCK_M": cfg.block_m, "BLOCK_N": cfg.block_n, "BLOCK_D": block_d}
+    consts = {k: v for k, v in consts.items() if k in names}
     sig, attrs = {}, {}
     for i, n in enumerate(names):
         if n in consts:

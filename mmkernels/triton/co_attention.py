@@ -1,0 +1,173 @@
+"""ViLBERT co-attention kernels: both directions in one launch.
+
+Grid axis 2 runs over (direction, head): direction 0 is stream A's queries over stream
+B's keys/values (out_a), direction 1 is B over A (out_b). Each program calls the same
+tile functions as varlen attention (mmkernels.triton.attention), with the pointers of
+its direction; the two branches are the same code, inlined twice. Dropout stream of
+(direction d, head h) is d * H + h.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+from mmkernels.triton.attention import (
+    SEED_STRIDE,
+    _attn_bwd_dkdv_tile,
+    _attn_bwd_dq_tile,
+    _attn_fwd_tile,
+)
+
+
+@triton.jit
+def _co_attn_fwd_kernel(qa_ptr, ka_ptr, va_ptr, qb_ptr, kb_ptr, vb_ptr, oa_ptr, ob_ptr,
+                        lsea_ptr, lseb_ptr, cu_a_ptr, cu_b_ptr,
+                        stride_at, stride_ah, stride_ad, stride_bt, stride_bh, stride_bd,
+                        stride_oat, stride_oah, stride_oad, stride_obt, stride_obh, stride_obd,
+                        stride_lah, stride_lbh, sm_scale, dropout_a, dropout_b, seed,
+                        max_seqlen_a, max_seqlen_b, head_dim, num_heads,
+                        HAS_DROPOUT: tl.constexpr, BLOCK_M: tl.constexpr,
+                        BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+    start_m = tl.program_id(0)
+    b = tl.program_id(1)
+    dh = tl.program_id(2)
+    d = dh // num_heads
+    h = dh % num_heads
+    a0 = tl.load(cu_a_ptr + b)
+    len_a = tl.load(cu_a_ptr + b + 1) - a0
+    b0 = tl.load(cu_b_ptr + b)
+    len_b = tl.load(cu_b_ptr + b + 1) - b0
+    a64 = a0.to(tl.int64)
+    b64 = b0.to(tl.int64)
+    seed_s = seed + (d * num_heads + h) * SEED_STRIDE
+    if d == 0:
+        if start_m * BLOCK_M < len_a:
+            _attn_fwd_tile(qa_ptr + a64 * stride_at + h * stride_ah,
+                           kb_ptr + b64 * stride_bt + h * stride_bh,
+                           vb_ptr + b64 * stride_bt + h * stride_bh,
+                           oa_ptr + a64 * stride_oat + h * stride_oah,
+                           lsea_ptr + h.to(tl.int64) * stride_lah + a64,
+                           cu_a_ptr, cu_a_ptr, cu_a_ptr,
+                           stride_at, stride_ad, stride_bt, stride_bd, stride_bt, stride_bd,
+                           stride_oat, stride_oad, len_a, len_b, start_m, head_dim, sm_scale,
+                           dropout_a, seed_s, a0, max_seqlen_b,
+                           False, False, HAS_DROPOUT, BLOCK_M, BLOCK_N, BLOCK_D)
+    else:
+        if start_m * BLOCK_M < len_b:
+            _attn_fwd_tile(qb_ptr + b64 * stride_bt + h * stride_bh,
+                           ka_ptr + a64 * stride_at + h * stride_ah,
+                           va_ptr + a64 * stride_at + h * stride_ah,
+                           ob_ptr + b64 * stride_obt + h * stride_obh,
+                           lseb_ptr + h.to(tl.int64) * stride_lbh + b64,
+                           cu_b_ptr, cu_b_ptr, cu_b_ptr,
+                           stride_bt, stride_bd, stride_at, stride_ad, stride_at, stride_ad,
+                           stride_obt, stride_obd, len_b, len_a, start_m, head_dim, sm_scale,
+                           dropout_b, seed_s, b0, max_seqlen_a,
+                           False, False, HAS_DROPOUT, BLOCK_M, BLOCK_N, BLOCK_D)
+
+
+@triton.jit
+def _co_attn_bwd_dkdv_kernel(qa_ptr, ka_ptr, va_ptr, qb_ptr, kb_ptr, vb_ptr, doa_ptr, dob_ptr,
+                             lsea_ptr, lseb_ptr, deltaa_ptr, deltab_ptr, dka_ptr, dva_ptr,
+                             dkb_ptr, dvb_ptr, cu_a_ptr, cu_b_ptr,
+                             stride_at, stride_ah, stride_ad, stride_bt, stride_bh, stride_bd,
+                             stride_lah, stride_lbh, sm_scale, dropout_a, dropout_b, seed,
+                             max_seqlen_a, max_seqlen_b, head_dim, num_heads,
+                             HAS_DROPOUT: tl.constexpr, BLOCK_M: tl.constexpr,
+                             BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Direction 0 (A queries over B keys) produces dK_b, dV_b; direction 1 dK_a, dV_a.
+    All gradient tensors are contiguous, laid out like their stream (stride_a*/stride_b*)."""
+    start_n = tl.program_id(0)
+    b = tl.program_id(1)
+    dh = tl.program_id(2)
+    d = dh // num_heads
+    h = dh % num_heads
+    a0 = tl.load(cu_a_ptr + b)
+    len_a = tl.load(cu_a_ptr + b + 1) - a0
+    b0 = tl.load(cu_b_ptr + b)
+    len_b = tl.load(cu_b_ptr + b + 1) - b0
+    a64 = a0.to(tl.int64)
+    b64 = b0.to(tl.int64)
+    # the tile loops over `group` query heads starting at kv_head * group: group = 1,
+    # kv_head = h; the seed argument is the stream base, the tile adds h * SEED_STRIDE
+    seed_d = seed + d * num_heads * SEED_STRIDE
+    if d == 0:
+        if start_n * BLOCK_N < len_b:
+            _attn_bwd_dkdv_tile(qa_ptr + a64 * stride_at, kb_ptr + b64 * stride_bt + h * stride_bh,
+                                vb_ptr + b64 * stride_bt + h * stride_bh, doa_ptr + a64 * stride_at,
+                                lsea_ptr + a64, deltaa_ptr + a64,
+                                dkb_ptr + b64 * stride_bt + h * stride_bh,
+                                dvb_ptr + b64 * stride_bt + h * stride_bh,
+                                cu_a_ptr, cu_a_ptr, cu_a_ptr,
+                                stride_at, stride_ah, stride_ad, stride_bt, stride_bd,
+                                stride_bt, stride_bd, stride_at, stride_ah, stride_ad, stride_lah,
+                                stride_bt, stride_bd, stride_bt, stride_bd,
+                                len_a, len_b, start_n, head_dim, sm_scale, dropout_a, seed_d,
+                                a0, max_seqlen_b, h, 1,
+                                False, False, HAS_DROPOUT, BLOCK_M, BLOCK_N, BLOCK_D)
+    else:
+        if start_n * BLOCK_N < len_a:
+            _attn_bwd_dkdv_tile(qb_ptr + b64 * stride_bt, ka_ptr + a64 * stride_at + h * stride_ah,
+                                va_ptr + a64 * stride_at + h * stride_ah, dob_ptr + b64 * stride_bt,
+                                lseb_ptr + b64, deltab_ptr + b64,
+                                dka_ptr + a64 * stride_at + h * stride_ah,
+                                dva_ptr + a64 * stride_at + h * stride_ah,
+                                cu_b_ptr, cu_b_ptr, cu_b_ptr,
+                                stride_bt, stride_bh, stride_bd, stride_at, stride_ad,
+                                stride_at, stride_ad, stride_bt, stride_bh, stride_bd, stride_lbh,
+                                stride_at, stride_ad, stride_at, stride_ad,
+                                len_b, len_a, start_n, head_dim, sm_scale, dropout_b, seed_d,
+                                b0, max_seqlen_a, h, 1,
+                                False, False, HAS_DROPOUT, BLOCK_M, BLOCK_N, BLOCK_D)
+
+
+@triton.jit
+def _co_attn_bwd_dq_kernel(qa_ptr, ka_ptr, va_ptr, qb_ptr, kb_ptr, vb_ptr, doa_ptr, dob_ptr,
+                           lsea_ptr, lseb_ptr, deltaa_ptr, deltab_ptr, dqa_ptr, dqb_ptr,
+                           cu_a_ptr, cu_b_ptr,
+                           stride_at, stride_ah, stride_ad, stride_bt, stride_bh, stride_bd,
+                           stride_lah, stride_lbh, sm_scale, dropout_a, dropout_b, seed,
+                           max_seqlen_a, max_seqlen_b, head_dim, num_heads,
+                           HAS_DROPOUT: tl.constexpr, BLOCK_M: tl.constexpr,
+                           BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+    start_m = tl.program_id(0)
+    b = tl.program_id(1)
+    dh = tl.program_id(2)
+    d = dh // num_heads
+    h = dh % num_heads
+    a0 = tl.load(cu_a_ptr + b)
+    len_a = tl.load(cu_a_ptr + b + 1) - a0
+    b0 = tl.load(cu_b_ptr + b)
+    len_b = tl.load(cu_b_ptr + b + 1) - b0
+    a64 = a0.to(tl.int64)
+    b64 = b0.to(tl.int64)
+    seed_s = seed + (d * num_heads + h) * SEED_STRIDE
+    if d == 0:
+        if start_m * BLOCK_M < len_a:
+            _attn_bwd_dq_tile(qa_ptr + a64 * stride_at + h * stride_ah,
+                              kb_ptr + b64 * stride_bt + h * stride_bh,
+                              vb_ptr + b64 * stride_bt + h * stride_bh,
+                              doa_ptr + a64 * stride_at + h * stride_ah,
+                              dqa_ptr + a64 * stride_at + h * stride_ah,
+                              lsea_ptr + h.to(tl.int64) * stride_lah + a64,
+                              deltaa_ptr + h.to(tl.int64) * stride_lah + a64,
+                              cu_a_ptr, cu_a_ptr, cu_a_ptr,
+                              stride_at, stride_ad, stride_bt, stride_bd, stride_bt, stride_bd,
+                              stride_at, stride_ad, stride_at, stride_ad,
+                              len_a, len_b, start_m, head_dim, sm_scale, dropout_a, seed_s, a0,
+                              max_seqlen_b, False, False, HAS_DROPOUT, BLOCK_M, BLOCK_N, BLOCK_D)
+    else:
+        if start_m * BLOCK_M < len_b:
+            _attn_bwd_dq_tile(qb_ptr + b64 * stride_bt + h * stride_bh,
+                              ka_ptr + a64 * stride_at + h * stride_ah,
+                              va_ptr + a64 * stride_at + h * stride_ah,
+                              dob_ptr + b64 * stride_bt + h * stride_bh,
+                              dqb_ptr + b64 * stride_bt + h * stride_bh,
+                              lseb_ptr + h.to(tl.int64) * stride_lbh + b64,
+                              deltab_ptr + h.to(tl.int64) * stride_lbh + b64,
+                              cu_b_ptr, cu_b_ptr, cu_b_ptr,
+                              stride_bt, stride_bd, stride_at, stride_ad, stride_at, stride_ad,
+                              stride_bt, stride_bd, stride_bt, stride_bd,
+                              len_b, len_a, start_m, head_dim, sm_scale, dropout_b, seed_s, b0,
+                              max_seqlen_a, False, False, HAS_DROPOUT, BLOCK_M, BLOCK_N, BLOCK_D)
