@@ -8,6 +8,7 @@ an op whose kernel is unavailable raises an actionable error when called.
 from mmkernels import nn
 from mmkernels.ops.roi_align import multiscale_roi_align, region_features, roi_align
 from mmkernels.ops.co_attention import co_attention
+from mmkernels.ops.contrastive import info_nce, sigmoid_contrastive
 from mmkernels.ops.varlen_attention import varlen_attention
 from mmkernels.ops.token_gather import (
     masked_select_rows,
@@ -22,5 +23,7 @@ __all__ = [
     "nn", "roi_align", "region_features", "multiscale_roi_align", "random_masking",
     "restore_tokens", "masked_select_rows", "scatter_image_features", "varlen_attention",
     "co_attention",
+    "info_nce",
+    "sigmoid_contrastive",
     "__version__",
 ]

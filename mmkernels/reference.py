@@ -349,3 +349,204 @@ class BertBiAttention(torch.nn.Module):
             attn_data = {"attn1": probs1, "queries1": q2, "keys1": k1, "attn2": probs2,
                          "querues2": q1, "keys2": k2}
         return context1, context2, attn_data
+
+
+# ---------------------------------------------------------------------------------
+# Contrastive losses: eager (materialised) references and the chunked CPU path
+# ---------------------------------------------------------------------------------
+
+
+def info_nce(image_features: Tensor, text_features: Tensor, logit_scale: Tensor) -> Tensor:
+    """CLIP's loss, materialising both B x B logit matrices (open_clip ClipLoss):
+    (CE(s I T^T, arange) + CE(s T I^T, arange)) / 2."""
+    logits = logit_scale * image_features @ text_features.T
+    labels = torch.arange(logits.shape[0], device=logits.device)
+    return (torch.nn.functional.cross_entropy(logits, labels)
+            + torch.nn.functional.cross_entropy(logits.T, labels)) / 2
+
+
+def sigmoid_contrastive(image_features: Tensor, text_features: Tensor, logit_scale: Tensor,
+                        logit_bias: Tensor) -> Tensor:
+    """SigLIP's loss, materialised (open_clip SigLipLoss, world size 1):
+    -sum_ij logsigmoid(z_ij (s I_i . T_j + b)) / B, z = +1 on the diagonal, -1 elsewhere."""
+    logits = logit_scale * image_features @ text_features.T + logit_bias
+    B = logits.shape[0]
+    z = 2 * torch.eye(B, device=logits.device, dtype=logits.dtype) - 1
+    return -torch.nn.functional.logsigmoid(z * logits).sum() / B
+
+
+class _Panels:
+    """Reusable (chunk x m) work buffers: the chunked losses allocate them once per call
+    instead of once per panel (fresh multi-MB allocations cost page faults on the CPU)."""
+
+    def __init__(self, rows: int, cols: int, count: int, like: Tensor) -> None:
+        self.bufs = [torch.empty(rows, cols, dtype=like.dtype, device=like.device)
+                     for _ in range(count)]
+
+    def take(self, n: int) -> list[Tensor]:
+        return [b[:n] for b in self.bufs]
+
+
+def default_chunk(num_cols: int) -> int:
+    """Rows per panel so that a (chunk x num_cols) float32 panel is about 32 MiB."""
+    return max(32, min(4096, (1 << 23) // max(num_cols, 1)))
+
+
+def lse_rows_and_cols(rows: Tensor, cols: Tensor, scale: Tensor, chunk: int,
+                      with_cols: bool) -> tuple[Tensor, Tensor | None]:
+    """Row (and column) log-sum-exp of S = scale * rows @ cols^T, one (chunk x m) panel at
+    a time; each panel serves both directions. Never holds the n x m matrix."""
+    n, m = rows.shape[0], cols.shape[0]
+    acc = torch.float64 if rows.dtype == torch.float64 else torch.float32
+    lse_r = torch.empty(n, dtype=acc, device=rows.device)
+    col_m = torch.full((m,), float("-inf"), dtype=acc, device=rows.device)
+    col_l = torch.zeros(m, dtype=acc, device=rows.device)
+    panels = _Panels(min(chunk, n), m, 2, cols.to(acc))
+    s = scale.to(acc)
+    for a in range(0, n, chunk):
+        S, E = panels.take(min(chunk, n - a))
+        torch.mm(rows[a:a + chunk].to(acc), cols.to(acc).T, out=S)
+        S.mul_(s)
+        rmax = S.amax(1)
+        torch.sub(S, rmax[:, None], out=E)
+        lse_r[a:a + S.shape[0]] = rmax + E.exp_().sum(1).log()
+        if with_cols:
+            cmax = S.amax(0)
+            torch.sub(S, cmax[None, :], out=E)
+            csum = E.exp_().sum(0)
+            new = torch.maximum(col_m, cmax)
+            col_l = col_l * torch.exp(col_m - new) + csum * torch.exp(cmax - new)
+            col_m = new
+    lse_c = col_m + col_l.log() if with_cols else None
+    return lse_r, lse_c
+
+
+def lse_backward(rows: Tensor, cols: Tensor, scale: Tensor, lse_r: Tensor, lse_c: Tensor | None,
+                 w_row: float, w_col: float, chunk: int) -> tuple[Tensor, Tensor, Tensor]:
+    """Gradients of w_row * sum(lse_r) + w_col * sum(lse_c) w.r.t. rows, cols and scale,
+    recomputing each panel: W = w_row * P_row + w_col * P_col, d rows = s W cols,
+    d cols = s W^T rows, d scale = sum(W * S) / s."""
+    n, m = rows.shape[0], cols.shape[0]
+    acc = lse_r.dtype
+    r, c = rows.to(acc), cols.to(acc)
+    s = scale.to(acc)
+    d_rows = torch.empty(n, rows.shape[1], dtype=acc, device=rows.device)
+    d_cols = torch.zeros(m, cols.shape[1], dtype=acc, device=rows.device)
+    d_s = torch.zeros((), dtype=acc, device=rows.device)
+    panels = _Panels(min(chunk, n), m, 3 if lse_c is not None else 2, c)
+    for a in range(0, n, chunk):
+        bufs = panels.take(min(chunk, n - a))
+        S, W = bufs[0], bufs[1]
+        ra = r[a:a + S.shape[0]]
+        torch.mm(ra, c.T, out=S)
+        S.mul_(s)
+        torch.sub(S, lse_r[a:a + S.shape[0], None], out=W)
+        W.exp_().mul_(w_row)
+        if lse_c is not None:
+            X = bufs[2]
+            torch.sub(S, lse_c[None, :], out=X)
+            W.add_(X.exp_(), alpha=w_col)
+        d_s += torch.dot(W.reshape(-1), S.reshape(-1))
+        torch.mm(W, c, out=d_rows[a:a + S.shape[0]])
+        d_cols.addmm_(W.T, ra)
+    return d_rows * s, d_cols * s, d_s / s
+
+
+class InfoNCEChunked(torch.autograd.Function):
+    """Symmetric InfoNCE (world size 1) in (chunk x B) panels; backward recomputes them.
+
+    loss = (sum_i lse_row_i + sum_j lse_col_j) / (2B) - s * sum_i I_i . T_i / B.
+    """
+
+    @staticmethod
+    def forward(ctx, image: Tensor, text: Tensor, scale: Tensor, chunk: int) -> Tensor:
+        B = image.shape[0]
+        lse_r, lse_c = lse_rows_and_cols(image, text, scale, chunk, with_cols=True)
+        pos = (image.to(lse_r.dtype) * text.to(lse_r.dtype)).sum()
+        loss = (lse_r.sum() + lse_c.sum()) / (2 * B) - scale.to(lse_r.dtype) * pos / B
+        ctx.save_for_backward(image, text, scale, lse_r, lse_c)
+        ctx.chunk = chunk
+        return loss.to(image.dtype)
+
+    @staticmethod
+    def backward(ctx, grad):
+        image, text, scale, lse_r, lse_c = ctx.saved_tensors
+        B = image.shape[0]
+        w = 1.0 / (2 * B)
+        d_i, d_t, d_s = lse_backward(image, text, scale, lse_r, lse_c, w, w, ctx.chunk)
+        acc = lse_r.dtype
+        s = scale.to(acc)
+        d_i -= s * text.to(acc) / B
+        d_t -= s * image.to(acc) / B
+        d_s -= (image.to(acc) * text.to(acc)).sum() / B
+        g = grad.to(acc)
+        return ((g * d_i).to(image.dtype), (g * d_t).to(text.dtype),
+                (g * d_s).to(scale.dtype).reshape(scale.shape), None)
+
+
+def siglip_panels(rows: Tensor, cols: Tensor, scale: Tensor, bias: Tensor, chunk: int,
+                  diag_offset: int | None, grad_weight: float | None = None):
+    """Sum over panels of -logsigmoid(z * (s R C^T + b)) with z = +1 at (i, i + diag_offset)
+    and -1 elsewhere (diag_offset None: all negatives). With grad_weight, also the
+    gradients of grad_weight * that sum w.r.t. rows, cols, scale and bias."""
+    n, m = rows.shape[0], cols.shape[0]
+    acc = torch.float64 if rows.dtype == torch.float64 else torch.float32
+    r, c = rows.to(acc), cols.to(acc)
+    s, b = scale.to(acc), bias.to(acc)
+    total = torch.zeros((), dtype=acc, device=rows.device)
+    want = grad_weight is not None
+    d_rows = torch.empty(n, rows.shape[1], dtype=acc, device=rows.device) if want else None
+    d_cols = torch.zeros(m, cols.shape[1], dtype=acc, device=rows.device) if want else None
+    d_s = torch.zeros((), dtype=acc, device=rows.device)
+    d_b = torch.zeros((), dtype=acc, device=rows.device)
+    panels = _Panels(min(chunk, n), m, 2, c)
+    for a in range(0, n, chunk):
+        L, X = panels.take(min(chunk, n - a))
+        k = L.shape[0]
+        torch.mm(r[a:a + k], c.T, out=L)
+        L.mul_(s).add_(b)
+        # every element as a negative: -logsigmoid(-L) = softplus(L)
+        total += torch.nn.functional.softplus(L).sum()
+        if diag_offset is not None:
+            i = torch.arange(a, a + k, device=L.device)
+            j = i + diag_offset
+            ok = (j >= 0) & (j < m)
+            d = L[(i - a)[ok], j[ok]]
+            # positives: replace softplus(L) by softplus(-L)
+            total += (torch.nn.functional.softplus(-d) - torch.nn.functional.softplus(d)).sum()
+        if want:
+            # d/dL: sigmoid(L) for negatives, -sigmoid(-L) = sigmoid(L) - 1 for positives
+            torch.sigmoid(L, out=X)
+            if diag_offset is not None:
+                X[(i - a)[ok], j[ok]] -= 1.0
+            X.mul_(grad_weight)
+            d_b += X.sum()
+            d_s += torch.dot(X.reshape(-1), L.reshape(-1))  # = sum X * (s S + b)
+            d_b_part = X.sum()
+            d_s -= b * d_b_part  # remove the bias part: sum X * s S
+            torch.mm(X, c, out=d_rows[a:a + k])
+            d_cols.addmm_(X.T, r[a:a + k])
+    if not want:
+        return total
+    return total, d_rows * s, d_cols * s, d_s / s, d_b
+
+
+class SigLIPChunked(torch.autograd.Function):
+    """SigLIP loss (world size 1) in panels; backward recomputes them."""
+
+    @staticmethod
+    def forward(ctx, image, text, scale, bias, chunk):
+        total = siglip_panels(image, text, scale, bias, chunk, 0)
+        ctx.save_for_backward(image, text, scale, bias)
+        ctx.chunk = chunk
+        return (total / image.shape[0]).to(image.dtype)
+
+    @staticmethod
+    def backward(ctx, grad):
+        image, text, scale, bias = ctx.saved_tensors
+        _, d_i, d_t, d_s, d_b = siglip_panels(image, text, scale, bias, ctx.chunk, 0,
+                                              grad_weight=1.0 / image.shape[0])
+        g = grad.to(d_i.dtype)
+        return ((g * d_i).to(image.dtype), (g * d_t).to(text.dtype),
+                (g * d_s).to(scale.dtype).reshape(scale.shape),
+                (g * d_b).to(bias.dtype).reshape(bias.shape), None)

@@ -1,0 +1,237 @@
+"""info_nce / sigmoid_contrastive and the ClipLoss / SigLipLoss drop-ins, against open_clip
+and float64 eager references, on one process and across 2 and 4 gloo processes."""
+
+import os
+import subprocess
+import sys
+
+import open_clip
+import pytest
+import torch
+
+import mmkernels
+from mmkernels import reference
+from mmkernels.testing import assert_close_to_reference
+
+WORKER = os.path.join(os.path.dirname(__file__), "_dist_worker.py")
+
+
+def features(B, D, dtype=torch.float64):
+    f = [torch.nn.functional.normalize(torch.randn(B, D, dtype=torch.float64), dim=-1)
+         for _ in range(2)]
+    return [t.to(dtype) for t in f]
+
+
+def grads(loss_fn, *inputs):
+    leaves = [t.detach().clone().requires_grad_() for t in inputs]
+    loss = loss_fn(*leaves)
+    loss.backward()
+    return loss.detach(), [t.grad for t in leaves]
+
+
+CASES = [pytest.param(B, D, chunk, id=f"B{B}-D{D}-chunk{chunk}")
+         for B, D, chunk in [(1, 64, None), (37, 64, 8), (50, 512, 16), (33, 768, 7), (64, 64, 64)]]
+
+
+@pytest.mark.parametrize("B,D,chunk", CASES)
+def test_info_nce_matches_open_clip_and_float64(B, D, chunk):
+    img, txt = features(B, D)
+    scale = torch.tensor(14.7, dtype=torch.float64)
+    ours, g_ours = grads(lambda i, t, s: mmkernels.info_nce(i, t, s, chunk_size=chunk),
+                         img, txt, scale)
+    theirs, g_theirs = grads(open_clip.ClipLoss(), img, txt, scale)
+    torch.testing.assert_close(ours, theirs, atol=1e-12, rtol=1e-12)
+    for a, b in zip(g_ours, g_theirs):  # logit_scale's gradient included
+        torch.testing.assert_close(a, b, atol=1e-12, rtol=1e-10)
+    # float32 against the float64 reference, within the tolerance table
+    o32, g32 = grads(lambda i, t, s: mmkernels.info_nce(i, t, s, chunk_size=chunk),
+                     img.float(), txt.float(), scale.float())
+    assert_close_to_reference(o32, theirs, what="loss")
+    for a, b, n in zip(g32, g_theirs, ("d image", "d text", "d logit_scale")):
+        assert_close_to_reference(a, b, what=n)
+
+
+@pytest.mark.parametrize("B,D,chunk", CASES)
+def test_sigmoid_matches_open_clip_and_float64(B, D, chunk):
+    img, txt = features(B, D)
+    scale = torch.tensor(10.0, dtype=torch.float64)
+    bias = torch.tensor(-10.0, dtype=torch.float64)
+    fn = lambda i, t, s, b: mmkernels.sigmoid_contrastive(i, t, s, b, chunk_size=chunk)  # noqa: E731
+    ours, g_ours = grads(fn, img, txt, scale, bias)
+    theirs, g_theirs = grads(open_clip.loss.SigLipLoss(), img, txt, scale, bias)
+    torch.testing.assert_close(ours, theirs, atol=1e-12, rtol=1e-12)
+    for a, b in zip(g_ours, g_theirs):
+        torch.testing.assert_close(a, b, atol=1e-12, rtol=1e-10)
+    o32, g32 = grads(fn, img.float(), txt.float(), scale.float(), bias.float())
+    assert_close_to_reference(o32, theirs, what="loss")
+    for a, b, n in zip(g32, g_theirs, ("d image", "d text", "d logit_scale", "d logit_bias")):
+        assert_close_to_reference(a, b, what=n)
+
+
+@pytest.mark.parametrize("kind", ["info_nce", "sigmoid"])
+def test_float16_within_twice_eager_error(kind):
+    img, txt = features(96, 128)
+    scale = torch.tensor(20.0, dtype=torch.float64)
+    bias = torch.tensor(-5.0, dtype=torch.float64)
+    if kind == "info_nce":
+        ours_fn = lambda i, t, s: mmkernels.info_nce(i, t, s, chunk_size=40)  # noqa: E731
+        ref_fn = reference.info_nce
+        args = (img, txt, scale)
+    else:
+        ours_fn = lambda i, t, s, b: mmkernels.sigmoid_contrastive(i, t, s, b, chunk_size=40)  # noqa: E731
+        ref_fn = reference.sigmoid_contrastive
+        args = (img, txt, scale, bias)
+    ref, g_ref = grads(ref_fn, *args)
+    half = [a.half() for a in args]
+    ours, g_ours = grads(ours_fn, *half)
+    eager, g_eager = grads(ref_fn, *half)
+    assert ours.dtype == torch.float16
+    assert_close_to_reference(ours, ref, eager_lowp=eager, what="loss")
+    for a, b, e in zip(g_ours, g_ref, g_eager):
+        assert_close_to_reference(a, b, eager_lowp=e, what="grad")
+
+
+def test_gradcheck():
+    img, txt = features(9, 5)
+    img.requires_grad_()
+    txt.requires_grad_()
+    s = torch.tensor(3.0, dtype=torch.float64, requires_grad=True)
+    b = torch.tensor(-1.0, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda i, t, s: mmkernels.info_nce(i, t, s, chunk_size=4),
+                                    (img, txt, s))
+    assert torch.autograd.gradcheck(
+        lambda i, t, s, b: mmkernels.sigmoid_contrastive(i, t, s, b, chunk_size=4),
+        (img, txt, s, b))
+
+
+def test_modules_are_drop_ins():
+    img, txt = features(20, 32)
+    s, b = torch.tensor(5.0, dtype=torch.float64), torch.tensor(-3.0, dtype=torch.float64)
+    torch.testing.assert_close(mmkernels.nn.ClipLoss()(img, txt, s),
+                               open_clip.ClipLoss()(img, txt, s))
+    out = mmkernels.nn.ClipLoss()(img, txt, s, output_dict=True)
+    assert set(out) == {"contrastive_loss"}
+    torch.testing.assert_close(mmkernels.nn.ClipLoss()(img, txt, s, logit_bias=b),
+                               open_clip.ClipLoss()(img, txt, s, logit_bias=b))
+    torch.testing.assert_close(mmkernels.nn.SigLipLoss()(img, txt, s, b),
+                               open_clip.loss.SigLipLoss()(img, txt, s, b))
+    with pytest.raises(ValueError, match="local_loss=True"):
+        mmkernels.nn.ClipLoss(world_size=2)
+
+
+def test_nan_features_give_nan_loss():
+    img, txt = features(8, 16, torch.float32)
+    img[3, 2] = float("nan")
+    s = torch.tensor(10.0)
+    assert torch.isnan(mmkernels.info_nce(img, txt, s))
+    assert torch.isnan(mmkernels.sigmoid_contrastive(img, txt, s, torch.tensor(-1.0)))
+
+
+BAD = [
+    ("batch-mismatch", lambda: mmkernels.info_nce(torch.randn(4, 8), torch.randn(5, 8),
+                                                  torch.tensor(1.0)), ValueError, "same"),
+    ("dim-mismatch", lambda: mmkernels.info_nce(torch.randn(4, 8), torch.randn(4, 9),
+                                                torch.tensor(1.0)), ValueError, "same"),
+    ("scale-not-scalar", lambda: mmkernels.info_nce(torch.randn(4, 8), torch.randn(4, 8),
+                                                    torch.ones(2)), ValueError, "logit_scale"),
+    ("scale-float", lambda: mmkernels.info_nce(torch.randn(4, 8), torch.randn(4, 8), 1.0),
+     TypeError, "logit_scale"),
+    ("bias-not-scalar", lambda: mmkernels.sigmoid_contrastive(
+        torch.randn(4, 8), torch.randn(4, 8), torch.tensor(1.0), torch.ones(3)), ValueError,
+     "logit_bias"),
+    ("features-1d", lambda: mmkernels.info_nce(torch.randn(8), torch.randn(8), torch.tensor(1.0)),
+     ValueError, r"\(B, D\)"),
+    ("dim-too-big", lambda: mmkernels.info_nce(torch.randn(2, 5000), torch.randn(2, 5000),
+                                               torch.tensor(1.0)), ValueError, "4096"),
+    ("chunk-zero", lambda: mmkernels.info_nce(torch.randn(2, 8), torch.randn(2, 8),
+                                              torch.tensor(1.0), chunk_size=0), ValueError,
+     "chunk_size"),
+]
+
+
+@pytest.mark.parametrize("name,call,exc,match", BAD, ids=[b[0] for b in BAD])
+def test_bad_input_raises(name, call, exc, match):
+    with pytest.raises(exc, match=match):
+        call()
+
+
+# ---------------------------------------------------------------------------------
+# distributed: 2 and 4 gloo processes
+# ---------------------------------------------------------------------------------
+
+def _emulate_open_clip(img, txt, scale, bias, bounds):
+    """open_clip's per-rank losses in one process: rank r's gradients are those of the
+    sum of every rank's loss (its features reach the other ranks through all_gather /
+    neighbour exchange with grad), logit_scale's of its own loss."""
+    out = []
+    for r in range(len(bounds) - 1):
+        lo, hi = bounds[r], bounds[r + 1]
+        i_all = img.detach().clone().requires_grad_()
+        t_all = txt.detach().clone().requires_grad_()
+        per = {}
+        for kind in ("clip", "siglip"):
+            s = scale.detach().clone().requires_grad_()
+            b = bias.detach().clone().requires_grad_()
+            total = 0
+            own = None
+            for q in range(len(bounds) - 1):
+                ql, qh = bounds[q], bounds[q + 1]
+                if kind == "clip":
+                    li = s * i_all[ql:qh] @ t_all.T
+                    lt = s * t_all[ql:qh] @ i_all.T
+                    lab = torch.arange(ql, qh)
+                    loss = (torch.nn.functional.cross_entropy(li, lab)
+                            + torch.nn.functional.cross_entropy(lt, lab)) / 2
+                else:
+                    logits = s * i_all[ql:qh] @ t_all.T + b
+                    z = -torch.ones_like(logits)
+                    z[torch.arange(qh - ql), torch.arange(ql, qh)] = 1
+                    loss = -torch.nn.functional.logsigmoid(z * logits).sum() / (qh - ql)
+                total = total + loss
+                if q == r:
+                    own = loss
+            gi, gt = torch.autograd.grad(total, (i_all, t_all), retain_graph=True)
+            gs, gb = torch.autograd.grad(own, (s, b), allow_unused=True)
+            per[kind] = dict(loss=own.detach(), image=gi[lo:hi], text=gt[lo:hi], scale=gs,
+                             bias=gb)
+        out.append(per)
+    return out
+
+
+@pytest.mark.parametrize("world,local_sizes,chunk", [
+    pytest.param(2, [12, 12], 5, id="2-ranks-chunk5"),
+    pytest.param(4, [9, 9, 9, 9], 4, id="4-ranks-chunk4"),
+    pytest.param(3, [7, 12, 4], 5, id="3-ranks-uneven-batches"),
+])
+def test_distributed_gloo_matches_open_clip(tmp_path, world, local_sizes, chunk):
+    torch.manual_seed(world)
+    N, D = sum(local_sizes), 24
+    img, txt = features(N, D)
+    bounds = [0]
+    for n in local_sizes:
+        bounds.append(bounds[-1] + n)
+    uneven = len(set(local_sizes)) > 1
+    data = dict(image=img, text=txt, scale=torch.tensor(12.0, dtype=torch.float64),
+                bias=torch.tensor(-4.0, dtype=torch.float64), bounds=bounds, chunk=chunk,
+                uneven=uneven)
+    torch.save(data, tmp_path / "data.pt")
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    env.pop("TRITON_INTERPRET", None)
+    procs = [subprocess.Popen([sys.executable, WORKER, str(r), str(world),
+                               str(tmp_path / "init"), str(tmp_path / "data.pt"), str(tmp_path)],
+                              env=env, stderr=subprocess.PIPE, text=True)
+             for r in range(world)]
+    errs = [p.communicate(timeout=300)[1] for p in procs]
+    assert all(p.returncode == 0 for p in procs), "\n".join(errs)
+    expect = _emulate_open_clip(img, txt, data["scale"], data["bias"], bounds)
+    for r in range(world):
+        res = torch.load(tmp_path / f"rank{r}.pt")
+        for kind in ("clip", "siglip"):
+            ours = res[f"ours-{kind}"]
+            refs = [expect[r][kind]] + ([] if uneven else [res[f"open_clip-{kind}"]])
+            for ref in refs:
+                for key in ("loss", "image", "text", "scale", "bias"):
+                    if ours[key] is None or ref[key] is None:
+                        continue
+                    torch.testing.assert_close(ours[key], ref[key], atol=1e-12, rtol=1e-10,
+                                               msg=f"rank {r} {kind} {key}")
