@@ -375,6 +375,12 @@ def sigmoid_contrastive(image_features: Tensor, text_features: Tensor, logit_sca
     return -torch.nn.functional.logsigmoid(z * logits).sum() / B
 
 
+#: exp() arguments are clamped here: exp(-80) < 2e-35 contributes nothing an fp32 sum can
+#: hold, and the clamp keeps the CPU out of (very slow) denormal arithmetic, which
+#: CLIP-sized logits (s = 100) otherwise hit on most of each panel.
+EXP_FLOOR = -80.0
+
+
 class _Panels:
     """Reusable (chunk x m) work buffers: the chunked losses allocate them once per call
     instead of once per panel (fresh multi-MB allocations cost page faults on the CPU)."""
@@ -403,17 +409,18 @@ def lse_rows_and_cols(rows: Tensor, cols: Tensor, scale: Tensor, chunk: int,
     col_l = torch.zeros(m, dtype=acc, device=rows.device)
     panels = _Panels(min(chunk, n), m, 2, cols.to(acc))
     s = scale.to(acc)
+    c_t = cols.to(acc).T.contiguous()  # (D, m): a row-major right operand is the fast GEMM
     for a in range(0, n, chunk):
         S, E = panels.take(min(chunk, n - a))
-        torch.mm(rows[a:a + chunk].to(acc), cols.to(acc).T, out=S)
+        torch.mm(rows[a:a + chunk].to(acc), c_t, out=S)
         S.mul_(s)
         rmax = S.amax(1)
         torch.sub(S, rmax[:, None], out=E)
-        lse_r[a:a + S.shape[0]] = rmax + E.exp_().sum(1).log()
+        lse_r[a:a + S.shape[0]] = rmax + E.clamp_(min=EXP_FLOOR).exp_().sum(1).log()
         if with_cols:
             cmax = S.amax(0)
             torch.sub(S, cmax[None, :], out=E)
-            csum = E.exp_().sum(0)
+            csum = E.clamp_(min=EXP_FLOOR).exp_().sum(0)
             new = torch.maximum(col_m, cmax)
             col_l = col_l * torch.exp(col_m - new) + csum * torch.exp(cmax - new)
             col_m = new
@@ -434,18 +441,19 @@ def lse_backward(rows: Tensor, cols: Tensor, scale: Tensor, lse_r: Tensor, lse_c
     d_cols = torch.zeros(m, cols.shape[1], dtype=acc, device=rows.device)
     d_s = torch.zeros((), dtype=acc, device=rows.device)
     panels = _Panels(min(chunk, n), m, 3 if lse_c is not None else 2, c)
+    c_t = c.T.contiguous()
     for a in range(0, n, chunk):
         bufs = panels.take(min(chunk, n - a))
         S, W = bufs[0], bufs[1]
         ra = r[a:a + S.shape[0]]
-        torch.mm(ra, c.T, out=S)
+        torch.mm(ra, c_t, out=S)
         S.mul_(s)
         torch.sub(S, lse_r[a:a + S.shape[0], None], out=W)
-        W.exp_().mul_(w_row)
+        W.clamp_(min=EXP_FLOOR).exp_().mul_(w_row)
         if lse_c is not None:
             X = bufs[2]
             torch.sub(S, lse_c[None, :], out=X)
-            W.add_(X.exp_(), alpha=w_col)
+            W.add_(X.clamp_(min=EXP_FLOOR).exp_(), alpha=w_col)
         d_s += torch.dot(W.reshape(-1), S.reshape(-1))
         torch.mm(W, c, out=d_rows[a:a + S.shape[0]])
         d_cols.addmm_(W.T, ra)
@@ -487,8 +495,9 @@ class InfoNCEChunked(torch.autograd.Function):
 def siglip_panels(rows: Tensor, cols: Tensor, scale: Tensor, bias: Tensor, chunk: int,
                   diag_offset: int | None, grad_weight: float | None = None):
     """Sum over panels of -logsigmoid(z * (s R C^T + b)) with z = +1 at (i, i + diag_offset)
-    and -1 elsewhere (diag_offset None: all negatives). With grad_weight, also the
-    gradients of grad_weight * that sum w.r.t. rows, cols, scale and bias."""
+    and -1 elsewhere (diag_offset None: all negatives). With grad_weight, the gradients of
+    grad_weight * that sum w.r.t. rows, cols, scale and bias come from the same panels
+    (each element's gradient depends on its logit alone, so no second pass is needed)."""
     n, m = rows.shape[0], cols.shape[0]
     acc = torch.float64 if rows.dtype == torch.float64 else torch.float32
     r, c = rows.to(acc), cols.to(acc)
@@ -500,13 +509,19 @@ def siglip_panels(rows: Tensor, cols: Tensor, scale: Tensor, bias: Tensor, chunk
     d_s = torch.zeros((), dtype=acc, device=rows.device)
     d_b = torch.zeros((), dtype=acc, device=rows.device)
     panels = _Panels(min(chunk, n), m, 2, c)
+    c_t = c.T.contiguous()
     for a in range(0, n, chunk):
         L, X = panels.take(min(chunk, n - a))
         k = L.shape[0]
-        torch.mm(r[a:a + k], c.T, out=L)
+        torch.mm(r[a:a + k], c_t, out=L)
         L.mul_(s).add_(b)
-        # every element as a negative: -logsigmoid(-L) = softplus(L)
-        total += torch.nn.functional.softplus(L).sum()
+        # every element as a negative: -logsigmoid(-L) = softplus(L) = log1p(exp(L)),
+        # with L clamped to [EXP_FLOOR, 80] (no denormals, no overflow) and the exact
+        # linear part max(L - 80, 0) added back
+        torch.clamp(L, EXP_FLOOR, 80.0, out=X)
+        total += X.exp_().log1p_().sum()
+        if bool(L.max() > 80.0):
+            total += (L - 80.0).clamp_(min=0).sum()
         if diag_offset is not None:
             i = torch.arange(a, a + k, device=L.device)
             j = i + diag_offset
@@ -515,15 +530,15 @@ def siglip_panels(rows: Tensor, cols: Tensor, scale: Tensor, bias: Tensor, chunk
             # positives: replace softplus(L) by softplus(-L)
             total += (torch.nn.functional.softplus(-d) - torch.nn.functional.softplus(d)).sum()
         if want:
-            # d/dL: sigmoid(L) for negatives, -sigmoid(-L) = sigmoid(L) - 1 for positives
-            torch.sigmoid(L, out=X)
+            # d/dL: sigmoid(L) for negatives, sigmoid(L) - 1 for positives
+            torch.clamp(L, -80.0, 80.0, out=X)
+            X.sigmoid_()
             if diag_offset is not None:
                 X[(i - a)[ok], j[ok]] -= 1.0
             X.mul_(grad_weight)
-            d_b += X.sum()
-            d_s += torch.dot(X.reshape(-1), L.reshape(-1))  # = sum X * (s S + b)
-            d_b_part = X.sum()
-            d_s -= b * d_b_part  # remove the bias part: sum X * s S
+            xs = X.sum()
+            d_b += xs
+            d_s += torch.dot(X.reshape(-1), L.reshape(-1)) - b * xs  # sum X * (s S)
             torch.mm(X, c, out=d_rows[a:a + k])
             d_cols.addmm_(X.T, r[a:a + k])
     if not want:
@@ -532,21 +547,26 @@ def siglip_panels(rows: Tensor, cols: Tensor, scale: Tensor, bias: Tensor, chunk
 
 
 class SigLIPChunked(torch.autograd.Function):
-    """SigLIP loss (world size 1) in panels; backward recomputes them."""
+    """SigLIP loss (world size 1) in panels. When a gradient is needed, the forward pass
+    also produces it (one pass over the panels: 3 GEMMs of B x B x D instead of 4), and
+    the backward scales it by the incoming gradient."""
 
     @staticmethod
     def forward(ctx, image, text, scale, bias, chunk):
-        total = siglip_panels(image, text, scale, bias, chunk, 0)
-        ctx.save_for_backward(image, text, scale, bias)
-        ctx.chunk = chunk
-        return (total / image.shape[0]).to(image.dtype)
+        B = image.shape[0]
+        if any(ctx.needs_input_grad[:4]):
+            total, d_i, d_t, d_s, d_b = siglip_panels(image, text, scale, bias, chunk, 0,
+                                                      grad_weight=1.0 / B)
+            ctx.save_for_backward(d_i, d_t, d_s, d_b)
+        else:
+            total = siglip_panels(image, text, scale, bias, chunk, 0)
+        ctx.dtypes = (image.dtype, text.dtype, scale.dtype, bias.dtype, scale.shape, bias.shape)
+        return (total / B).to(image.dtype)
 
     @staticmethod
     def backward(ctx, grad):
-        image, text, scale, bias = ctx.saved_tensors
-        _, d_i, d_t, d_s, d_b = siglip_panels(image, text, scale, bias, ctx.chunk, 0,
-                                              grad_weight=1.0 / image.shape[0])
+        d_i, d_t, d_s, d_b = ctx.saved_tensors
+        ti, tt, ts, tb, ss, bs = ctx.dtypes
         g = grad.to(d_i.dtype)
-        return ((g * d_i).to(image.dtype), (g * d_t).to(text.dtype),
-                (g * d_s).to(scale.dtype).reshape(scale.shape),
-                (g * d_b).to(bias.dtype).reshape(bias.shape), None)
+        return ((g * d_i).to(ti), (g * d_t).to(tt), (g * d_s).to(ts).reshape(ss),
+                (g * d_b).to(tb).reshape(bs), None)

@@ -35,7 +35,8 @@ def run_case(suite_name: str, case: suites.Case, device: torch.device, threads: 
     for mode in case.modes:
         for prov, fn in case.providers.items():
             t = harness.time_fn(harness.mode_fn(case.make_inputs, fn, mode), device,
-                                repeats=repeats)
+                                repeats=case.repeats or repeats,
+                                warmup=3 if case.warmup is None else case.warmup)
             timings[(prov, mode)] = t
     for mode in case.modes:
         base = timings[(case.baseline, mode)].median_ms

@@ -31,6 +31,8 @@ class Case:
     memory_mode: str = "forward"
     memory_targets: dict[str, float] = dataclasses.field(default_factory=dict)
     check: Callable[[], dict[str, float]] | None = None
+    repeats: int | None = None        # override the run's repeat count (very large cases)
+    warmup: int | None = None
     flops: float | None = None        # per forward, for TFLOP/s on a GPU
     bytes_moved: float | None = None  # minimum bytes per forward, for GB/s
 
@@ -52,6 +54,7 @@ _MODULES = {
     "token_gather": "mmkernels.bench.token_gather",
     "attention": "mmkernels.bench.attention",
     "co_attention": "mmkernels.bench.co_attention",
+    "contrastive": "mmkernels.bench.contrastive",
 }
 
 

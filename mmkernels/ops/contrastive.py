@@ -104,32 +104,32 @@ class _InfoNCEDistributed(torch.autograd.Function):
 
 class _SigLIPDistributed(torch.autograd.Function):
     """open_clip SigLipLoss across ranks: local images against every global text, the
-    positives at this rank's own block; divided by the local batch."""
+    positives at this rank's own block; divided by the local batch. Gradients come from
+    the forward's panels (see reference.SigLIPChunked); the text gradients of the other
+    ranks' blocks are summed across ranks in the backward."""
 
     @staticmethod
     def forward(ctx, image, text, scale, bias, chunk, group, world, rank):
         sizes = _sizes(image, group, world)
         all_t = _gather_rows(text.detach(), sizes, group)
         offset = sum(sizes[:rank])
-        total = reference.siglip_panels(image, all_t, scale, bias, chunk, offset)
-        ctx.save_for_backward(image, text, scale, bias, all_t)
-        ctx.meta = (chunk, group, offset)
-        return (total / image.shape[0]).to(image.dtype)
+        B = image.shape[0]
+        total, d_i, d_all_t, d_s, d_b = reference.siglip_panels(
+            image, all_t, scale, bias, chunk, offset, grad_weight=1.0 / B)
+        ctx.save_for_backward(d_i, d_all_t, d_s, d_b)
+        ctx.meta = (group, offset, B, image.dtype, scale.shape, bias.shape)
+        return (total / B).to(image.dtype)
 
     @staticmethod
     def backward(ctx, grad):
-        image, text, scale, bias, all_t = ctx.saved_tensors
-        chunk, group, offset = ctx.meta
-        B = image.shape[0]
-        _, d_i, d_all_t, d_s, d_b = reference.siglip_panels(image, all_t, scale, bias, chunk,
-                                                            offset, grad_weight=1.0 / B)
+        d_i, d_all_t, d_s, d_b = ctx.saved_tensors
+        group, offset, B, dtype, s_shape, b_shape = ctx.meta
         g = grad.to(d_i.dtype)
-        d_all_t = d_all_t.mul_(g).contiguous()
-        dist.all_reduce(d_all_t, group=group)
-        d_t = d_all_t[offset:offset + B]
-        return ((g * d_i).to(image.dtype), d_t.to(text.dtype),
-                (g * d_s).to(scale.dtype).reshape(scale.shape),
-                (g * d_b).to(bias.dtype).reshape(bias.shape), None, None, None, None)
+        cols = (d_all_t * g).contiguous()
+        dist.all_reduce(cols, group=group)
+        return ((g * d_i).to(dtype), cols[offset:offset + B].to(dtype),
+                (g * d_s).to(dtype).reshape(s_shape), (g * d_b).to(dtype).reshape(b_shape),
+                None, None, None, None)
 
 
 # ---------------------------------------------------------------------------------
