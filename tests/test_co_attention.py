@@ -8,7 +8,6 @@ import torch
 
 import mmkernels
 from mmkernels import reference
-from mmkernels.ops import co_attention as co
 from mmkernels.ops import varlen_attention as va
 from mmkernels.testing import assert_close_to_reference
 from mmkernels.triton import interpreting

@@ -14,7 +14,6 @@ from mmkernels.triton.attention import (
 )
 
 
-
 @triton.jit
 def _varlen_attn_fwd_kernel(q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, cu_q_ptr, cu_k_ptr, bid_ptr,
                             reach_ptr, stride_qt, stride_qh, stride_qd, stride_kt, stride_kh,
