@@ -7,6 +7,8 @@
 
 #include <ATen/ATen.h>
 
+#include <optional>
+
 namespace mmkernels {
 namespace token_gather {
 
@@ -51,6 +53,90 @@ inline void check_permutation(const char* op, const at::Tensor& ids, bool permut
   const bool perm = sorted.eq(at::arange(N, ids.options()).expand({B, N})).all().item<bool>();
   TORCH_CHECK(perm, op, ": each row of ids_restore must be a permutation of [0, N) (as returned "
               "by random_masking); found a repeated index");
+}
+
+
+// ---- per-op argument checks (shapes, dtypes, devices), shared by CPU and CUDA ----------
+
+inline void check_random_masking_args(const char* op, const at::Tensor& x,
+                                      const at::Tensor& noise, int64_t n_keep) {
+  check_rows_tensor(op, "x", x);
+  const int64_t B = x.size(0), N = x.size(1);
+  TORCH_CHECK(noise.dim() == 2 && noise.size(0) == B && noise.size(1) == N, op,
+              ": noise must have shape (B, N) = (", B, ", ", N, "), got ", noise.sizes());
+  TORCH_CHECK(at::isFloatingType(noise.scalar_type()), op, ": noise must be floating point, got ",
+              noise.scalar_type());
+  TORCH_CHECK(noise.device() == x.device(), op, ": noise must be on x's device");
+  TORCH_CHECK(n_keep >= 0 && n_keep <= N, op, ": n_keep must lie in [0, N] = [0, ", N, "], got ",
+              n_keep);
+}
+
+// Returns N (the full token count).
+inline int64_t check_restore_args(const char* op, const at::Tensor& x_kept,
+                                  const at::Tensor& ids_restore,
+                                  const std::optional<at::Tensor>& mask_token) {
+  check_rows_tensor(op, "x_kept", x_kept);
+  check_index(op, "ids_restore", ids_restore, x_kept);
+  const int64_t B = x_kept.size(0), K = x_kept.size(1), D = x_kept.size(2);
+  TORCH_CHECK(ids_restore.dim() == 2 && ids_restore.size(0) == B, op,
+              ": ids_restore must have shape (B, N) with B = ", B, ", got ", ids_restore.sizes());
+  const int64_t N = ids_restore.size(1);
+  TORCH_CHECK(K <= N, op, ": x_kept has ", K, " tokens, more than N = ", N);
+  if (mask_token.has_value()) {
+    TORCH_CHECK(mask_token->dim() == 1 && mask_token->size(0) == D, op,
+                ": mask_token must have D = ", D, " elements, got shape ", mask_token->sizes());
+    TORCH_CHECK(mask_token->scalar_type() == x_kept.scalar_type(), op, ": mask_token dtype ",
+                mask_token->scalar_type(), " must match x_kept dtype ", x_kept.scalar_type());
+    TORCH_CHECK(mask_token->device() == x_kept.device(), op, ": mask_token must be on ",
+                x_kept.device());
+  }
+  return N;
+}
+
+inline void check_restore_backward_args(const char* op, const at::Tensor& grad,
+                                        const at::Tensor& ids_restore, int64_t n_keep) {
+  check_rows_tensor(op, "grad", grad);
+  check_index(op, "ids_restore", ids_restore, grad);
+  const int64_t B = grad.size(0), N = grad.size(1);
+  TORCH_CHECK(ids_restore.dim() == 2 && ids_restore.size(0) == B && ids_restore.size(1) == N, op,
+              ": ids_restore must have shape (B, N) = (", B, ", ", N, "), got ",
+              ids_restore.sizes());
+  TORCH_CHECK(n_keep >= 0 && n_keep <= N, op, ": n_keep must lie in [0, N]");
+}
+
+inline void check_masked_select_args(const char* op, const at::Tensor& x, const at::Tensor& mask) {
+  check_rows_tensor(op, "x", x);
+  const int64_t B = x.size(0), N = x.size(1);
+  TORCH_CHECK(mask.dim() == 2 && mask.size(0) == B && mask.size(1) == N, op,
+              ": mask must have shape (B, N) = (", B, ", ", N, "), got ", mask.sizes());
+  TORCH_CHECK(mask.scalar_type() == at::kBool, op, ": mask must be bool, got ", mask.scalar_type());
+  TORCH_CHECK(mask.device() == x.device(), op, ": mask must be on x's device");
+}
+
+inline void check_scatter_rows_args(const char* op, const at::Tensor& src,
+                                    const at::Tensor& index, int64_t num_rows) {
+  TORCH_CHECK(src.dim() == 2, op, ": src must be (M, D), got ", src.sizes());
+  check_index(op, "index", index, src);
+  TORCH_CHECK(index.dim() == 1 && index.size(0) == src.size(0), op, ": index must be (M,) = (",
+              src.size(0), ",), got ", index.sizes());
+  TORCH_CHECK(num_rows >= 0, op, ": num_rows must be non-negative");
+}
+
+inline void check_scatter_image_args(const char* op, const at::Tensor& embeds,
+                                     const at::Tensor& mask, const at::Tensor& feats) {
+  check_rows_tensor(op, "inputs_embeds", embeds);
+  const int64_t B = embeds.size(0), L = embeds.size(1), D = embeds.size(2);
+  TORCH_CHECK(mask.dim() == 2 && mask.size(0) == B && mask.size(1) == L, op,
+              ": image_mask must have shape (B, L) = (", B, ", ", L, "), got ", mask.sizes());
+  TORCH_CHECK(mask.scalar_type() == at::kBool, op, ": image_mask must be bool, got ",
+              mask.scalar_type());
+  TORCH_CHECK(feats.dim() == 2 && feats.size(1) == D, op,
+              ": image_features must be (num_image_tokens, D) with D = ", D, ", got ",
+              feats.sizes());
+  TORCH_CHECK(feats.scalar_type() == embeds.scalar_type(), op, ": image_features dtype ",
+              feats.scalar_type(), " must match inputs_embeds dtype ", embeds.scalar_type());
+  TORCH_CHECK(mask.device() == embeds.device() && feats.device() == embeds.device(), op,
+              ": all tensors must be on ", embeds.device());
 }
 
 }  // namespace token_gather

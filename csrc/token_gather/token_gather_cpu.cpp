@@ -62,15 +62,8 @@ void masking_order(const noise_t* noise, int64_t ns, int64_t N, int64_t n_keep, 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> random_masking_cpu(
     const at::Tensor& x, const at::Tensor& noise, int64_t n_keep) {
   const char* op = "random_masking";
-  check_rows_tensor(op, "x", x);
+  check_random_masking_args(op, x, noise, n_keep);
   const int64_t B = x.size(0), N = x.size(1), D = x.size(2);
-  TORCH_CHECK(noise.dim() == 2 && noise.size(0) == B && noise.size(1) == N, op,
-              ": noise must have shape (B, N) = (", B, ", ", N, "), got ", noise.sizes());
-  TORCH_CHECK(at::isFloatingType(noise.scalar_type()), op, ": noise must be floating point, got ",
-              noise.scalar_type());
-  TORCH_CHECK(noise.device() == x.device(), op, ": noise must be on x's device");
-  TORCH_CHECK(n_keep >= 0 && n_keep <= N, op, ": n_keep must lie in [0, N] = [0, ", N, "], got ",
-              n_keep);
   auto x_kept = at::empty({B, n_keep, D}, x.options());
   auto mask = at::empty({B, N}, x.options());
   auto ids_restore = at::empty({B, N}, x.options().dtype(at::kLong));
@@ -115,22 +108,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> random_masking_cpu(
 at::Tensor restore_tokens_cpu(const at::Tensor& x_kept, const at::Tensor& ids_restore,
                               const std::optional<at::Tensor>& mask_token) {
   const char* op = "restore_tokens";
-  check_rows_tensor(op, "x_kept", x_kept);
-  check_index(op, "ids_restore", ids_restore, x_kept);
+  const int64_t N = check_restore_args(op, x_kept, ids_restore, mask_token);
   const int64_t B = x_kept.size(0), K = x_kept.size(1), D = x_kept.size(2);
-  TORCH_CHECK(ids_restore.dim() == 2 && ids_restore.size(0) == B, op,
-              ": ids_restore must have shape (B, N) with B = ", B, ", got ", ids_restore.sizes());
-  const int64_t N = ids_restore.size(1);
-  TORCH_CHECK(K <= N, op, ": x_kept has ", K, " tokens, more than N = ", N);
-  if (mask_token.has_value()) {
-    TORCH_CHECK(mask_token->dim() == 1 && mask_token->size(0) == D, op,
-                ": mask_token must have D = ", D, " elements, got shape ", mask_token->sizes());
-    TORCH_CHECK(mask_token->scalar_type() == x_kept.scalar_type(), op,
-                ": mask_token dtype ", mask_token->scalar_type(), " must match x_kept dtype ",
-                x_kept.scalar_type());
-    TORCH_CHECK(mask_token->device() == x_kept.device(), op, ": mask_token must be on ",
-                x_kept.device());
-  }
   check_permutation(op, ids_restore, /*permutation=*/false);
   auto out = at::empty({B, N, D}, x_kept.options());
   if (out.numel() == 0) return out;
@@ -165,13 +144,8 @@ std::tuple<at::Tensor, at::Tensor> restore_tokens_backward_cpu(const at::Tensor&
                                                                const at::Tensor& ids_restore,
                                                                int64_t n_keep) {
   const char* op = "restore_tokens_backward";
-  check_rows_tensor(op, "grad", grad);
-  check_index(op, "ids_restore", ids_restore, grad);
+  check_restore_backward_args(op, grad, ids_restore, n_keep);
   const int64_t B = grad.size(0), N = grad.size(1), D = grad.size(2);
-  TORCH_CHECK(ids_restore.dim() == 2 && ids_restore.size(0) == B && ids_restore.size(1) == N, op,
-              ": ids_restore must have shape (B, N) = (", B, ", ", N, "), got ",
-              ids_restore.sizes());
-  TORCH_CHECK(n_keep >= 0 && n_keep <= N, op, ": n_keep must lie in [0, N]");
   check_permutation(op, ids_restore);
   auto grad_kept = at::empty({B, n_keep, D}, grad.options());
   const auto acc_type = at::toOpMathType(grad.scalar_type());
@@ -218,12 +192,8 @@ std::tuple<at::Tensor, at::Tensor> masked_select_rows_cpu(const at::Tensor& x,
                                                           const at::Tensor& mask,
                                                           int64_t max_rows) {
   const char* op = "masked_select_rows";
-  check_rows_tensor(op, "x", x);
+  check_masked_select_args(op, x, mask);
   const int64_t B = x.size(0), N = x.size(1), D = x.size(2);
-  TORCH_CHECK(mask.dim() == 2 && mask.size(0) == B && mask.size(1) == N, op,
-              ": mask must have shape (B, N) = (", B, ", ", N, "), got ", mask.sizes());
-  TORCH_CHECK(mask.scalar_type() == at::kBool, op, ": mask must be bool, got ", mask.scalar_type());
-  TORCH_CHECK(mask.device() == x.device(), op, ": mask must be on x's device");
   const at::Tensor m = mask.contiguous();
   const bool* mp = m.const_data_ptr<bool>();
   std::vector<int64_t> picked;
@@ -258,11 +228,7 @@ std::tuple<at::Tensor, at::Tensor> masked_select_rows_cpu(const at::Tensor& x,
 
 at::Tensor scatter_rows_cpu(const at::Tensor& src, const at::Tensor& index, int64_t num_rows) {
   const char* op = "_scatter_rows";
-  TORCH_CHECK(src.dim() == 2, op, ": src must be (M, D), got ", src.sizes());
-  check_index(op, "index", index, src);
-  TORCH_CHECK(index.dim() == 1 && index.size(0) == src.size(0), op, ": index must be (M,) = (",
-              src.size(0), ",), got ", index.sizes());
-  TORCH_CHECK(num_rows >= 0, op, ": num_rows must be non-negative");
+  check_scatter_rows_args(op, src, index, num_rows);
   const int64_t M = src.size(0), D = src.size(1);
   auto out = at::zeros({num_rows, D}, src.options());
   if (M == 0 || D == 0) return out;
@@ -294,19 +260,8 @@ at::Tensor scatter_rows_cpu(const at::Tensor& src, const at::Tensor& index, int6
 at::Tensor scatter_image_features_cpu(const at::Tensor& embeds, const at::Tensor& mask,
                                       const at::Tensor& feats) {
   const char* op = "scatter_image_features";
-  check_rows_tensor(op, "inputs_embeds", embeds);
+  check_scatter_image_args(op, embeds, mask, feats);
   const int64_t B = embeds.size(0), L = embeds.size(1), D = embeds.size(2);
-  TORCH_CHECK(mask.dim() == 2 && mask.size(0) == B && mask.size(1) == L, op,
-              ": image_mask must have shape (B, L) = (", B, ", ", L, "), got ", mask.sizes());
-  TORCH_CHECK(mask.scalar_type() == at::kBool, op, ": image_mask must be bool, got ",
-              mask.scalar_type());
-  TORCH_CHECK(feats.dim() == 2 && feats.size(1) == D, op,
-              ": image_features must be (num_image_tokens, D) with D = ", D, ", got ",
-              feats.sizes());
-  TORCH_CHECK(feats.scalar_type() == embeds.scalar_type(), op, ": image_features dtype ",
-              feats.scalar_type(), " must match inputs_embeds dtype ", embeds.scalar_type());
-  TORCH_CHECK(mask.device() == embeds.device() && feats.device() == embeds.device(), op,
-              ": all tensors must be on ", embeds.device());
   const at::Tensor m = mask.contiguous();
   const bool* mp = m.const_data_ptr<bool>();
   const int64_t T = feats.size(0);

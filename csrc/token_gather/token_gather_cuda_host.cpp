@@ -50,12 +50,8 @@ int noise_code(at::ScalarType t) {
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> random_masking_cuda(
     const at::Tensor& x, const at::Tensor& noise, int64_t n_keep) {
   const char* op = "random_masking";
-  check_rows_tensor(op, "x", x);
+  check_random_masking_args(op, x, noise, n_keep);
   const int64_t B = x.size(0), N = x.size(1), D = x.size(2);
-  TORCH_CHECK(noise.dim() == 2 && noise.size(0) == B && noise.size(1) == N, op,
-              ": noise must have shape (B, N) = (", B, ", ", N, "), got ", noise.sizes());
-  TORCH_CHECK(noise.device() == x.device(), op, ": noise must be on x's device");
-  TORCH_CHECK(n_keep >= 0 && n_keep <= N, op, ": n_keep must lie in [0, N]");
   const c10::cuda::CUDAGuard guard(x.device());
   auto x_kept = at::empty({B, n_keep, D}, x.options());
   auto ids_restore = at::empty({B, N}, x.options().dtype(at::kLong));
@@ -75,21 +71,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> random_masking_cuda(
 at::Tensor restore_tokens_cuda(const at::Tensor& x_kept, const at::Tensor& ids_restore,
                                const std::optional<at::Tensor>& mask_token) {
   const char* op = "restore_tokens";
-  check_rows_tensor(op, "x_kept", x_kept);
-  check_index(op, "ids_restore", ids_restore, x_kept);
+  const int64_t N = check_restore_args(op, x_kept, ids_restore, mask_token);
   const int64_t B = x_kept.size(0), K = x_kept.size(1), D = x_kept.size(2);
-  TORCH_CHECK(ids_restore.dim() == 2 && ids_restore.size(0) == B, op,
-              ": ids_restore must have shape (B, N) with B = ", B, ", got ", ids_restore.sizes());
-  const int64_t N = ids_restore.size(1);
-  TORCH_CHECK(K <= N, op, ": x_kept has ", K, " tokens, more than N = ", N);
-  if (mask_token.has_value()) {
-    TORCH_CHECK(mask_token->dim() == 1 && mask_token->size(0) == D, op,
-                ": mask_token must have D = ", D, " elements, got ", mask_token->sizes());
-    TORCH_CHECK(mask_token->scalar_type() == x_kept.scalar_type(), op,
-                ": mask_token dtype must match x_kept");
-    TORCH_CHECK(mask_token->device() == x_kept.device(), op, ": mask_token must be on ",
-                x_kept.device());
-  }
   const c10::cuda::CUDAGuard guard(x_kept.device());
   check_permutation(op, ids_restore, /*permutation=*/false);
   auto out = at::empty({B, N, D}, x_kept.options());
@@ -106,12 +89,8 @@ std::tuple<at::Tensor, at::Tensor> restore_tokens_backward_cuda(const at::Tensor
                                                                 const at::Tensor& ids_restore,
                                                                 int64_t n_keep) {
   const char* op = "restore_tokens_backward";
-  check_rows_tensor(op, "grad", grad);
-  check_index(op, "ids_restore", ids_restore, grad);
+  check_restore_backward_args(op, grad, ids_restore, n_keep);
   const int64_t B = grad.size(0), N = grad.size(1), D = grad.size(2);
-  TORCH_CHECK(ids_restore.dim() == 2 && ids_restore.size(0) == B && ids_restore.size(1) == N, op,
-              ": ids_restore must have shape (B, N)");
-  TORCH_CHECK(n_keep >= 0 && n_keep <= N, op, ": n_keep must lie in [0, N]");
   const c10::cuda::CUDAGuard guard(grad.device());
   check_permutation(op, ids_restore);
   auto grad_kept = at::empty({B, n_keep, D}, grad.options());
@@ -132,12 +111,8 @@ std::tuple<at::Tensor, at::Tensor> masked_select_rows_cuda(const at::Tensor& x,
                                                            const at::Tensor& mask,
                                                            int64_t max_rows) {
   const char* op = "masked_select_rows";
-  check_rows_tensor(op, "x", x);
+  check_masked_select_args(op, x, mask);
   const int64_t B = x.size(0), N = x.size(1), D = x.size(2);
-  TORCH_CHECK(mask.dim() == 2 && mask.size(0) == B && mask.size(1) == N, op,
-              ": mask must have shape (B, N)");
-  TORCH_CHECK(mask.scalar_type() == at::kBool, op, ": mask must be bool");
-  TORCH_CHECK(mask.device() == x.device(), op, ": mask must be on x's device");
   const c10::cuda::CUDAGuard guard(x.device());
   auto flat = mask.reshape({B * N});
   at::Tensor index;
@@ -162,9 +137,7 @@ std::tuple<at::Tensor, at::Tensor> masked_select_rows_cuda(const at::Tensor& x,
 
 at::Tensor scatter_rows_cuda(const at::Tensor& src, const at::Tensor& index, int64_t num_rows) {
   const char* op = "_scatter_rows";
-  TORCH_CHECK(src.dim() == 2, op, ": src must be (M, D)");
-  check_index(op, "index", index, src);
-  TORCH_CHECK(index.dim() == 1 && index.size(0) == src.size(0), op, ": index must be (M,)");
+  check_scatter_rows_args(op, src, index, num_rows);
   const c10::cuda::CUDAGuard guard(src.device());
   const int64_t M = src.size(0);
   auto out = at::empty({num_rows, src.size(1)}, src.options());
@@ -184,15 +157,8 @@ at::Tensor scatter_rows_cuda(const at::Tensor& src, const at::Tensor& index, int
 at::Tensor scatter_image_features_cuda(const at::Tensor& embeds, const at::Tensor& mask,
                                        const at::Tensor& feats) {
   const char* op = "scatter_image_features";
-  check_rows_tensor(op, "inputs_embeds", embeds);
+  check_scatter_image_args(op, embeds, mask, feats);
   const int64_t B = embeds.size(0), L = embeds.size(1), D = embeds.size(2);
-  TORCH_CHECK(mask.dim() == 2 && mask.size(0) == B && mask.size(1) == L, op,
-              ": image_mask must have shape (B, L)");
-  TORCH_CHECK(mask.scalar_type() == at::kBool, op, ": image_mask must be bool");
-  TORCH_CHECK(feats.dim() == 2 && feats.size(1) == D, op,
-              ": image_features must be (num_image_tokens, D)");
-  TORCH_CHECK(feats.scalar_type() == embeds.scalar_type(), op,
-              ": image_features dtype must match inputs_embeds");
   const c10::cuda::CUDAGuard guard(embeds.device());
   const int64_t T = feats.size(0);
   auto flat = mask.reshape({B * L});

@@ -39,6 +39,13 @@ SEED_STRIDE: tl.constexpr = tl.constexpr(65537)
 
 
 @triton.jit
+def _seq_bounds(cu_ptr, b):
+    """(start, length) of sequence b from cu_seqlens."""
+    start = tl.load(cu_ptr + b)
+    return start, tl.load(cu_ptr + b + 1) - start
+
+
+@triton.jit
 def _dropout_keep(seed, rows_global, cols, max_seqlen_k, dropout_p):
     """(BLOCK_M, BLOCK_N) bool: keep element (row, col) of this stream's mask."""
     offs = rows_global[:, None] * max_seqlen_k + cols[None, :]

@@ -17,7 +17,16 @@ from mmkernels.triton.attention import (
     _attn_bwd_dkdv_tile,
     _attn_bwd_dq_tile,
     _attn_fwd_tile,
+    _seq_bounds,
 )
+
+
+@triton.jit
+def _pair(cu_a_ptr, cu_b_ptr, b, dh, num_heads):
+    """Direction, head and the two streams' (start, length) of sample b."""
+    a0, len_a = _seq_bounds(cu_a_ptr, b)
+    b0, len_b = _seq_bounds(cu_b_ptr, b)
+    return dh // num_heads, dh % num_heads, a0, len_a, b0, len_b
 
 
 @triton.jit
@@ -32,12 +41,7 @@ def _co_attn_fwd_kernel(qa_ptr, ka_ptr, va_ptr, qb_ptr, kb_ptr, vb_ptr, oa_ptr, 
     start_m = tl.program_id(0)
     b = tl.program_id(1)
     dh = tl.program_id(2)
-    d = dh // num_heads
-    h = dh % num_heads
-    a0 = tl.load(cu_a_ptr + b)
-    len_a = tl.load(cu_a_ptr + b + 1) - a0
-    b0 = tl.load(cu_b_ptr + b)
-    len_b = tl.load(cu_b_ptr + b + 1) - b0
+    d, h, a0, len_a, b0, len_b = _pair(cu_a_ptr, cu_b_ptr, b, dh, num_heads)
     a64 = a0.to(tl.int64)
     b64 = b0.to(tl.int64)
     seed_s = seed + (d * num_heads + h) * SEED_STRIDE
@@ -81,12 +85,7 @@ def _co_attn_bwd_dkdv_kernel(qa_ptr, ka_ptr, va_ptr, qb_ptr, kb_ptr, vb_ptr, doa
     start_n = tl.program_id(0)
     b = tl.program_id(1)
     dh = tl.program_id(2)
-    d = dh // num_heads
-    h = dh % num_heads
-    a0 = tl.load(cu_a_ptr + b)
-    len_a = tl.load(cu_a_ptr + b + 1) - a0
-    b0 = tl.load(cu_b_ptr + b)
-    len_b = tl.load(cu_b_ptr + b + 1) - b0
+    d, h, a0, len_a, b0, len_b = _pair(cu_a_ptr, cu_b_ptr, b, dh, num_heads)
     a64 = a0.to(tl.int64)
     b64 = b0.to(tl.int64)
     # the tile loops over `group` query heads starting at kv_head * group: group = 1,
@@ -134,12 +133,7 @@ def _co_attn_bwd_dq_kernel(qa_ptr, ka_ptr, va_ptr, qb_ptr, kb_ptr, vb_ptr, doa_p
     start_m = tl.program_id(0)
     b = tl.program_id(1)
     dh = tl.program_id(2)
-    d = dh // num_heads
-    h = dh % num_heads
-    a0 = tl.load(cu_a_ptr + b)
-    len_a = tl.load(cu_a_ptr + b + 1) - a0
-    b0 = tl.load(cu_b_ptr + b)
-    len_b = tl.load(cu_b_ptr + b + 1) - b0
+    d, h, a0, len_a, b0, len_b = _pair(cu_a_ptr, cu_b_ptr, b, dh, num_heads)
     a64 = a0.to(tl.int64)
     b64 = b0.to(tl.int64)
     seed_s = seed + (d * num_heads + h) * SEED_STRIDE

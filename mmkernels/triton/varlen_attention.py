@@ -11,6 +11,7 @@ from mmkernels.triton.attention import (
     _attn_bwd_dkdv_tile,
     _attn_bwd_dq_tile,
     _attn_fwd_tile,
+    _seq_bounds,
 )
 
 
@@ -26,11 +27,9 @@ def _varlen_attn_fwd_kernel(q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, cu_q_ptr, cu_k_
     start_m = tl.program_id(0)
     b = tl.program_id(1)
     h = tl.program_id(2)
-    q_start = tl.load(cu_q_ptr + b)
-    seqlen_q = tl.load(cu_q_ptr + b + 1) - q_start
+    q_start, seqlen_q = _seq_bounds(cu_q_ptr, b)
     if start_m * BLOCK_M < seqlen_q:
-        k_start = tl.load(cu_k_ptr + b)
-        seqlen_k = tl.load(cu_k_ptr + b + 1) - k_start
+        k_start, seqlen_k = _seq_bounds(cu_k_ptr, b)
         kvh = h // group
         q64 = q_start.to(tl.int64)
         k64 = k_start.to(tl.int64)
@@ -60,11 +59,9 @@ def _varlen_attn_bwd_dkdv_kernel(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr
     start_n = tl.program_id(0)
     b = tl.program_id(1)
     kvh = tl.program_id(2)
-    k_start = tl.load(cu_k_ptr + b)
-    seqlen_k = tl.load(cu_k_ptr + b + 1) - k_start
+    k_start, seqlen_k = _seq_bounds(cu_k_ptr, b)
     if start_n * BLOCK_N < seqlen_k:
-        q_start = tl.load(cu_q_ptr + b)
-        seqlen_q = tl.load(cu_q_ptr + b + 1) - q_start
+        q_start, seqlen_q = _seq_bounds(cu_q_ptr, b)
         q64 = q_start.to(tl.int64)
         k64 = k_start.to(tl.int64)
         _attn_bwd_dkdv_tile(q_ptr + q64 * stride_qt, k_ptr + k64 * stride_kt + kvh * stride_kh,
@@ -94,11 +91,9 @@ def _varlen_attn_bwd_dq_kernel(q_ptr, k_ptr, v_ptr, do_ptr, dq_ptr, lse_ptr, del
     start_m = tl.program_id(0)
     b = tl.program_id(1)
     h = tl.program_id(2)
-    q_start = tl.load(cu_q_ptr + b)
-    seqlen_q = tl.load(cu_q_ptr + b + 1) - q_start
+    q_start, seqlen_q = _seq_bounds(cu_q_ptr, b)
     if start_m * BLOCK_M < seqlen_q:
-        k_start = tl.load(cu_k_ptr + b)
-        seqlen_k = tl.load(cu_k_ptr + b + 1) - k_start
+        k_start, seqlen_k = _seq_bounds(cu_k_ptr, b)
         kvh = h // group
         q64 = q_start.to(tl.int64)
         k64 = k_start.to(tl.int64)
