@@ -28,17 +28,6 @@ class KernelSpec:
 
 
 def kernel_specs() -> list[KernelSpec]:
-    from mmkernels.ops import varlen_attention
+    from mmkernels.ops import co_attention, varlen_attention
 
-    specs = list(varlen_attention.kernel_specs())
-    try:
-        from mmkernels.ops import co_attention
-        specs += co_attention.kernel_specs()
-    except ImportError:
-        pass
-    try:
-        from mmkernels.ops import contrastive
-        specs += contrastive.kernel_specs()
-    except ImportError:
-        pass
-    return specs
+    return list(varlen_attention.kernel_specs()) + list(co_attention.kernel_specs())
