@@ -412,8 +412,7 @@ def lse_rows_and_cols(rows: Tensor, cols: Tensor, scale: Tensor, chunk: int,
     c_t = cols.to(acc).T.contiguous()  # (D, m): a row-major right operand is the fast GEMM
     for a in range(0, n, chunk):
         S, E = panels.take(min(chunk, n - a))
-        torch.mm(rows[a:a + chunk].to(acc), c_t, out=S)
-        S.mul_(s)
+        torch.mm(rows[a:a + chunk].to(acc) * s, c_t, out=S)  # scale folded into the operand
         rmax = S.amax(1)
         torch.sub(S, rmax[:, None], out=E)
         lse_r[a:a + S.shape[0]] = rmax + E.clamp_(min=EXP_FLOOR).exp_().sum(1).log()
@@ -432,7 +431,9 @@ def lse_backward(rows: Tensor, cols: Tensor, scale: Tensor, lse_r: Tensor, lse_c
                  w_row: float, w_col: float, chunk: int) -> tuple[Tensor, Tensor, Tensor]:
     """Gradients of w_row * sum(lse_r) + w_col * sum(lse_c) w.r.t. rows, cols and scale,
     recomputing each panel: W = w_row * P_row + w_col * P_col, d rows = s W cols,
-    d cols = s W^T rows, d scale = sum(W * S) / s."""
+    d cols = s W^T rows, d scale = sum_ij W_ij <r_i, c_j> = sum_i <r_i, (W cols)_i>.
+    The weights are folded into the exponents (exp(S - lse + log w)), and the panel is
+    reused in place, so each panel costs one GEMM, five elementwise passes and two GEMMs."""
     n, m = rows.shape[0], cols.shape[0]
     acc = lse_r.dtype
     r, c = rows.to(acc), cols.to(acc)
@@ -440,24 +441,23 @@ def lse_backward(rows: Tensor, cols: Tensor, scale: Tensor, lse_r: Tensor, lse_c
     d_rows = torch.empty(n, rows.shape[1], dtype=acc, device=rows.device)
     d_cols = torch.zeros(m, cols.shape[1], dtype=acc, device=rows.device)
     d_s = torch.zeros((), dtype=acc, device=rows.device)
-    panels = _Panels(min(chunk, n), m, 3 if lse_c is not None else 2, c)
+    panels = _Panels(min(chunk, n), m, 2, c)
     c_t = c.T.contiguous()
     for a in range(0, n, chunk):
         bufs = panels.take(min(chunk, n - a))
         S, W = bufs[0], bufs[1]
-        ra = r[a:a + S.shape[0]]
-        torch.mm(ra, c_t, out=S)
-        S.mul_(s)
-        torch.sub(S, lse_r[a:a + S.shape[0], None], out=W)
-        W.clamp_(min=EXP_FLOOR).exp_().mul_(w_row)
-        if lse_c is not None:
-            X = bufs[2]
-            torch.sub(S, lse_c[None, :], out=X)
-            W.add_(X.clamp_(min=EXP_FLOOR).exp_(), alpha=w_col)
-        d_s += torch.dot(W.reshape(-1), S.reshape(-1))
-        torch.mm(W, c, out=d_rows[a:a + S.shape[0]])
+        k = S.shape[0]
+        ra = r[a:a + k]
+        torch.mm(ra * s, c_t, out=S)
+        torch.sub(S, (lse_r[a:a + k] - math.log(w_row))[:, None], out=W)
+        W.clamp_(min=EXP_FLOOR).exp_()
+        if lse_c is not None and w_col != 0:
+            S.sub_((lse_c - math.log(w_col))[None, :]).clamp_(min=EXP_FLOOR).exp_()
+            W.add_(S)
+        torch.mm(W, c, out=d_rows[a:a + k])
+        d_s += (ra * d_rows[a:a + k]).sum()
         d_cols.addmm_(W.T, ra)
-    return d_rows * s, d_cols * s, d_s / s
+    return d_rows * s, d_cols * s, d_s
 
 
 class InfoNCEChunked(torch.autograd.Function):
@@ -513,8 +513,8 @@ def siglip_panels(rows: Tensor, cols: Tensor, scale: Tensor, bias: Tensor, chunk
     for a in range(0, n, chunk):
         L, X = panels.take(min(chunk, n - a))
         k = L.shape[0]
-        torch.mm(r[a:a + k], c_t, out=L)
-        L.mul_(s).add_(b)
+        torch.mm(r[a:a + k] * s, c_t, out=L)
+        L.add_(b)
         # every element as a negative: -logsigmoid(-L) = softplus(L) = log1p(exp(L)),
         # with L clamped to [EXP_FLOOR, 80] (no denormals, no overflow) and the exact
         # linear part max(L - 80, 0) added back
@@ -536,14 +536,13 @@ def siglip_panels(rows: Tensor, cols: Tensor, scale: Tensor, bias: Tensor, chunk
             if diag_offset is not None:
                 X[(i - a)[ok], j[ok]] -= 1.0
             X.mul_(grad_weight)
-            xs = X.sum()
-            d_b += xs
-            d_s += torch.dot(X.reshape(-1), L.reshape(-1)) - b * xs  # sum X * (s S)
+            d_b += X.sum()
             torch.mm(X, c, out=d_rows[a:a + k])
+            d_s += (r[a:a + k] * d_rows[a:a + k]).sum()  # sum_ij X_ij <r_i, c_j>
             d_cols.addmm_(X.T, r[a:a + k])
     if not want:
         return total
-    return total, d_rows * s, d_cols * s, d_s / s, d_b
+    return total, d_rows * s, d_cols * s, d_s, d_b
 
 
 class SigLIPChunked(torch.autograd.Function):
