@@ -16,6 +16,7 @@ mask). ``MMKERNELS_BACKEND=reference``: eager autograd.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 
@@ -117,15 +118,8 @@ def block_tables(block_ids: Tensor, cu_seqlens: Tensor, total: int) -> tuple[Ten
 
 
 def _guard(device: torch.device):
-    return torch.cuda.device(device) if device.type == "cuda" else _nullcontext()
-
-
-class _nullcontext:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc):
-        return False
+    """Launch under the tensors' device (CUDA); nothing to guard on the CPU."""
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
 
 
 def _cpu_keep_masks(seed: int, cu_q: list[int], cu_k: list[int], heads: int, dropout_p: float,

@@ -8,8 +8,9 @@ Proves, without a GPU, that every kernel we ship is sound for sm_80 and sm_90:
   each configuration it can be launched with.
 
 For each kernel it prints registers, spills (STACK and LOCAL bytes: ptxas puts
-spilled registers in the stack frame) from ``cuobjdump --dump-resource-usage``, shared memory, and the number of
-tensor-core instructions (HMMA on sm_80; HGMMA or HMMA on sm_90) in the SASS.
+spilled registers in the stack frame) from ``cuobjdump --dump-resource-usage``,
+shared memory, and the number of tensor-core instructions (HMMA on sm_80; HGMMA or
+HMMA on sm_90) in the SASS.
 It exits 1 when a kernel spills, exceeds the SM's shared memory, when a
 matmul-bearing kernel has no tensor-core instruction, or (with
 MMKERNELS_REQUIRE_CUDA=1, as in CI) when the extension has no cubin for an arch.
