@@ -460,38 +460,6 @@ def lse_backward(rows: Tensor, cols: Tensor, scale: Tensor, lse_r: Tensor, lse_c
     return d_rows * s, d_cols * s, d_s
 
 
-class InfoNCEChunked(torch.autograd.Function):
-    """Symmetric InfoNCE (world size 1) in (chunk x B) panels; backward recomputes them.
-
-    loss = (sum_i lse_row_i + sum_j lse_col_j) / (2B) - s * sum_i I_i . T_i / B.
-    """
-
-    @staticmethod
-    def forward(ctx, image: Tensor, text: Tensor, scale: Tensor, chunk: int) -> Tensor:
-        B = image.shape[0]
-        lse_r, lse_c = lse_rows_and_cols(image, text, scale, chunk, with_cols=True)
-        pos = (image.to(lse_r.dtype) * text.to(lse_r.dtype)).sum()
-        loss = (lse_r.sum() + lse_c.sum()) / (2 * B) - scale.to(lse_r.dtype) * pos / B
-        ctx.save_for_backward(image, text, scale, lse_r, lse_c)
-        ctx.chunk = chunk
-        return loss.to(image.dtype)
-
-    @staticmethod
-    def backward(ctx, grad):
-        image, text, scale, lse_r, lse_c = ctx.saved_tensors
-        B = image.shape[0]
-        w = 1.0 / (2 * B)
-        d_i, d_t, d_s = lse_backward(image, text, scale, lse_r, lse_c, w, w, ctx.chunk)
-        acc = lse_r.dtype
-        s = scale.to(acc)
-        d_i -= s * text.to(acc) / B
-        d_t -= s * image.to(acc) / B
-        d_s -= (image.to(acc) * text.to(acc)).sum() / B
-        g = grad.to(acc)
-        return ((g * d_i).to(image.dtype), (g * d_t).to(text.dtype),
-                (g * d_s).to(scale.dtype).reshape(scale.shape), None)
-
-
 def siglip_panels(rows: Tensor, cols: Tensor, scale: Tensor, bias: Tensor, chunk: int,
                   diag_offset: int | None, grad_weight: float | None = None):
     """Sum over panels of -logsigmoid(z * (s R C^T + b)) with z = +1 at (i, i + diag_offset)
@@ -543,29 +511,3 @@ def siglip_panels(rows: Tensor, cols: Tensor, scale: Tensor, bias: Tensor, chunk
     if not want:
         return total
     return total, d_rows * s, d_cols * s, d_s, d_b
-
-
-class SigLIPChunked(torch.autograd.Function):
-    """SigLIP loss (world size 1) in panels. When a gradient is needed, the forward pass
-    also produces it (one pass over the panels: 3 GEMMs of B x B x D instead of 4), and
-    the backward scales it by the incoming gradient."""
-
-    @staticmethod
-    def forward(ctx, image, text, scale, bias, chunk):
-        B = image.shape[0]
-        if any(ctx.needs_input_grad[:4]):
-            total, d_i, d_t, d_s, d_b = siglip_panels(image, text, scale, bias, chunk, 0,
-                                                      grad_weight=1.0 / B)
-            ctx.save_for_backward(d_i, d_t, d_s, d_b)
-        else:
-            total = siglip_panels(image, text, scale, bias, chunk, 0)
-        ctx.dtypes = (image.dtype, text.dtype, scale.dtype, bias.dtype, scale.shape, bias.shape)
-        return (total / B).to(image.dtype)
-
-    @staticmethod
-    def backward(ctx, grad):
-        d_i, d_t, d_s, d_b = ctx.saved_tensors
-        ti, tt, ts, tb, ss, bs = ctx.dtypes
-        g = grad.to(d_i.dtype)
-        return ((g * d_i).to(ti), (g * d_t).to(tt), (g * d_s).to(ts).reshape(ss),
-                (g * d_b).to(tb).reshape(bs), None)

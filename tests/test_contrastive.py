@@ -235,3 +235,23 @@ def test_distributed_gloo_matches_open_clip(tmp_path, world, local_sizes, chunk)
                         continue
                     torch.testing.assert_close(ours[key], ref[key], atol=1e-12, rtol=1e-10,
                                                msg=f"rank {r} {kind} {key}")
+
+
+def test_opcheck_and_compile():
+    img, txt = features(13, 8, torch.float32)
+    img.requires_grad_()
+    txt.requires_grad_()
+    s = torch.tensor(4.0, requires_grad=True)
+    b = torch.tensor(-2.0, requires_grad=True)
+    torch.library.opcheck(torch.ops.mmkernels.info_nce_fwd.default, (img, txt, s, 5))
+    loss, lse_r, lse_c = torch.ops.mmkernels.info_nce_fwd(img, txt, s, 5)
+    torch.library.opcheck(torch.ops.mmkernels.info_nce_bwd.default,
+                          (torch.tensor(1.0), img.detach(), txt.detach(), s.detach(), lse_r,
+                           lse_c, 5))
+    torch.library.opcheck(torch.ops.mmkernels.sigmoid_contrastive_fwd.default,
+                          (img, txt, s, b, 5, True))
+    fn = torch.compile(lambda i, t, s, b: mmkernels.info_nce(i, t, s, chunk_size=5)
+                       + mmkernels.sigmoid_contrastive(i, t, s, b, chunk_size=5), fullgraph=True)
+    torch.testing.assert_close(fn(img, txt, s, b),
+                               mmkernels.info_nce(img, txt, s, chunk_size=5)
+                               + mmkernels.sigmoid_contrastive(img, txt, s, b, chunk_size=5))

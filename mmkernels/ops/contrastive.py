@@ -3,8 +3,9 @@
 
 Only (chunk x B_global) panels of similarities exist at any time: the row and column
 log-sum-exps are accumulated panel by panel in the forward (each panel serves both
-directions), and the backward recomputes the panels (mmkernels.reference:
-``InfoNCEChunked``, ``SigLIPChunked``, ``lse_rows_and_cols``, ``lse_backward``).
+directions), and the backward recomputes the panels (``lse_rows_and_cols``,
+``lse_backward``, ``siglip_panels`` in mmkernels.reference), behind the custom ops
+``mmkernels::info_nce_fwd/_bwd`` and ``mmkernels::sigmoid_contrastive_fwd``.
 
 Distributed (``process_group``, or an initialised default group with world size > 1):
 each rank passes its local features and the loss is that of open_clip's
@@ -105,7 +106,7 @@ class _InfoNCEDistributed(torch.autograd.Function):
 class _SigLIPDistributed(torch.autograd.Function):
     """open_clip SigLipLoss across ranks: local images against every global text, the
     positives at this rank's own block; divided by the local batch. Gradients come from
-    the forward's panels (see reference.SigLIPChunked); the text gradients of the other
+    the forward's panels (see _siglip_fwd); the text gradients of the other
     ranks' blocks are summed across ranks in the backward."""
 
     @staticmethod
@@ -130,6 +131,111 @@ class _SigLIPDistributed(torch.autograd.Function):
         return ((g * d_i).to(dtype), cols[offset:offset + B].to(dtype),
                 (g * d_s).to(dtype).reshape(s_shape), (g * d_b).to(dtype).reshape(b_shape),
                 None, None, None, None)
+
+
+# ---------------------------------------------------------------------------------
+# single-process ops (torch.library: fake kernels, autograd, opcheck-clean)
+# ---------------------------------------------------------------------------------
+
+
+@torch.library.custom_op("mmkernels::info_nce_fwd", mutates_args=())
+def _info_nce_fwd(image: Tensor, text: Tensor, scale: Tensor, chunk: int
+                  ) -> tuple[Tensor, Tensor, Tensor]:
+    """loss (scalar, image's dtype), lse_row (B,), lse_col (B,) (float32 or float64)."""
+    B = image.shape[0]
+    lse_r, lse_c = reference.lse_rows_and_cols(image, text, scale, chunk, with_cols=True)
+    acc = lse_r.dtype
+    pos = (image.to(acc) * text.to(acc)).sum()
+    loss = (lse_r.sum() + lse_c.sum()) / (2 * B) - scale.to(acc) * pos / B
+    return loss.to(image.dtype), lse_r, lse_c
+
+
+@_info_nce_fwd.register_fake
+def _(image, text, scale, chunk):
+    acc = torch.float64 if image.dtype == torch.float64 else torch.float32
+    B = image.shape[0]
+    return image.new_empty(()), image.new_empty((B,), dtype=acc), image.new_empty((B,), dtype=acc)
+
+
+@torch.library.custom_op("mmkernels::info_nce_bwd", mutates_args=())
+def _info_nce_bwd(grad: Tensor, image: Tensor, text: Tensor, scale: Tensor, lse_r: Tensor,
+                  lse_c: Tensor, chunk: int) -> tuple[Tensor, Tensor, Tensor]:
+    B = image.shape[0]
+    w = 1.0 / (2 * B)
+    d_i, d_t, d_s = reference.lse_backward(image, text, scale, lse_r, lse_c, w, w, chunk)
+    acc = lse_r.dtype
+    s = scale.to(acc)
+    d_i -= s * text.to(acc) / B
+    d_t -= s * image.to(acc) / B
+    d_s = d_s - (image.to(acc) * text.to(acc)).sum() / B
+    g = grad.to(acc)
+    return (g * d_i).to(image.dtype), (g * d_t).to(text.dtype), (g * d_s).to(scale.dtype)
+
+
+@_info_nce_bwd.register_fake
+def _(grad, image, text, scale, lse_r, lse_c, chunk):
+    return torch.empty_like(image), torch.empty_like(text), scale.new_empty(())
+
+
+def _info_nce_setup(ctx, inputs, output):
+    image, text, scale, chunk = inputs
+    _, lse_r, lse_c = output
+    ctx.save_for_backward(image, text, scale, lse_r, lse_c)
+    ctx.chunk = chunk
+    ctx.mark_non_differentiable(lse_r, lse_c)
+
+
+def _info_nce_backward(ctx, grad, _g_r, _g_c):
+    image, text, scale, lse_r, lse_c = ctx.saved_tensors
+    d_i, d_t, d_s = _info_nce_bwd(grad, image, text, scale, lse_r, lse_c, ctx.chunk)
+    return d_i, d_t, d_s, None
+
+
+_info_nce_fwd.register_autograd(_info_nce_backward, setup_context=_info_nce_setup)
+
+
+@torch.library.custom_op("mmkernels::sigmoid_contrastive_fwd", mutates_args=())
+def _siglip_fwd(image: Tensor, text: Tensor, scale: Tensor, bias: Tensor, chunk: int,
+                with_grad: bool) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """loss, and (with_grad) the gradients of the loss w.r.t. image, text, scale, bias from
+    the same panels (each element's gradient depends on its own logit only); without
+    with_grad the four are empty."""
+    B = image.shape[0]
+    if with_grad:
+        total, d_i, d_t, d_s, d_b = reference.siglip_panels(image, text, scale, bias, chunk, 0,
+                                                            grad_weight=1.0 / B)
+        return ((total / B).to(image.dtype), d_i.to(image.dtype), d_t.to(text.dtype),
+                d_s.to(scale.dtype), d_b.to(bias.dtype))
+    total = reference.siglip_panels(image, text, scale, bias, chunk, 0)
+    return ((total / B).to(image.dtype), image.new_empty((0, image.shape[1])),
+            text.new_empty((0, text.shape[1])), scale.new_empty(()), bias.new_empty(()))
+
+
+@_siglip_fwd.register_fake
+def _(image, text, scale, bias, chunk, with_grad):
+    if with_grad:
+        return (image.new_empty(()), torch.empty_like(image), torch.empty_like(text),
+                scale.new_empty(()), bias.new_empty(()))
+    return (image.new_empty(()), image.new_empty((0, image.shape[1])),
+            text.new_empty((0, text.shape[1])), scale.new_empty(()), bias.new_empty(()))
+
+
+def _siglip_setup(ctx, inputs, output):
+    _, d_i, d_t, d_s, d_b = output
+    ctx.save_for_backward(d_i, d_t, d_s, d_b)
+    ctx.with_grad = inputs[5]
+    ctx.mark_non_differentiable(d_i, d_t, d_s, d_b)
+
+
+def _siglip_backward(ctx, grad, *_):
+    if not ctx.with_grad:
+        raise RuntimeError("sigmoid_contrastive: the forward ran without gradients "
+                           "(with_grad=False); call it with grad enabled to backpropagate")
+    d_i, d_t, d_s, d_b = ctx.saved_tensors
+    return grad * d_i, grad * d_t, grad * d_s, grad * d_b, None, None
+
+
+_siglip_fwd.register_autograd(_siglip_backward, setup_context=_siglip_setup)
 
 
 # ---------------------------------------------------------------------------------
@@ -200,7 +306,7 @@ def info_nce(image_features: Tensor, text_features: Tensor, logit_scale: Tensor,
         return _InfoNCEDistributed.apply(image_features, text_features, scale, chunk, group,
                                          world, rank)
     chunk = _chunk(chunk_size, image_features.shape[0])
-    return reference.InfoNCEChunked.apply(image_features, text_features, scale, chunk)
+    return _info_nce_fwd(image_features, text_features, scale, chunk)[0]
 
 
 def sigmoid_contrastive(image_features: Tensor, text_features: Tensor, logit_scale: Tensor,
@@ -222,4 +328,6 @@ def sigmoid_contrastive(image_features: Tensor, text_features: Tensor, logit_sca
         return _SigLIPDistributed.apply(image_features, text_features, scale, bias, chunk, group,
                                         world, rank)
     chunk = _chunk(chunk_size, image_features.shape[0])
-    return reference.SigLIPChunked.apply(image_features, text_features, scale, bias, chunk)
+    with_grad = torch.is_grad_enabled() and any(
+        t.requires_grad for t in (image_features, text_features, scale, bias))
+    return _siglip_fwd(image_features, text_features, scale, bias, chunk, with_grad)[0]
