@@ -66,6 +66,24 @@ def _visible(rows, cols, seqlen_q, seqlen_k, bq, bk, CAUSAL: tl.constexpr,
 
 
 @triton.jit
+def _key_range(rows, row_ok, start_m, seqlen_q, seqlen_k, bq_base, reach_base,
+               CAUSAL: tl.constexpr, HAS_BLOCKS: tl.constexpr, BLOCK_M: tl.constexpr):
+    """Keys [0, hi) a q tile can see (causal: up to the last key any of its rows sees,
+    from the reach table with image blocks), and the rows' block ids (zeros without)."""
+    hi = seqlen_k
+    bq = tl.zeros([BLOCK_M], dtype=tl.int32)
+    if CAUSAL:
+        if HAS_BLOCKS:
+            reach = tl.load(reach_base + rows, mask=row_ok, other=-1)
+            hi = tl.minimum(tl.max(reach, 0) + 1, seqlen_k)
+            bq = tl.load(bq_base + rows, mask=row_ok, other=0)
+        else:
+            hi = tl.minimum((start_m + 1) * BLOCK_M + (seqlen_k - seqlen_q), seqlen_k)
+        hi = tl.maximum(hi, 0)
+    return hi, bq
+
+
+@triton.jit
 def _attn_fwd_tile(q_base, k_base, v_base, o_base, lse_base, bq_base, bk_base, reach_base,
                    stride_qt, stride_qd, stride_kt, stride_kd, stride_vt, stride_vd,
                    stride_ot, stride_od, seqlen_q, seqlen_k, start_m, head_dim, sm_scale,
@@ -84,17 +102,8 @@ def _attn_fwd_tile(q_base, k_base, v_base, o_base, lse_base, bq_base, bk_base, r
     q = tl.load(q_base + rows[:, None].to(tl.int64) * stride_qt + offs_d[None, :] * stride_qd,
                 mask=row_ok[:, None] & d_ok[None, :], other=0.0)
     qk_scale = sm_scale * LOG2E
-    # Key range: [0, hi). Causal: stop after the last key any row of the tile sees.
-    hi = seqlen_k
-    bq = tl.zeros([BLOCK_M], dtype=tl.int32)
-    if CAUSAL:
-        if HAS_BLOCKS:
-            reach = tl.load(reach_base + rows, mask=row_ok, other=-1)
-            hi = tl.minimum(tl.max(reach, 0) + 1, seqlen_k)
-            bq = tl.load(bq_base + rows, mask=row_ok, other=0)
-        else:
-            hi = tl.minimum((start_m + 1) * BLOCK_M + (seqlen_k - seqlen_q), seqlen_k)
-        hi = tl.maximum(hi, 0)
+    hi, bq = _key_range(rows, row_ok, start_m, seqlen_q, seqlen_k, bq_base, reach_base,
+                        CAUSAL, HAS_BLOCKS, BLOCK_M)
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
@@ -231,16 +240,8 @@ def _attn_bwd_dq_tile(q_base, k_base, v_base, do_base, dq_base, lse_base, delta_
     delta = tl.load(delta_base + rows, mask=row_ok, other=0.0)
     lse2 = tl.where(lse == float("-inf"), 0.0, lse * LOG2E)
     qk_scale = sm_scale * LOG2E
-    hi = seqlen_k
-    bq = tl.zeros([BLOCK_M], dtype=tl.int32)
-    if CAUSAL:
-        if HAS_BLOCKS:
-            reach = tl.load(reach_base + rows, mask=row_ok, other=-1)
-            hi = tl.minimum(tl.max(reach, 0) + 1, seqlen_k)
-            bq = tl.load(bq_base + rows, mask=row_ok, other=0)
-        else:
-            hi = tl.minimum((start_m + 1) * BLOCK_M + (seqlen_k - seqlen_q), seqlen_k)
-        hi = tl.maximum(hi, 0)
+    hi, bq = _key_range(rows, row_ok, start_m, seqlen_q, seqlen_k, bq_base, reach_base,
+                        CAUSAL, HAS_BLOCKS, BLOCK_M)
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     for start_n in range(0, hi, BLOCK_N):
         cols = start_n + offs_n
