@@ -8,6 +8,8 @@
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
+#include "common/cuda_check.h"
+
 #include <vector>
 
 #include "roi_align/roi_align_common.h"
@@ -86,7 +88,7 @@ at::Tensor forward_cuda(const char* op, at::TensorList features, const at::Tenso
   const cudaError_t err = cuda::launch_forward(dtype_of(f0.scalar_type()), p,
                                                out.mutable_data_ptr(), os,
                                                c10::cuda::getCurrentCUDAStream());
-  TORCH_CHECK(err == cudaSuccess, op, ": CUDA launch failed: ", cudaGetErrorString(err));
+  check_launch(op, err);
   return out;
 }
 
@@ -137,11 +139,11 @@ std::vector<at::Tensor> backward_cuda(const char* op, const at::Tensor& grad,
       for (int l = 0; l < p.L; ++l) {
         const cudaError_t err =
             cuda::launch_backward_deterministic(dt, p, l, grad.const_data_ptr(), gs, stream);
-        TORCH_CHECK(err == cudaSuccess, op, ": CUDA launch failed: ", cudaGetErrorString(err));
+        check_launch(op, err);
       }
     } else {
       const cudaError_t err = cuda::launch_backward_atomic(dt, p, grad.const_data_ptr(), gs, stream);
-      TORCH_CHECK(err == cudaSuccess, op, ": CUDA launch failed: ", cudaGetErrorString(err));
+      check_launch(op, err);
     }
   }
   std::vector<at::Tensor> grads;

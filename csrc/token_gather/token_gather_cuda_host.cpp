@@ -10,6 +10,8 @@
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
+#include "common/cuda_check.h"
+
 #include <tuple>
 
 #include "token_gather/token_gather_common.h"
@@ -34,7 +36,7 @@ void move_rows(at::Tensor& out, const at::Tensor& map, const cuda::RowSource& a,
       out.mutable_data_ptr(), R, D, static_cast<int>(out.element_size()),
       map.defined() ? map.const_data_ptr<int64_t>() : nullptr, a, b, broadcast_b,
       c10::cuda::getCurrentCUDAStream());
-  TORCH_CHECK(err == cudaSuccess, op, ": CUDA launch failed: ", cudaGetErrorString(err));
+  check_launch(op, err);
 }
 
 int noise_code(at::ScalarType t) {
@@ -61,7 +63,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> random_masking_cuda(
       noise.const_data_ptr(), noise_code(noise.scalar_type()), noise.stride(0), noise.stride(1),
       B, N, n_keep, ids_restore.mutable_data_ptr<int64_t>(), ids_keep.mutable_data_ptr<int64_t>(),
       c10::cuda::getCurrentCUDAStream());
-  TORCH_CHECK(err == cudaSuccess, op, ": CUDA launch failed: ", cudaGetErrorString(err));
+  check_launch(op, err);
   auto mask = ids_restore.ge(n_keep).to(x.scalar_type());
   auto map = ids_keep + at::arange(B, ids_keep.options()).mul_(N).unsqueeze(1);
   move_rows(x_kept, map, rows_of(x), zeros_source(), false, op);
