@@ -148,6 +148,17 @@ def _check_rows(t, name: str) -> None:
         raise TypeError(f"{name} dtype must be float32, float64, float16 or bfloat16, got {t.dtype}")
 
 
+def _check_mask(mask, name: str, x: Tensor, dims: str) -> None:
+    """A bool mask over the first two dims of x, on x's device."""
+    if not isinstance(mask, Tensor) or mask.dtype != torch.bool:
+        raise TypeError(f"{name} must be a bool Tensor")
+    if mask.shape != x.shape[:2]:
+        raise ValueError(f"{name} must have shape {dims} = {tuple(x.shape[:2])}, got "
+                         f"{tuple(mask.shape)}")
+    if mask.device != x.device:
+        raise ValueError(f"{name} is on {mask.device} but the rows are on {x.device}")
+
+
 def _use_reference() -> bool:
     return _extension.backend_override() == "reference"
 
@@ -267,13 +278,7 @@ def masked_select_rows(x: Tensor, mask: Tensor, max_rows: int | None = None
         The backward scatters into x (distinct rows: deterministic).
     """
     _check_rows(x, "x")
-    if not isinstance(mask, Tensor) or mask.dtype != torch.bool:
-        raise TypeError("mask must be a bool Tensor")
-    if mask.shape != x.shape[:2]:
-        raise ValueError(f"mask must have shape (B, N) = {tuple(x.shape[:2])}, got "
-                         f"{tuple(mask.shape)}")
-    if mask.device != x.device:
-        raise ValueError(f"mask is on {mask.device} but x is on {x.device}")
+    _check_mask(mask, "mask", x, "(B, N)")
     if max_rows is not None and (isinstance(max_rows, bool) or not isinstance(max_rows, int)
                                  or max_rows < 0):
         raise ValueError(f"max_rows must be None or a non-negative int, got {max_rows!r}")
@@ -310,11 +315,7 @@ def scatter_image_features(inputs_embeds: Tensor, image_mask: Tensor,
         or reads out of bounds meanwhile.
     """
     _check_rows(inputs_embeds, "inputs_embeds")
-    if not isinstance(image_mask, Tensor) or image_mask.dtype != torch.bool:
-        raise TypeError("image_mask must be a bool Tensor")
-    if image_mask.shape != inputs_embeds.shape[:2]:
-        raise ValueError(f"image_mask must have shape (B, L) = {tuple(inputs_embeds.shape[:2])}, "
-                         f"got {tuple(image_mask.shape)}")
+    _check_mask(image_mask, "image_mask", inputs_embeds, "(B, L)")
     if not isinstance(image_features, Tensor):
         raise TypeError(f"image_features must be a Tensor, got {type(image_features).__name__}")
     D = inputs_embeds.shape[2]
@@ -323,8 +324,9 @@ def scatter_image_features(inputs_embeds: Tensor, image_mask: Tensor,
     if image_features.dim() != 2 or image_features.shape[1] != D:
         raise ValueError("image_features must be (num_image_tokens, D) or (num_images, "
                          f"tokens_per_image, D) with D = {D}, got {tuple(image_features.shape)}")
-    if image_mask.device != inputs_embeds.device or image_features.device != inputs_embeds.device:
-        raise ValueError("inputs_embeds, image_mask and image_features must be on one device")
+    if image_features.device != inputs_embeds.device:
+        raise ValueError(f"image_features is on {image_features.device} but inputs_embeds is on "
+                         f"{inputs_embeds.device}")
     image_features = image_features.to(inputs_embeds.dtype)
     if inputs_embeds.device.type == "cpu" or _use_reference():
         n = int(image_mask.sum())
