@@ -63,18 +63,32 @@ def _sizes(x: Tensor, group, world: int) -> list[int]:
     return [int(t.item()) for t in out]
 
 
+def _info_nce_value(image: Tensor, text: Tensor, scale: Tensor, lse_i: Tensor,
+                    lse_t: Tensor) -> Tensor:
+    """(sum lse_i + sum lse_t) / (2B) - s * sum_i I_i . T_i / B, in the LSEs' dtype."""
+    B, acc = image.shape[0], lse_i.dtype
+    pos = (image.to(acc) * text.to(acc)).sum()
+    return (lse_i.sum() + lse_t.sum()) / (2 * B) - scale.to(acc) * pos / B
+
+
+def _add_positive_grads(image: Tensor, text: Tensor, scale: Tensor, d_i: Tensor, d_t: Tensor,
+                        d_s: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Add the gradients of -s * sum_i I_i . T_i / B to the log-sum-exp gradients."""
+    B, acc = image.shape[0], d_i.dtype
+    s = scale.to(acc)
+    return (d_i - s * text.to(acc) / B, d_t - s * image.to(acc) / B,
+            d_s - (image.to(acc) * text.to(acc)).sum() / B)
+
+
 class _InfoNCEDistributed(torch.autograd.Function):
     @staticmethod
     def forward(ctx, image, text, scale, chunk, group, world, rank):
         sizes = _sizes(image, group, world)
         all_i = _gather_rows(image.detach(), sizes, group)
         all_t = _gather_rows(text.detach(), sizes, group)
-        B = image.shape[0]
         lse_i, _ = reference.lse_rows_and_cols(image, all_t, scale, chunk, with_cols=False)
         lse_t, _ = reference.lse_rows_and_cols(text, all_i, scale, chunk, with_cols=False)
-        acc = lse_i.dtype
-        pos = (image.to(acc) * text.to(acc)).sum()
-        loss = (lse_i.sum() + lse_t.sum()) / (2 * B) - scale.to(acc) * pos / B
+        loss = _info_nce_value(image, text, scale, lse_i, lse_t)
         ctx.save_for_backward(image, text, scale, lse_i, lse_t, all_i, all_t)
         ctx.meta = (chunk, group, sum(sizes[:rank]))
         return loss.to(image.dtype)
@@ -89,10 +103,8 @@ class _InfoNCEDistributed(torch.autograd.Function):
         g = grad.to(acc)
         d_i, d_all_t, ds1 = reference.lse_backward(image, all_t, scale, lse_i, None, w, 0.0, chunk)
         d_t, d_all_i, ds2 = reference.lse_backward(text, all_i, scale, lse_t, None, w, 0.0, chunk)
-        s = scale.to(acc)
-        d_i = g * (d_i - s * text.to(acc) / B)
-        d_t = g * (d_t - s * image.to(acc) / B)
-        d_s = g * (ds1 + ds2 - (image.to(acc) * text.to(acc)).sum() / B)
+        d_i, d_t, d_s = _add_positive_grads(image, text, scale, d_i, d_t, ds1 + ds2)
+        d_i, d_t, d_s = g * d_i, g * d_t, g * d_s
         # gradients for every rank's features (this rank's columns), summed over ranks
         cols = torch.cat([d_all_i, d_all_t]).mul_(g)
         dist.all_reduce(cols, group=group)
@@ -142,12 +154,8 @@ class _SigLIPDistributed(torch.autograd.Function):
 def _info_nce_fwd(image: Tensor, text: Tensor, scale: Tensor, chunk: int
                   ) -> tuple[Tensor, Tensor, Tensor]:
     """loss (scalar, image's dtype), lse_row (B,), lse_col (B,) (float32 or float64)."""
-    B = image.shape[0]
     lse_r, lse_c = reference.lse_rows_and_cols(image, text, scale, chunk, with_cols=True)
-    acc = lse_r.dtype
-    pos = (image.to(acc) * text.to(acc)).sum()
-    loss = (lse_r.sum() + lse_c.sum()) / (2 * B) - scale.to(acc) * pos / B
-    return loss.to(image.dtype), lse_r, lse_c
+    return _info_nce_value(image, text, scale, lse_r, lse_c).to(image.dtype), lse_r, lse_c
 
 
 @_info_nce_fwd.register_fake
@@ -162,13 +170,9 @@ def _info_nce_bwd(grad: Tensor, image: Tensor, text: Tensor, scale: Tensor, lse_
                   lse_c: Tensor, chunk: int) -> tuple[Tensor, Tensor, Tensor]:
     B = image.shape[0]
     w = 1.0 / (2 * B)
-    d_i, d_t, d_s = reference.lse_backward(image, text, scale, lse_r, lse_c, w, w, chunk)
-    acc = lse_r.dtype
-    s = scale.to(acc)
-    d_i -= s * text.to(acc) / B
-    d_t -= s * image.to(acc) / B
-    d_s = d_s - (image.to(acc) * text.to(acc)).sum() / B
-    g = grad.to(acc)
+    d_i, d_t, d_s = _add_positive_grads(
+        image, text, scale, *reference.lse_backward(image, text, scale, lse_r, lse_c, w, w, chunk))
+    g = grad.to(lse_r.dtype)
     return (g * d_i).to(image.dtype), (g * d_t).to(text.dtype), (g * d_s).to(scale.dtype)
 
 
