@@ -1,5 +1,9 @@
 """info_nce / sigmoid_contrastive and the ClipLoss / SigLipLoss drop-ins, against open_clip
-and float64 eager references, on one process and across 2 and 4 gloo processes."""
+and float64 eager references, on one process and across 2, 3 and 4 gloo processes.
+
+Both implementations run: the Triton kernels (under TRITON_INTERPRET=1 on CPU tensors,
+fp32/fp16; bf16 on a GPU only) and the chunked PyTorch path (CPU, and float64 anywhere).
+"""
 
 import os
 import subprocess
@@ -11,9 +15,23 @@ import torch
 
 import mmkernels
 from mmkernels import reference
+from mmkernels.ops import contrastive as ops
 from mmkernels.testing import assert_close_to_reference
+from mmkernels.triton import interpreting
 
 WORKER = os.path.join(os.path.dirname(__file__), "_dist_worker.py")
+BACKENDS = [pytest.param("triton", id="triton"), pytest.param("chunked", id="chunked")]
+
+
+@pytest.fixture
+def backend(request, monkeypatch):
+    """'triton': the kernels (interpreter on CPU tensors); 'chunked': the PyTorch path."""
+    name = request.param
+    if name == "triton" and not interpreting():
+        pytest.skip("the Triton path on CPU tensors needs TRITON_INTERPRET=1 (GPU tests: cuda)")
+    if name == "chunked":
+        monkeypatch.setattr(ops, "_uses_triton", lambda t: False)
+    return name
 
 
 def features(B, D, dtype=torch.float64):
@@ -29,12 +47,16 @@ def grads(loss_fn, *inputs):
     return loss.detach(), [t.grad for t in leaves]
 
 
+# B=50 spans 4 interpreter row blocks over 3 persistent forward programs (one program
+# merges two blocks' column statistics); D=100 takes the zero-padded feature path.
 CASES = [pytest.param(B, D, chunk, id=f"B{B}-D{D}-chunk{chunk}")
-         for B, D, chunk in [(1, 64, None), (37, 64, 8), (50, 512, 16), (33, 768, 7), (64, 64, 64)]]
+         for B, D, chunk in [(1, 64, None), (37, 64, 8), (50, 512, 16), (33, 768, 7), (64, 64, 64),
+                             (29, 100, None)]]
 
 
+@pytest.mark.parametrize("backend", BACKENDS, indirect=True)
 @pytest.mark.parametrize("B,D,chunk", CASES)
-def test_info_nce_matches_open_clip_and_float64(B, D, chunk):
+def test_info_nce_matches_open_clip_and_float64(B, D, chunk, backend):
     img, txt = features(B, D)
     scale = torch.tensor(14.7, dtype=torch.float64)
     ours, g_ours = grads(lambda i, t, s: mmkernels.info_nce(i, t, s, chunk_size=chunk),
@@ -51,8 +73,9 @@ def test_info_nce_matches_open_clip_and_float64(B, D, chunk):
         assert_close_to_reference(a, b, what=n)
 
 
+@pytest.mark.parametrize("backend", BACKENDS, indirect=True)
 @pytest.mark.parametrize("B,D,chunk", CASES)
-def test_sigmoid_matches_open_clip_and_float64(B, D, chunk):
+def test_sigmoid_matches_open_clip_and_float64(B, D, chunk, backend):
     img, txt = features(B, D)
     scale = torch.tensor(10.0, dtype=torch.float64)
     bias = torch.tensor(-10.0, dtype=torch.float64)
@@ -68,8 +91,9 @@ def test_sigmoid_matches_open_clip_and_float64(B, D, chunk):
         assert_close_to_reference(a, b, what=n)
 
 
+@pytest.mark.parametrize("backend", BACKENDS, indirect=True)
 @pytest.mark.parametrize("kind", ["info_nce", "sigmoid"])
-def test_float16_within_twice_eager_error(kind):
+def test_float16_within_twice_eager_error(kind, backend):
     img, txt = features(96, 128)
     scale = torch.tensor(20.0, dtype=torch.float64)
     bias = torch.tensor(-5.0, dtype=torch.float64)
@@ -119,7 +143,42 @@ def test_modules_are_drop_ins():
         mmkernels.nn.ClipLoss(world_size=2)
 
 
-def test_nan_features_give_nan_loss():
+@pytest.mark.parametrize("backend", BACKENDS, indirect=True)
+def test_non_contiguous_features(backend):
+    img, txt = features(45, 40, torch.float32)
+    # column-major storage and a strided row view
+    img_nc = img.T.contiguous().T
+    wide = torch.zeros(txt.shape[0], 2 * txt.shape[1])
+    wide[:, ::2] = txt
+    txt_nc = wide[:, ::2]
+    assert not img_nc.is_contiguous() and not txt_nc.is_contiguous()
+    s, b = torch.tensor(9.0), torch.tensor(-3.0)
+    torch.testing.assert_close(mmkernels.info_nce(img_nc, txt_nc, s),
+                               mmkernels.info_nce(img, txt, s))
+    torch.testing.assert_close(mmkernels.sigmoid_contrastive(img_nc, txt_nc, s, b),
+                               mmkernels.sigmoid_contrastive(img, txt, s, b))
+
+
+@pytest.mark.parametrize("backend", BACKENDS, indirect=True)
+def test_large_logit_scale(backend):
+    """CLIP's clamp value s = 100: most exp() arguments are far below the float32 range."""
+    img, txt = features(70, 32)
+    s, b = torch.tensor(100.0, dtype=torch.float64), torch.tensor(-10.0, dtype=torch.float64)
+    ref, g_ref = grads(reference.info_nce, img, txt, s)
+    ours, g_ours = grads(mmkernels.info_nce, img.float(), txt.float(), s.float())
+    assert_close_to_reference(ours, ref, what="loss")
+    for a, r in zip(g_ours, g_ref):
+        assert_close_to_reference(a, r, what="grad")
+    ref, g_ref = grads(reference.sigmoid_contrastive, img, txt, s, b)
+    ours, g_ours = grads(mmkernels.sigmoid_contrastive, img.float(), txt.float(), s.float(),
+                         b.float())
+    assert_close_to_reference(ours, ref, what="loss")
+    for a, r in zip(g_ours, g_ref):
+        assert_close_to_reference(a, r, what="grad")
+
+
+@pytest.mark.parametrize("backend", BACKENDS, indirect=True)
+def test_nan_features_give_nan_loss(backend):
     img, txt = features(8, 16, torch.float32)
     img[3, 2] = float("nan")
     s = torch.tensor(10.0)
@@ -198,12 +257,14 @@ def _emulate_open_clip(img, txt, scale, bias, bounds):
     return out
 
 
-@pytest.mark.parametrize("world,local_sizes,chunk", [
-    pytest.param(2, [12, 12], 5, id="2-ranks-chunk5"),
-    pytest.param(4, [9, 9, 9, 9], 4, id="4-ranks-chunk4"),
-    pytest.param(3, [7, 12, 4], 5, id="3-ranks-uneven-batches"),
+@pytest.mark.parametrize("world,local_sizes,chunk,dtype", [
+    pytest.param(2, [12, 12], 5, torch.float64, id="2-ranks-chunk5"),
+    pytest.param(4, [9, 9, 9, 9], 4, torch.float64, id="4-ranks-chunk4"),
+    pytest.param(3, [7, 12, 4], 5, torch.float64, id="3-ranks-uneven-batches"),
+    # float32: the Triton kernels in every rank (under the interpreter without a GPU)
+    pytest.param(2, [21, 19], 5, torch.float32, id="2-ranks-uneven-float32-triton"),
 ])
-def test_distributed_gloo_matches_open_clip(tmp_path, world, local_sizes, chunk):
+def test_distributed_gloo_matches_open_clip(tmp_path, world, local_sizes, chunk, dtype):
     torch.manual_seed(world)
     N, D = sum(local_sizes), 24
     img, txt = features(N, D)
@@ -211,19 +272,21 @@ def test_distributed_gloo_matches_open_clip(tmp_path, world, local_sizes, chunk)
     for n in local_sizes:
         bounds.append(bounds[-1] + n)
     uneven = len(set(local_sizes)) > 1
-    data = dict(image=img, text=txt, scale=torch.tensor(12.0, dtype=torch.float64),
-                bias=torch.tensor(-4.0, dtype=torch.float64), bounds=bounds, chunk=chunk,
-                uneven=uneven)
+    scale = torch.tensor(12.0, dtype=torch.float64)
+    bias = torch.tensor(-4.0, dtype=torch.float64)
+    data = dict(image=img.to(dtype), text=txt.to(dtype), scale=scale.to(dtype),
+                bias=bias.to(dtype), bounds=bounds, chunk=chunk, uneven=uneven)
     torch.save(data, tmp_path / "data.pt")
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    env.pop("TRITON_INTERPRET", None)
+    if dtype == torch.float64:
+        env.pop("TRITON_INTERPRET", None)
     procs = [subprocess.Popen([sys.executable, WORKER, str(r), str(world),
                                str(tmp_path / "init"), str(tmp_path / "data.pt"), str(tmp_path)],
                               env=env, stderr=subprocess.PIPE, text=True)
              for r in range(world)]
     errs = [p.communicate(timeout=300)[1] for p in procs]
     assert all(p.returncode == 0 for p in procs), "\n".join(errs)
-    expect = _emulate_open_clip(img, txt, data["scale"], data["bias"], bounds)
+    expect = _emulate_open_clip(img, txt, scale, bias, bounds)
     for r in range(world):
         res = torch.load(tmp_path / f"rank{r}.pt")
         for kind in ("clip", "siglip"):
@@ -233,11 +296,15 @@ def test_distributed_gloo_matches_open_clip(tmp_path, world, local_sizes, chunk)
                 for key in ("loss", "image", "text", "scale", "bias"):
                     if ours[key] is None or ref[key] is None:
                         continue
-                    torch.testing.assert_close(ours[key], ref[key], atol=1e-12, rtol=1e-10,
-                                               msg=f"rank {r} {kind} {key}")
+                    if dtype == torch.float64:
+                        torch.testing.assert_close(ours[key], ref[key], atol=1e-12, rtol=1e-10,
+                                                   msg=f"rank {r} {kind} {key}")
+                    else:
+                        assert_close_to_reference(ours[key], ref[key], what=f"rank {r} {kind} {key}")
 
 
-def test_opcheck_and_compile():
+@pytest.mark.parametrize("backend", BACKENDS, indirect=True)
+def test_opcheck_and_compile(backend):
     img, txt = features(13, 8, torch.float32)
     img.requires_grad_()
     txt.requires_grad_()
@@ -255,3 +322,66 @@ def test_opcheck_and_compile():
     torch.testing.assert_close(fn(img, txt, s, b),
                                mmkernels.info_nce(img, txt, s, chunk_size=5)
                                + mmkernels.sigmoid_contrastive(img, txt, s, b, chunk_size=5))
+
+
+def test_backend_choice():
+    x64 = torch.zeros(2, 4, dtype=torch.float64)
+    assert ops._path(x64) is reference  # float64: the chunked path everywhere
+    x32 = torch.zeros(2, 4)
+    assert (ops._path(x32) is ops._TRITON_PATH) == interpreting()
+
+
+# ---------------------------------------------------------------------------------
+# GPU (skipped without one)
+# ---------------------------------------------------------------------------------
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("kind", ["info_nce", "sigmoid"])
+def test_cuda_within_twice_eager_error(kind, dtype):
+    img, txt = (t.cuda() for t in features(1000, 768))
+    scale = torch.tensor(50.0, dtype=torch.float64, device="cuda")
+    bias = torch.tensor(-10.0, dtype=torch.float64, device="cuda")
+    if kind == "info_nce":
+        ours_fn, ref_fn, args = mmkernels.info_nce, reference.info_nce, (img, txt, scale)
+    else:
+        ours_fn, ref_fn = mmkernels.sigmoid_contrastive, reference.sigmoid_contrastive
+        args = (img, txt, scale, bias)
+    ref, g_ref = grads(ref_fn, *args)
+    low = [a.to(dtype) for a in args[:2]] + [a.float() for a in args[2:]]
+    ours, g_ours = grads(ours_fn, *low)
+    eager, g_eager = grads(ref_fn, *low)
+    assert_close_to_reference(ours, ref, eager_lowp=eager if dtype != torch.float32 else None,
+                              what="loss")
+    for a, b, e in zip(g_ours, g_ref, g_eager):
+        assert_close_to_reference(a, b, eager_lowp=e if dtype != torch.float32 else None,
+                                  what="grad")
+
+
+@pytest.mark.cuda
+def test_cuda_memory_is_linear_in_batch():
+    """B=65536: the B x B float32 logits alone would take 16 GiB; the loss and its
+    gradients must stay within a small multiple of the features."""
+    B, D = 65536, 512
+    img = torch.nn.functional.normalize(torch.randn(B, D, device="cuda"), dim=-1).bfloat16()
+    txt = torch.nn.functional.normalize(torch.randn(B, D, device="cuda"), dim=-1).bfloat16()
+    img.requires_grad_()
+    txt.requires_grad_()
+    scale = torch.tensor(100.0, device="cuda", requires_grad=True)
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    mmkernels.info_nce(img, txt, scale).backward()
+    torch.cuda.synchronize()
+    extra = torch.cuda.max_memory_allocated() - base
+    assert extra < 32 * B * D, f"peak extra {extra / 2**20:.0f} MiB"
+    assert torch.isfinite(img.grad).all() and torch.isfinite(scale.grad)
+
+
+@pytest.mark.cuda
+def test_cuda_cpu_scalar_scale():
+    img, txt = (t.float().cuda() for t in features(100, 64))
+    s = torch.tensor(10.0)  # on the CPU, as a Python-side constant often is
+    torch.testing.assert_close(mmkernels.info_nce(img, txt, s).cpu(),
+                               mmkernels.info_nce(img.cpu(), txt.cpu(), s), rtol=1e-5, atol=1e-5)

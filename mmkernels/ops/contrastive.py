@@ -24,13 +24,271 @@ one collective per direction keeps the backward deterministic.
 
 from __future__ import annotations
 
+import dataclasses
+import functools
+import math
+import types
+
 import torch
 import torch.distributed as dist
 from torch import Tensor
 
 from mmkernels import reference
+from mmkernels.ops import varlen_attention as va
+from mmkernels.triton import KernelSpec, interpreting
 
 __all__ = ["info_nce", "sigmoid_contrastive"]
+
+
+# ---------------------------------------------------------------------------------
+# Triton path (CUDA tensors, or CPU tensors under TRITON_INTERPRET=1): kernels in
+# mmkernels/triton/contrastive.py, launched here with the chunked path's signatures
+# ---------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class ContrastiveConfig:
+    block_m: int
+    block_n: int
+    block_k: int      # feature-dim slice of the similarity tiles
+    block_d: int      # feature-dim slice of the gradient accumulation (backward)
+    num_warps: int
+    num_stages: int
+
+    def __str__(self) -> str:
+        return (f"M{self.block_m}-N{self.block_n}-K{self.block_k}-D{self.block_d}"
+                f"-w{self.num_warps}-s{self.num_stages}")
+
+
+_CC = ContrastiveConfig
+# Launch configurations per kernel and operand class, best first: "mma" for fp16/bf16
+# (and fp32 with TF32) on tensor cores, "fp32" for exact fp32 (FMA dot products, which
+# need smaller tiles). Each entry was compiled for sm_80 and sm_90 in every mode and
+# dtype of its class and kept only without spills; `python -m mmkernels.tools.kernel_report`
+# re-checks them all in CI.
+CONFIGS: dict[str, dict[str, list[ContrastiveConfig]]] = {
+    "fwd": {"mma": [_CC(128, 128, 32, 0, 8, 2), _CC(64, 128, 64, 0, 8, 2)],
+            "fp32": [_CC(64, 64, 32, 0, 4, 1)]},
+    "bwd": {"mma": [_CC(64, 64, 64, 128, 8, 1), _CC(64, 64, 64, 64, 8, 2)],
+            "fp32": [_CC(32, 32, 32, 64, 4, 1)]},
+}
+INTERPRET_CONFIGS = {"fwd": _CC(16, 16, 32, 0, 4, 1), "bwd": _CC(16, 16, 32, 32, 4, 1)}
+#: persistent forward programs per SM (the column partials take P x m floats, P = this
+#: times the SM count)
+PROGRAMS_PER_SM = 2
+TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def _operand_class(precision: str, dtype: torch.dtype) -> str:
+    return "fp32" if dtype == torch.float32 and precision == "ieee" else "mma"
+
+
+def _config(kind: str, dtype: torch.dtype) -> ContrastiveConfig:
+    if interpreting():
+        return INTERPRET_CONFIGS[kind]
+    return CONFIGS[kind][_operand_class(_precision(dtype), dtype)][0]
+
+
+@functools.cache
+def _sm_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def _num_programs(device: torch.device, row_blocks: int) -> int:
+    """Persistent forward programs: a few per SM on a GPU; 3 in the interpreter, so
+    the tests cover programs that take several row blocks."""
+    if device.type == "cuda":
+        cap = PROGRAMS_PER_SM * _sm_count(device.index if device.index is not None
+                                          else torch.cuda.current_device())
+    else:
+        cap = 3
+    return max(1, min(row_blocks, cap))
+
+
+def _precision(dtype: torch.dtype) -> str:
+    """float32 tiles follow torch's matmul setting (TF32 only where the user enabled it
+    for eager matmuls too); fp16/bf16 always use tensor cores."""
+    return "tf32" if dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32 else "ieee"
+
+
+def _uses_triton(t: Tensor) -> bool:
+    """The Triton kernels take fp16/bf16/fp32 on CUDA (or under the interpreter);
+    float64 and plain CPU tensors take the chunked PyTorch path."""
+    return (t.device.type == "cuda" or interpreting()) and t.dtype in TRITON_DTYPES
+
+
+def _operand(x: Tensor) -> Tensor:
+    """The features as the kernels are compiled for them (and as the kernel report
+    checks them): contiguous, 16-byte aligned, the feature dim zero-padded to a multiple
+    of 16 (zeros leave every dot product unchanged). Without this, an odd D or an
+    unaligned view launches an unspecialised variant that spills registers."""
+    D = x.shape[1]
+    pad = -D % 16
+    if pad == 0 and x.is_contiguous() and x.data_ptr() % 16 == 0:
+        return x
+    out = x.new_zeros(x.shape[0], D + pad)
+    out[:, :D] = x
+    return out
+
+
+def _on_device(scalar: Tensor | None, like: Tensor) -> Tensor | None:
+    """A one-element scale/bias where the kernels read it (a CPU scalar with CUDA
+    features is copied over; the kernels never dereference a host pointer)."""
+    return None if scalar is None else scalar.to(like.device).reshape(1)
+
+
+def _launch_fwd(rows: Tensor, cols: Tensor, scale: Tensor, bias: Tensor | None, mode: int,
+                with_cols: bool) -> tuple[Tensor, Tensor | None, Tensor | None]:
+    from mmkernels.triton.contrastive import _contrastive_fwd_kernel
+
+    n, m, D = rows.shape[0], cols.shape[0], rows.shape[1]
+    cfg = _config("fwd", rows.dtype)
+    scale, bias = _on_device(scale, rows), _on_device(bias, rows)
+    P = _num_programs(rows.device, _cdiv(n, cfg.block_m))
+    row_out = torch.empty(n, dtype=torch.float32, device=rows.device)
+    part_m = part_l = None
+    if with_cols:
+        part_m = torch.full((P, m), float("-inf"), dtype=torch.float32, device=rows.device)
+        part_l = torch.zeros((P, m), dtype=torch.float32, device=rows.device)
+    with va._guard(rows.device):
+        _contrastive_fwd_kernel[(P,)](
+            rows, cols, scale, bias if bias is not None else scale, row_out,
+            part_m if with_cols else row_out, part_l if with_cols else row_out,
+            n, m, D, rows.stride(0), cols.stride(0), part_m.stride(0) if with_cols else 0,
+            MODE=mode, WITH_COLS=with_cols, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
+            BLOCK_K=cfg.block_k, PRECISION=_precision(rows.dtype), num_warps=cfg.num_warps,
+            num_stages=cfg.num_stages)
+    return row_out, part_m, part_l
+
+
+def _launch_bwd(rows: Tensor, cols: Tensor, scale: Tensor, bias: Tensor | None, mode: int,
+                lse_a: Tensor | None, lse_b: Tensor | None, c_a: float, c_b: float,
+                with_loss: bool) -> tuple[Tensor, Tensor | None, Tensor | None]:
+    """G (n, D) fp32 = dLoss/dS @ cols for `rows` (see the kernel), and with_loss the
+    (n,) row sums of the SigLIP loss and weights."""
+    from mmkernels.triton.contrastive import _contrastive_bwd_kernel
+
+    n, m, D = rows.shape[0], cols.shape[0], rows.shape[1]
+    cfg = _config("bwd", rows.dtype)
+    scale, bias = _on_device(scale, rows), _on_device(bias, rows)
+    g = torch.zeros(n, D, dtype=torch.float32, device=rows.device)
+    loss = wsum = None
+    if with_loss:
+        loss = torch.empty(n, dtype=torch.float32, device=rows.device)
+        wsum = torch.empty(n, dtype=torch.float32, device=rows.device)
+    dummy = g
+    with va._guard(rows.device):
+        _contrastive_bwd_kernel[(_cdiv(n, cfg.block_m),)](
+            rows, cols, scale, bias if bias is not None else scale,
+            lse_a if lse_a is not None else dummy, lse_b if lse_b is not None else dummy, g,
+            loss if with_loss else dummy, wsum if with_loss else dummy,
+            n, m, D, rows.stride(0), cols.stride(0), g.stride(0), c_a, c_b,
+            MODE=mode, USE_LSE_A=lse_a is not None, USE_LSE_B=lse_b is not None,
+            WITH_LOSS=with_loss, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
+            BLOCK_K=cfg.block_k, BLOCK_D=cfg.block_d, PRECISION=_precision(rows.dtype),
+            num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    return g, loss, wsum
+
+
+def _triton_lse_rows_and_cols(rows: Tensor, cols: Tensor, scale: Tensor, chunk: int,
+                              with_cols: bool) -> tuple[Tensor, Tensor | None]:
+    """As reference.lse_rows_and_cols (``chunk`` unused: the kernels tile by their
+    launch configuration)."""
+    rows, cols = _operand(rows), _operand(cols)
+    n, m = rows.shape[0], cols.shape[0]
+    if n == 0 or m == 0:
+        full = functools.partial(torch.full, dtype=torch.float32, device=rows.device)
+        return full((n,), float("-inf")), (full((m,), float("-inf")) if with_cols else None)
+    lse_r, part_m, part_l = _launch_fwd(rows, cols, scale, None, 0, with_cols)
+    if not with_cols:
+        return lse_r, None
+    # merge the programs' column partials (base 2): log2 sum_p l_p 2^(m_p - top) + top
+    top = part_m.amax(0)
+    lse_c = (top + torch.log2((part_l * torch.exp2(part_m - top)).sum(0))) * math.log(2.0)
+    return lse_r, lse_c
+
+
+def _triton_lse_backward(rows: Tensor, cols: Tensor, scale: Tensor, lse_r: Tensor,
+                         lse_c: Tensor | None, w_row: float, w_col: float, chunk: int
+                         ) -> tuple[Tensor, Tensor, Tensor]:
+    """As reference.lse_backward: the row gradient from one launch, the column gradient
+    from the same kernel with the operands (and the two log-sum-exps) swapped."""
+    D = rows.shape[1]
+    rows, cols = _operand(rows), _operand(cols)
+    use_c = lse_c is not None and w_col != 0
+    top = max(w_row, w_col if use_c else 0.0)
+    s = scale.float()
+    if rows.shape[0] == 0 or cols.shape[0] == 0 or top == 0:
+        return (torch.zeros(rows.shape[0], D, dtype=torch.float32, device=rows.device),
+                torch.zeros(cols.shape[0], D, dtype=torch.float32, device=rows.device),
+                torch.zeros((), dtype=torch.float32, device=rows.device))
+    lse_cc = lse_c if use_c else None
+    g_r = _launch_bwd(rows, cols, scale, None, 0, lse_r, lse_cc, w_row / top, w_col / top,
+                      False)[0]
+    g_c = _launch_bwd(cols, rows, scale, None, 0, lse_cc, lse_r, w_col / top, w_row / top,
+                      False)[0]
+    g_r, g_c = g_r[:, :D].mul_(top), g_c[:, :D].mul_(top)
+    d_s = (rows[:, :D].float() * g_r).sum()
+    return g_r * s, g_c * s, d_s
+
+
+def _triton_siglip_panels(rows: Tensor, cols: Tensor, scale: Tensor, bias: Tensor, chunk: int,
+                          diag_offset: int | None, grad_weight: float | None = None):
+    """As reference.siglip_panels. The kernels treat every pair as a negative; the
+    positives (i, i + diag_offset) are corrected here from their n dot products."""
+    D = rows.shape[1]
+    rows, cols = _operand(rows), _operand(cols)
+    n, m = rows.shape[0], cols.shape[0]
+    want = grad_weight is not None
+    s, b = scale.float(), bias.float()
+    zeros = functools.partial(torch.zeros, dtype=torch.float32, device=rows.device)
+    if n == 0 or m == 0:
+        total = zeros(())
+        if not want:
+            return total
+        return total, zeros(n, D), zeros(m, D), zeros(()), zeros(())
+    if want:
+        g_r, loss, wsum = _launch_bwd(rows, cols, scale, bias, 1, None, None, 1.0, 1.0, True)
+        g_c = _launch_bwd(cols, rows, scale, bias, 1, None, None, 1.0, 1.0, False)[0]
+        g_r, g_c = g_r[:, :D], g_c[:, :D]
+        d_b = wsum.sum()
+    else:
+        loss = _launch_fwd(rows, cols, scale, bias, 1, False)[0]
+    total = loss.sum()
+    if diag_offset is not None:
+        i = torch.arange(n, device=rows.device)
+        j = i + diag_offset
+        ok = (j >= 0) & (j < m)
+        i, j = i[ok], j[ok]
+        a_i, b_j = rows[i, :D].float(), cols[j, :D].float()
+        d = s * (a_i * b_j).sum(1) + b
+        # positives: softplus(-d) instead of softplus(d); weight sigmoid(d) - 1
+        total = total + (torch.nn.functional.softplus(-d) - torch.nn.functional.softplus(d)).sum()
+        if want:
+            g_r.index_add_(0, i, b_j, alpha=-1.0)
+            g_c.index_add_(0, j, a_i, alpha=-1.0)
+            d_b = d_b - i.numel()
+    if not want:
+        return total
+    g_r.mul_(grad_weight)
+    g_c.mul_(grad_weight)
+    d_s = (rows[:, :D].float() * g_r).sum()
+    return total, g_r * s, g_c * s, d_s, d_b * grad_weight
+
+
+_TRITON_PATH = types.SimpleNamespace(lse_rows_and_cols=_triton_lse_rows_and_cols,
+                                     lse_backward=_triton_lse_backward,
+                                     siglip_panels=_triton_siglip_panels)
+
+
+def _path(t: Tensor):
+    """The implementation for these features: the Triton kernels or the chunked
+    PyTorch path (reference.py); both have the same three functions."""
+    return _TRITON_PATH if _uses_triton(t) else reference
 
 
 # ---------------------------------------------------------------------------------
@@ -86,8 +344,8 @@ class _InfoNCEDistributed(torch.autograd.Function):
         sizes = _sizes(image, group, world)
         all_i = _gather_rows(image.detach(), sizes, group)
         all_t = _gather_rows(text.detach(), sizes, group)
-        lse_i, _ = reference.lse_rows_and_cols(image, all_t, scale, chunk, with_cols=False)
-        lse_t, _ = reference.lse_rows_and_cols(text, all_i, scale, chunk, with_cols=False)
+        lse_i, _ = _path(image).lse_rows_and_cols(image, all_t, scale, chunk, with_cols=False)
+        lse_t, _ = _path(image).lse_rows_and_cols(text, all_i, scale, chunk, with_cols=False)
         loss = _info_nce_value(image, text, scale, lse_i, lse_t)
         ctx.save_for_backward(image, text, scale, lse_i, lse_t, all_i, all_t)
         ctx.meta = (chunk, group, sum(sizes[:rank]))
@@ -101,8 +359,8 @@ class _InfoNCEDistributed(torch.autograd.Function):
         acc = lse_i.dtype
         w = 1.0 / (2 * B)
         g = grad.to(acc)
-        d_i, d_all_t, ds1 = reference.lse_backward(image, all_t, scale, lse_i, None, w, 0.0, chunk)
-        d_t, d_all_i, ds2 = reference.lse_backward(text, all_i, scale, lse_t, None, w, 0.0, chunk)
+        d_i, d_all_t, ds1 = _path(image).lse_backward(image, all_t, scale, lse_i, None, w, 0.0, chunk)
+        d_t, d_all_i, ds2 = _path(image).lse_backward(text, all_i, scale, lse_t, None, w, 0.0, chunk)
         d_i, d_t, d_s = _add_positive_grads(image, text, scale, d_i, d_t, ds1 + ds2)
         d_i, d_t, d_s = g * d_i, g * d_t, g * d_s
         # gradients for every rank's features (this rank's columns), summed over ranks
@@ -127,7 +385,7 @@ class _SigLIPDistributed(torch.autograd.Function):
         all_t = _gather_rows(text.detach(), sizes, group)
         offset = sum(sizes[:rank])
         B = image.shape[0]
-        total, d_i, d_all_t, d_s, d_b = reference.siglip_panels(
+        total, d_i, d_all_t, d_s, d_b = _path(image).siglip_panels(
             image, all_t, scale, bias, chunk, offset, grad_weight=1.0 / B)
         ctx.save_for_backward(d_i, d_all_t, d_s, d_b)
         ctx.meta = (group, offset, B, image.dtype, scale.shape, bias.shape)
@@ -154,7 +412,7 @@ class _SigLIPDistributed(torch.autograd.Function):
 def _info_nce_fwd(image: Tensor, text: Tensor, scale: Tensor, chunk: int
                   ) -> tuple[Tensor, Tensor, Tensor]:
     """loss (scalar, image's dtype), lse_row (B,), lse_col (B,) (float32 or float64)."""
-    lse_r, lse_c = reference.lse_rows_and_cols(image, text, scale, chunk, with_cols=True)
+    lse_r, lse_c = _path(image).lse_rows_and_cols(image, text, scale, chunk, with_cols=True)
     return _info_nce_value(image, text, scale, lse_r, lse_c).to(image.dtype), lse_r, lse_c
 
 
@@ -171,7 +429,7 @@ def _info_nce_bwd(grad: Tensor, image: Tensor, text: Tensor, scale: Tensor, lse_
     B = image.shape[0]
     w = 1.0 / (2 * B)
     d_i, d_t, d_s = _add_positive_grads(
-        image, text, scale, *reference.lse_backward(image, text, scale, lse_r, lse_c, w, w, chunk))
+        image, text, scale, *_path(image).lse_backward(image, text, scale, lse_r, lse_c, w, w, chunk))
     g = grad.to(lse_r.dtype)
     return (g * d_i).to(image.dtype), (g * d_t).to(text.dtype), (g * d_s).to(scale.dtype)
 
@@ -206,11 +464,11 @@ def _siglip_fwd(image: Tensor, text: Tensor, scale: Tensor, bias: Tensor, chunk:
     with_grad the four are empty."""
     B = image.shape[0]
     if with_grad:
-        total, d_i, d_t, d_s, d_b = reference.siglip_panels(image, text, scale, bias, chunk, 0,
+        total, d_i, d_t, d_s, d_b = _path(image).siglip_panels(image, text, scale, bias, chunk, 0,
                                                             grad_weight=1.0 / B)
         return ((total / B).to(image.dtype), d_i.to(image.dtype), d_t.to(text.dtype),
                 d_s.to(scale.dtype), d_b.to(bias.dtype))
-    total = reference.siglip_panels(image, text, scale, bias, chunk, 0)
+    total = _path(image).siglip_panels(image, text, scale, bias, chunk, 0)
     return ((total / B).to(image.dtype), image.new_empty((0, image.shape[1])),
             text.new_empty((0, text.shape[1])), scale.new_empty(()), bias.new_empty(()))
 
@@ -335,3 +593,66 @@ def sigmoid_contrastive(image_features: Tensor, text_features: Tensor, logit_sca
     with_grad = torch.is_grad_enabled() and any(
         t.requires_grad for t in (image_features, text_features, scale, bias))
     return _siglip_fwd(image_features, text_features, scale, bias, chunk, with_grad)[0]
+
+
+# ---------------------------------------------------------------------------------
+# static report
+# ---------------------------------------------------------------------------------
+
+
+def contrastive_spec(kernel, cfg: ContrastiveConfig, dtype: str, precision: str,
+                     consts: dict, tag: str) -> KernelSpec:
+    """A KernelSpec specialised as a real launch on contiguous (B, D) features with D a
+    multiple of 16: pointers and row strides 16-divisible; scale/bias/statistics fp32."""
+    import inspect
+
+    names = list(inspect.signature(kernel.fn).parameters)
+    consts = dict(consts, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
+                  PRECISION=precision)
+    if "BLOCK_D" in names:
+        consts["BLOCK_D"] = cfg.block_d
+    sig, attrs = {}, {}
+    for i, n in enumerate(names):
+        if n in consts:
+            sig[n] = "constexpr"
+        elif n.endswith("_ptr"):
+            sig[n] = f"*{dtype}" if n in ("a_ptr", "b_ptr") else "*fp32"
+            attrs[(i,)] = [["tt.divisibility", 16]]
+        elif n in ("c_a", "c_b"):
+            sig[n] = "fp32"
+        else:
+            sig[n] = "i32"
+            if n == "D" or n.startswith("stride_"):
+                attrs[(i,)] = [["tt.divisibility", 16]]
+    return KernelSpec(kernel.fn.__name__, kernel, sig, consts,
+                      {"num_warps": cfg.num_warps, "num_stages": cfg.num_stages},
+                      f"{tag} {dtype}{'' if dtype != 'fp32' else '/' + precision} {cfg}",
+                      needs_mma=precision != "ieee" or dtype != "fp32", attrs=attrs)
+
+
+def kernel_specs() -> list[KernelSpec]:
+    """Every launchable variant: forward (InfoNCE with and without the column
+    statistics, SigLIP) and backward (InfoNCE with both log-sum-exps, SigLIP with the
+    loss), for bf16, fp16, fp32 with TF32 and fp32 exact (no tensor cores), in every
+    configuration of the tables."""
+    from mmkernels.triton.contrastive import _contrastive_bwd_kernel, _contrastive_fwd_kernel
+
+    variants = {
+        _contrastive_fwd_kernel: [("infonce+cols", dict(MODE=0, WITH_COLS=True)),
+                                  ("infonce", dict(MODE=0, WITH_COLS=False)),
+                                  ("siglip", dict(MODE=1, WITH_COLS=False))],
+        _contrastive_bwd_kernel: [("infonce", dict(MODE=0, USE_LSE_A=True, USE_LSE_B=True,
+                                                   WITH_LOSS=False)),
+                                  ("siglip+loss", dict(MODE=1, USE_LSE_A=False,
+                                                       USE_LSE_B=False, WITH_LOSS=True))],
+    }
+    dtypes = {"mma": (("bf16", "ieee"), ("fp16", "ieee"), ("fp32", "tf32")),
+              "fp32": (("fp32", "ieee"),)}
+    specs = []
+    for kernel, kind in ((_contrastive_fwd_kernel, "fwd"), (_contrastive_bwd_kernel, "bwd")):
+        for operands, cfgs in CONFIGS[kind].items():
+            for cfg in cfgs:
+                for tag, consts in variants[kernel]:
+                    for dtype, precision in dtypes[operands]:
+                        specs.append(contrastive_spec(kernel, cfg, dtype, precision, consts, tag))
+    return specs

@@ -28,6 +28,7 @@ class KernelSpec:
 
 
 def kernel_specs() -> list[KernelSpec]:
-    from mmkernels.ops import co_attention, varlen_attention
+    from mmkernels.ops import co_attention, contrastive, varlen_attention
 
-    return list(varlen_attention.kernel_specs()) + list(co_attention.kernel_specs())
+    return (list(varlen_attention.kernel_specs()) + list(co_attention.kernel_specs())
+            + list(contrastive.kernel_specs()))
