@@ -50,6 +50,18 @@ TORCH_LIBRARY(mmkernels, m) {
   m.def(
       "scatter_image_features(Tensor inputs_embeds, Tensor image_mask, Tensor image_features) "
       "-> Tensor");
+
+  // Contrastive losses, CPU panel passes (csrc/contrastive/contrastive_cpu.cpp); S is one
+  // contiguous (k, m) float32/float64 similarity panel, every vector matches its dtype.
+  // Running (max, sum of exp(S - max)) statistics of the rows (k,) and columns (m,)
+  // absorb the tile.
+  m.def(
+      "contrastive_lse_panel_(Tensor S, Tensor(a!) row_max, Tensor(b!) row_sum, "
+      "Tensor(c!)? col_max, Tensor(d!)? col_sum) -> ()");
+  // S <- exp(S - row_shift[:, None]) (+ exp(S - col_shift[None, :])), in place.
+  m.def("contrastive_grad_panel_(Tensor(a!) S, Tensor row_shift, Tensor? col_shift) -> ()");
+  // returns sum softplus(L + bias) (0-dim, L's dtype); with_grad: L <- w * sigmoid(L + bias).
+  m.def("siglip_panel_(Tensor(a!) L, float bias, float grad_weight, bool with_grad) -> Tensor");
 }
 
 // Importable as a Python module (mmkernels._C); loading it runs the registrations.

@@ -33,7 +33,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from mmkernels import reference
+from mmkernels import _extension, reference
 from mmkernels.ops import varlen_attention as va
 from mmkernels.triton import KernelSpec, interpreting
 
@@ -244,7 +244,7 @@ def _triton_siglip_panels(rows: Tensor, cols: Tensor, scale: Tensor, bias: Tenso
     rows, cols = _operand(rows), _operand(cols)
     n, m = rows.shape[0], cols.shape[0]
     want = grad_weight is not None
-    s, b = scale.float(), bias.float()
+    s = scale.float()
     zeros = functools.partial(torch.zeros, dtype=torch.float32, device=rows.device)
     if n == 0 or m == 0:
         total = zeros(())
@@ -260,13 +260,8 @@ def _triton_siglip_panels(rows: Tensor, cols: Tensor, scale: Tensor, bias: Tenso
         loss = _launch_fwd(rows, cols, scale, bias, 1, False)[0]
     total = loss.sum()
     if diag_offset is not None:
-        i = torch.arange(n, device=rows.device)
-        j = i + diag_offset
-        ok = (j >= 0) & (j < m)
-        i, j = i[ok], j[ok]
-        a_i, b_j = rows[i, :D].float(), cols[j, :D].float()
-        d = s * (a_i * b_j).sum(1) + b
-        # positives: softplus(-d) instead of softplus(d); weight sigmoid(d) - 1
+        i, j, d, a_i, b_j = reference.siglip_positives(rows[:, :D], cols[:, :D], scale, bias,
+                                                       diag_offset)
         total = total + (torch.nn.functional.softplus(-d) - torch.nn.functional.softplus(d)).sum()
         if want:
             g_r.index_add_(0, i, b_j, alpha=-1.0)
@@ -285,10 +280,62 @@ _TRITON_PATH = types.SimpleNamespace(lse_rows_and_cols=_triton_lse_rows_and_cols
                                      siglip_panels=_triton_siglip_panels)
 
 
+class FusedCpuPasses:
+    """The chunked path's panel passes as the fused C++ CPU kernels
+    (csrc/contrastive/contrastive_cpu.cpp); same contract as
+    reference.EagerPanelPasses."""
+
+    @staticmethod
+    def lse_panel(S, row_max, row_sum, col_max, col_sum):
+        torch.ops.mmkernels.contrastive_lse_panel_(S, row_max, row_sum, col_max, col_sum)
+
+    @staticmethod
+    def grad_panel(S, row_shift, col_shift):
+        torch.ops.mmkernels.contrastive_grad_panel_(S, row_shift.contiguous(), col_shift)
+
+    @staticmethod
+    def siglip_panel(L, bias, grad_weight, with_grad):
+        return torch.ops.mmkernels.siglip_panel_(L, bias, grad_weight, with_grad)
+
+
+# fake kernels of the C++ panel passes (they mutate their arguments in place)
+if _extension.is_available():
+    @torch.library.register_fake("mmkernels::contrastive_lse_panel_")
+    def _(S, row_max, row_sum, col_max, col_sum):
+        return None
+
+    @torch.library.register_fake("mmkernels::contrastive_grad_panel_")
+    def _(S, row_shift, col_shift):
+        return None
+
+    @torch.library.register_fake("mmkernels::siglip_panel_")
+    def _(L, bias, grad_weight, with_grad):
+        return L.new_empty(())
+
+
+def _chunked_path(passes) -> types.SimpleNamespace:
+    return types.SimpleNamespace(
+        lse_rows_and_cols=functools.partial(reference.lse_rows_and_cols, passes=passes),
+        lse_backward=functools.partial(reference.lse_backward, passes=passes),
+        siglip_panels=functools.partial(reference.siglip_panels, passes=passes))
+
+
+_CPU_PATH = _chunked_path(FusedCpuPasses())
+_EAGER_PATH = _chunked_path(reference.EAGER_PASSES)
+
+
 def _path(t: Tensor):
-    """The implementation for these features: the Triton kernels or the chunked
-    PyTorch path (reference.py); both have the same three functions."""
-    return _TRITON_PATH if _uses_triton(t) else reference
+    """The implementation for these features, all with the same three functions: the
+    Triton kernels (CUDA fp16/bf16/fp32, or the interpreter), the chunked path with the
+    fused C++ panel passes (CPU), or the chunked path with eager passes (float64 on a GPU,
+    a build without the extension, or MMKERNELS_BACKEND=reference)."""
+    if _extension.backend_override() == "reference":
+        return _EAGER_PATH
+    if _uses_triton(t):
+        return _TRITON_PATH
+    if t.device.type == "cpu" and _extension.has_kernel("contrastive_lse_panel_", "cpu"):
+        return _CPU_PATH
+    return _EAGER_PATH
 
 
 # ---------------------------------------------------------------------------------
@@ -550,7 +597,9 @@ def info_nce(image_features: Tensor, text_features: Tensor, logit_scale: Tensor,
     Args:
         image_features, text_features: (B, D), one float dtype, D <= 4096.
         logit_scale: a one-element tensor; it receives a gradient.
-        chunk_size: rows per (chunk x B) panel (default: about 32 MiB panels).
+        chunk_size: rows per similarity tile on the chunked (CPU / float64) path; tiles
+            are (chunk_size x 1024), default chunk_size 1024 (4 MiB float32 tiles). The
+            Triton kernels tile by their launch configuration instead.
         process_group: distributed group (default: the initialised world, if any, with
             world size > 1). Each rank passes its local features; the value and the
             gradients equal open_clip ``ClipLoss(local_loss=True, gather_with_grad=True)``.

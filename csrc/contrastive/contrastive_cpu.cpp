@@ -1,0 +1,228 @@
+// Contrastive losses, CPU: the elementwise passes over one (k x m) similarity panel of
+// the chunked path (mmkernels/reference.py drives the panel loop and the GEMMs; these
+// replace its eager passes, which make ~10 trips through memory per panel, with one or
+// two vectorised trips). Per-element math: contrastive_math.h.
+//
+//   contrastive_lse_panel_(S, row_max, row_sum, col_max?, col_sum?)
+//       The running row statistics (max, sum of exp(S - max)) absorb this tile's
+//       columns and, when given, the running column statistics its rows.
+//       Rows are taken kRowBlock at a time (a block stays in L2 between its two
+//       passes). Each thread folds its blocks into its own column statistics (rescaled
+//       when a block raises a column's max), merged at the end: no atomics.
+//   contrastive_grad_panel_(S, row_shift, col_shift?)
+//       S_ij <- exp(S_ij - row_shift[i]) (+ exp(S_ij - col_shift[j])), in place.
+//   siglip_panel_(L, bias, grad_weight, with_grad) -> total
+//       total = sum_ij softplus(L_ij + bias) (every pair a negative); with_grad:
+//       L_ij <- grad_weight * sigmoid(L_ij + bias), in place.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <limits>
+#include <vector>
+
+#include "contrastive/contrastive_math.h"
+
+namespace mmkernels {
+namespace contrastive {
+namespace {
+
+constexpr int64_t kRowBlock = 16;
+
+void check_panel(const at::Tensor& S, const char* op) {
+  TORCH_CHECK(S.dim() == 2, op, ": the panel must be 2-D, got ", S.dim(), "-D");
+  TORCH_CHECK(S.is_contiguous(), op, ": the panel must be contiguous");
+  TORCH_CHECK(S.scalar_type() == at::kFloat || S.scalar_type() == at::kDouble, op,
+              ": the panel must be float32 or float64, got ", S.scalar_type());
+}
+
+void check_vector(const at::Tensor& v, const at::Tensor& S, int64_t n, const char* name,
+                  const char* op) {
+  TORCH_CHECK(v.dim() == 1 && v.size(0) == n, op, ": ", name, " must be (", n, "), got ",
+              v.sizes());
+  TORCH_CHECK(v.is_contiguous() && v.scalar_type() == S.scalar_type() &&
+                  v.device() == S.device(),
+              op, ": ", name, " must be a contiguous ", S.scalar_type(), " vector on ",
+              S.device());
+}
+
+template <typename T>
+inline T max_of(T a, T b) {
+  return a > b ? a : b;
+}
+
+template <typename T>
+void lse_panel(const T* S, int64_t k, int64_t m, T* row_max, T* row_sum, T* col_max,
+               T* col_sum) {
+  const bool cols = col_max != nullptr;
+  const int threads = at::get_num_threads();
+  const T neg_inf = -std::numeric_limits<T>::infinity();
+  // per thread: running column max, running column sum, this block's column max
+  std::vector<T> tm(cols ? threads * m : 0, neg_inf), tl(cols ? threads * m : 0, T(0)),
+      bm(cols ? threads * m : 0);
+  std::vector<char> used(threads, 0);
+  const int64_t blocks = (k + kRowBlock - 1) / kRowBlock;
+  at::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
+    const int t = at::get_thread_num();
+    T* my_m = cols ? tm.data() + t * m : nullptr;
+    T* my_l = cols ? tl.data() + t * m : nullptr;
+    T* blk = cols ? bm.data() + t * m : nullptr;
+    used[t] = 1;
+    for (int64_t b = b0; b < b1; ++b) {
+      const int64_t r0 = b * kRowBlock, r1 = std::min(k, r0 + kRowBlock);
+      // pass 1: raise the rows' running maxima; this block's column maxima
+      if (cols) std::fill(blk, blk + m, neg_inf);
+      T new_max[kRowBlock];
+      for (int64_t i = r0; i < r1; ++i) {
+        const T* row = S + i * m;
+        T mx = row_max[i];
+#pragma omp simd reduction(max : mx)
+        for (int64_t j = 0; j < m; ++j) mx = max_of(mx, row[j]);
+        new_max[i - r0] = mx;
+        if (cols) {
+#pragma omp simd
+          for (int64_t j = 0; j < m; ++j) blk[j] = max_of(blk[j], row[j]);
+        }
+      }
+      if (cols) {
+        // raise the thread's running column max to cover this block
+#pragma omp simd
+        for (int64_t j = 0; j < m; ++j) {
+          const T nm = max_of(my_m[j], blk[j]);
+          my_l[j] *= exp_lanes(my_m[j] - nm);
+          my_m[j] = nm;
+        }
+      }
+      // pass 2 (the block is in cache): row sums and column sums of exponentials
+      for (int64_t i = r0; i < r1; ++i) {
+        const T* row = S + i * m;
+        const T mx = new_max[i - r0];
+        T sum = 0;
+#pragma omp simd reduction(+ : sum)
+        for (int64_t j = 0; j < m; ++j) sum += exp_lanes(row[j] - mx);
+        row_sum[i] = row_sum[i] * exp_lanes(row_max[i] - mx) + sum;
+        row_max[i] = mx;
+        if (cols) {
+#pragma omp simd
+          for (int64_t j = 0; j < m; ++j) my_l[j] += exp_lanes(row[j] - my_m[j]);
+        }
+      }
+    }
+  });
+  if (!cols) return;
+  for (int t = 0; t < threads; ++t) {
+    if (!used[t]) continue;
+    const T* my_m = tm.data() + t * m;
+    const T* my_l = tl.data() + t * m;
+#pragma omp simd
+    for (int64_t j = 0; j < m; ++j) {
+      const T nm = max_of(col_max[j], my_m[j]);
+      col_sum[j] = col_sum[j] * exp_lanes(col_max[j] - nm) + my_l[j] * exp_lanes(my_m[j] - nm);
+      col_max[j] = nm;
+    }
+  }
+}
+
+template <typename T>
+void grad_panel(T* P, int64_t k, int64_t m, const T* rs, const T* cs) {
+  at::parallel_for(0, k, kRowBlock, [&](int64_t i0, int64_t i1) {
+    for (int64_t i = i0; i < i1; ++i) {
+      T* row = P + i * m;
+      const T r = rs[i];
+      if (cs) {
+#pragma omp simd
+        for (int64_t j = 0; j < m; ++j) row[j] = exp_lanes(row[j] - r) + exp_lanes(row[j] - cs[j]);
+      } else {
+#pragma omp simd
+        for (int64_t j = 0; j < m; ++j) row[j] = exp_lanes(row[j] - r);
+      }
+    }
+  });
+}
+
+template <typename T>
+double siglip_panel(T* X, int64_t k, int64_t m, T b, T w, bool with_grad) {
+  std::vector<double> row_sums(k, 0.0);
+  at::parallel_for(0, k, kRowBlock, [&](int64_t i0, int64_t i1) {
+    for (int64_t i = i0; i < i1; ++i) {
+      T* row = X + i * m;
+      T sum = 0;
+      if (with_grad) {
+#pragma omp simd reduction(+ : sum)
+        for (int64_t j = 0; j < m; ++j) {
+          const SoftplusGrad<T> r = softplus_and_sigmoid(row[j] + b);
+          sum += r.loss;
+          row[j] = w * r.grad;
+        }
+      } else {
+#pragma omp simd reduction(+ : sum)
+        for (int64_t j = 0; j < m; ++j) sum += softplus_and_sigmoid(row[j] + b).loss;
+      }
+      row_sums[i] = sum;
+    }
+  });
+  double acc = 0;  // rows in a fixed order: the same total for any thread count
+  for (double v : row_sums) acc += v;
+  return acc;
+}
+
+void contrastive_lse_panel_(const at::Tensor& S, const at::Tensor& row_max,
+                            const at::Tensor& row_sum, const std::optional<at::Tensor>& col_max,
+                            const std::optional<at::Tensor>& col_sum) {
+  const char* op = "contrastive_lse_panel_";
+  check_panel(S, op);
+  const int64_t k = S.size(0), m = S.size(1);
+  check_vector(row_max, S, k, "row_max", op);
+  check_vector(row_sum, S, k, "row_sum", op);
+  TORCH_CHECK(col_max.has_value() == col_sum.has_value(), op,
+              ": col_max and col_sum go together");
+  if (col_max) {
+    check_vector(*col_max, S, m, "col_max", op);
+    check_vector(*col_sum, S, m, "col_sum", op);
+  }
+  if (k == 0 || m == 0) return;
+  AT_DISPATCH_FLOATING_TYPES(S.scalar_type(), "contrastive_lse_panel_", [&] {
+    lse_panel<scalar_t>(S.const_data_ptr<scalar_t>(), k, m, row_max.mutable_data_ptr<scalar_t>(),
+                        row_sum.mutable_data_ptr<scalar_t>(),
+                        col_max ? col_max->mutable_data_ptr<scalar_t>() : nullptr,
+                        col_sum ? col_sum->mutable_data_ptr<scalar_t>() : nullptr);
+  });
+}
+
+void contrastive_grad_panel_(const at::Tensor& S, const at::Tensor& row_shift,
+                             const std::optional<at::Tensor>& col_shift) {
+  const char* op = "contrastive_grad_panel_";
+  check_panel(S, op);
+  const int64_t k = S.size(0), m = S.size(1);
+  check_vector(row_shift, S, k, "row_shift", op);
+  if (col_shift) check_vector(*col_shift, S, m, "col_shift", op);
+  AT_DISPATCH_FLOATING_TYPES(S.scalar_type(), "contrastive_grad_panel_", [&] {
+    grad_panel<scalar_t>(S.mutable_data_ptr<scalar_t>(), k, m, row_shift.const_data_ptr<scalar_t>(),
+                         col_shift ? col_shift->const_data_ptr<scalar_t>() : nullptr);
+  });
+}
+
+at::Tensor siglip_panel_(const at::Tensor& L, double bias, double grad_weight, bool with_grad) {
+  const char* op = "siglip_panel_";
+  check_panel(L, op);
+  const int64_t k = L.size(0), m = L.size(1);
+  double total = 0;
+  AT_DISPATCH_FLOATING_TYPES(L.scalar_type(), "siglip_panel_", [&] {
+    total = siglip_panel<scalar_t>(L.mutable_data_ptr<scalar_t>(), k, m,
+                                   static_cast<scalar_t>(bias),
+                                   static_cast<scalar_t>(grad_weight), with_grad);
+  });
+  return at::full({}, total, L.options());
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(mmkernels, CPU, m) {
+  m.impl("contrastive_lse_panel_", &contrastive_lse_panel_);
+  m.impl("contrastive_grad_panel_", &contrastive_grad_panel_);
+  m.impl("siglip_panel_", &siglip_panel_);
+}
+
+}  // namespace contrastive
+}  // namespace mmkernels

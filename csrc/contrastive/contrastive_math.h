@@ -1,0 +1,97 @@
+// Contrastive losses: the per-element math of the fused CPU panel passes.
+//
+// The chunked CPU path computes each (rows x B) similarity panel with one GEMM and then
+// makes one or two passes over it; these functions are what those passes apply to each
+// element. They are written without calls or data-dependent branches (selects only) so
+// that the compiler vectorises the panel loops (AVX2 / AVX-512 lanes under -march);
+// libm's expf/log1pf are scalar calls and would leave the passes several times slower
+// than the GEMMs they follow. The GPU runs the Triton kernels, which use exp2/log2.
+//
+// Accuracy (float, checked against double in tests/test_contrastive.py):
+//   exp_lanes     relative error < 2 ulp for x in [-87, 88]; x < -87 gives exp(-87)
+//                 (~1.6e-38, a normal number: the CPU never enters slow denormal
+//                 arithmetic, and the sums it enters hold at least one term >= 1);
+//                 x > 88.7 gives inf; NaN gives NaN.
+//   log1p_small   log(1 + e) for e in [0, 1], relative error < 2 ulp, exact for tiny e
+//                 (no 1 + e rounding: SigLIP's negatives are mostly e ~ 1e-5).
+// The double overloads call the C library (the float64 path is a reference, not a
+// fast path).
+#pragma once
+
+#include <bit>
+#include <cmath>
+#include <cstdint>
+#include <limits>
+
+#include "common/host_device.h"
+
+namespace mmkernels {
+namespace contrastive {
+
+// exp(x): Cody-Waite range reduction x = n ln2 + r, |r| <= ln2 / 2 (+ rounding), a degree-6
+// polynomial for exp(r) (Cephes expf), and 2^n assembled in the exponent bits.
+HOST_DEVICE_INLINE float exp_lanes(float x) {
+  const float lo = -87.0f, hi = 88.0f;
+  float xc = x < lo ? lo : x;
+  xc = xc > hi ? hi : xc;
+  xc = xc == xc ? xc : 0.0f;  // NaN: any finite value here, NaN restored below
+  // n = round(xc / ln2) by the 1.5 * 2^23 shifter (exact for |n| < 2^22; std::floor
+  // would keep GCC from vectorising the loop)
+  const float shifter = 12582912.0f;
+  const float n = (xc * 1.44269504088896341f + shifter) - shifter;
+  float r = xc - n * 0.693359375f;
+  r = r - n * -2.12194440e-4f;
+  float p = 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * r * r + r + 1.0f;
+  const float two_n = std::bit_cast<float>((static_cast<int32_t>(n) + 127) << 23);
+  float out = p * two_n;
+  out = x > 88.72283935546875f ? std::numeric_limits<float>::infinity() : out;
+  return x == x ? out : x;
+}
+
+HOST_DEVICE_INLINE double exp_lanes(double x) { return std::exp(x); }
+
+// log(1 + e) for e in [0, 1]: 2 atanh(z) with z = e / (2 + e) in [0, 1/3], as the odd
+// series 2 (z + z^3/3 + ... + z^17/17) (truncation < 2e-10 relative at z = 1/3).
+HOST_DEVICE_INLINE float log1p_small(float e) {
+  const float z = e / (2.0f + e);
+  const float w = z * z;
+  float p = 1.0f / 17.0f;
+  p = p * w + 1.0f / 15.0f;
+  p = p * w + 1.0f / 13.0f;
+  p = p * w + 1.0f / 11.0f;
+  p = p * w + 1.0f / 9.0f;
+  p = p * w + 1.0f / 7.0f;
+  p = p * w + 1.0f / 5.0f;
+  p = p * w + 1.0f / 3.0f;
+  return 2.0f * (z + z * w * p);
+}
+
+HOST_DEVICE_INLINE double log1p_small(double e) { return std::log1p(e); }
+
+// SigLIP, one element taken as a negative pair with logit x: the loss
+// -log sigmoid(-x) = softplus(x) = max(x, 0) + log(1 + exp(-|x|)), and its derivative
+// sigmoid(x), both from the one exponential e = exp(-|x|).
+template <typename T>
+struct SoftplusGrad {
+  T loss;
+  T grad;
+};
+
+template <typename T>
+HOST_DEVICE_INLINE SoftplusGrad<T> softplus_and_sigmoid(T x) {
+  const T ax = x < T(0) ? -x : x;
+  const T e = exp_lanes(-ax);
+  const T inv = T(1) / (T(1) + e);
+  const T pos = x > T(0) ? x : T(0);
+  // NaN: x > 0 and x < 0 are false, so loss = 0 + log1p(NaN) = NaN and grad = NaN
+  return {pos + log1p_small(e), x < T(0) ? e * inv : inv};
+}
+
+}  // namespace contrastive
+}  // namespace mmkernels
