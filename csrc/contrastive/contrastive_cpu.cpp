@@ -151,13 +151,13 @@ double siglip_panel(T* X, int64_t k, int64_t m, T b, T w, bool with_grad) {
       if (with_grad) {
 #pragma omp simd reduction(+ : sum)
         for (int64_t j = 0; j < m; ++j) {
-          const SoftplusGrad<T> r = softplus_and_sigmoid(row[j] + b);
+          const SoftplusGrad<T> r = softplus_and_sigmoid(row[j] + b, w);
           sum += r.loss;
-          row[j] = w * r.grad;
+          row[j] = r.grad;
         }
       } else {
 #pragma omp simd reduction(+ : sum)
-        for (int64_t j = 0; j < m; ++j) sum += softplus_and_sigmoid(row[j] + b).loss;
+        for (int64_t j = 0; j < m; ++j) sum += softplus_and_sigmoid(row[j] + b, w).loss;
       }
       row_sums[i] = sum;
     }

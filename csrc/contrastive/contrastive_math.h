@@ -12,7 +12,7 @@
 //                 (~1.6e-38, a normal number: the CPU never enters slow denormal
 //                 arithmetic, and the sums it enters hold at least one term >= 1);
 //                 x > 88.7 gives inf; NaN gives NaN.
-//   log1p_small   log(1 + e) for e in [0, 1], relative error < 2 ulp, exact for tiny e
+//   log1p_small   log(1 + e) for e in [0, 1], relative error < 3 ulp, also for tiny e
 //                 (no 1 + e rounding: SigLIP's negatives are mostly e ~ 1e-5).
 // The double overloads call the C library (the float64 path is a reference, not a
 // fast path).
@@ -56,10 +56,13 @@ HOST_DEVICE_INLINE float exp_lanes(float x) {
 
 HOST_DEVICE_INLINE double exp_lanes(double x) { return std::exp(x); }
 
-// log(1 + e) for e in [0, 1]: 2 atanh(z) with z = e / (2 + e) in [0, 1/3], as the odd
-// series 2 (z + z^3/3 + ... + z^17/17) (truncation < 2e-10 relative at z = 1/3).
+// log(1 + e) for e in [1e-18, 1]: 2 atanh(z) with z = e / (2 + e) in [0, 1/3], as the
+// odd series 2 z (1 + z^2/3 + ... + z^16/17) (truncation < 2e-10 relative at z = 1/3).
+// Every intermediate stays a normal float down to e = 1e-18 (denormal operands cost
+// the CPU a microcode assist each); below that log(1 + e) = e to float precision.
 HOST_DEVICE_INLINE float log1p_small(float e) {
-  const float z = e / (2.0f + e);
+  const float es = e > 1e-18f ? e : 1e-18f;
+  const float z = es / (2.0f + es);
   const float w = z * z;
   float p = 1.0f / 17.0f;
   p = p * w + 1.0f / 15.0f;
@@ -69,14 +72,16 @@ HOST_DEVICE_INLINE float log1p_small(float e) {
   p = p * w + 1.0f / 7.0f;
   p = p * w + 1.0f / 5.0f;
   p = p * w + 1.0f / 3.0f;
-  return 2.0f * (z + z * w * p);
+  return e > 1e-18f ? 2.0f * z * (1.0f + w * p) : e;
 }
 
 HOST_DEVICE_INLINE double log1p_small(double e) { return std::log1p(e); }
 
 // SigLIP, one element taken as a negative pair with logit x: the loss
 // -log sigmoid(-x) = softplus(x) = max(x, 0) + log(1 + exp(-|x|)), and its derivative
-// sigmoid(x), both from the one exponential e = exp(-|x|).
+// sigmoid(x) times the gradient weight w, both from the one exponential e = exp(-|x|).
+// A weighted derivative below the smallest normal float is returned as 0 (it is
+// below exp_lanes' floor anyway, and the GEMMs that read it must not meet denormals).
 template <typename T>
 struct SoftplusGrad {
   T loss;
@@ -84,13 +89,15 @@ struct SoftplusGrad {
 };
 
 template <typename T>
-HOST_DEVICE_INLINE SoftplusGrad<T> softplus_and_sigmoid(T x) {
+HOST_DEVICE_INLINE SoftplusGrad<T> softplus_and_sigmoid(T x, T w) {
   const T ax = x < T(0) ? -x : x;
   const T e = exp_lanes(-ax);
   const T inv = T(1) / (T(1) + e);
   const T pos = x > T(0) ? x : T(0);
-  // NaN: x > 0 and x < 0 are false, so loss = 0 + log1p(NaN) = NaN and grad = NaN
-  return {pos + log1p_small(e), x < T(0) ? e * inv : inv};
+  T grad = w * (x < T(0) ? e * inv : inv);
+  grad = grad < std::numeric_limits<T>::min() ? T(0) : grad;
+  // NaN: every comparison is false, so loss = log1p(NaN) = NaN and grad = NaN
+  return {pos + log1p_small(e), grad};
 }
 
 }  // namespace contrastive
