@@ -2,8 +2,9 @@
 
 CPU: B=16384, D=512, float32, forward+backward, against open_clip's ClipLoss and
 SigLipLoss in the same run (time and allocator peak); B=65536 (open_clip's B x B logits
-do not fit in 24 GiB): mmkernels alone, time and peak. GPU: the same against open_clip
-(and Inf-CL's cal_inf_loss when installed).
+do not fit in 24 GiB): mmkernels alone, time and peak. GPU: B=65536 in bfloat16 (the
+dtype of CLIP training under autocast) against open_clip, and Inf-CL's cal_inf_loss
+when installed; B=262144 mmkernels alone.
 """
 
 from __future__ import annotations
@@ -19,11 +20,13 @@ D = 512
 
 
 def _inputs(B, device, with_bias=False):
+    dtype = torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
+
     def make():
         g = torch.Generator().manual_seed(0)
         img = torch.nn.functional.normalize(torch.randn(B, D, generator=g), dim=-1)
         txt = torch.nn.functional.normalize(torch.randn(B, D, generator=g), dim=-1)
-        out = [img.to(device).requires_grad_(), txt.to(device).requires_grad_(),
+        out = [img.to(device, dtype).requires_grad_(), txt.to(device, dtype).requires_grad_(),
                torch.tensor(100.0, device=device).requires_grad_()]
         if with_bias:
             out.append(torch.tensor(-10.0, device=device).requires_grad_())
@@ -41,10 +44,10 @@ def _open_clip_siglip():
     return open_clip.loss.SigLipLoss()
 
 
-def _check(with_bias):
+def _check(with_bias, device):
     def check():
         B = 512  # materialised float64 reference at a size it can hold
-        args = _inputs(B, "cpu", with_bias)()
+        args = _inputs(B, device, with_bias)()
         args64 = [a.detach().double() for a in args]
         if with_bias:
             ref = reference.sigmoid_contrastive(*args64)
@@ -59,6 +62,7 @@ def _check(with_bias):
 def suite(device: torch.device) -> Suite:
     big = 16384 if device.type == "cpu" else 65536
     huge = 65536 if device.type == "cpu" else 262144
+    dt = "float32" if device.type == "cpu" else "bfloat16"
     clip_providers = {"mmkernels": lambda i, t, s: mmkernels.info_nce(i, t, s),
                       "open_clip": lambda i, t, s: _open_clip_loss()(i, t, s)}
     if device.type == "cuda":
@@ -73,20 +77,20 @@ def suite(device: torch.device) -> Suite:
         except ImportError:
             pass
     cases = [
-        Case("info_nce", f"B={big} D={D} float32, forward+backward", _inputs(big, device),
+        Case("info_nce", f"B={big} D={D} {dt}, forward+backward", _inputs(big, device),
              clip_providers, baseline="open_clip", modes=("forward+backward",),
              targets={("mmkernels", "forward+backward"): 2.0},
              memory_mode="forward+backward", memory_targets={"mmkernels": 0.1},
-             check=_check(False), repeats=3, warmup=1, flops=2.0 * big * big * D),
-        Case("sigmoid_contrastive", f"B={big} D={D} float32, forward+backward",
+             check=_check(False, device), repeats=3, warmup=1, flops=2.0 * big * big * D),
+        Case("sigmoid_contrastive", f"B={big} D={D} {dt}, forward+backward",
              _inputs(big, device, with_bias=True),
              {"mmkernels": lambda i, t, s, b: mmkernels.sigmoid_contrastive(i, t, s, b),
               "open_clip": lambda i, t, s, b: _open_clip_siglip()(i, t, s, b)},
              baseline="open_clip", modes=("forward+backward",),
              targets={("mmkernels", "forward+backward"): 2.0},
              memory_mode="forward+backward", memory_targets={"mmkernels": 0.1},
-             check=_check(True), repeats=3, warmup=1),
-        Case("info_nce_huge", f"B={huge} D={D} float32, forward+backward (open_clip cannot "
+             check=_check(True, device), repeats=3, warmup=1),
+        Case("info_nce_huge", f"B={huge} D={D} {dt}, forward+backward (open_clip cannot "
              "hold its B x B logits here)", _inputs(huge, device),
              {"mmkernels": lambda i, t, s: mmkernels.info_nce(i, t, s)}, baseline="mmkernels",
              modes=("forward+backward",), memory_mode="forward+backward", repeats=1, warmup=0),

@@ -1,11 +1,17 @@
 """Large-batch contrastive losses without the B x B matrix: ``info_nce`` (CLIP) and
 ``sigmoid_contrastive`` (SigLIP), on one process or across processes.
 
-Only (chunk x B_global) panels of similarities exist at any time: the row and column
-log-sum-exps are accumulated panel by panel in the forward (each panel serves both
-directions), and the backward recomputes the panels (``lse_rows_and_cols``,
-``lse_backward``, ``siglip_panels`` in mmkernels.reference), behind the custom ops
-``mmkernels::info_nce_fwd/_bwd`` and ``mmkernels::sigmoid_contrastive_fwd``.
+Only tiles of similarities exist at any time: the row and column log-sum-exps are
+accumulated tile by tile in the forward (each tile serves both directions), and the
+backward recomputes the tiles, behind the custom ops ``mmkernels::info_nce_fwd/_bwd``
+and ``mmkernels::sigmoid_contrastive_fwd``. Three implementations share one interface
+(``lse_rows_and_cols``, ``lse_backward``, ``siglip_panels``; chosen by :func:`_path`):
+  * Triton kernels (mmkernels/triton/contrastive.py): CUDA fp16/bf16/fp32, and CPU
+    tensors under TRITON_INTERPRET=1;
+  * the tiled path of mmkernels.reference with the fused C++ panel passes
+    (csrc/contrastive/): CPU tensors;
+  * the same tiled path with eager passes: float64 on a GPU, builds without the
+    extension, MMKERNELS_BACKEND=reference.
 
 Distributed (``process_group``, or an initialised default group with world size > 1):
 each rank passes its local features and the loss is that of open_clip's
@@ -13,8 +19,8 @@ each rank passes its local features and the loss is that of open_clip's
 global text, local text rows against every global image, labels offset by the rank.
 Features move by a *chunked all-gather*: every rank contributes its (B_local, D) block
 (uneven local batches are padded to the largest for the collective and unpadded), so
-a rank holds O(B_global * D) features and (chunk x B_global) panels, never a
-B_local x B_global matrix. In the backward, the gradients a rank computes for the other
+a rank holds O(B_global * D) features and one similarity tile per program (or per
+CPU step), never a B_local x B_global matrix. In the backward, the gradients a rank computes for the other
 ranks' features (its columns) are summed across ranks with one all-reduce of the
 (B_global, D) buffers, the same sum open_clip's all_gather backward performs. An
 all-gather rather than a send/recv ring because NCCL and gloo both implement it with
