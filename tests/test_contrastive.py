@@ -96,8 +96,11 @@ def test_sigmoid_matches_open_clip_and_float64(B, D, chunk, backend):
 
 
 @pytest.mark.parametrize("backend", BACKENDS, indirect=True)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("kind", ["info_nce", "sigmoid"])
-def test_float16_within_twice_eager_error(kind, backend):
+def test_low_precision_within_twice_eager_error(kind, dtype, backend):
+    if backend == "triton" and dtype == torch.bfloat16:
+        pytest.skip("the interpreter's bf16 tl.dot is wrong; bf16 Triton: the cuda tests")
     img, txt = features(96, 128)
     scale = torch.tensor(20.0, dtype=torch.float64)
     bias = torch.tensor(-5.0, dtype=torch.float64)
@@ -110,10 +113,10 @@ def test_float16_within_twice_eager_error(kind, backend):
         ref_fn = reference.sigmoid_contrastive
         args = (img, txt, scale, bias)
     ref, g_ref = grads(ref_fn, *args)
-    half = [a.half() for a in args]
-    ours, g_ours = grads(ours_fn, *half)
-    eager, g_eager = grads(ref_fn, *half)
-    assert ours.dtype == torch.float16
+    low = [a.to(dtype) for a in args]
+    ours, g_ours = grads(ours_fn, *low)
+    eager, g_eager = grads(ref_fn, *low)
+    assert ours.dtype == dtype
     assert_close_to_reference(ours, ref, eager_lowp=eager, what="loss")
     for a, b, e in zip(g_ours, g_ref, g_eager):
         assert_close_to_reference(a, b, eager_lowp=e, what="grad")
@@ -332,6 +335,8 @@ def test_backend_choice(monkeypatch):
     x64 = torch.zeros(2, 4, dtype=torch.float64)
     assert ops._path(x64) is ops._CPU_PATH  # float64: the chunked path (no Triton)
     assert (ops._path(torch.zeros(2, 4)) is ops._TRITON_PATH) == interpreting()
+    # the interpreter's bf16 tl.dot is wrong: bf16 CPU tensors never take it
+    assert ops._path(torch.zeros(2, 4, dtype=torch.bfloat16)) is ops._CPU_PATH
     monkeypatch.setenv("MMKERNELS_BACKEND", "reference")
     assert ops._path(x64) is ops._EAGER_PATH
 

@@ -122,9 +122,12 @@ def _precision(dtype: torch.dtype) -> str:
 
 
 def _uses_triton(t: Tensor) -> bool:
-    """The Triton kernels take fp16/bf16/fp32 on CUDA (or under the interpreter);
-    float64 and plain CPU tensors take the chunked PyTorch path."""
-    return (t.device.type == "cuda" or interpreting()) and t.dtype in TRITON_DTYPES
+    """The Triton kernels take fp16/bf16/fp32 on CUDA (or fp16/fp32 under the
+    interpreter, whose bf16 tl.dot is wrong); float64 and plain CPU tensors take the
+    tiled PyTorch path."""
+    if t.device.type == "cuda":
+        return t.dtype in TRITON_DTYPES
+    return interpreting() and t.dtype in (torch.float16, torch.float32)
 
 
 def _operand(x: Tensor) -> Tensor:
