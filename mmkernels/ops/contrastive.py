@@ -68,14 +68,17 @@ class ContrastiveConfig:
 
 _CC = ContrastiveConfig
 # Launch configurations per kernel and operand class, best first: "mma" for fp16/bf16
-# (and fp32 with TF32) on tensor cores, "fp32" for exact fp32 (FMA dot products, which
-# need smaller tiles). Each entry was compiled for sm_80 and sm_90 in every mode and
-# dtype of its class and kept only without spills; `python -m mmkernels.tools.kernel_report`
+# on tensor cores, "tf32" for fp32 with TF32 enabled, "fp32" for exact fp32 (FMA dot
+# products, which need smaller tiles). Each entry was compiled for sm_80 and sm_90 in
+# every mode and dtype of its class, for any batch and for batches that are multiples
+# of 16, and kept only without spills; `python -m mmkernels.tools.kernel_report`
 # re-checks them all in CI.
 CONFIGS: dict[str, dict[str, list[ContrastiveConfig]]] = {
-    "fwd": {"mma": [_CC(128, 128, 32, 0, 8, 2), _CC(64, 128, 64, 0, 8, 2)],
+    "fwd": {"mma": [_CC(128, 128, 32, 0, 8, 2)],
+            "tf32": [_CC(64, 128, 64, 0, 8, 2)],
             "fp32": [_CC(64, 64, 32, 0, 4, 1)]},
     "bwd": {"mma": [_CC(64, 64, 64, 128, 8, 1), _CC(64, 64, 64, 64, 8, 2)],
+            "tf32": [_CC(64, 64, 64, 128, 8, 1), _CC(64, 64, 64, 64, 8, 2)],
             "fp32": [_CC(32, 32, 32, 64, 4, 1)]},
 }
 INTERPRET_CONFIGS = {"fwd": _CC(16, 16, 32, 0, 4, 1), "bwd": _CC(16, 16, 32, 32, 4, 1)}
@@ -90,7 +93,9 @@ def _cdiv(a: int, b: int) -> int:
 
 
 def _operand_class(precision: str, dtype: torch.dtype) -> str:
-    return "fp32" if dtype == torch.float32 and precision == "ieee" else "mma"
+    if dtype != torch.float32:
+        return "mma"
+    return "tf32" if precision == "tf32" else "fp32"
 
 
 def _config(kind: str, dtype: torch.dtype) -> ContrastiveConfig:
@@ -160,9 +165,11 @@ def _launch_fwd(rows: Tensor, cols: Tensor, scale: Tensor, bias: Tensor | None, 
     P = _num_programs(rows.device, _cdiv(n, cfg.block_m))
     row_out = torch.empty(n, dtype=torch.float32, device=rows.device)
     part_m = part_l = None
-    if with_cols:
-        part_m = torch.full((P, m), float("-inf"), dtype=torch.float32, device=rows.device)
-        part_l = torch.zeros((P, m), dtype=torch.float32, device=rows.device)
+    if with_cols:  # rows padded to 16 floats: the stride the kernel report checked
+        m16 = m + (-m % 16)
+        part_m = torch.full((P, m16), float("-inf"), dtype=torch.float32,
+                            device=rows.device)[:, :m]
+        part_l = torch.zeros((P, m16), dtype=torch.float32, device=rows.device)[:, :m]
     with va._guard(rows.device):
         _contrastive_fwd_kernel[(P,)](
             rows, cols, scale, bias if bias is not None else scale, row_out,
@@ -659,9 +666,10 @@ def sigmoid_contrastive(image_features: Tensor, text_features: Tensor, logit_sca
 
 
 def contrastive_spec(kernel, cfg: ContrastiveConfig, dtype: str, precision: str,
-                     consts: dict, tag: str) -> KernelSpec:
-    """A KernelSpec specialised as a real launch on contiguous (B, D) features with D a
-    multiple of 16: pointers and row strides 16-divisible; scale/bias/statistics fp32."""
+                     consts: dict, tag: str, batch16: bool = False) -> KernelSpec:
+    """A KernelSpec specialised as every real launch is (see _operand): pointers, row
+    strides and D 16-divisible; scale/bias/statistics fp32. batch16: the batch sizes
+    are multiples of 16 as well (Triton specialises those launches separately)."""
     import inspect
 
     names = list(inspect.signature(kernel.fn).parameters)
@@ -680,18 +688,20 @@ def contrastive_spec(kernel, cfg: ContrastiveConfig, dtype: str, precision: str,
             sig[n] = "fp32"
         else:
             sig[n] = "i32"
-            if n == "D" or n.startswith("stride_"):
+            if n == "D" or n.startswith("stride_") or (batch16 and n in ("n_rows", "n_cols")):
                 attrs[(i,)] = [["tt.divisibility", 16]]
     return KernelSpec(kernel.fn.__name__, kernel, sig, consts,
                       {"num_warps": cfg.num_warps, "num_stages": cfg.num_stages},
-                      f"{tag} {dtype}{'' if dtype != 'fp32' else '/' + precision} {cfg}",
+                      f"{tag} {dtype}{'' if dtype != 'fp32' else '/' + precision} {cfg}"
+                      f"{' B%16' if batch16 else ''}",
                       needs_mma=precision != "ieee" or dtype != "fp32", attrs=attrs)
 
 
 def kernel_specs() -> list[KernelSpec]:
-    """Every launchable variant: forward (InfoNCE with and without the column
-    statistics, SigLIP) and backward (InfoNCE with both log-sum-exps, SigLIP with the
-    loss), for bf16, fp16, fp32 with TF32 and fp32 exact (no tensor cores), in every
+    """The forward (InfoNCE with and without the column statistics, SigLIP) and the
+    heaviest backward variants (InfoNCE with both log-sum-exps, SigLIP with the loss;
+    the others drop code from these), for bf16, fp16, fp32 with TF32 and fp32 exact
+    (no tensor cores), any batch and batches that are multiples of 16, in every
     configuration of the tables."""
     from mmkernels.triton.contrastive import _contrastive_bwd_kernel, _contrastive_fwd_kernel
 
@@ -704,7 +714,7 @@ def kernel_specs() -> list[KernelSpec]:
                                   ("siglip+loss", dict(MODE=1, USE_LSE_A=False,
                                                        USE_LSE_B=False, WITH_LOSS=True))],
     }
-    dtypes = {"mma": (("bf16", "ieee"), ("fp16", "ieee"), ("fp32", "tf32")),
+    dtypes = {"mma": (("bf16", "ieee"), ("fp16", "ieee")), "tf32": (("fp32", "tf32"),),
               "fp32": (("fp32", "ieee"),)}
     specs = []
     for kernel, kind in ((_contrastive_fwd_kernel, "fwd"), (_contrastive_bwd_kernel, "bwd")):
@@ -712,5 +722,7 @@ def kernel_specs() -> list[KernelSpec]:
             for cfg in cfgs:
                 for tag, consts in variants[kernel]:
                     for dtype, precision in dtypes[operands]:
-                        specs.append(contrastive_spec(kernel, cfg, dtype, precision, consts, tag))
+                        for batch16 in (False, True):
+                            specs.append(contrastive_spec(kernel, cfg, dtype, precision, consts,
+                                                          tag, batch16))
     return specs

@@ -56,7 +56,7 @@ CONFIGS: dict[str, dict[int, list[AttnConfig]]] = {
              128: [_C(32, 64, 8, 1), _C(16, 32, 4, 1)],
              256: [_C(32, 32, 8, 1), _C(16, 32, 4, 1)]},
     "dq": {64: [_C(64, 32, 8, 2), _C(64, 32, 4, 2)],
-           128: [_C(64, 64, 8, 2), _C(64, 32, 8, 2)],
+           128: [_C(64, 32, 8, 2)],
            256: [_C(32, 32, 8, 1), _C(16, 32, 4, 1)]},
 }
 INTERPRET_CONFIG = AttnConfig(16, 16, 4, 1)  # CPU interpreter: small tiles, ragged tails
@@ -611,19 +611,24 @@ def kernel_specs() -> list[KernelSpec]:
                          (_varlen_attn_bwd_dq_kernel, "dq")):
         for block_d in (64, 128, 256):
             for cfg in prune_configs(kind, block_d):
-                # the lightest and the heaviest variant of each configuration
-                specs.append(attention_spec(kernel, block_d, cfg, False, False, "bf16"))
-                specs.append(attention_spec(kernel, block_d, cfg, True, True, "bf16",
-                                            dropout=True))
+                # the lightest and the heaviest variant of each configuration, with
+                # generic sizes and with sizes that are multiples of 16
+                for ints16 in (False, True):
+                    specs.append(attention_spec(kernel, block_d, cfg, False, False, "bf16",
+                                                ints16=ints16))
+                    specs.append(attention_spec(kernel, block_d, cfg, True, True, "bf16",
+                                                dropout=True, ints16=ints16))
     return specs
 
 
 def attention_spec(kernel, block_d: int, cfg: AttnConfig, causal: bool, blocks: bool,
-                   dtype: str, dropout: bool = False) -> KernelSpec:
+                   dtype: str, dropout: bool = False, ints16: bool = False) -> KernelSpec:
     """A KernelSpec for an attention kernel, specialised as a real launch on contiguous
     (total, heads, D) tensors is: the head-dim strides (stride_*d) are 1, the other
     strides and the pointers are multiples of 16. Pointers: lse/delta float32,
-    cu/bid/reach int32, the rest `dtype`; sizes int32; scale/p float32."""
+    cu/bid/reach int32, the rest `dtype`; sizes int32; scale/p float32. ints16: the
+    integer arguments (head dim, max_seqlen_k, seed, group) are multiples of 16 too, as
+    Triton specialises such launches separately (head dims 64/80/128 always are)."""
     import inspect
 
     names = list(inspect.signature(kernel.fn).parameters)
@@ -649,11 +654,11 @@ def attention_spec(kernel, block_d: int, cfg: AttnConfig, causal: bool, blocks: 
             sig[n] = "fp32"
         else:
             sig[n] = "i32"
-            if n.startswith("stride_"):
+            if n.startswith("stride_") or ints16:
                 attrs[(i,)] = [["tt.divisibility", 16]]
     tag = ("causal+blocks" if blocks else "causal" if causal else "full")
     tag += "+dropout" if dropout else ""
-    tag += f" D{block_d} {cfg}"
+    tag += f" D{block_d} {cfg}" + (" ints%16" if ints16 else "")
     return KernelSpec(kernel.fn.__name__, kernel, sig, consts,
                       {"num_warps": cfg.num_warps, "num_stages": cfg.num_stages}, tag,
                       attrs=attrs)
