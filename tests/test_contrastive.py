@@ -185,6 +185,16 @@ def test_large_logit_scale(backend):
 
 
 @pytest.mark.parametrize("backend", BACKENDS, indirect=True)
+def test_zero_feature_dim(backend):
+    """D = 0: every logit is the bias, as open_clip computes it."""
+    img, txt = torch.zeros(3, 0), torch.zeros(3, 0)
+    s, b = torch.tensor(2.0), torch.tensor(-1.0)
+    torch.testing.assert_close(mmkernels.info_nce(img, txt, s), open_clip.ClipLoss()(img, txt, s))
+    torch.testing.assert_close(mmkernels.sigmoid_contrastive(img, txt, s, b),
+                               open_clip.loss.SigLipLoss()(img, txt, s, b))
+
+
+@pytest.mark.parametrize("backend", BACKENDS, indirect=True)
 def test_nan_features_give_nan_loss(backend):
     img, txt = features(8, 16, torch.float32)
     img[3, 2] = float("nan")
@@ -209,6 +219,11 @@ BAD = [
      ValueError, r"\(B, D\)"),
     ("dim-too-big", lambda: mmkernels.info_nce(torch.randn(2, 5000), torch.randn(2, 5000),
                                                torch.tensor(1.0)), ValueError, "4096"),
+    ("empty-batch", lambda: mmkernels.info_nce(torch.randn(0, 8), torch.randn(0, 8),
+                                               torch.tensor(1.0)), ValueError, "B >= 1"),
+    ("empty-batch-siglip", lambda: mmkernels.sigmoid_contrastive(
+        torch.randn(0, 8), torch.randn(0, 8), torch.tensor(1.0), torch.tensor(0.0)), ValueError,
+     "B >= 1"),
     ("chunk-zero", lambda: mmkernels.info_nce(torch.randn(2, 8), torch.randn(2, 8),
                                               torch.tensor(1.0), chunk_size=0), ValueError,
      "chunk_size"),

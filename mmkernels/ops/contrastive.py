@@ -583,6 +583,9 @@ def _check(image_features, text_features, logit_scale, logit_bias=None, bias_nam
         raise TypeError("image_features and text_features must share a dtype")
     if image_features.device != text_features.device:
         raise ValueError("image_features and text_features must be on one device")
+    if image_features.shape[0] == 0:
+        raise ValueError("image_features and text_features must hold at least one pair "
+                         "(B >= 1); the mean over an empty batch is undefined")
     if image_features.shape[1] > 4096:
         raise ValueError(f"feature dim must be <= 4096, got {image_features.shape[1]}")
     for t, n in ((logit_scale, "logit_scale"), (logit_bias, bias_name)):
