@@ -20,9 +20,9 @@ global text, local text rows against every global image, labels offset by the ra
 Features move by a *chunked all-gather*: every rank contributes its (B_local, D) block
 (uneven local batches are padded to the largest for the collective and unpadded), so
 a rank holds O(B_global * D) features and one similarity tile per program (or per
-CPU step), never a B_local x B_global matrix. In the backward, the gradients a rank computes for the other
-ranks' features (its columns) are summed across ranks with one all-reduce of the
-(B_global, D) buffers, the same sum open_clip's all_gather backward performs. An
+CPU step), never a B_local x B_global matrix. In the backward, the gradients a rank
+computes for the other ranks' features (its columns) are summed across ranks with one
+all-reduce of the (B_global, D) buffers, the same sum open_clip's all_gather backward performs. An
 all-gather rather than a send/recv ring because NCCL and gloo both implement it with
 bandwidth-optimal algorithms, the features are small next to the panel compute, and
 one collective per direction keeps the backward deterministic.
@@ -625,7 +625,8 @@ def info_nce(image_features: Tensor, text_features: Tensor, logit_scale: Tensor,
 
     Returns:
         The scalar loss (features' dtype; accumulation in float32, or float64 for
-        float64). Memory: O(B * D) plus one (chunk x B) panel set; never B x B.
+        float64). Memory: O(B * D) plus one similarity tile per step (on a GPU also
+        the forward's (2 x SMs, B) column partials); never B x B.
         NaN features give a NaN loss (never a silent number).
     """
     _check(image_features, text_features, logit_scale)
