@@ -1,7 +1,8 @@
-// Contrastive losses, CPU: the elementwise passes over one (k x m) similarity panel of
-// the chunked path (mmkernels/reference.py drives the panel loop and the GEMMs; these
-// replace its eager passes, which make ~10 trips through memory per panel, with one or
-// two vectorised trips). Per-element math: contrastive_math.h.
+// Contrastive losses, CPU: the elementwise passes over one (k x m) similarity tile of
+// the tiled path (mmkernels/reference.py drives the tile loop and the GEMMs; these
+// replace its eager passes, which make ~10 trips through memory per tile, with one or
+// two vectorised trips over a cache-resident tile). Per-element math:
+// contrastive_math.h.
 //
 //   contrastive_lse_panel_(S, row_max, row_sum, col_max?, col_sum?)
 //       The running row statistics (max, sum of exp(S - max)) absorb this tile's
@@ -31,10 +32,10 @@ namespace {
 constexpr int64_t kRowBlock = 16;
 
 void check_panel(const at::Tensor& S, const char* op) {
-  TORCH_CHECK(S.dim() == 2, op, ": the panel must be 2-D, got ", S.dim(), "-D");
-  TORCH_CHECK(S.is_contiguous(), op, ": the panel must be contiguous");
+  TORCH_CHECK(S.dim() == 2, op, ": the tile must be 2-D, got ", S.dim(), "-D");
+  TORCH_CHECK(S.is_contiguous(), op, ": the tile must be contiguous");
   TORCH_CHECK(S.scalar_type() == at::kFloat || S.scalar_type() == at::kDouble, op,
-              ": the panel must be float32 or float64, got ", S.scalar_type());
+              ": the tile must be float32 or float64, got ", S.scalar_type());
 }
 
 void check_vector(const at::Tensor& v, const at::Tensor& S, int64_t n, const char* name,
@@ -65,6 +66,8 @@ void lse_panel(const T* S, int64_t k, int64_t m, T* row_max, T* row_sum, T* col_
   const int64_t blocks = (k + kRowBlock - 1) / kRowBlock;
   at::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
     const int t = at::get_thread_num();
+    TORCH_INTERNAL_ASSERT(t >= 0 && t < threads, "contrastive_lse_panel_: thread ", t,
+                          " outside the pool of ", threads);
     T* my_m = cols ? tm.data() + t * m : nullptr;
     T* my_l = cols ? tl.data() + t * m : nullptr;
     T* blk = cols ? bm.data() + t * m : nullptr;
