@@ -511,7 +511,7 @@ def lse_backward(rows: Tensor, cols: Tensor, scale: Tensor, lse_r: Tensor, lse_c
 def siglip_positives(rows: Tensor, cols: Tensor, scale: Tensor, bias: Tensor,
                      diag_offset: int) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """The positive pairs (i, i + diag_offset) that exist: (i, j, logits d (acc dtype),
-    rows[i], cols[j] in the acc dtype). The panels take every pair as a negative; the
+    rows[i], cols[j] in the acc dtype). The tiles take every pair as a negative; the
     callers swap in these pairs' positive loss softplus(-d) - softplus(d) and subtract
     one from their gradient weight, from these O(n * D) terms."""
     acc = _acc_dtype(rows)
