@@ -63,6 +63,20 @@ def _sim_tile(a_ptr, b_ptr, rows, cols, row_ok, col_ok, stride_a, stride_b, D,
 
 
 @triton.jit
+def _column_tile(a_ptr, b_ptr, rows, row_ok, c0, n_cols, stride_a, stride_b, D,
+                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                 PRECISION: tl.constexpr):
+    """Columns [c0, c0 + BLOCK_N) against this program's rows: the column indices, their
+    in-range mask, the (BLOCK_M, BLOCK_N) in-range mask and the dot products."""
+    cols = c0 + tl.arange(0, BLOCK_N)
+    col_ok = cols < n_cols
+    ok = row_ok[:, None] & col_ok[None, :]
+    dots = _sim_tile(a_ptr, b_ptr, rows, cols, row_ok, col_ok, stride_a, stride_b, D,
+                     BLOCK_M, BLOCK_N, BLOCK_K, PRECISION)
+    return cols, col_ok, ok, dots
+
+
+@triton.jit
 def _softplus(x):
     """log(1 + exp(x)) without overflow: max(x, 0) + log(1 + exp(-|x|))."""
     return tl.maximum(x, 0.0) + LN2 * tl.math.log2(1.0 + tl.math.exp2(-tl.abs(x) * LOG2E))
@@ -92,7 +106,6 @@ def _contrastive_fwd_kernel(a_ptr, b_ptr, scale_ptr, bias_ptr, row_out_ptr, part
     scale, bias = _scale_and_bias(scale_ptr, bias_ptr, MODE)
     s_log2 = scale * LOG2E
     offs_m = tl.arange(0, BLOCK_M)
-    offs_n = tl.arange(0, BLOCK_N)
     part_m_row = part_m_ptr + pid.to(tl.int64) * stride_part
     part_l_row = part_l_ptr + pid.to(tl.int64) * stride_part
     for blk in range(pid, tl.cdiv(n_rows, BLOCK_M), num_progs):
@@ -101,11 +114,9 @@ def _contrastive_fwd_kernel(a_ptr, b_ptr, scale_ptr, bias_ptr, row_out_ptr, part
         m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
         l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
         for c0 in range(0, n_cols, BLOCK_N):
-            cols = c0 + offs_n
-            col_ok = cols < n_cols
-            ok = row_ok[:, None] & col_ok[None, :]
-            dots = _sim_tile(a_ptr, b_ptr, rows, cols, row_ok, col_ok, stride_a, stride_b, D,
-                             BLOCK_M, BLOCK_N, BLOCK_K, PRECISION)
+            cols, col_ok, ok, dots = _column_tile(a_ptr, b_ptr, rows, row_ok, c0, n_cols,
+                                                  stride_a, stride_b, D, BLOCK_M, BLOCK_N,
+                                                  BLOCK_K, PRECISION)
             if MODE == INFONCE:
                 s2 = tl.where(ok, dots * s_log2, float("-inf"))
                 m_new = tl.maximum(m_i, tl.max(s2, 1))
@@ -149,7 +160,6 @@ def _contrastive_bwd_kernel(a_ptr, b_ptr, scale_ptr, bias_ptr, lse_a_ptr, lse_b_
     pid = tl.program_id(0)
     rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = rows < n_rows
-    offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     scale, bias = _scale_and_bias(scale_ptr, bias_ptr, MODE)
     s_log2 = scale * LOG2E
@@ -160,11 +170,8 @@ def _contrastive_bwd_kernel(a_ptr, b_ptr, scale_ptr, bias_ptr, lse_a_ptr, lse_b_
     wsum_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     g_rows = g_ptr + rows[:, None].to(tl.int64) * stride_g
     for c0 in range(0, n_cols, BLOCK_N):
-        cols = c0 + offs_n
-        col_ok = cols < n_cols
-        ok = row_ok[:, None] & col_ok[None, :]
-        dots = _sim_tile(a_ptr, b_ptr, rows, cols, row_ok, col_ok, stride_a, stride_b, D,
-                         BLOCK_M, BLOCK_N, BLOCK_K, PRECISION)
+        cols, col_ok, ok, dots = _column_tile(a_ptr, b_ptr, rows, row_ok, c0, n_cols, stride_a,
+                                              stride_b, D, BLOCK_M, BLOCK_N, BLOCK_K, PRECISION)
         if MODE == INFONCE:
             s2 = dots * s_log2
             w = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
