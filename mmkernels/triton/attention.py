@@ -66,6 +66,28 @@ def _visible(rows, cols, seqlen_q, seqlen_k, bq, bk, CAUSAL: tl.constexpr,
 
 
 @triton.jit
+def _load_tokens(base, idx, idx_ok, stride_t, offs_d, d_ok, stride_d):
+    """A (tokens, BLOCK_D) tile of one head, token idx[i] at base + idx[i] * stride_t
+    (int64 offsets); out-of-range tokens and padded feature lanes read zeros."""
+    return tl.load(base + idx[:, None].to(tl.int64) * stride_t + offs_d[None, :] * stride_d,
+                   mask=idx_ok[:, None] & d_ok[None, :], other=0.0)
+
+
+@triton.jit
+def _load_tokens_t(base, idx, idx_ok, stride_t, offs_d, d_ok, stride_d):
+    """The same tile loaded transposed, (BLOCK_D, tokens): the right operand of q k^T."""
+    return tl.load(base + idx[None, :].to(tl.int64) * stride_t + offs_d[:, None] * stride_d,
+                   mask=idx_ok[None, :] & d_ok[:, None], other=0.0)
+
+
+@triton.jit
+def _store_tokens(base, idx, idx_ok, stride_t, offs_d, d_ok, stride_d, value):
+    """Store a (tokens, BLOCK_D) float32 tile in base's dtype (in-range lanes only)."""
+    tl.store(base + idx[:, None].to(tl.int64) * stride_t + offs_d[None, :] * stride_d,
+             value.to(base.dtype.element_ty), mask=idx_ok[:, None] & d_ok[None, :])
+
+
+@triton.jit
 def _key_range(rows, row_ok, start_m, seqlen_q, seqlen_k, bq_base, reach_base,
                CAUSAL: tl.constexpr, HAS_BLOCKS: tl.constexpr, BLOCK_M: tl.constexpr):
     """Keys [0, hi) a q tile can see (causal: up to the last key any of its rows sees,
@@ -99,8 +121,7 @@ def _attn_fwd_tile(q_base, k_base, v_base, o_base, lse_base, bq_base, bk_base, r
     offs_d = tl.arange(0, BLOCK_D)
     row_ok = rows < seqlen_q
     d_ok = offs_d < head_dim
-    q = tl.load(q_base + rows[:, None].to(tl.int64) * stride_qt + offs_d[None, :] * stride_qd,
-                mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+    q = _load_tokens(q_base, rows, row_ok, stride_qt, offs_d, d_ok, stride_qd)
     qk_scale = sm_scale * LOG2E
     hi, bq = _key_range(rows, row_ok, start_m, seqlen_q, seqlen_k, bq_base, reach_base,
                         CAUSAL, HAS_BLOCKS, BLOCK_M)
@@ -110,8 +131,7 @@ def _attn_fwd_tile(q_base, k_base, v_base, o_base, lse_base, bq_base, bk_base, r
     for start_n in range(0, hi, BLOCK_N):
         cols = start_n + offs_n
         col_ok = cols < seqlen_k
-        kt = tl.load(k_base + cols[None, :].to(tl.int64) * stride_kt + offs_d[:, None] * stride_kd,
-                     mask=col_ok[None, :] & d_ok[:, None], other=0.0)
+        kt = _load_tokens_t(k_base, cols, col_ok, stride_kt, offs_d, d_ok, stride_kd)
         s = tl.dot(q, kt, input_precision="ieee") * qk_scale
         bk = bq
         if HAS_BLOCKS:
@@ -127,15 +147,13 @@ def _attn_fwd_tile(q_base, k_base, v_base, o_base, lse_base, bq_base, bk_base, r
         if HAS_DROPOUT:
             keep = _dropout_keep(seed, q_global0 + rows, cols, max_seqlen_k, dropout_p)
             p = tl.where(keep, p / (1.0 - dropout_p), 0.0)
-        v = tl.load(v_base + cols[:, None].to(tl.int64) * stride_vt + offs_d[None, :] * stride_vd,
-                    mask=col_ok[:, None] & d_ok[None, :], other=0.0)
+        v = _load_tokens(v_base, cols, col_ok, stride_vt, offs_d, d_ok, stride_vd)
         acc += tl.dot(p.to(v.dtype), v, input_precision="ieee")
         m_i = m_new
     l_safe = tl.where(l_i == 0.0, 1.0, l_i)
     out = acc / l_safe[:, None]
     lse = tl.where(l_i == 0.0, float("-inf"), (m_i + tl.math.log2(l_safe)) * LN2)
-    tl.store(o_base + rows[:, None].to(tl.int64) * stride_ot + offs_d[None, :] * stride_od,
-             out.to(o_base.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
+    _store_tokens(o_base, rows, row_ok, stride_ot, offs_d, d_ok, stride_od, out)
     tl.store(lse_base + rows, lse, mask=row_ok)
 
 
@@ -160,10 +178,8 @@ def _attn_bwd_dkdv_tile(q_seq, k_base, v_base, do_seq, lse_seq, delta_seq, dk_ba
     offs_d = tl.arange(0, BLOCK_D)
     col_ok = cols < seqlen_k
     d_ok = offs_d < head_dim
-    k = tl.load(k_base + cols[:, None].to(tl.int64) * stride_kt + offs_d[None, :] * stride_kd,
-                mask=col_ok[:, None] & d_ok[None, :], other=0.0)
-    v = tl.load(v_base + cols[:, None].to(tl.int64) * stride_vt + offs_d[None, :] * stride_vd,
-                mask=col_ok[:, None] & d_ok[None, :], other=0.0)
+    k = _load_tokens(k_base, cols, col_ok, stride_kt, offs_d, d_ok, stride_kd)
+    v = _load_tokens(v_base, cols, col_ok, stride_vt, offs_d, d_ok, stride_vd)
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     qk_scale = sm_scale * LOG2E
@@ -186,11 +202,8 @@ def _attn_bwd_dkdv_tile(q_seq, k_base, v_base, do_seq, lse_seq, delta_seq, dk_ba
         for start_m in range(lo, seqlen_q, BLOCK_M):
             rows = start_m + offs_m
             row_ok = rows < seqlen_q
-            q = tl.load(q_h + rows[:, None].to(tl.int64) * stride_qt + offs_d[None, :] * stride_qd,
-                        mask=row_ok[:, None] & d_ok[None, :], other=0.0)
-            do = tl.load(do_h + rows[:, None].to(tl.int64) * stride_dot
-                         + offs_d[None, :] * stride_dod,
-                         mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+            q = _load_tokens(q_h, rows, row_ok, stride_qt, offs_d, d_ok, stride_qd)
+            do = _load_tokens(do_h, rows, row_ok, stride_dot, offs_d, d_ok, stride_dod)
             lse = tl.load(lse_seq + h * stride_lh + rows, mask=row_ok, other=0.0)
             delta = tl.load(delta_seq + h * stride_lh + rows, mask=row_ok, other=0.0)
             lse2 = tl.where(lse == float("-inf"), 0.0, lse * LOG2E)
@@ -211,10 +224,8 @@ def _attn_bwd_dkdv_tile(q_seq, k_base, v_base, do_seq, lse_seq, delta_seq, dk_ba
             ds = p * (dp - delta[:, None])
             dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision="ieee")
     dk = dk * sm_scale
-    tl.store(dk_base + cols[:, None].to(tl.int64) * stride_dkt + offs_d[None, :] * stride_dkd,
-             dk.to(dk_base.dtype.element_ty), mask=col_ok[:, None] & d_ok[None, :])
-    tl.store(dv_base + cols[:, None].to(tl.int64) * stride_dvt + offs_d[None, :] * stride_dvd,
-             dv.to(dv_base.dtype.element_ty), mask=col_ok[:, None] & d_ok[None, :])
+    _store_tokens(dk_base, cols, col_ok, stride_dkt, offs_d, d_ok, stride_dkd, dk)
+    _store_tokens(dv_base, cols, col_ok, stride_dvt, offs_d, d_ok, stride_dvd, dv)
 
 
 @triton.jit
@@ -232,10 +243,8 @@ def _attn_bwd_dq_tile(q_base, k_base, v_base, do_base, dq_base, lse_base, delta_
     offs_d = tl.arange(0, BLOCK_D)
     row_ok = rows < seqlen_q
     d_ok = offs_d < head_dim
-    q = tl.load(q_base + rows[:, None].to(tl.int64) * stride_qt + offs_d[None, :] * stride_qd,
-                mask=row_ok[:, None] & d_ok[None, :], other=0.0)
-    do = tl.load(do_base + rows[:, None].to(tl.int64) * stride_dot + offs_d[None, :] * stride_dod,
-                 mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+    q = _load_tokens(q_base, rows, row_ok, stride_qt, offs_d, d_ok, stride_qd)
+    do = _load_tokens(do_base, rows, row_ok, stride_dot, offs_d, d_ok, stride_dod)
     lse = tl.load(lse_base + rows, mask=row_ok, other=0.0)
     delta = tl.load(delta_base + rows, mask=row_ok, other=0.0)
     lse2 = tl.where(lse == float("-inf"), 0.0, lse * LOG2E)
@@ -246,10 +255,8 @@ def _attn_bwd_dq_tile(q_base, k_base, v_base, do_base, dq_base, lse_base, delta_
     for start_n in range(0, hi, BLOCK_N):
         cols = start_n + offs_n
         col_ok = cols < seqlen_k
-        kt = tl.load(k_base + cols[None, :].to(tl.int64) * stride_kt + offs_d[:, None] * stride_kd,
-                     mask=col_ok[None, :] & d_ok[:, None], other=0.0)
-        vt = tl.load(v_base + cols[None, :].to(tl.int64) * stride_vt + offs_d[:, None] * stride_vd,
-                     mask=col_ok[None, :] & d_ok[:, None], other=0.0)
+        kt = _load_tokens_t(k_base, cols, col_ok, stride_kt, offs_d, d_ok, stride_kd)
+        vt = _load_tokens_t(v_base, cols, col_ok, stride_vt, offs_d, d_ok, stride_vd)
         bk = bq
         if HAS_BLOCKS:
             bk = tl.load(bk_base + cols, mask=col_ok, other=0)
@@ -263,8 +270,7 @@ def _attn_bwd_dq_tile(q_base, k_base, v_base, do_base, dq_base, lse_base, delta_
         ds = p * (dp - delta[:, None])
         dq += tl.dot(ds.to(kt.dtype), tl.trans(kt), input_precision="ieee")
     dq = dq * sm_scale
-    tl.store(dq_base + rows[:, None].to(tl.int64) * stride_dqt + offs_d[None, :] * stride_dqd,
-             dq.to(dq_base.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
+    _store_tokens(dq_base, rows, row_ok, stride_dqt, offs_d, d_ok, stride_dqd, dq)
 
 
 @triton.jit
