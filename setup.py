@@ -6,10 +6,17 @@ when torch was built with CUDA and nvcc is found, even with no GPU present.
 Environment:
   MMKERNELS_SKIP_CUDA=1   skip the .cu sources (CPU-only extension).
   MMKERNELS_REQUIRE_CUDA=1  fail instead of silently skipping the .cu sources (CI).
-  TORCH_CUDA_ARCH_LIST    honoured; defaults to "8.0;9.0" when no GPU is visible.
+  TORCH_CUDA_ARCH_LIST    honoured; when unset, every arch the installed torch was built
+                          for (torch.cuda.get_arch_list(): 7.5;8.0;8.6;9.0;10.0;12.0 for
+                          torch 2.14.1+cu130), with PTX for the newest, so every GPU torch
+                          runs on has SASS or can JIT the PTX.
   CUDA_HOME               toolkit directory (the one whose bin/ holds nvcc); found
                           from nvcc on PATH when unset.
-  MMKERNELS_CPU_ARCH      -march for the C++ CPU kernels (default "native"; "" = compiler default).
+  MMKERNELS_CPU_ARCH      -march for the C++ CPU kernels. Default "" (the compiler's
+                          portable default, as torch's own wheels); "native" is an opt-in
+                          for a build that only ever runs on the building machine.
+                          Floating-point contraction is off in every case
+                          (-ffp-contract=off), so the arch never changes the numbers.
   MAX_JOBS                parallel compile jobs (ninja).
 """
 
@@ -61,6 +68,26 @@ def _want_cuda():
     return False, why
 
 
+def default_cuda_arch_list(torch) -> str:
+    """Every arch the installed torch ships kernels for, PTX on the newest.
+
+    A cubin for sm_XY runs on every sm_XZ with Z >= Y (so 8.0 serves 8.6/8.9, 10.0
+    serves 10.3, 12.0 serves 12.1); the PTX of the newest arch is JIT-compiled by the
+    driver on any later GPU. Without a GPU, get_arch_list() still reports the archs
+    torch was compiled for.
+    """
+    archs = []
+    for name in torch.cuda.get_arch_list():
+        if name.startswith("sm_") and name[3:].isdigit():
+            num = int(name[3:])
+            archs.append(f"{num // 10}.{num % 10}")
+    if not archs:  # torch without arch info: Turing..Blackwell, the CUDA 13 range
+        archs = ["7.5", "8.0", "8.6", "9.0", "10.0", "12.0"]
+    archs = sorted(set(archs), key=lambda a: tuple(int(x) for x in a.split(".")))
+    archs[-1] += "+PTX"
+    return ";".join(archs)
+
+
 def _extensions():
     want_cuda, why = _want_cuda()
     # Imported after CUDA_HOME is settled: cpp_extension reads it at import time.
@@ -71,18 +98,19 @@ def _extensions():
     csrc = os.path.join(root, "csrc")
     cpp_sources = sorted(glob.glob(os.path.join("csrc", "**", "*.cpp"), recursive=True))
     cu_sources = sorted(glob.glob(os.path.join("csrc", "**", "*.cu"), recursive=True))
-    cxx_flags = ["-O3", "-fopenmp"] if os.name != "nt" else ["/O2"]
-    # The CPU kernels are compiled for the installing machine's CPU (AVX2/AVX-512
-    # lanes for the channel loops), as DeepSpeed's CPU ops are. For a wheel or an
-    # image that runs elsewhere, set MMKERNELS_CPU_ARCH to a portable target
-    # (e.g. x86-64-v2), or to "" for the compiler's default.
-    cpu_arch = os.environ.get("MMKERNELS_CPU_ARCH", "native")
+    # Portable by default: a wheel or image built on an AVX-512 host must not die
+    # with SIGILL elsewhere. -ffp-contract=off keeps a*b+c as two roundings on every
+    # target, so "native" (opt-in) changes speed, never results.
+    cxx_flags = ["-O3", "-fopenmp", "-ffp-contract=off"] if os.name != "nt" else ["/O2"]
+    cpu_arch = os.environ.get("MMKERNELS_CPU_ARCH", "")
     if cpu_arch and os.name != "nt":
         cxx_flags.append(f"-march={cpu_arch}")
+    extra_cxx = os.environ.get("MMKERNELS_EXTRA_CFLAGS", "").split()
+    cxx_flags += extra_cxx
     print(f"mmkernels: CUDA kernels {'ON (' + why + ')' if want_cuda else 'OFF (' + why + ')'}")
     if want_cuda:
-        if not os.environ.get("TORCH_CUDA_ARCH_LIST") and not torch.cuda.is_available():
-            os.environ["TORCH_CUDA_ARCH_LIST"] = "8.0;9.0"
+        if not os.environ.get("TORCH_CUDA_ARCH_LIST"):
+            os.environ["TORCH_CUDA_ARCH_LIST"] = default_cuda_arch_list(torch)
         nvcc_flags = ["-O3", "--expt-relaxed-constexpr", "-lineinfo"]
         return [CUDAExtension(
             "mmkernels._C",
@@ -90,14 +118,14 @@ def _extensions():
             include_dirs=[csrc],
             define_macros=[("MMKERNELS_WITH_CUDA", None)],
             extra_compile_args={"cxx": cxx_flags, "nvcc": nvcc_flags},
-            extra_link_args=["-fopenmp"],
+            extra_link_args=["-fopenmp"] + extra_cxx,
         )]
     return [CppExtension(
         "mmkernels._C",
         cpp_sources,
         include_dirs=[csrc],
         extra_compile_args={"cxx": cxx_flags},
-        extra_link_args=["-fopenmp"],
+        extra_link_args=["-fopenmp"] + extra_cxx,
     )]
 
 

@@ -9,6 +9,22 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest  # noqa: E402
+from hypothesis import HealthCheck, settings  # noqa: E402
+
+# Fuzzing profiles (tests/fuzz/). "ci" is the default and keeps the whole fuzz suite
+# within a few minutes on a slow 2-core machine; "long" runs deeper
+# (MMKERNELS_FUZZ_PROFILE=long, or `make fuzz-long`). No deadline: the Triton
+# interpreter's first launch of a shape compiles, and a slow machine must not flake.
+# Each fuzz test sets its own max_examples relative to these via fuzz_examples().
+settings.register_profile(
+    "ci", max_examples=25, deadline=None, derandomize=True, print_blob=True,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large,
+                           HealthCheck.function_scoped_fixture])
+settings.register_profile(
+    "long", max_examples=500, deadline=None, print_blob=True,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large,
+                           HealthCheck.function_scoped_fixture])
+settings.load_profile(os.environ.get("MMKERNELS_FUZZ_PROFILE", "ci"))
 
 
 def pytest_collection_modifyitems(config, items):
