@@ -50,3 +50,31 @@ report: kernel-report
 
 clean:
 	rm -rf build mmkernels/_C*.so *.egg-info $(VENV)/.stamp-install
+
+# AddressSanitizer + UndefinedBehaviorSanitizer: a CPU-only build of the extension
+# instrumented with both (in build/asan, never replacing the normal build), then the
+# C++ op tests and the fuzz suite against it. Any report fails the run
+# (halt_on_error; leak checking is off: CPython and torch keep their allocations).
+ASAN_ROOT := build/asan/root
+ASAN_FLAGS := -fsanitize=address,undefined -fno-sanitize-recover=all -fno-omit-frame-pointer -g
+ASAN_TESTS ?= tests/test_roi_align.py tests/test_token_gather.py tests/test_contrastive.py tests/fuzz
+.PHONY: asan asan-build fuzz-long
+
+asan-build: $(VENV)/.stamp-deps
+	MMKERNELS_SKIP_CUDA=1 MMKERNELS_EXTRA_CFLAGS="$(ASAN_FLAGS)" $(PY) setup.py --quiet build_ext \
+		--build-temp build/asan/temp --build-lib build/asan/lib
+	rm -rf $(ASAN_ROOT) && mkdir -p $(ASAN_ROOT)
+	cp -r mmkernels $(ASAN_ROOT)/ && rm -f $(ASAN_ROOT)/mmkernels/_C*.so
+	cp build/asan/lib/mmkernels/_C*.so $(ASAN_ROOT)/mmkernels/
+
+asan: asan-build
+	PYTHONPATH=$(ASAN_ROOT) \
+	LD_PRELOAD="$$($(CXX) -print-file-name=libasan.so) $$($(CXX) -print-file-name=libubsan.so)" \
+	ASAN_OPTIONS=detect_leaks=0:protect_shadow_gap=0:halt_on_error=1:abort_on_error=1:symbolize=1 \
+	UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1 \
+	MMKERNELS_EXPECT_ASAN=1 \
+	$(PY) -P -m pytest -q -p no:cacheprovider -m "not slow" $(ASAN_TESTS) $(PYTEST_ARGS)
+
+# The fuzz suite with the deep hypothesis profile.
+fuzz-long: install
+	MMKERNELS_FUZZ_PROFILE=long $(PY) -m pytest -q tests/fuzz $(PYTEST_ARGS)

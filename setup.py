@@ -68,27 +68,21 @@ def _want_cuda():
     return False, why
 
 
-def default_cuda_arch_list(torch) -> str:
-    """Every arch the installed torch ships kernels for, PTX on the newest.
+def _build_config():
+    """mmkernels/_build_config.py, loaded by path (the package is not built yet)."""
+    import importlib.util
 
-    A cubin for sm_XY runs on every sm_XZ with Z >= Y (so 8.0 serves 8.6/8.9, 10.0
-    serves 10.3, 12.0 serves 12.1); the PTX of the newest arch is JIT-compiled by the
-    driver on any later GPU. Without a GPU, get_arch_list() still reports the archs
-    torch was compiled for.
-    """
-    archs = []
-    for name in torch.cuda.get_arch_list():
-        if name.startswith("sm_") and name[3:].isdigit():
-            num = int(name[3:])
-            archs.append(f"{num // 10}.{num % 10}")
-    if not archs:  # torch without arch info: Turing..Blackwell, the CUDA 13 range
-        archs = ["7.5", "8.0", "8.6", "9.0", "10.0", "12.0"]
-    archs = sorted(set(archs), key=lambda a: tuple(int(x) for x in a.split(".")))
-    archs[-1] += "+PTX"
-    return ";".join(archs)
+    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "mmkernels", "_build_config.py")
+    spec = importlib.util.spec_from_file_location("_mmkernels_build_config", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def _extensions():
+    import torch
+
+    _build_config().check_torch_version(torch.__version__)
     want_cuda, why = _want_cuda()
     # Imported after CUDA_HOME is settled: cpp_extension reads it at import time.
     import torch
@@ -101,7 +95,8 @@ def _extensions():
     # Portable by default: a wheel or image built on an AVX-512 host must not die
     # with SIGILL elsewhere. -ffp-contract=off keeps a*b+c as two roundings on every
     # target, so "native" (opt-in) changes speed, never results.
-    cxx_flags = ["-O3", "-fopenmp", "-ffp-contract=off"] if os.name != "nt" else ["/O2"]
+    cxx_flags = (["-O3", "-std=c++20", "-fopenmp", "-ffp-contract=off"] if os.name != "nt"
+                 else ["/O2", "/std:c++20"])
     cpu_arch = os.environ.get("MMKERNELS_CPU_ARCH", "")
     if cpu_arch and os.name != "nt":
         cxx_flags.append(f"-march={cpu_arch}")
@@ -110,8 +105,8 @@ def _extensions():
     print(f"mmkernels: CUDA kernels {'ON (' + why + ')' if want_cuda else 'OFF (' + why + ')'}")
     if want_cuda:
         if not os.environ.get("TORCH_CUDA_ARCH_LIST"):
-            os.environ["TORCH_CUDA_ARCH_LIST"] = default_cuda_arch_list(torch)
-        nvcc_flags = ["-O3", "--expt-relaxed-constexpr", "-lineinfo"]
+            os.environ["TORCH_CUDA_ARCH_LIST"] = _build_config().default_cuda_arch_list()
+        nvcc_flags = ["-O3", "-std=c++20", "--expt-relaxed-constexpr", "-lineinfo"]
         return [CUDAExtension(
             "mmkernels._C",
             cpp_sources + cu_sources,

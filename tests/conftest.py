@@ -27,6 +27,20 @@ settings.register_profile(
 settings.load_profile(os.environ.get("MMKERNELS_FUZZ_PROFILE", "ci"))
 
 
+def pytest_sessionstart(session):
+    """`make asan` must test the sanitized build, never silently the normal one."""
+    if os.environ.get("MMKERNELS_EXPECT_ASAN") != "1":
+        return
+    import mmkernels._C as ext
+
+    with open("/proc/self/maps") as f:
+        maps = f.read()
+    if "asan" not in os.path.dirname(ext.__file__) or "libasan" not in maps:
+        raise pytest.UsageError(
+            f"MMKERNELS_EXPECT_ASAN=1 but mmkernels._C is {ext.__file__} and libasan is "
+            f"{'loaded' if 'libasan' in maps else 'not loaded'}")
+
+
 def pytest_collection_modifyitems(config, items):
     if torch.cuda.is_available():
         return

@@ -50,5 +50,85 @@ def test_kernel_report_parses_the_extension():
     names = {r.name for r in reports}
     assert any("_roi_align_fwd_kernel" in n for n in names)
     assert any("_move_rows_kernel" in n for n in names)
-    assert {r.arch for r in reports} == {80, 90}
+    # one cubin per arch of the build's list (default: every arch torch ships)
+    assert {r.arch for r in reports} == set(kernel_report.expected_extension_archs()[0])
     assert all(r.local == 0 and r.stack == 0 for r in reports)
+
+
+def test_kernel_report_without_cuda_code(capsys, monkeypatch):
+    """An extension with no device code (MMKERNELS_SKIP_CUDA=1) is reported as such;
+    the report neither crashes nor, outside CI, fails (issue 10, defect 15)."""
+    import pytest
+    import torch
+
+    from mmkernels.tools import kernel_report
+
+    try:
+        kernel_report.find_tool("cuobjdump")
+    except FileNotFoundError:
+        pytest.skip("cuobjdump not available")
+    cpu_only_so = torch._C.__file__  # a host-only shared object, as a CPU-only _C is
+    monkeypatch.delenv("MMKERNELS_REQUIRE_CUDA", raising=False)
+    assert kernel_report.main(["--no-triton", "--extension", cpu_only_so]) == 0
+    out = capsys.readouterr().out
+    assert "has no CUDA code" in out and "MMKERNELS_SKIP_CUDA=1" in out
+    monkeypatch.setenv("MMKERNELS_REQUIRE_CUDA", "1")
+    assert kernel_report.main(["--no-triton", "--extension", cpu_only_so]) == 1
+
+
+def test_default_cuda_archs_cover_every_torch_arch():
+    """The default arch list has SASS for every arch torch ships and PTX for the
+    newest, so newer GPUs JIT it (defect 17)."""
+    from mmkernels._build_config import default_cuda_arch_list, parse_arch_list, torch_cuda_archs
+
+    sass, ptx = parse_arch_list(default_cuda_arch_list())
+    assert sass == torch_cuda_archs()
+    assert {80, 90} <= set(sass)
+    assert ptx == [max(sass)]
+    assert parse_arch_list("8.0;9.0+PTX") == ([80, 90], [90])
+
+
+def test_default_build_is_portable():
+    """The default build targets the compiler's generic x86-64: no AVX/AVX-512
+    (VEX/EVEX ymm/zmm) instructions, so a wheel built on an AVX-512 host runs on any
+    x86-64 CPU (defect 16). MMKERNELS_CPU_ARCH=native is an opt-in."""
+    import os
+    import platform
+    import shutil
+    import subprocess
+
+    import pytest
+
+    from mmkernels.tools.kernel_report import extension_path
+
+    if os.environ.get("MMKERNELS_CPU_ARCH"):
+        pytest.skip("built with MMKERNELS_CPU_ARCH set")
+    if platform.machine() != "x86_64" or shutil.which("objdump") is None:
+        pytest.skip("needs x86_64 and objdump")
+    so = extension_path()
+    if so is None:
+        pytest.skip("mmkernels._C is not built")
+    text = subprocess.run(["objdump", "-d", "--no-show-raw-insn", "-j", ".text", so],
+                          capture_output=True, text=True, check=True).stdout
+    wide = [line for line in text.splitlines() if "%ymm" in line or "%zmm" in line]
+    assert not wide, f"{len(wide)} AVX instructions in the default build, e.g. {wide[:3]}"
+
+
+def test_torch_minimum_is_stated_and_enforced():
+    """pyproject states the oldest torch the C++20 sources build against, and the
+    build refuses an older torch with a clear message (defect 18)."""
+    import pathlib
+    import re
+
+    import pytest
+
+    from mmkernels._build_config import MIN_TORCH, check_torch_version
+
+    root = pathlib.Path(__file__).resolve().parents[1]
+    pyproject = (root / "pyproject.toml").read_text()
+    stated = set(re.findall(r'"torch>=([\d.]+)"', pyproject))
+    assert stated == {".".join(map(str, MIN_TORCH))}, stated
+    check_torch_version("2.14.1+cu130")
+    check_torch_version(".".join(map(str, MIN_TORCH)) + ".0")
+    with pytest.raises(RuntimeError, match="C\\+\\+20"):
+        check_torch_version("2.6.0")

@@ -2,7 +2,9 @@
 
 Proves, without a GPU, that every kernel we ship is sound for sm_80 and sm_90:
 
-* the CUDA extension's embedded cubins (``cuobjdump --list-elf``), one per arch;
+* the CUDA extension's embedded cubins (``cuobjdump --list-elf``), one per arch of
+  the build's ``TORCH_CUDA_ARCH_LIST`` (default: every arch torch ships, see
+  :mod:`mmkernels._build_config`), and its PTX (``--list-ptx``);
 * every Triton kernel registered in :data:`TRITON_KERNELS`, compiled ahead of time
   with ``triton.compile(ASTSource(...), target=GPUTarget("cuda", arch, 32))`` for
   each configuration it can be launched with.
@@ -29,9 +31,10 @@ import subprocess
 import sys
 import tempfile
 
+from mmkernels._build_config import SMEM_LIMIT, default_cuda_arch_list, parse_arch_list
+
+#: archs the Triton kernels are compiled for ahead of time
 ARCHS = (80, 90)
-#: usable shared memory per block (bytes), opt-in maximum
-SMEM_LIMIT = {80: 163 * 1024, 90: 227 * 1024}
 
 
 @dataclasses.dataclass
@@ -52,8 +55,9 @@ class KernelReport:
         if self.local > 0 or self.stack > 0:
             # ptxas places spilled registers in the stack frame (local memory)
             out.append(f"spills (stack {self.stack} B, local {self.local} B)")
-        if self.shared > SMEM_LIMIT[self.arch]:
-            out.append(f"uses {self.shared} bytes of shared memory > {SMEM_LIMIT[self.arch]}")
+        limit = SMEM_LIMIT.get(self.arch, min(SMEM_LIMIT.values()))
+        if self.shared > limit:
+            out.append(f"uses {self.shared} bytes of shared memory > {limit}")
         if self.needs_mma and self.mma == 0:
             out.append("has tl.dot but no tensor-core (HMMA/HGMMA) instruction")
         return out
@@ -79,6 +83,19 @@ def find_tool(name: str) -> str:
 
 def _run(args: list[str]) -> str:
     return subprocess.run(args, check=True, capture_output=True, text=True).stdout
+
+
+def _list(cuobjdump: str, what: str, so: str) -> str:
+    """``cuobjdump --list-elf/--list-ptx``; empty when the file holds no device code
+    (cuobjdump exits non-zero then)."""
+    res = subprocess.run([cuobjdump, f"--list-{what}", so], capture_output=True, text=True)
+    return res.stdout if res.returncode == 0 else ""
+
+
+def expected_extension_archs() -> tuple[list[int], list[int]]:
+    """(SASS archs, PTX archs) the extension is built for: the build's
+    TORCH_CUDA_ARCH_LIST, or setup.py's default when it is unset."""
+    return parse_arch_list(os.environ.get("TORCH_CUDA_ARCH_LIST") or default_cuda_arch_list())
 
 
 def _demangle(names: list[str]) -> dict[str, str]:
@@ -136,18 +153,34 @@ def mma_counts(cubin_or_so: str, cuobjdump: str, arch: int | None = None) -> dic
     return counts
 
 
-def extension_reports(cuobjdump: str) -> tuple[list[KernelReport], list[str]]:
+def extension_path() -> str | None:
     spec = importlib.util.find_spec("mmkernels._C")
-    if spec is None or not spec.origin:
+    if spec is None or not spec.origin or not os.path.exists(spec.origin):
+        return None
+    return spec.origin
+
+
+def extension_reports(cuobjdump: str, so: str | None = None) -> tuple[list[KernelReport], list[str]]:
+    """Reports for every cubin in ``so`` (default: mmkernels._C), and notes on what is
+    missing."""
+    so = so or extension_path()
+    if so is None:
         return [], ["mmkernels._C is not built"]
-    so = spec.origin
-    elfs = _run([cuobjdump, "--list-elf", so]) if os.path.exists(so) else ""
+    elfs = _list(cuobjdump, "elf", so)
     archs = sorted({int(a) for a in re.findall(r"\.sm_(\d+)\.cubin", elfs)})
-    missing = [a for a in ARCHS if a not in archs]
+    ptx = sorted({int(a) for a in re.findall(r"\.sm_(\d+)\.ptx", _list(cuobjdump, "ptx", so))})
+    if not archs and not ptx:
+        return [], ["mmkernels._C has no CUDA code (built with MMKERNELS_SKIP_CUDA=1, or "
+                    "without nvcc/CUDA torch): only the Triton kernels are reported"]
+    want_sass, want_ptx = expected_extension_archs()
     notes = []
+    missing = [a for a in want_sass if a not in archs]
     if missing:
         notes.append(f"mmkernels._C has no cubin for sm_{', sm_'.join(map(str, missing))} "
-                     "(built without CUDA, or with another TORCH_CUDA_ARCH_LIST)")
+                     "(built with another TORCH_CUDA_ARCH_LIST?)")
+    missing_ptx = [a for a in want_ptx if a not in ptx]
+    if missing_ptx:
+        notes.append(f"mmkernels._C has no PTX for compute_{', compute_'.join(map(str, missing_ptx))}")
     reports = []
     for arch in archs:
         usage = resource_usage(so, cuobjdump, arch)
@@ -196,10 +229,11 @@ def main(argv: list[str] | None = None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--json", help="also write the report to this file")
     parser.add_argument("--no-triton", action="store_true")
+    parser.add_argument("--extension", help="the extension .so to inspect (default: mmkernels._C)")
     args = parser.parse_args(argv)
 
     cuobjdump = find_tool("cuobjdump")
-    reports, notes = extension_reports(cuobjdump)
+    reports, notes = extension_reports(cuobjdump, args.extension)
     if not args.no_triton:
         reports += triton_reports(cuobjdump, ARCHS)
     failures = []
