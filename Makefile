@@ -68,12 +68,16 @@ asan-build: $(VENV)/.stamp-deps
 	cp build/asan/lib/mmkernels/_C*.so $(ASAN_ROOT)/mmkernels/
 
 asan: asan-build
+	rm -f build/asan/report.*
 	PYTHONPATH=$(ASAN_ROOT) \
 	LD_PRELOAD="$$($(CXX) -print-file-name=libasan.so) $$($(CXX) -print-file-name=libubsan.so)" \
-	ASAN_OPTIONS=detect_leaks=0:protect_shadow_gap=0:halt_on_error=1:abort_on_error=1:symbolize=1 \
-	UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1 \
+	ASAN_OPTIONS=detect_leaks=0:protect_shadow_gap=0:halt_on_error=1:abort_on_error=1:log_path=$(CURDIR)/build/asan/report \
+	UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1:log_path=$(CURDIR)/build/asan/report \
 	MMKERNELS_EXPECT_ASAN=1 \
-	$(PY) -P -m pytest -q -p no:cacheprovider -m "not slow" $(ASAN_TESTS) $(PYTEST_ARGS)
+	$(PY) -P -m pytest -q -p no:cacheprovider -m "not slow" $(ASAN_TESTS) $(PYTEST_ARGS) \
+	|| { cat build/asan/report.* 2>/dev/null | head -80; echo "make asan: FAILED"; exit 1; }
+	@if ls build/asan/report.* >/dev/null 2>&1; then cat build/asan/report.*; echo "make asan: sanitizer reports"; exit 1; fi
+	@echo "make asan: zero sanitizer reports"
 
 # The fuzz suite with the deep hypothesis profile.
 fuzz-long: install
