@@ -154,7 +154,7 @@ def test_masked_select_rows_max_rows_padding_and_overflow():
     assert index.tolist() == [0, 2, 5, 9, -1, -1] and not rows[4:].any()
     rows.sum().backward()
     assert torch.equal(x.grad, mask[..., None].expand_as(x).float())
-    with pytest.raises(RuntimeError, match="max_rows"):
+    with pytest.raises(ValueError, match="max_rows"):
         mmkernels.masked_select_rows(x, mask, max_rows=3)
 
 
@@ -191,9 +191,9 @@ def test_scatter_image_features_count_mismatch_raises():
     embeds = torch.randn(2, 8, 4)
     mask = torch.zeros(2, 8, dtype=torch.bool)
     mask[0, :3] = True
-    with pytest.raises(ValueError, match="do not match"):
+    with pytest.raises(ValueError, match="do not match: tokens: 3, features 4"):
         mmkernels.scatter_image_features(embeds, mask, torch.randn(4, 4))
-    with pytest.raises(RuntimeError, match="do not match"):  # the raw op checks too
+    with pytest.raises(ValueError, match="do not match: tokens: 3, features 2"):  # the raw op too
         torch.ops.mmkernels.scatter_image_features(embeds, mask, torch.randn(2, 4))
 
 
@@ -316,11 +316,14 @@ BAD = [
                                                    noise=torch.ones(2, 4, dtype=torch.long)),
      TypeError, "noise"),
     ("ids-out-of-range", lambda: mmkernels.restore_tokens(
-        torch.randn(1, 2, 3), torch.tensor([[0, 1, 7]]), torch.randn(3)), RuntimeError,
-     "out of range|must lie in"),
+        torch.randn(1, 2, 3), torch.tensor([[0, 1, 7]]), torch.randn(3)), ValueError,
+     "ids_restore values must lie in"),
+    ("ids-negative", lambda: mmkernels.restore_tokens(
+        torch.randn(1, 2, 3), torch.tensor([[0, -1, 2]]), torch.randn(3)), ValueError,
+     "ids_restore values must lie in"),
     ("ids-not-permutation", lambda: mmkernels.restore_tokens(
         torch.randn(1, 2, 3, requires_grad=True), torch.tensor([[0, 0, 1]]),
-        torch.randn(3)).sum().backward(), RuntimeError, "permutation"),
+        torch.randn(3)).sum().backward(), ValueError, "ids_restore must be a permutation"),
     ("ids-int32", lambda: mmkernels.restore_tokens(
         torch.randn(1, 2, 3), torch.tensor([[0, 2, 1]], dtype=torch.int32), torch.randn(3)),
      TypeError, "ids_restore"),
