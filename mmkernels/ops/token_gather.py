@@ -341,7 +341,7 @@ def scatter_image_features(inputs_embeds: Tensor, image_mask: Tensor,
         raise TypeError(f"check_count must be a bool, got {type(check_count).__name__}")
     D = inputs_embeds.shape[2]
     if image_features.dim() == 3:
-        image_features = image_features.reshape(-1, image_features.shape[-1])
+        image_features = image_features.flatten(0, 1)  # (0, T, 0) too: no -1 to infer
     if image_features.dim() != 2 or image_features.shape[1] != D:
         raise ValueError("image_features must be (num_image_tokens, D) or (num_images, "
                          f"tokens_per_image, D) with D = {D}, got {tuple(image_features.shape)}")
