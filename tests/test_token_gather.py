@@ -593,3 +593,109 @@ def test_cuda_select_and_scatter():
     feats = torch.randn(int(mask.sum()), 16, device="cuda")
     out = mmkernels.scatter_image_features(x.detach(), mask, feats)
     assert torch.equal(out, reference.scatter_image_features(x.detach(), mask, feats))
+
+
+# ---------------------------------------------------------------------------------
+# issue 10 regressions and determinism on CUDA
+# ---------------------------------------------------------------------------------
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("layout", IDS_LAYOUTS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_cuda_defect6_restore_tokens_ids_restore_any_layout(dtype, layout):
+    """Defect 6 on the device: a transposed/sliced/expanded ids_restore once gave a map
+    in its own layout, which _move_rows_kernel read as row-major (scrambled rows)."""
+    x_kept, ids, ids_odd, token = _restore_case(layout, "cuda", dtype, B=5, N=37, K=9, D=24)
+    out = mmkernels.restore_tokens(x_kept, ids_odd, token)
+    assert torch.equal(out, reference.restore_tokens(x_kept.detach(), ids, token.detach()))
+    g = torch.randn_like(out)
+    gk, _ = torch.autograd.grad(out, (x_kept, token), g)
+    rk, _ = torch.autograd.grad(reference.restore_tokens(x_kept, ids, token), (x_kept, token), g)
+    assert torch.equal(gk, rk)
+
+
+@pytest.mark.cuda
+def test_cuda_defect7_count_mismatch_raises_and_context_survives():
+    """Defect 7: a mismatched count raises ValueError (HF's) and the CUDA context stays
+    usable; it was a device-side assertion that killed every later CUDA call."""
+    embeds = torch.randn(2, 16, 8, device="cuda")
+    mask = torch.zeros(2, 16, dtype=torch.bool, device="cuda")
+    mask[0, 2:6] = True
+    mask[1, 0:3] = True  # 7 image tokens
+    for T in (6, 8):
+        with pytest.raises(ValueError, match=f"tokens: 7, features {T}"):
+            mmkernels.scatter_image_features(embeds, mask, torch.randn(T, 8, device="cuda"))
+    torch.cuda.synchronize()  # would raise "device-side assert triggered" on the old code
+    feats = torch.randn(7, 8, device="cuda")
+    out = mmkernels.scatter_image_features(embeds, mask, feats)
+    assert torch.equal(out, reference.scatter_image_features(embeds, mask, feats))
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("T", [0, 5, 7, 9], ids=lambda t: f"features{t}")
+def test_cuda_defect7_unchecked_rule_matches_cpu(T):
+    """check_count=False: no sync, no assertion; the same defined rule as on the CPU."""
+    embeds = torch.randn(2, 16, 8)
+    mask = torch.rand(2, 16) < 0.4
+    mask[0, :7] = True
+    feats = torch.randn(T, 8)
+    cpu = mmkernels.scatter_image_features(embeds, mask, feats, check_count=False)
+    gpu = mmkernels.scatter_image_features(embeds.cuda(), mask.cuda(), feats.cuda(),
+                                           check_count=False)
+    torch.cuda.synchronize()
+    assert torch.equal(gpu.cpu(), cpu)
+
+
+@pytest.mark.cuda
+def test_cuda_defect7_unchecked_path_captures_in_a_cuda_graph():
+    embeds = torch.randn(2, 16, 8, device="cuda")
+    mask = torch.zeros(2, 16, dtype=torch.bool, device="cuda")
+    mask[:, 3:7] = True
+    feats = torch.randn(8, 8, device="cuda")
+    mmkernels.scatter_image_features(embeds, mask, feats, check_count=False)  # warm-up
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = mmkernels.scatter_image_features(embeds, mask, feats, check_count=False)
+    feats.copy_(torch.randn_like(feats))
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(out, reference.scatter_image_features(embeds, mask, feats))
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_cuda_defect8_mask_token_grad_skips_kept_rows(dtype):
+    """Defect 8: sum(grad * masked) turned an Inf in a kept row into NaN."""
+    ids, grad, K, kept = _inf_grad_case("cuda")
+    grad = grad.to(dtype)
+    gk, gt = torch.ops.mmkernels._restore_tokens_backward(grad, ids, K)
+    assert torch.isfinite(gt).all()
+    exact = grad.double().masked_fill(kept[..., None], 0).sum((0, 1))
+    eager = grad.masked_fill(kept[..., None], 0).sum((0, 1)) if dtype in (
+        torch.float16, torch.bfloat16) else None
+    from mmkernels.testing import assert_close_to_reference
+    assert_close_to_reference(gt, exact, eager_lowp=eager, what="grad mask_token")
+    inv = torch.argsort(ids, 1)[:, :K]
+    assert torch.equal(gk, torch.gather(grad, 1, inv[..., None].expand(-1, -1, 5)))
+    cpu_k, cpu_t = torch.ops.mmkernels._restore_tokens_backward(grad.cpu(), ids.cpu(), K)
+    assert torch.equal(gk.cpu(), cpu_k)
+
+
+@pytest.mark.cuda
+def test_cuda_deterministic_mode_bitwise_and_matches_cpu():
+    """Every op runs under torch.use_deterministic_algorithms(True) on CUDA (no op raises:
+    the paths are gathers and scatters to distinct rows) and is bitwise run to run;
+    the row moves equal the CPU's bitwise."""
+    was = torch.are_deterministic_algorithms_enabled()
+    try:
+        torch.use_deterministic_algorithms(True)
+        a = _all_ops_fwd_bwd("cuda")
+        b = _all_ops_fwd_bwd("cuda")
+    finally:
+        torch.use_deterministic_algorithms(was)
+    for u, v in zip(a, b):
+        assert torch.equal(u, v)
+    cpu = _all_ops_fwd_bwd("cpu")
+    for i in (*range(8), 10):  # the forward outputs and grad features: exact row moves
+        assert torch.equal(a[i].cpu(), cpu[i])
