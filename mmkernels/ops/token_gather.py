@@ -4,9 +4,16 @@
 Layers: kernels (csrc/token_gather/), then torch.library registration (fake
 kernels, autograd), then the functional API (validation, backend choice).
 
-Every op is a permutation or a selection of whole rows, so every backward is a
-gather or a scatter to distinct rows: deterministic on the CPU and on CUDA,
-without atomics.
+Every op is a permutation or a selection of whole rows, and both backends move
+them with index maps built by the same code (csrc/token_gather/token_gather_maps.h).
+Determinism, by default and under ``torch.use_deterministic_algorithms(True)`` alike
+(no op here raises in that mode): every output and gradient is bitwise run to run,
+on the CPU also for any thread count. Forwards and ``x``/``x_kept``/feature
+gradients are exact row moves (gathers, each output row written once, no atomics),
+so CPU and CUDA agree bitwise. The one reduction, ``restore_tokens``'s mask-token
+gradient, sums in a fixed order (CPU: row order per element, in float32 or wider;
+CUDA: torch's deterministic ``sum``), so the two backends may differ in the last
+bits there. The CUDA index checks use integer ``scatter_add_`` (exact).
 """
 
 from __future__ import annotations
@@ -233,16 +240,20 @@ def restore_tokens(x_kept: Tensor, ids_restore: Tensor, mask_token: Tensor) -> T
 
     Args:
         x_kept: (B, N_keep, D), float dtype.
-        ids_restore: (B, N) int64, each row a permutation of [0, N) (as returned by
-            :func:`random_masking`). Values outside [0, N) raise in the forward; a
-            row that is not a permutation raises in the backward, whose scatter
-            needs distinct targets (on CUDA both are device-side assertions, no sync).
+        ids_restore: (B, N) int64, any layout (transposed, sliced, expanded), each row
+            a permutation of [0, N) (as returned by :func:`random_masking`). A value
+            outside [0, N) raises ``ValueError`` naming ids_restore in the forward; a
+            row that is not a permutation raises it in the backward, whose gather
+            through the inverse permutation needs one. On CUDA both are device-side
+            assertions (no host sync; a failure surfaces at the next synchronisation
+            and ends the CUDA context), and meanwhile nothing is read out of bounds:
+            out-of-range values take the mask token, unreached gradient rows are zero.
         mask_token: D elements (e.g. MAE's (1, 1, D) parameter), x_kept's dtype.
 
     Returns:
-        (B, N, D). Gradients flow to ``x_kept`` (a scatter to distinct rows) and to
-        ``mask_token`` (the sum over the filled positions, accumulated in float32 or
-        wider).
+        (B, N, D). Gradients flow to ``x_kept`` (a gather through the inverse
+        permutation) and to ``mask_token`` (the sum over the filled positions only,
+        accumulated in float32 or wider; Inf/NaN in kept rows never reach it).
     """
     _check_rows(x_kept, "x_kept")
     if not isinstance(ids_restore, Tensor) or ids_restore.dtype != torch.int64:
@@ -281,8 +292,11 @@ def masked_select_rows(x: Tensor, mask: Tensor, max_rows: int | None = None
         mask: (B, N) bool.
         max_rows: when given, the output has exactly ``max_rows`` rows, zero-padded,
             and no host synchronisation happens (CUDA graphs, torch.compile with
-            static shapes); more selected positions than ``max_rows`` raise (on CUDA
-            as a device-side assertion).
+            static shapes). More selected positions than ``max_rows`` raise
+            ``ValueError`` on the CPU; on CUDA that is a device-side assertion (no
+            sync; it surfaces at the next synchronisation and ends the CUDA context),
+            and the first ``max_rows`` selected rows are returned meanwhile, never
+            reading out of bounds. Size ``max_rows`` for the worst case.
 
     Returns:
         rows: (M, D) in row-major order of ``mask`` (M = mask.sum(), or max_rows).
