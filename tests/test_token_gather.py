@@ -226,7 +226,7 @@ def test_gradcheck_all():
 
 OPCHECK_CASES = ["random_masking", "restore_tokens", "restore_tokens-no-token",
                  "restore_tokens_backward", "masked_select_rows-max", "masked_select_rows",
-                 "scatter_rows", "scatter_image_features"]
+                 "scatter_rows", "scatter_image_features", "scatter_image_features-unchecked"]
 
 
 def _opcheck_case(name):
@@ -252,6 +252,9 @@ def _opcheck_case(name):
                          (torch.randn(4, 3, requires_grad=True), torch.tensor([5, -1, 0, 2]), 7)),
         "scatter_image_features": (ops.scatter_image_features.default,
                                    (x, mask, torch.randn(n, 3, requires_grad=True))),
+        "scatter_image_features-unchecked": (ops.scatter_image_features.default,
+                                             (x, mask, torch.randn(n - 2, 3, requires_grad=True),
+                                              False)),
     }[name]
 
 
@@ -267,14 +270,20 @@ def test_torch_compile_fullgraph():
     token = torch.randn(5)
     mask = torch.rand(2, 12) > 0.5
 
-    def fn(x, noise, token, mask):
+    feats = torch.randn(int(mask.sum()), 5)
+
+    def fn(x, noise, token, mask, feats):
         kept, m, ids = mmkernels.random_masking(x, 0.5, noise=noise)
         full = mmkernels.restore_tokens(kept * 2, ids, token)
         rows, _ = mmkernels.masked_select_rows(full, mask, max_rows=24)
-        return full.sum() + rows.sum() + m.sum()
+        merged = mmkernels.scatter_image_features(full, mask, feats)  # the count check inside
+        return full.sum() + rows.sum() + m.sum() + merged.sum()
 
     compiled = torch.compile(fn, fullgraph=True)
-    torch.testing.assert_close(compiled(x, noise, token, mask), fn(x, noise, token, mask))
+    args = (x, noise, token, mask, feats)
+    torch.testing.assert_close(compiled(*args), fn(*args))
+    with pytest.raises(ValueError, match="do not match"):
+        compiled(x, noise, token, mask, torch.randn(feats.shape[0] + 1, 5))
 
 
 def test_run_twice_deterministic():

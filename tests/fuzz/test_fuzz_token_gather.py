@@ -272,7 +272,8 @@ def test_fuzz_past_int32_meta_shapes(scale):
 
 @settings(max_examples=examples(4))
 @given(kind=st.sampled_from(["ratio-range", "ratio-nan", "ratio-type", "x-dims", "x-dtype",
-                             "x-type", "noise-shape", "noise-dtype", "noise-type"]),
+                             "x-type", "noise-shape", "noise-dtype", "noise-type",
+                             "noise-device"]),
        bad_ratio=st.one_of(st.floats(1.0, 1e30), st.floats(-1e30, -1e-9),
                            st.sampled_from([math.inf, -math.inf, 1.0])),
        B=st.integers(1, 3), N=st.integers(1, 8), D=st.integers(1, 4))
@@ -295,6 +296,8 @@ def test_fuzz_random_masking_invalid(kind, bad_ratio, B, N, D):
         noise, match = torch.rand(B, N + 1 + D % 2), "noise"
     elif kind == "noise-dtype":
         noise, exc, match = torch.ones(B, N, dtype=torch.int64), TypeError, "noise"
+    elif kind == "noise-device":
+        noise, match = torch.empty(B, N, device="meta"), "noise"
     else:
         noise, exc, match = [[0.5] * N] * B, TypeError, "noise"
     with pytest.raises(exc, match=match):
@@ -303,7 +306,7 @@ def test_fuzz_random_masking_invalid(kind, bad_ratio, B, N, D):
 
 @settings(max_examples=examples(4))
 @given(kind=st.sampled_from(["ids-high", "ids-negative", "ids-dtype", "ids-shape", "ids-batch",
-                             "ids-short", "token-size", "token-dtype", "x-dims",
+                             "ids-short", "ids-device", "token-size", "token-dtype", "x-dims",
                              "not-permutation-backward"]),
        B=st.integers(1, 3), N=st.integers(2, 10), D=st.integers(1, 4), seed=seeds)
 def test_fuzz_restore_tokens_invalid(kind, B, N, D, seed):
@@ -327,6 +330,8 @@ def test_fuzz_restore_tokens_invalid(kind, B, N, D, seed):
     elif kind == "ids-short":
         ids = ids[:, : K - 1] if K >= 1 else ids[:, :0]
         x_kept = torch.randn(B, max(K, 1), D)
+    elif kind == "ids-device":
+        ids = ids.to("meta")
     elif kind == "token-size":
         token, match = torch.randn(D + 1), "mask_token"
     elif kind == "token-dtype":
