@@ -46,10 +46,11 @@ TORCH_LIBRARY(mmkernels, m) {
   m.def("masked_select_rows(Tensor x, Tensor mask, int max_rows) -> (Tensor rows, Tensor index)");
   // out (num_rows, D) zeros, out[index[m]] = src[m] where index[m] >= 0 (distinct).
   m.def("_scatter_rows(Tensor src, Tensor index, SymInt num_rows) -> Tensor");
-  // inputs_embeds (B, L, D); image_mask (B, L) bool; image_features (T, D).
+  // inputs_embeds (B, L, D); image_mask (B, L) bool; image_features (T, D). check_count:
+  // raise ValueError unless image_mask selects exactly T positions (one sync on CUDA).
   m.def(
-      "scatter_image_features(Tensor inputs_embeds, Tensor image_mask, Tensor image_features) "
-      "-> Tensor");
+      "scatter_image_features(Tensor inputs_embeds, Tensor image_mask, Tensor image_features, "
+      "bool check_count=True) -> Tensor");
 
   // Contrastive losses, CPU panel passes (csrc/contrastive/contrastive_cpu.cpp); S is one
   // contiguous (k, m) float32/float64 similarity panel, every vector matches its dtype.

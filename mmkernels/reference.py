@@ -163,10 +163,21 @@ def masked_select_rows(x: Tensor, mask: Tensor, max_rows: int | None = None
 
 
 def scatter_image_features(inputs_embeds: Tensor, image_mask: Tensor,
-                           image_features: Tensor) -> Tensor:
-    """Hugging Face LLaVA's merge: ``masked_scatter`` of the features at the image tokens."""
-    mask = image_mask[..., None].expand_as(inputs_embeds)
-    return inputs_embeds.masked_scatter(mask, image_features.to(inputs_embeds.dtype))
+                           image_features: Tensor, *, check_count: bool = True) -> Tensor:
+    """Hugging Face LLaVA's merge: ``masked_scatter`` of the features at the image tokens.
+
+    ``check_count``: raise HF's ValueError when the counts differ. Without it, the first
+    ``min(tokens, features)`` image positions take feature rows and the rest keep
+    their embeddings (mmkernels' unchecked rule)."""
+    n_tokens, n_features = int(image_mask.sum()), image_features.shape[0]
+    if check_count and n_tokens != n_features:
+        raise ValueError(f"Image features and image tokens do not match: tokens: {n_tokens}, "
+                         f"features {n_features}")
+    rank = image_mask.reshape(-1).cumsum(0).view(image_mask.shape)
+    received = image_mask & (rank <= n_features)
+    used = image_features[: min(n_tokens, n_features)]
+    mask = received[..., None].expand_as(inputs_embeds)
+    return inputs_embeds.masked_scatter(mask, used.to(inputs_embeds.dtype))
 
 
 # ---------------------------------------------------------------------------------

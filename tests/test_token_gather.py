@@ -154,7 +154,7 @@ def test_masked_select_rows_max_rows_padding_and_overflow():
     assert index.tolist() == [0, 2, 5, 9, -1, -1] and not rows[4:].any()
     rows.sum().backward()
     assert torch.equal(x.grad, mask[..., None].expand_as(x).float())
-    with pytest.raises(RuntimeError, match="max_rows"):
+    with pytest.raises(ValueError, match="max_rows"):
         mmkernels.masked_select_rows(x, mask, max_rows=3)
 
 
@@ -191,9 +191,9 @@ def test_scatter_image_features_count_mismatch_raises():
     embeds = torch.randn(2, 8, 4)
     mask = torch.zeros(2, 8, dtype=torch.bool)
     mask[0, :3] = True
-    with pytest.raises(ValueError, match="do not match"):
+    with pytest.raises(ValueError, match="do not match: tokens: 3, features 4"):
         mmkernels.scatter_image_features(embeds, mask, torch.randn(4, 4))
-    with pytest.raises(RuntimeError, match="do not match"):  # the raw op checks too
+    with pytest.raises(ValueError, match="do not match: tokens: 3, features 2"):  # the raw op too
         torch.ops.mmkernels.scatter_image_features(embeds, mask, torch.randn(2, 4))
 
 
@@ -226,7 +226,7 @@ def test_gradcheck_all():
 
 OPCHECK_CASES = ["random_masking", "restore_tokens", "restore_tokens-no-token",
                  "restore_tokens_backward", "masked_select_rows-max", "masked_select_rows",
-                 "scatter_rows", "scatter_image_features"]
+                 "scatter_rows", "scatter_image_features", "scatter_image_features-unchecked"]
 
 
 def _opcheck_case(name):
@@ -252,6 +252,9 @@ def _opcheck_case(name):
                          (torch.randn(4, 3, requires_grad=True), torch.tensor([5, -1, 0, 2]), 7)),
         "scatter_image_features": (ops.scatter_image_features.default,
                                    (x, mask, torch.randn(n, 3, requires_grad=True))),
+        "scatter_image_features-unchecked": (ops.scatter_image_features.default,
+                                             (x, mask, torch.randn(n - 2, 3, requires_grad=True),
+                                              False)),
     }[name]
 
 
@@ -267,14 +270,20 @@ def test_torch_compile_fullgraph():
     token = torch.randn(5)
     mask = torch.rand(2, 12) > 0.5
 
-    def fn(x, noise, token, mask):
+    feats = torch.randn(int(mask.sum()), 5)
+
+    def fn(x, noise, token, mask, feats):
         kept, m, ids = mmkernels.random_masking(x, 0.5, noise=noise)
         full = mmkernels.restore_tokens(kept * 2, ids, token)
         rows, _ = mmkernels.masked_select_rows(full, mask, max_rows=24)
-        return full.sum() + rows.sum() + m.sum()
+        merged = mmkernels.scatter_image_features(full, mask, feats)  # the count check inside
+        return full.sum() + rows.sum() + m.sum() + merged.sum()
 
     compiled = torch.compile(fn, fullgraph=True)
-    torch.testing.assert_close(compiled(x, noise, token, mask), fn(x, noise, token, mask))
+    args = (x, noise, token, mask, feats)
+    torch.testing.assert_close(compiled(*args), fn(*args))
+    with pytest.raises(ValueError, match="do not match"):
+        compiled(x, noise, token, mask, torch.randn(feats.shape[0] + 1, 5))
 
 
 def test_run_twice_deterministic():
@@ -316,11 +325,14 @@ BAD = [
                                                    noise=torch.ones(2, 4, dtype=torch.long)),
      TypeError, "noise"),
     ("ids-out-of-range", lambda: mmkernels.restore_tokens(
-        torch.randn(1, 2, 3), torch.tensor([[0, 1, 7]]), torch.randn(3)), RuntimeError,
-     "out of range|must lie in"),
+        torch.randn(1, 2, 3), torch.tensor([[0, 1, 7]]), torch.randn(3)), ValueError,
+     "ids_restore values must lie in"),
+    ("ids-negative", lambda: mmkernels.restore_tokens(
+        torch.randn(1, 2, 3), torch.tensor([[0, -1, 2]]), torch.randn(3)), ValueError,
+     "ids_restore values must lie in"),
     ("ids-not-permutation", lambda: mmkernels.restore_tokens(
         torch.randn(1, 2, 3, requires_grad=True), torch.tensor([[0, 0, 1]]),
-        torch.randn(3)).sum().backward(), RuntimeError, "permutation"),
+        torch.randn(3)).sum().backward(), ValueError, "ids_restore must be a permutation"),
     ("ids-int32", lambda: mmkernels.restore_tokens(
         torch.randn(1, 2, 3), torch.tensor([[0, 2, 1]], dtype=torch.int32), torch.randn(3)),
      TypeError, "ids_restore"),
@@ -351,6 +363,205 @@ BAD = [
 def test_bad_input_raises(name, call, exc, match):
     with pytest.raises(exc, match=match):
         call()
+
+
+# ---------------------------------------------------------------------------------
+# issue 10 regressions (defects 6-8), CPU parts; the CUDA parts are below
+# ---------------------------------------------------------------------------------
+
+def ids_in_layout(ids, layout):
+    """The same (B, N) values in another memory layout."""
+    B, N = ids.shape
+    if layout == "transposed":  # column-major storage
+        return ids.t().contiguous().t()
+    if layout == "sliced":
+        big = torch.full((B, 2 * N), -7, dtype=ids.dtype, device=ids.device)
+        big[:, ::2] = ids
+        return big[:, ::2]
+    if layout == "expanded":  # every row the same permutation, row stride 0
+        return ids[:1].expand(B, N)
+    return ids
+
+
+IDS_LAYOUTS = ["transposed", "sliced", "expanded"]
+
+
+def _restore_case(layout, device="cpu", dtype=torch.float32, B=3, N=11, K=5, D=6):
+    ids = torch.argsort(torch.rand(B, N, device=device), 1)
+    if layout == "expanded":
+        ids = ids[:1].expand(B, N).contiguous()
+    x_kept = torch.randn(B, K, D, device=device, dtype=dtype, requires_grad=True)
+    token = torch.randn(D, device=device, dtype=dtype, requires_grad=True)
+    return x_kept, ids, ids_in_layout(ids, layout), token
+
+
+@pytest.mark.parametrize("layout", IDS_LAYOUTS)
+def test_defect6_restore_tokens_ids_restore_any_layout(layout):
+    """Defect 6: the map is built by token_gather_maps.h (the CUDA host path's code) and
+    must be row-major whatever ids_restore's layout; the row mover reads it flat."""
+    x_kept, ids, ids_odd, token = _restore_case(layout)
+    assert not ids_odd.is_contiguous()
+    out = mmkernels.restore_tokens(x_kept, ids_odd, token)
+    assert torch.equal(out, reference.restore_tokens(x_kept.detach(), ids, token.detach()))
+    g = torch.randn_like(out)
+    gk, gt = torch.autograd.grad(out, (x_kept, token), g)
+    rk, rt = torch.autograd.grad(reference.restore_tokens(x_kept, ids, token), (x_kept, token), g)
+    assert torch.equal(gk, rk)
+    torch.testing.assert_close(gt, rt)
+
+
+@pytest.mark.parametrize("layout", IDS_LAYOUTS)
+def test_defect6_random_masking_backward_with_odd_ids_layout(layout):
+    """random_masking's backward is restore_tokens(grad, ids_restore): the same map."""
+    x = torch.randn(3, 11, 4)
+    _, _, ids = mmkernels.random_masking(x, 0.5)
+    if layout == "expanded":
+        ids = ids[:1].expand(3, 11).contiguous()
+    odd = ids_in_layout(ids, layout)
+    grad = torch.randn(3, 5, 4)
+    ours, _ = torch.ops.mmkernels._restore_tokens_backward(
+        torch.ops.mmkernels.restore_tokens(grad, odd, None), odd, 5)
+    assert torch.equal(ours, grad)
+
+
+def test_defect7_count_mismatch_raises_value_error_like_hf():
+    embeds = torch.randn(2, 8, 4)
+    mask = torch.zeros(2, 8, dtype=torch.bool)
+    mask[0, 1:4] = True
+    mask[1, 6] = True  # 4 image tokens
+    for T in (3, 5, 0):
+        for call in (mmkernels.scatter_image_features,
+                     torch.ops.mmkernels.scatter_image_features):
+            with pytest.raises(ValueError, match=f"tokens: 4, features {T} .*image_mask.*"
+                                                 "image_features"):
+                call(embeds, mask, torch.randn(T, 4))
+
+
+@pytest.mark.parametrize("T", [0, 2, 4, 6], ids=lambda t: f"features{t}")
+@pytest.mark.parametrize("op", ["functional", "raw"])
+def test_defect7_unchecked_rule_is_defined_and_in_bounds(op, T):
+    """check_count=False: no check, no sync; the first min(tokens, T) image positions
+    take feature rows, the rest keep their embeddings; surplus features are unused."""
+    B, L, D = 2, 9, 5
+    embeds = torch.randn(B, L, D, dtype=torch.float64, requires_grad=True)
+    mask = torch.zeros(B, L, dtype=torch.bool)
+    mask[0, 2:4] = True
+    mask[1, 5:7] = True  # 4 image tokens
+    feats = torch.randn(T, D, dtype=torch.float64, requires_grad=True)
+    if op == "functional":
+        out = mmkernels.scatter_image_features(embeds, mask, feats, check_count=False)
+    else:
+        out = torch.ops.mmkernels.scatter_image_features(embeds, mask, feats, False)
+    ref = reference.scatter_image_features(embeds, mask, feats, check_count=False)
+    assert torch.equal(out, ref)
+    positions = torch.nonzero(mask.reshape(-1)).squeeze(1)
+    flat = out.detach().reshape(-1, D)
+    for t, p in enumerate(positions.tolist()):
+        expect = feats[t] if t < T else embeds.reshape(-1, D)[p]
+        assert torch.equal(flat[p], expect.detach())
+    g = torch.randn_like(out)
+    ours = torch.autograd.grad(out, (embeds, feats), g)
+    theirs = torch.autograd.grad(ref, (embeds, feats), g, allow_unused=True)
+    assert torch.equal(ours[0], theirs[0])
+    expect_gf = theirs[1] if theirs[1] is not None else torch.zeros_like(feats)
+    assert torch.equal(ours[1], expect_gf)
+    if T > 0 and op == "functional":
+        assert torch.autograd.gradcheck(
+            lambda e, f: mmkernels.scatter_image_features(e, mask, f, check_count=False),
+            (embeds, feats))
+
+
+def test_defect7_check_count_must_be_bool():
+    with pytest.raises(TypeError, match="check_count"):
+        mmkernels.scatter_image_features(torch.randn(1, 2, 3), torch.ones(1, 2, dtype=torch.bool),
+                                         torch.randn(2, 3), check_count=1)
+
+
+def _inf_grad_case(device):
+    B, N, K, D = 3, 10, 4, 5
+    ids = torch.argsort(torch.rand(B, N, device=device), 1)
+    grad = torch.randn(B, N, D, device=device)
+    kept = ids < K
+    grad[kept] = float("inf")  # every kept row: +Inf
+    grad[0][kept[0]] = -float("inf")
+    return ids, grad, K, kept
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_defect8_mask_token_grad_skips_kept_rows(dtype):
+    """Defect 8: Inf in kept rows must not reach the mask token's gradient (CUDA once
+    computed sum(grad * masked): Inf * 0 = NaN). The CPU path always skipped them;
+    this pins the contract both backends now share (mask_token_rows)."""
+    ids, grad, K, kept = _inf_grad_case("cpu")
+    grad = grad.to(dtype)
+    gk, gt = torch.ops.mmkernels._restore_tokens_backward(grad, ids, K)
+    exact = grad.double().masked_fill(kept[..., None], 0).sum((0, 1))
+    assert torch.isfinite(gt).all()
+    eager = grad.masked_fill(kept[..., None], 0).sum((0, 1)) if dtype in (
+        torch.float16, torch.bfloat16) else None
+    from mmkernels.testing import assert_close_to_reference
+    assert_close_to_reference(gt, exact, eager_lowp=eager, what="grad mask_token")
+    assert torch.isinf(gk).all()
+    # grad_x_kept is the exact inverse permutation of the kept rows
+    inv = torch.argsort(ids, 1)[:, :K]
+    assert torch.equal(gk, torch.gather(grad, 1, inv[..., None].expand(-1, -1, 5)))
+
+
+def test_defect8_backward_rejects_a_non_permutation():
+    """The inverse-permutation gather needs a permutation: a repeated id raises (CPU);
+    the CUDA map is built in a -1 buffer, so it never reads uninitialised slots."""
+    with pytest.raises(ValueError, match="ids_restore"):
+        torch.ops.mmkernels._restore_tokens_backward(torch.randn(1, 3, 2),
+                                                     torch.tensor([[0, 0, 2]]), 2)
+    with pytest.raises(ValueError, match="ids_restore"):
+        torch.ops.mmkernels._restore_tokens_backward(torch.randn(1, 3, 2),
+                                                     torch.tensor([[0, 3, 1]]), 2)
+
+
+# ---------------------------------------------------------------------------------
+# determinism contract: bitwise run to run and across CPU thread counts, in
+# torch.use_deterministic_algorithms(True) (and without it: nothing here changes)
+# ---------------------------------------------------------------------------------
+
+def _all_ops_fwd_bwd(device, dtype=torch.float32):
+    """Every op forward and backward on fixed seeded inputs; returns all tensors."""
+    gen = torch.Generator(device="cpu").manual_seed(1234)
+
+    def rnd(*shape, dt=dtype):
+        return torch.randn(*shape, generator=gen, dtype=torch.float64).to(device=device, dtype=dt)
+
+    B, N, D = 4, 300, 70
+    x = rnd(B, N, D).requires_grad_()
+    noise = torch.rand(B, N, generator=gen).to(device)
+    kept, mask, ids = mmkernels.random_masking(x, 0.75, noise=noise)
+    token = rnd(D).requires_grad_()
+    full = mmkernels.restore_tokens(kept, ids, token)
+    sel = torch.rand(B, N, generator=gen).to(device) < 0.3
+    rows, index = mmkernels.masked_select_rows(full, sel)
+    rows_p, _ = mmkernels.masked_select_rows(full, sel, max_rows=B * N)
+    feats = rnd(int(sel.sum()), D).requires_grad_()
+    merged = mmkernels.scatter_image_features(full, sel, feats)
+    loss = (full * rnd(B, N, D)).sum() + (rows * rnd(*rows.shape)).sum() + \
+        (rows_p * rnd(*rows_p.shape)).sum() + (merged * rnd(B, N, D)).sum()
+    grads = torch.autograd.grad(loss, (x, token, feats))
+    return [kept, mask, ids, full, rows, index, rows_p, merged, *grads]
+
+
+def test_deterministic_bitwise_across_runs_and_threads():
+    threads = torch.get_num_threads()
+    was = torch.are_deterministic_algorithms_enabled()
+    results = []
+    try:
+        torch.use_deterministic_algorithms(True)
+        for n in (1, 2, 2, 1):
+            torch.set_num_threads(n)
+            results.append(_all_ops_fwd_bwd("cpu"))
+    finally:
+        torch.set_num_threads(threads)
+        torch.use_deterministic_algorithms(was)
+    for other in results[1:]:
+        for a, b in zip(results[0], other):
+            assert torch.equal(a, b)
 
 
 # ---------------------------------------------------------------------------------
@@ -391,3 +602,109 @@ def test_cuda_select_and_scatter():
     feats = torch.randn(int(mask.sum()), 16, device="cuda")
     out = mmkernels.scatter_image_features(x.detach(), mask, feats)
     assert torch.equal(out, reference.scatter_image_features(x.detach(), mask, feats))
+
+
+# ---------------------------------------------------------------------------------
+# issue 10 regressions and determinism on CUDA
+# ---------------------------------------------------------------------------------
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("layout", IDS_LAYOUTS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_cuda_defect6_restore_tokens_ids_restore_any_layout(dtype, layout):
+    """Defect 6 on the device: a transposed/sliced/expanded ids_restore once gave a map
+    in its own layout, which _move_rows_kernel read as row-major (scrambled rows)."""
+    x_kept, ids, ids_odd, token = _restore_case(layout, "cuda", dtype, B=5, N=37, K=9, D=24)
+    out = mmkernels.restore_tokens(x_kept, ids_odd, token)
+    assert torch.equal(out, reference.restore_tokens(x_kept.detach(), ids, token.detach()))
+    g = torch.randn_like(out)
+    gk, _ = torch.autograd.grad(out, (x_kept, token), g)
+    rk, _ = torch.autograd.grad(reference.restore_tokens(x_kept, ids, token), (x_kept, token), g)
+    assert torch.equal(gk, rk)
+
+
+@pytest.mark.cuda
+def test_cuda_defect7_count_mismatch_raises_and_context_survives():
+    """Defect 7: a mismatched count raises ValueError (HF's) and the CUDA context stays
+    usable; it was a device-side assertion that killed every later CUDA call."""
+    embeds = torch.randn(2, 16, 8, device="cuda")
+    mask = torch.zeros(2, 16, dtype=torch.bool, device="cuda")
+    mask[0, 2:6] = True
+    mask[1, 0:3] = True  # 7 image tokens
+    for T in (6, 8):
+        with pytest.raises(ValueError, match=f"tokens: 7, features {T}"):
+            mmkernels.scatter_image_features(embeds, mask, torch.randn(T, 8, device="cuda"))
+    torch.cuda.synchronize()  # would raise "device-side assert triggered" on the old code
+    feats = torch.randn(7, 8, device="cuda")
+    out = mmkernels.scatter_image_features(embeds, mask, feats)
+    assert torch.equal(out, reference.scatter_image_features(embeds, mask, feats))
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("T", [0, 5, 7, 9], ids=lambda t: f"features{t}")
+def test_cuda_defect7_unchecked_rule_matches_cpu(T):
+    """check_count=False: no sync, no assertion; the same defined rule as on the CPU."""
+    embeds = torch.randn(2, 16, 8)
+    mask = torch.rand(2, 16) < 0.4
+    mask[0, :7] = True
+    feats = torch.randn(T, 8)
+    cpu = mmkernels.scatter_image_features(embeds, mask, feats, check_count=False)
+    gpu = mmkernels.scatter_image_features(embeds.cuda(), mask.cuda(), feats.cuda(),
+                                           check_count=False)
+    torch.cuda.synchronize()
+    assert torch.equal(gpu.cpu(), cpu)
+
+
+@pytest.mark.cuda
+def test_cuda_defect7_unchecked_path_captures_in_a_cuda_graph():
+    embeds = torch.randn(2, 16, 8, device="cuda")
+    mask = torch.zeros(2, 16, dtype=torch.bool, device="cuda")
+    mask[:, 3:7] = True
+    feats = torch.randn(8, 8, device="cuda")
+    mmkernels.scatter_image_features(embeds, mask, feats, check_count=False)  # warm-up
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = mmkernels.scatter_image_features(embeds, mask, feats, check_count=False)
+    feats.copy_(torch.randn_like(feats))
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(out, reference.scatter_image_features(embeds, mask, feats))
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_cuda_defect8_mask_token_grad_skips_kept_rows(dtype):
+    """Defect 8: sum(grad * masked) turned an Inf in a kept row into NaN."""
+    ids, grad, K, kept = _inf_grad_case("cuda")
+    grad = grad.to(dtype)
+    gk, gt = torch.ops.mmkernels._restore_tokens_backward(grad, ids, K)
+    assert torch.isfinite(gt).all()
+    exact = grad.double().masked_fill(kept[..., None], 0).sum((0, 1))
+    eager = grad.masked_fill(kept[..., None], 0).sum((0, 1)) if dtype in (
+        torch.float16, torch.bfloat16) else None
+    from mmkernels.testing import assert_close_to_reference
+    assert_close_to_reference(gt, exact, eager_lowp=eager, what="grad mask_token")
+    inv = torch.argsort(ids, 1)[:, :K]
+    assert torch.equal(gk, torch.gather(grad, 1, inv[..., None].expand(-1, -1, 5)))
+    cpu_k, cpu_t = torch.ops.mmkernels._restore_tokens_backward(grad.cpu(), ids.cpu(), K)
+    assert torch.equal(gk.cpu(), cpu_k)
+
+
+@pytest.mark.cuda
+def test_cuda_deterministic_mode_bitwise_and_matches_cpu():
+    """Every op runs under torch.use_deterministic_algorithms(True) on CUDA (no op raises:
+    the paths are gathers and scatters to distinct rows) and is bitwise run to run;
+    the row moves equal the CPU's bitwise."""
+    was = torch.are_deterministic_algorithms_enabled()
+    try:
+        torch.use_deterministic_algorithms(True)
+        a = _all_ops_fwd_bwd("cuda")
+        b = _all_ops_fwd_bwd("cuda")
+    finally:
+        torch.use_deterministic_algorithms(was)
+    for u, v in zip(a, b):
+        assert torch.equal(u, v)
+    cpu = _all_ops_fwd_bwd("cpu")
+    for i in (*range(8), 10):  # the forward outputs and grad features: exact row moves
+        assert torch.equal(a[i].cpu(), cpu[i])

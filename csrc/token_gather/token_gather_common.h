@@ -1,8 +1,10 @@
 // Host-side validation shared by the CPU and CUDA registrations of the token
-// gather family. Data-dependent checks (index ranges, permutations, counts) are
-// explicit TORCH_CHECKs on the CPU; on CUDA they are device-side assertions
-// (at::_assert_async), so no host synchronisation is added, and the kernels
-// themselves never read or write out of bounds whatever the indices hold.
+// gather family. Data-dependent checks on indices (ranges, permutations) are
+// explicit checks on the CPU and device-side assertions (at::_assert_async) on CUDA,
+// so they add no host synchronisation; the maps (token_gather_maps.h) and the row
+// movers never read or write out of bounds whatever the indices hold. The image-token
+// count of scatter_image_features is checked on the host on both backends (one sync
+// on CUDA) unless the caller opts out.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -30,9 +32,11 @@ inline void check_index(const char* op, const char* name, const at::Tensor& idx,
 }
 
 // ids (B, N) int64 with values in [0, N); with `permutation`, every row must be a
-// permutation of [0, N). The forward gather only needs the range (the kernels map
-// any other value to the fill row, so nothing is read out of bounds); the backward,
-// a scatter to distinct rows, needs the permutation.
+// permutation of [0, N). The forward gather only needs the range (the maps send any
+// other value to the fill row, so nothing is read out of bounds); the backward, a
+// gather through the inverse permutation, needs the permutation. On the CPU these
+// raise ValueError naming ids_restore; on CUDA they are device-side assertions (no
+// host sync; token_gather_maps.h keeps every map in range meanwhile).
 inline void check_permutation(const char* op, const at::Tensor& ids, bool permutation = true) {
   const int64_t B = ids.size(0), N = ids.size(1);
   if (ids.numel() == 0) return;
@@ -45,14 +49,23 @@ inline void check_permutation(const char* op, const at::Tensor& ids, bool permut
     at::_assert_async((counts == 1).all(), "ids_restore rows must be permutations of [0, N)");
     return;
   }
-  TORCH_CHECK(in_range.item<bool>(), op, ": ids_restore values must lie in [0, N) = [0, ", N,
-              "); got values in [", ids.min().item<int64_t>(), ", ", ids.max().item<int64_t>(),
-              "]");
+  TORCH_CHECK_VALUE(in_range.item<bool>(), op, ": ids_restore values must lie in [0, N) = [0, ",
+                    N, "); got values in [", ids.min().item<int64_t>(), ", ",
+                    ids.max().item<int64_t>(), "]");
   if (!permutation) return;
   auto sorted = std::get<0>(ids.sort(1));
   const bool perm = sorted.eq(at::arange(N, ids.options()).expand({B, N})).all().item<bool>();
-  TORCH_CHECK(perm, op, ": each row of ids_restore must be a permutation of [0, N) (as returned "
-              "by random_masking); found a repeated index");
+  TORCH_CHECK_VALUE(perm, op, ": each row of ids_restore must be a permutation of [0, N) (as "
+                    "returned by random_masking); found a repeated index");
+}
+
+// scatter_image_features: the image-position count must equal the feature rows, as
+// Hugging Face LLaVA requires (same message, raised as ValueError).
+inline void check_image_count(const char* op, int64_t tokens, int64_t features) {
+  TORCH_CHECK_VALUE(tokens == features, op,
+                    ": Image features and image tokens do not match: tokens: ", tokens,
+                    ", features ", features, " (image_mask selects ", tokens,
+                    " positions, image_features has ", features, " rows)");
 }
 
 

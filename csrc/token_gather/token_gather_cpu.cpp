@@ -1,6 +1,9 @@
-// Token gather family, CPU kernels. Rows are moved whole (memcpy when the row
-// is contiguous); work is split over rows with at::parallel_for. Every write
-// goes to a distinct row, so results are deterministic for any thread count.
+// Token gather family, CPU kernels. The index maps come from token_gather_maps.h,
+// the same code the CUDA host path runs; the rows then move whole (memcpy when the
+// row is contiguous) with the rule of the CUDA kernel (take_a, token_gather_math.h),
+// split over rows with at::parallel_for. Every write goes to a distinct row and the
+// one reduction (the mask token's gradient) runs in a fixed order per element, so
+// results are bit-identical for any thread count.
 #include <ATen/ATen.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
@@ -13,6 +16,7 @@
 #include <vector>
 
 #include "token_gather/token_gather_common.h"
+#include "token_gather/token_gather_maps.h"
 #include "token_gather/token_gather_math.h"
 
 namespace mmkernels {
@@ -20,12 +24,6 @@ namespace token_gather {
 namespace {
 
 constexpr int64_t kRowGrain = 16;
-
-// A (rows, D) view in bytes: row r, element d at base + r*row_stride + d*col_stride.
-struct ByteRows {
-  char* base;
-  int64_t row_stride, col_stride;  // bytes
-};
 
 inline void copy_row(char* dst, int64_t dst_cs, const char* src, int64_t src_cs, int64_t D,
                      int64_t elem) {
@@ -42,6 +40,34 @@ inline void zero_row(char* dst, int64_t dst_cs, int64_t D, int64_t elem) {
     return;
   }
   for (int64_t d = 0; d < D; ++d) std::memset(dst + d * dst_cs, 0, elem);
+}
+
+// The CPU twin of _move_rows_kernel: out (R, D) contiguous; row r is row map[r] of
+// `a` when take_a(map[r], rows_a), else row (broadcast_b ? 0 : r) of `b`, else zeros.
+void move_rows(const char* op, at::Tensor& out, const at::Tensor& map, int64_t rows_a,
+               const RowSource& a, const RowSource& b, bool broadcast_b) {
+  const int64_t D = out.size(-1), R = out_rows(out);
+  const int64_t* mp = map_data(op, map, R);
+  if (R == 0 || D == 0) return;
+  TORCH_CHECK(out.is_contiguous(), op, ": internal error: output must be contiguous");
+  const int64_t elem = out.element_size();
+  char* ob = static_cast<char*>(out.mutable_data_ptr());
+  const char* ab = static_cast<const char*>(a.base);
+  const char* bb = static_cast<const char*>(b.base);
+  at::parallel_for(0, R, kRowGrain, [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) {
+      const int64_t m = mp != nullptr ? mp[r] : -1;
+      char* dst = ob + r * D * elem;
+      if (take_a(m, rows_a)) {
+        copy_row(dst, elem, ab + row_offset(a, m, 0) * elem, a.s2 * elem, D, elem);
+      } else if (bb != nullptr) {
+        copy_row(dst, elem, bb + row_offset(b, broadcast_b ? 0 : r, 0) * elem, b.s2 * elem, D,
+                 elem);
+      } else {
+        zero_row(dst, elem, D, elem);
+      }
+    }
+  });
 }
 
 // ---- random_masking ---------------------------------------------------------------
@@ -65,13 +91,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> random_masking_cpu(
   check_random_masking_args(op, x, noise, n_keep);
   const int64_t B = x.size(0), N = x.size(1), D = x.size(2);
   auto x_kept = at::empty({B, n_keep, D}, x.options());
-  auto mask = at::empty({B, N}, x.options());
   auto ids_restore = at::empty({B, N}, x.options().dtype(at::kLong));
   auto ids_keep = at::empty({B, n_keep}, x.options().dtype(at::kLong));
-  if (B == 0 || N == 0) return {x_kept, mask, ids_restore, ids_keep};
-  const int64_t elem = x.element_size();
-  const char* xb = static_cast<const char*>(x.const_data_ptr());
-  char* kb = static_cast<char*>(x_kept.mutable_data_ptr());
+  if (B == 0 || N == 0) return {x_kept, at::empty({B, N}, x.options()), ids_restore, ids_keep};
   int64_t* restore = ids_restore.mutable_data_ptr<int64_t>();
   int64_t* keep = ids_keep.mutable_data_ptr<int64_t>();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, noise.scalar_type(), "masking_order",
@@ -87,19 +109,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> random_masking_cpu(
       }
     });
   });
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "mask_fill", [&] {
-    scalar_t* m = mask.mutable_data_ptr<scalar_t>();
-    at::parallel_for(0, B * N, 4096, [&](int64_t i0, int64_t i1) {
-      for (int64_t i = i0; i < i1; ++i) m[i] = static_cast<scalar_t>(restore[i] >= n_keep ? 1 : 0);
-    });
-  });
-  const int64_t xs0 = x.stride(0) * elem, xs1 = x.stride(1) * elem, xs2 = x.stride(2) * elem;
-  at::parallel_for(0, B * n_keep, kRowGrain, [&](int64_t r0, int64_t r1) {
-    for (int64_t r = r0; r < r1; ++r) {
-      const int64_t b = r / n_keep;
-      copy_row(kb + r * D * elem, elem, xb + b * xs0 + keep[r] * xs1, xs2, D, elem);
-    }
-  });
+  // From here on, the CUDA host path's code (token_gather_maps.h, the row rule).
+  auto mask = ids_restore.ge(n_keep).to(x.scalar_type());
+  move_rows(op, x_kept, keep_map(ids_keep, N), B * N, rows_of(x), zeros_source(), false);
   return {x_kept, mask, ids_restore, ids_keep};
 }
 
@@ -113,30 +125,9 @@ at::Tensor restore_tokens_cpu(const at::Tensor& x_kept, const at::Tensor& ids_re
   check_permutation(op, ids_restore, /*permutation=*/false);
   auto out = at::empty({B, N, D}, x_kept.options());
   if (out.numel() == 0) return out;
-  const int64_t elem = x_kept.element_size();
-  const char* kb = static_cast<const char*>(x_kept.const_data_ptr());
-  const int64_t ks0 = x_kept.stride(0) * elem, ks1 = x_kept.stride(1) * elem,
-                ks2 = x_kept.stride(2) * elem;
-  const char* tb = mask_token.has_value() ? static_cast<const char*>(mask_token->const_data_ptr())
-                                          : nullptr;
-  const int64_t ts = mask_token.has_value() ? mask_token->stride(0) * elem : 0;
-  const at::Tensor ids = ids_restore.contiguous();
-  const int64_t* id = ids.const_data_ptr<int64_t>();
-  char* ob = static_cast<char*>(out.mutable_data_ptr());
-  at::parallel_for(0, B * N, kRowGrain, [&](int64_t r0, int64_t r1) {
-    for (int64_t r = r0; r < r1; ++r) {
-      const int64_t b = r / N;
-      const int64_t src = restore_source(id[r], K);
-      char* dst = ob + r * D * elem;
-      if (src >= 0) {
-        copy_row(dst, elem, kb + b * ks0 + src * ks1, ks2, D, elem);
-      } else if (tb != nullptr) {
-        copy_row(dst, elem, tb, ts, D, elem);
-      } else {
-        zero_row(dst, elem, D, elem);
-      }
-    }
-  });
+  RowSource fill = zeros_source();
+  if (mask_token.has_value()) fill = {mask_token->const_data_ptr(), 1, 0, 0, mask_token->stride(0)};
+  move_rows(op, out, restore_map(ids_restore, K), B * K, rows_of(x_kept), fill, true);
   return out;
 }
 
@@ -150,39 +141,27 @@ std::tuple<at::Tensor, at::Tensor> restore_tokens_backward_cpu(const at::Tensor&
   auto grad_kept = at::empty({B, n_keep, D}, grad.options());
   const auto acc_type = at::toOpMathType(grad.scalar_type());
   auto grad_token = at::zeros({D}, grad.options().dtype(acc_type));
-  const at::Tensor ids = ids_restore.contiguous();
-  const int64_t* id = ids.const_data_ptr<int64_t>();
-  if (grad.numel() > 0) {
-    // A permutation: every kept row receives exactly one source row.
-    const int64_t elem = grad.element_size();
-    const char* gb = static_cast<const char*>(grad.const_data_ptr());
-    const int64_t gs0 = grad.stride(0) * elem, gs1 = grad.stride(1) * elem,
-                  gs2 = grad.stride(2) * elem;
-    char* kb = static_cast<char*>(grad_kept.mutable_data_ptr());
-    at::parallel_for(0, B * N, kRowGrain, [&](int64_t r0, int64_t r1) {
-      for (int64_t r = r0; r < r1; ++r) {
-        const int64_t b = r / N, j = r % N;
-        const int64_t src = restore_source(id[r], n_keep);
-        if (src >= 0) {
-          copy_row(kb + (b * n_keep + src) * D * elem, elem, gb + b * gs0 + j * gs1, gs2, D, elem);
-        }
+  if (grad.numel() == 0) return {grad_kept.zero_(), grad_token.to(grad.scalar_type())};
+  // grad_x_kept: a gather through the inverse permutation (the CUDA host path's map).
+  move_rows(op, grad_kept, restore_backward_map(ids_restore, n_keep), B * N, rows_of(grad),
+            zeros_source(), false);
+  // mask_token gradient: the sum of the filled rows (mask_token_rows; kept rows are
+  // skipped, not multiplied by zero), split over D, each element summed in row order.
+  const at::Tensor filled = mask_token_rows(ids_restore, n_keep);
+  const bool* fp = filled.const_data_ptr<bool>();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad.scalar_type(), "mask_token_grad", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const scalar_t* g = grad.const_data_ptr<scalar_t>();
+    acc_t* t = grad_token.mutable_data_ptr<acc_t>();
+    const int64_t s0 = grad.stride(0), s1 = grad.stride(1), s2 = grad.stride(2);
+    at::parallel_for(0, D, 64, [&](int64_t d0, int64_t d1) {
+      for (int64_t r = 0; r < B * N; ++r) {
+        if (!fp[r]) continue;
+        const scalar_t* row = g + (r / N) * s0 + (r % N) * s1;
+        for (int64_t d = d0; d < d1; ++d) t[d] += static_cast<acc_t>(row[d * s2]);
       }
     });
-    // mask_token gradient: sum of the masked rows, split over D (deterministic order).
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad.scalar_type(), "mask_token_grad", [&] {
-      using acc_t = at::opmath_type<scalar_t>;
-      const scalar_t* g = grad.const_data_ptr<scalar_t>();
-      acc_t* t = grad_token.mutable_data_ptr<acc_t>();
-      const int64_t s0 = grad.stride(0), s1 = grad.stride(1), s2 = grad.stride(2);
-      at::parallel_for(0, D, 64, [&](int64_t d0, int64_t d1) {
-        for (int64_t r = 0; r < B * N; ++r) {
-          if (restore_source(id[r], n_keep) >= 0) continue;
-          const scalar_t* row = g + (r / N) * s0 + (r % N) * s1;
-          for (int64_t d = d0; d < d1; ++d) t[d] += static_cast<acc_t>(row[d * s2]);
-        }
-      });
-    });
-  }
+  });
   return {grad_kept, grad_token.to(grad.scalar_type())};
 }
 
@@ -194,44 +173,21 @@ std::tuple<at::Tensor, at::Tensor> masked_select_rows_cpu(const at::Tensor& x,
   const char* op = "masked_select_rows";
   check_masked_select_args(op, x, mask);
   const int64_t B = x.size(0), N = x.size(1), D = x.size(2);
-  const at::Tensor m = mask.contiguous();
-  const bool* mp = m.const_data_ptr<bool>();
-  std::vector<int64_t> picked;
-  picked.reserve(B * N);
-  for (int64_t i = 0; i < B * N; ++i) {
-    if (mp[i]) picked.push_back(i);
+  if (max_rows >= 0) {
+    const int64_t M = count_selected(mask);
+    TORCH_CHECK_VALUE(M <= max_rows, op, ": mask selects ", M,
+                      " positions, more than max_rows = ", max_rows);
   }
-  const int64_t M = static_cast<int64_t>(picked.size());
-  TORCH_CHECK(max_rows < 0 || M <= max_rows, op, ": ", M, " positions are selected, more than max_rows = ",
-              max_rows);
-  const int64_t rows_out = max_rows < 0 ? M : max_rows;
-  auto rows = at::empty({rows_out, D}, x.options());
-  auto index = at::full({rows_out}, -1, x.options().dtype(at::kLong));
-  if (rows_out == 0) return {rows, index};
-  std::copy(picked.begin(), picked.end(), index.mutable_data_ptr<int64_t>());
-  const int64_t elem = x.element_size();
-  const char* xb = static_cast<const char*>(x.const_data_ptr());
-  const int64_t xs0 = x.stride(0) * elem, xs1 = x.stride(1) * elem, xs2 = x.stride(2) * elem;
-  char* rb = static_cast<char*>(rows.mutable_data_ptr());
-  at::parallel_for(0, rows_out, kRowGrain, [&](int64_t r0, int64_t r1) {
-    for (int64_t r = r0; r < r1; ++r) {
-      if (r < M) {
-        const int64_t i = picked[r];
-        copy_row(rb + r * D * elem, elem, xb + (i / N) * xs0 + (i % N) * xs1, xs2, D, elem);
-      } else {
-        zero_row(rb + r * D * elem, elem, D, elem);
-      }
-    }
-  });
+  auto index = select_index(mask, max_rows);
+  auto rows = at::empty({index.size(0), D}, x.options());
+  move_rows(op, rows, index, B * N, rows_of(x), zeros_source(), false);
   return {rows, index};
 }
 
 at::Tensor scatter_rows_cpu(const at::Tensor& src, const at::Tensor& index, int64_t num_rows) {
   const char* op = "_scatter_rows";
   check_scatter_rows_args(op, src, index, num_rows);
-  const int64_t M = src.size(0), D = src.size(1);
-  auto out = at::zeros({num_rows, D}, src.options());
-  if (M == 0 || D == 0) return out;
+  const int64_t M = src.size(0);
   const at::Tensor idx = index.contiguous();
   const int64_t* ip = idx.const_data_ptr<int64_t>();
   std::vector<char> seen(num_rows, 0);
@@ -243,46 +199,22 @@ at::Tensor scatter_rows_cpu(const at::Tensor& src, const at::Tensor& index, int6
       seen[ip[m]] = 1;
     }
   }
-  const int64_t elem = src.element_size();
-  const char* sb = static_cast<const char*>(src.const_data_ptr());
-  const int64_t ss0 = src.stride(0) * elem, ss1 = src.stride(1) * elem;
-  char* ob = static_cast<char*>(out.mutable_data_ptr());
-  at::parallel_for(0, M, kRowGrain, [&](int64_t m0, int64_t m1) {
-    for (int64_t m = m0; m < m1; ++m) {
-      if (ip[m] >= 0) copy_row(ob + ip[m] * D * elem, elem, sb + m * ss0, ss1, D, elem);
-    }
-  });
+  auto out = at::empty({num_rows, src.size(1)}, src.options());
+  move_rows(op, out, scatter_rows_map(index, num_rows), M, rows_of(src), zeros_source(), false);
   return out;
 }
 
 // ---- scatter_image_features ------------------------------------------------------------
 
 at::Tensor scatter_image_features_cpu(const at::Tensor& embeds, const at::Tensor& mask,
-                                      const at::Tensor& feats) {
+                                      const at::Tensor& feats, bool check_count) {
   const char* op = "scatter_image_features";
   check_scatter_image_args(op, embeds, mask, feats);
   const int64_t B = embeds.size(0), L = embeds.size(1), D = embeds.size(2);
-  const at::Tensor m = mask.contiguous();
-  const bool* mp = m.const_data_ptr<bool>();
   const int64_t T = feats.size(0);
-  int64_t count = 0;
-  for (int64_t i = 0; i < B * L; ++i) count += mp[i] ? 1 : 0;
-  TORCH_CHECK(count == T, op, ": image_mask selects ", count, " image-token positions but ", T,
-              " image feature rows were given (image tokens and features do not match)");
-  auto out = embeds.contiguous().clone();
-  if (T == 0 || D == 0) return out;
-  std::vector<int64_t> pos;  // flat position of the t-th image token
-  pos.reserve(T);
-  for (int64_t i = 0; i < B * L; ++i) {
-    if (mp[i]) pos.push_back(i);
-  }
-  const int64_t elem = embeds.element_size();
-  const char* fb = static_cast<const char*>(feats.const_data_ptr());
-  const int64_t fs0 = feats.stride(0) * elem, fs1 = feats.stride(1) * elem;
-  char* ob = static_cast<char*>(out.mutable_data_ptr());
-  at::parallel_for(0, T, kRowGrain, [&](int64_t t0, int64_t t1) {
-    for (int64_t t = t0; t < t1; ++t) copy_row(ob + pos[t] * D * elem, elem, fb + t * fs0, fs1, D, elem);
-  });
+  if (check_count) check_image_count(op, count_selected(mask), T);
+  auto out = at::empty({B, L, D}, embeds.options());
+  move_rows(op, out, image_map(mask, T), T, rows_of(feats), rows_of(embeds), false);
   return out;
 }
 

@@ -1,7 +1,8 @@
 // Token gather family, CUDA kernels. Index rules and the masking order come from
 // token_gather_math.h (shared with the CPU kernels).
 //
-//   _move_rows_kernel      every op's data movement: out[r] = a[map[r]] or b[r];
+//   _move_rows_kernel      every op's data movement (take_a, token_gather_math.h):
+//                          out[r] = a[map[r]] if 0 <= map[r] < rows_a, else b[r];
 //                          one thread per element, coalesced along D. Each output
 //                          row has exactly one writer: deterministic, no atomics.
 //   _masking_rank_kernel   one block per noise row; the row sits in shared memory
@@ -25,21 +26,18 @@ constexpr int kThreads = 256;
 
 template <typename E>
 __global__ void _move_rows_kernel(E* __restrict__ out, const int64_t R, const int64_t D,
-                                  const int64_t* __restrict__ map, const RowSource a,
-                                  const RowSource b, const bool broadcast_b) {
+                                  const int64_t* __restrict__ map, const int64_t rows_a,
+                                  const RowSource a, const RowSource b, const bool broadcast_b) {
   const int64_t total = R * D;
   for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < total;
        i += int64_t(gridDim.x) * blockDim.x) {
     const int64_t r = i / D, d = i % D;
     const int64_t m = map != nullptr ? map[r] : -1;
     E v;
-    if (m >= 0) {
-      const E* src = static_cast<const E*>(a.base);
-      v = src[(m / a.inner) * a.s0 + (m % a.inner) * a.s1 + d * a.s2];
+    if (take_a(m, rows_a)) {
+      v = static_cast<const E*>(a.base)[row_offset(a, m, d)];
     } else if (b.base != nullptr) {
-      const int64_t rb = broadcast_b ? 0 : r;
-      const E* src = static_cast<const E*>(b.base);
-      v = src[(rb / b.inner) * b.s0 + (rb % b.inner) * b.s1 + d * b.s2];
+      v = static_cast<const E*>(b.base)[row_offset(b, broadcast_b ? 0 : r, d)];
     } else {
       v = E(0);
     }
@@ -103,26 +101,27 @@ cudaError_t launch_ranks(const void* noise, int64_t ns0, int64_t ns1, int64_t B,
 }  // namespace
 
 cudaError_t launch_move_rows(void* out, int64_t R, int64_t D, int elem_size, const int64_t* map,
-                             RowSource a, RowSource b, bool broadcast_b, cudaStream_t stream) {
+                             int64_t rows_a, RowSource a, RowSource b, bool broadcast_b,
+                             cudaStream_t stream) {
   const int64_t total = R * D;
   if (total == 0) return cudaSuccess;
   const int grid = blocks_for(total);
   switch (elem_size) {
     case 1:
       _move_rows_kernel<uint8_t><<<grid, kThreads, 0, stream>>>(static_cast<uint8_t*>(out), R, D,
-                                                                map, a, b, broadcast_b);
+                                                                map, rows_a, a, b, broadcast_b);
       break;
     case 2:
       _move_rows_kernel<uint16_t><<<grid, kThreads, 0, stream>>>(static_cast<uint16_t*>(out), R,
-                                                                 D, map, a, b, broadcast_b);
+                                                                 D, map, rows_a, a, b, broadcast_b);
       break;
     case 4:
       _move_rows_kernel<uint32_t><<<grid, kThreads, 0, stream>>>(static_cast<uint32_t*>(out), R,
-                                                                 D, map, a, b, broadcast_b);
+                                                                 D, map, rows_a, a, b, broadcast_b);
       break;
     case 8:
       _move_rows_kernel<uint64_t><<<grid, kThreads, 0, stream>>>(static_cast<uint64_t*>(out), R,
-                                                                 D, map, a, b, broadcast_b);
+                                                                 D, map, rows_a, a, b, broadcast_b);
       break;
     default:
       return cudaErrorInvalidValue;

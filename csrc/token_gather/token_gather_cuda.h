@@ -6,21 +6,20 @@
 
 #include <cstdint>
 
+#include "token_gather/token_gather_math.h"
+
 namespace mmkernels {
 namespace token_gather {
 namespace cuda {
 
-// Rows of a (B, N, D) tensor: row m = (m / inner, m % inner), element d at
-// base + (m / inner) * s0 + (m % inner) * s1 + d * s2 (strides in elements).
-struct RowSource {
-  const void* base;  // nullptr: zeros
-  int64_t inner, s0, s1, s2;
-};
+using token_gather::RowSource;
 
-// out[r, :] = map[r] >= 0 ? a.row(map[r]) : b.row(broadcast_b ? 0 : r), for r < R.
-// out is (R, D) contiguous; elem_size in {1, 2, 4, 8} bytes.
+// out[r, :] = take_a(map[r], rows_a) ? a.row(map[r]) : b.row(broadcast_b ? 0 : r), for
+// r < R (token_gather_math.h). out is (R, D) contiguous, map (R,) contiguous int64 or
+// nullptr (every row from b); elem_size in {1, 2, 4, 8} bytes.
 cudaError_t launch_move_rows(void* out, int64_t R, int64_t D, int elem_size, const int64_t* map,
-                             RowSource a, RowSource b, bool broadcast_b, cudaStream_t stream);
+                             int64_t rows_a, RowSource a, RowSource b, bool broadcast_b,
+                             cudaStream_t stream);
 
 // MAE masking order of each noise row (B, N): ids_restore[b, j] = rank of token j
 // (ascending noise, NaN last, ties to the lower index) and ids_keep[b, r] = j for

@@ -1,8 +1,11 @@
-// Token gather family, CUDA registration. Index maps are built with a few small
-// ATen ops on the device (cumsum, scatter to distinct slots, where); the rows move
-// in one _move_rows_kernel launch. Data-dependent checks are device-side
-// assertions: no host synchronisation except in masked_select_rows without
-// max_rows, whose output size depends on the data (as x[mask]).
+// Token gather family, CUDA registration. The index maps come from
+// token_gather_maps.h (small device-agnostic ATen ops, the same code the CPU
+// registrations run, so the CPU tests cover it); the rows move in one
+// _move_rows_kernel launch. Data-dependent index checks are device-side assertions,
+// and the maps stay in range whatever they find. Host synchronisations: the
+// image-token count of scatter_image_features (by default; check_count=False skips
+// it), and masked_select_rows without max_rows, whose output size depends on the
+// data (as x[mask]).
 #ifdef MMKERNELS_WITH_CUDA
 
 #include <ATen/ATen.h>
@@ -16,26 +19,21 @@
 
 #include "token_gather/token_gather_common.h"
 #include "token_gather/token_gather_cuda.h"
+#include "token_gather/token_gather_maps.h"
 
 namespace mmkernels {
 namespace token_gather {
 namespace {
 
-cuda::RowSource rows_of(const at::Tensor& t) {  // (B, N, D) or (M, D)
-  if (t.dim() == 3) return {t.const_data_ptr(), t.size(1), t.stride(0), t.stride(1), t.stride(2)};
-  return {t.const_data_ptr(), 1, t.stride(0), 0, t.stride(1)};
-}
-
-cuda::RowSource zeros_source() { return {nullptr, 1, 0, 0, 0}; }
-
-void move_rows(at::Tensor& out, const at::Tensor& map, const cuda::RowSource& a,
-               const cuda::RowSource& b, bool broadcast_b, const char* op) {
-  const int64_t D = out.size(-1);
-  const int64_t R = D == 0 ? 0 : out.numel() / D;
+// out (R, D) contiguous; see take_a (token_gather_math.h) for the rule.
+void move_rows(const char* op, at::Tensor& out, const at::Tensor& map, int64_t rows_a,
+               const RowSource& a, const RowSource& b, bool broadcast_b) {
+  const int64_t D = out.size(-1), R = out_rows(out);
+  const int64_t* mp = map_data(op, map, R);
+  TORCH_CHECK(out.is_contiguous(), op, ": internal error: output must be contiguous");
   const cudaError_t err = cuda::launch_move_rows(
-      out.mutable_data_ptr(), R, D, static_cast<int>(out.element_size()),
-      map.defined() ? map.const_data_ptr<int64_t>() : nullptr, a, b, broadcast_b,
-      c10::cuda::getCurrentCUDAStream());
+      out.mutable_data_ptr(), R, D, static_cast<int>(out.element_size()), mp, rows_a, a, b,
+      broadcast_b, c10::cuda::getCurrentCUDAStream());
   check_launch(op, err);
 }
 
@@ -65,8 +63,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> random_masking_cuda(
       c10::cuda::getCurrentCUDAStream());
   check_launch(op, err);
   auto mask = ids_restore.ge(n_keep).to(x.scalar_type());
-  auto map = ids_keep + at::arange(B, ids_keep.options()).mul_(N).unsqueeze(1);
-  move_rows(x_kept, map, rows_of(x), zeros_source(), false, op);
+  move_rows(op, x_kept, keep_map(ids_keep, N), B * N, rows_of(x), zeros_source(), false);
   return {x_kept, mask, ids_restore, ids_keep};
 }
 
@@ -79,11 +76,10 @@ at::Tensor restore_tokens_cuda(const at::Tensor& x_kept, const at::Tensor& ids_r
   check_permutation(op, ids_restore, /*permutation=*/false);
   auto out = at::empty({B, N, D}, x_kept.options());
   if (out.numel() == 0) return out;
-  auto base = at::arange(B, ids_restore.options()).mul_(K).unsqueeze(1);
-  auto map = at::where(ids_restore.lt(K), ids_restore + base, at::full({}, -1, ids_restore.options()));
-  cuda::RowSource fill = zeros_source();
+  RowSource fill = zeros_source();
   if (mask_token.has_value()) fill = {mask_token->const_data_ptr(), 1, 0, 0, mask_token->stride(0)};
-  move_rows(out, map, rows_of(x_kept), fill, true, op);
+  // restore_map is row-major whatever ids_restore's layout (it once kept a transposed layout).
+  move_rows(op, out, restore_map(ids_restore, K), B * K, rows_of(x_kept), fill, true);
   return out;
 }
 
@@ -96,16 +92,16 @@ std::tuple<at::Tensor, at::Tensor> restore_tokens_backward_cuda(const at::Tensor
   const c10::cuda::CUDAGuard guard(grad.device());
   check_permutation(op, ids_restore);
   auto grad_kept = at::empty({B, n_keep, D}, grad.options());
-  // ids_shuffle = inverse permutation (a scatter to distinct slots), then a gather.
-  auto ids = ids_restore.clamp(0, N - 1);
-  auto shuffle = at::empty({B, N}, ids.options())
-                     .scatter_(1, ids, at::arange(N, ids.options()).expand({B, N}));
-  auto map = shuffle.narrow(1, 0, n_keep) + at::arange(B, ids.options()).mul_(N).unsqueeze(1);
-  move_rows(grad_kept, map.contiguous(), rows_of(grad), zeros_source(), false, op);
-  // mask_token gradient: the masked rows summed in float32 (or float64).
+  // The inverse permutation is built in a buffer initialised to -1 (token_gather_maps.h):
+  // rows no id reaches are zeros, never uninitialised memory, even if the device-side
+  // permutation assertion fails.
+  move_rows(op, grad_kept, restore_backward_map(ids_restore, n_keep), B * N, rows_of(grad),
+            zeros_source(), false);
+  // mask_token gradient: the filled rows summed in float32 (or float64). The kept rows
+  // are selected away (masked_fill), not multiplied by zero, so an Inf there stays out.
   const auto acc = grad.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-  auto masked = ids_restore.ge(n_keep).unsqueeze(-1);
-  auto grad_token = grad.to(acc).mul(masked).sum({0, 1}).to(grad.scalar_type());
+  const auto kept = mask_token_rows(ids_restore, n_keep).logical_not_().unsqueeze(-1);
+  auto grad_token = grad.to(acc).masked_fill(kept, 0).sum({0, 1}).to(grad.scalar_type());
   return {grad_kept, grad_token};
 }
 
@@ -116,24 +112,15 @@ std::tuple<at::Tensor, at::Tensor> masked_select_rows_cuda(const at::Tensor& x,
   check_masked_select_args(op, x, mask);
   const int64_t B = x.size(0), N = x.size(1), D = x.size(2);
   const c10::cuda::CUDAGuard guard(x.device());
-  auto flat = mask.reshape({B * N});
-  at::Tensor index;
-  if (max_rows < 0) {
-    index = at::nonzero(flat).squeeze(1);  // one host sync: the size depends on the data
-  } else {
-    auto pos = at::cumsum(flat, 0, at::kLong).sub_(1);
-    at::_assert_async(flat.sum().le(max_rows),
-                      "masked_select_rows: more positions are selected than max_rows");
-    // Slot max_rows collects the unselected positions and is dropped.
-    auto slot = at::where(flat.logical_and(pos.lt(max_rows)), pos,
-                          at::full({}, max_rows, pos.options()));
-    index = at::full({max_rows + 1}, -1, pos.options())
-                .scatter_(0, slot, at::arange(B * N, pos.options()))
-                .narrow(0, 0, max_rows)
-                .contiguous();
+  if (max_rows >= 0) {
+    // No host sync with max_rows: a device-side assertion; the first max_rows selected
+    // rows are kept meanwhile (select_index), nothing is read out of bounds.
+    at::_assert_async(mask.sum(at::kLong).le(max_rows),
+                      "masked_select_rows: mask selects more positions than max_rows");
   }
+  auto index = select_index(mask, max_rows);  // max_rows < 0: one host sync (nonzero)
   auto rows = at::empty({index.size(0), D}, x.options());
-  move_rows(rows, index, rows_of(x), zeros_source(), false, op);
+  move_rows(op, rows, index, B * N, rows_of(x), zeros_source(), false);
   return {rows, index};
 }
 
@@ -143,34 +130,34 @@ at::Tensor scatter_rows_cuda(const at::Tensor& src, const at::Tensor& index, int
   const c10::cuda::CUDAGuard guard(src.device());
   const int64_t M = src.size(0);
   auto out = at::empty({num_rows, src.size(1)}, src.options());
-  at::_assert_async(at::logical_and(index.ge(-1), index.lt(num_rows)).all(),
-                    "_scatter_rows: index outside [-1, num_rows)");
-  // Inverse map (distinct targets; slot num_rows collects the -1 entries).
-  auto slot = at::where(index.ge(0).logical_and(index.lt(num_rows)), index,
-                        at::full({}, num_rows, index.options()));
-  auto map = at::full({num_rows + 1}, -1, index.options())
-                 .scatter_(0, slot, at::arange(M, index.options()))
-                 .narrow(0, 0, num_rows)
-                 .contiguous();
-  move_rows(out, map, rows_of(src), zeros_source(), false, op);
+  if (M > 0) {
+    at::_assert_async(at::logical_and(index.ge(-1), index.lt(num_rows)).all(),
+                      "_scatter_rows: index outside [-1, num_rows)");
+    const auto ok = index.ge(0).logical_and(index.lt(num_rows));
+    const auto slot = at::where(ok, index, at::full({}, num_rows, index.options()));
+    const auto counts = at::zeros({num_rows + 1}, index.options())
+                            .scatter_add_(0, slot, at::ones_like(index));
+    at::_assert_async(counts.narrow(0, 0, num_rows).le(1).all(),
+                      "_scatter_rows: index holds a row twice; rows must be distinct");
+  }
+  move_rows(op, out, scatter_rows_map(index, num_rows), M, rows_of(src), zeros_source(), false);
   return out;
 }
 
 at::Tensor scatter_image_features_cuda(const at::Tensor& embeds, const at::Tensor& mask,
-                                       const at::Tensor& feats) {
+                                       const at::Tensor& feats, bool check_count) {
   const char* op = "scatter_image_features";
   check_scatter_image_args(op, embeds, mask, feats);
   const int64_t B = embeds.size(0), L = embeds.size(1), D = embeds.size(2);
   const c10::cuda::CUDAGuard guard(embeds.device());
   const int64_t T = feats.size(0);
-  auto flat = mask.reshape({B * L});
-  // The count check is a device-side assertion: no host sync on the fast path.
-  at::_assert_async(flat.sum().eq(T),
-                    "scatter_image_features: image tokens and image features do not match");
-  auto pos = at::cumsum(flat, 0, at::kLong).sub_(1);
-  auto map = at::where(flat.logical_and(pos.lt(T)), pos, at::full({}, -1, pos.options()));
+  // By default the count is checked on the host (one sync) and a mismatch raises
+  // ValueError, as Hugging Face does; a device-side assertion here would take down the
+  // CUDA context. check_count=False skips it: no sync, and image_map's rule decides
+  // (surplus positions keep their embeddings, surplus features are unused).
+  if (check_count) check_image_count(op, count_selected(mask), T);
   auto out = at::empty({B, L, D}, embeds.options());
-  move_rows(out, map, rows_of(feats), rows_of(embeds), false, op);
+  move_rows(op, out, image_map(mask, T), T, rows_of(feats), rows_of(embeds), false);
   return out;
 }
 

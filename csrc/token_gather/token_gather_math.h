@@ -48,5 +48,24 @@ HOST_DEVICE_INLINE int64_t restore_source(int64_t id, int64_t n_keep) {
   return (id >= 0 && id < n_keep) ? id : -1;
 }
 
+// Rows of a (B, N, D) or (M, D) tensor: row m = (m / inner, m % inner), element d at
+// base + (m / inner) * s0 + (m % inner) * s1 + d * s2 (strides in elements, int64).
+struct RowSource {
+  const void* base;  // nullptr: zeros
+  int64_t inner, s0, s1, s2;
+};
+
+// Element offset of (row m, element d) of a RowSource, in elements.
+HOST_DEVICE_INLINE int64_t row_offset(const RowSource& s, int64_t m, int64_t d) {
+  return (m / s.inner) * s.s0 + (m % s.inner) * s.s1 + d * s.s2;
+}
+
+// The one data-movement rule of the family (both backends): output row r of an
+// (R, D) contiguous result is row map[r] of `a` when 0 <= map[r] < rows_a, else row
+// (broadcast_b ? 0 : r) of `b`, else zeros. `map` is read as a contiguous (R,) int64
+// array; a map value outside [0, rows_a) never reads `a`, so no index can read out
+// of bounds whatever it holds.
+HOST_DEVICE_INLINE bool take_a(int64_t m, int64_t rows_a) { return m >= 0 && m < rows_a; }
+
 }  // namespace token_gather
 }  // namespace mmkernels

@@ -4,9 +4,16 @@
 Layers: kernels (csrc/token_gather/), then torch.library registration (fake
 kernels, autograd), then the functional API (validation, backend choice).
 
-Every op is a permutation or a selection of whole rows, so every backward is a
-gather or a scatter to distinct rows: deterministic on the CPU and on CUDA,
-without atomics.
+Every op is a permutation or a selection of whole rows, and both backends move
+them with index maps built by the same code (csrc/token_gather/token_gather_maps.h).
+Determinism, by default and under ``torch.use_deterministic_algorithms(True)`` alike
+(no op here raises in that mode): every output and gradient is bitwise run to run,
+on the CPU also for any thread count. Forwards and ``x``/``x_kept``/feature
+gradients are exact row moves (gathers, each output row written once, no atomics),
+so CPU and CUDA agree bitwise. The one reduction, ``restore_tokens``'s mask-token
+gradient, sums in a fixed order (CPU: row order per element, in float32 or wider;
+CUDA: torch's deterministic ``sum``), so the two backends may differ in the last
+bits there. The CUDA index checks use integer ``scatter_add_`` (exact).
 """
 
 from __future__ import annotations
@@ -58,7 +65,7 @@ def _register() -> None:
         return src.new_empty((num_rows, src.shape[1]))
 
     @torch.library.register_fake(lib + "scatter_image_features")
-    def _scatter_image_features_fake(inputs_embeds, image_mask, image_features):
+    def _scatter_image_features_fake(inputs_embeds, image_mask, image_features, check_count=True):
         return torch.empty_like(inputs_embeds, memory_format=torch.contiguous_format)
 
     # random_masking: d x = restore the kept gradient rows, zeros elsewhere.
@@ -113,21 +120,33 @@ def _register() -> None:
     torch.library.register_autograd(lib + "_scatter_rows", _sr_backward, setup_context=_sr_setup)
 
     def _sif_setup(ctx, inputs, output):
-        inputs_embeds, image_mask, image_features = inputs
+        inputs_embeds, image_mask, image_features = inputs[:3]
         ctx.save_for_backward(image_mask)
         ctx.num_tokens = image_features.shape[0]
+        ctx.check_count = inputs[3] if len(inputs) > 3 else True
 
     def _sif_backward(ctx, grad):
         (image_mask,) = ctx.saved_tensors
+        if not ctx.check_count:
+            # Unchecked counts: only the first num_tokens image positions took a
+            # feature row (the forward's rule); the others kept their embeddings.
+            image_mask = _received_features(image_mask, ctx.num_tokens)
         grad_embeds = grad_feats = None
         if ctx.needs_input_grad[0]:
             grad_embeds = grad.masked_fill(image_mask[..., None], 0)
         if ctx.needs_input_grad[2]:
             grad_feats, _ = ops.masked_select_rows(grad, image_mask, ctx.num_tokens)
-        return grad_embeds, None, grad_feats
+        return grad_embeds, None, grad_feats, None
 
     torch.library.register_autograd(lib + "scatter_image_features", _sif_backward,
                                     setup_context=_sif_setup)
+
+
+def _received_features(image_mask: Tensor, num_features: int) -> Tensor:
+    """The image positions that receive a feature row: the first ``num_features``
+    (row-major) of ``image_mask``; all of them when the counts match."""
+    rank = image_mask.reshape(-1).cumsum(0).view(image_mask.shape)
+    return image_mask & (rank <= num_features)
 
 
 if _extension.is_available():
@@ -221,16 +240,20 @@ def restore_tokens(x_kept: Tensor, ids_restore: Tensor, mask_token: Tensor) -> T
 
     Args:
         x_kept: (B, N_keep, D), float dtype.
-        ids_restore: (B, N) int64, each row a permutation of [0, N) (as returned by
-            :func:`random_masking`). Values outside [0, N) raise in the forward; a
-            row that is not a permutation raises in the backward, whose scatter
-            needs distinct targets (on CUDA both are device-side assertions, no sync).
+        ids_restore: (B, N) int64, any layout (transposed, sliced, expanded), each row
+            a permutation of [0, N) (as returned by :func:`random_masking`). A value
+            outside [0, N) raises ``ValueError`` naming ids_restore in the forward; a
+            row that is not a permutation raises it in the backward, whose gather
+            through the inverse permutation needs one. On CUDA both are device-side
+            assertions (no host sync; a failure surfaces at the next synchronisation
+            and ends the CUDA context), and meanwhile nothing is read out of bounds:
+            out-of-range values take the mask token, unreached gradient rows are zero.
         mask_token: D elements (e.g. MAE's (1, 1, D) parameter), x_kept's dtype.
 
     Returns:
-        (B, N, D). Gradients flow to ``x_kept`` (a scatter to distinct rows) and to
-        ``mask_token`` (the sum over the filled positions, accumulated in float32 or
-        wider).
+        (B, N, D). Gradients flow to ``x_kept`` (a gather through the inverse
+        permutation) and to ``mask_token`` (the sum over the filled positions only,
+        accumulated in float32 or wider; Inf/NaN in kept rows never reach it).
     """
     _check_rows(x_kept, "x_kept")
     if not isinstance(ids_restore, Tensor) or ids_restore.dtype != torch.int64:
@@ -269,8 +292,11 @@ def masked_select_rows(x: Tensor, mask: Tensor, max_rows: int | None = None
         mask: (B, N) bool.
         max_rows: when given, the output has exactly ``max_rows`` rows, zero-padded,
             and no host synchronisation happens (CUDA graphs, torch.compile with
-            static shapes); more selected positions than ``max_rows`` raise (on CUDA
-            as a device-side assertion).
+            static shapes). More selected positions than ``max_rows`` raise
+            ``ValueError`` on the CPU; on CUDA that is a device-side assertion (no
+            sync; it surfaces at the next synchronisation and ends the CUDA context),
+            and the first ``max_rows`` selected rows are returned meanwhile, never
+            reading out of bounds. Size ``max_rows`` for the worst case.
 
     Returns:
         rows: (M, D) in row-major order of ``mask`` (M = mask.sum(), or max_rows).
@@ -290,7 +316,7 @@ def masked_select_rows(x: Tensor, mask: Tensor, max_rows: int | None = None
 
 
 def scatter_image_features(inputs_embeds: Tensor, image_mask: Tensor,
-                           image_features: Tensor) -> Tensor:
+                           image_features: Tensor, *, check_count: bool = True) -> Tensor:
     """LLaVA's merge of projected image features into the text embeddings.
 
     Equals ``inputs_embeds.masked_scatter(image_mask[..., None].expand_as(inputs_embeds),
@@ -298,29 +324,38 @@ def scatter_image_features(inputs_embeds: Tensor, image_mask: Tensor,
     receives feature row t.
 
     Args:
-        inputs_embeds: (B, L, D), float dtype.
+        inputs_embeds: (B, L, D), float dtype, any strides.
         image_mask: (B, L) bool, True at the image-token positions.
         image_features: (num_image_tokens, D) or (num_images, tokens_per_image, D); cast
             to inputs_embeds' dtype as HF does.
+        check_count: True (default): count the image positions and raise ``ValueError``
+            unless they equal the feature rows, as HF does. On CUDA that is one
+            device-to-host synchronisation per call (it cannot be captured in a CUDA
+            graph). False: no check and no sync (CUDA graphs, fully asynchronous
+            serving). A mismatch is then **not reported**; the result is defined and
+            never reads or writes out of bounds: the first ``min(tokens, features)``
+            image positions receive feature rows in order, image positions beyond the
+            feature count keep their ``inputs_embeds`` rows, and surplus feature rows
+            are unused (the gradients follow the same rule). Validate the counts
+            elsewhere (e.g. in the tokenizer) before choosing it.
 
     Returns:
-        (B, L, D). Gradients flow to ``inputs_embeds`` (zero at image positions) and
-        to ``image_features``.
+        (B, L, D), contiguous. Gradients flow to ``inputs_embeds`` (zero at the positions
+        that received a feature) and to ``image_features``.
 
     Raises:
-        ValueError when the number of image positions differs from the number of
-        feature rows. On the CPU this is checked directly. On CUDA it is a device-side
-        assertion (``torch._assert_async``), so the fast path adds no host sync; the
-        error then surfaces at the next synchronisation, and the kernel never writes
-        or reads out of bounds meanwhile.
+        ValueError: "Image features and image tokens do not match: tokens: X, features Y"
+            (HF's message) when ``check_count`` and the counts differ, on every backend.
     """
     _check_rows(inputs_embeds, "inputs_embeds")
     _check_mask(image_mask, "image_mask", inputs_embeds, "(B, L)")
     if not isinstance(image_features, Tensor):
         raise TypeError(f"image_features must be a Tensor, got {type(image_features).__name__}")
+    if not isinstance(check_count, bool):
+        raise TypeError(f"check_count must be a bool, got {type(check_count).__name__}")
     D = inputs_embeds.shape[2]
     if image_features.dim() == 3:
-        image_features = image_features.reshape(-1, image_features.shape[-1])
+        image_features = image_features.flatten(0, 1)  # (0, T, 0) too: no -1 to infer
     if image_features.dim() != 2 or image_features.shape[1] != D:
         raise ValueError("image_features must be (num_image_tokens, D) or (num_images, "
                          f"tokens_per_image, D) with D = {D}, got {tuple(image_features.shape)}")
@@ -328,12 +363,9 @@ def scatter_image_features(inputs_embeds: Tensor, image_mask: Tensor,
         raise ValueError(f"image_features is on {image_features.device} but inputs_embeds is on "
                          f"{inputs_embeds.device}")
     image_features = image_features.to(inputs_embeds.dtype)
-    if inputs_embeds.device.type == "cpu" or _use_reference():
-        n = int(image_mask.sum())
-        if n != image_features.shape[0]:
-            raise ValueError(f"Image features and image tokens do not match: tokens: {n}, "
-                             f"features: {image_features.shape[0]}")
     if _use_reference():
-        return reference.scatter_image_features(inputs_embeds, image_mask, image_features)
+        return reference.scatter_image_features(inputs_embeds, image_mask, image_features,
+                                                check_count=check_count)
     _extension.require("scatter_image_features", inputs_embeds.device.type)
-    return torch.ops.mmkernels.scatter_image_features(inputs_embeds, image_mask, image_features)
+    return torch.ops.mmkernels.scatter_image_features(inputs_embeds, image_mask, image_features,
+                                                      check_count)
