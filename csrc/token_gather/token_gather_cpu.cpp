@@ -27,6 +27,7 @@ constexpr int64_t kRowGrain = 16;
 
 inline void copy_row(char* dst, int64_t dst_cs, const char* src, int64_t src_cs, int64_t D,
                      int64_t elem) {
+  if (D == 0) return;  // empty rows may have null data pointers: memcpy(nullptr, ..) is UB
   if (dst_cs == elem && src_cs == elem) {
     std::memcpy(dst, src, D * elem);
     return;
@@ -35,6 +36,7 @@ inline void copy_row(char* dst, int64_t dst_cs, const char* src, int64_t src_cs,
 }
 
 inline void zero_row(char* dst, int64_t dst_cs, int64_t D, int64_t elem) {
+  if (D == 0) return;
   if (dst_cs == elem) {
     std::memset(dst, 0, D * elem);
     return;
