@@ -22,18 +22,24 @@ from torch import Tensor
 ROI_MAX_SAMPLING_RATIO = 8192
 
 
-def _axis_interp_matrix(start: float, bin_size: float, pooled: int, grid: int, size: int,
+def _axis_interp_matrix(start: Tensor, bin_size: Tensor, pooled: int, grid: int, size: int,
                         dtype: torch.dtype, device: torch.device) -> tuple[Tensor, Tensor]:
     """Interpolation weights along one axis of one region.
+
+    ``start`` and ``bin_size`` are 0-d tensors in the accumulation dtype: the sample
+    coordinates are computed in it with the kernels' (and torchvision's) operations,
+    so that every discrete decision (inside or outside, which taps) agrees exactly;
+    the weights are then computed in float64.
 
     Returns ``weights`` (pooled, size): ``weights[p, s]`` is the total bilinear weight
     that the samples of bin ``p`` lying within [-1, size] put on pixel ``s``; and
     ``touched`` (pooled, size) bool: whether pixel ``s`` is a tap (lo or hi) of one
     of those samples, whatever its weight (the pixels that the kernels read).
     """
-    p = torch.arange(pooled, dtype=torch.float64, device=device)[:, None]
-    i = torch.arange(grid, dtype=torch.float64, device=device)[None, :]
-    coord = start + p * bin_size + (i + 0.5) * bin_size / grid
+    acc = start.dtype
+    p = torch.arange(pooled, dtype=acc)[:, None]
+    i = torch.arange(grid, dtype=acc)[None, :]
+    coord = ((start + p * bin_size) + ((i + 0.5) * bin_size) / grid).double().to(device)
     inside = (coord >= -1.0) & (coord <= size)
     coord = coord.clamp(min=0.0)
     lo = coord.floor().clamp(max=size).long()
@@ -74,16 +80,23 @@ def _bilinear_form(sy: Tensor, plane: Tensor, sx: Tensor, ty: Tensor, tx: Tensor
 
 
 def roi_align(input: Tensor, rois: Tensor, output_size: tuple[int, int], spatial_scale: float = 1.0,
-              sampling_ratio: int = -1, aligned: bool = False) -> Tensor:
+              sampling_ratio: int = -1, aligned: bool = False, *,
+              geometry_dtype: torch.dtype | None = None) -> Tensor:
     """Eager RoIAlign with torchvision's semantics and the kernels' contract.
 
     Args:
         input: (N, C, H, W), any float dtype.
         rois: (K, 5) = (batch_index, x1, y1, x2, y2), any float dtype.
+        geometry_dtype: the dtype of the box geometry and sample coordinates, as the
+            kernels (and torchvision) compute them: their accumulation dtype, float64
+            for float64 inputs and float32 otherwise. Default: that of ``rois``. A
+            float64 reference for a float32 kernel passes ``torch.float32`` here, so
+            that the discrete decisions (grid sizes, which taps, inside or outside)
+            are the kernel's; the interpolation and the sums stay in float64.
     Returns:
-        (K, C, PH, PW) in input's dtype. The geometry is computed in float64 and
-        each sample is the separable product ``Wy @ input[n] @ Wx^T``, so
-        autograd gives the exact backward. As the kernels: a box that is not finite
+        (K, C, PH, PW) in input's dtype. Each sample is the separable product
+        ``Wy @ input[n] @ Wx^T``, so autograd gives the exact backward. As the
+        kernels: a box that is not finite
         after scaling gives a NaN row; the adaptive grid is capped at
         ``ROI_MAX_SAMPLING_RATIO``; a non-finite feature value read by a sample's
         taps gives a non-finite output (see ``_bilinear_form``).
@@ -95,36 +108,37 @@ def roi_align(input: Tensor, rois: Tensor, output_size: tuple[int, int], spatial
     N, H, W = input.shape[0], input.shape[-2], input.shape[-1]
     out = input.new_zeros((K, C, ph_, pw_))
     boxes = rois.detach().double().cpu().tolist()
-    outs = []
+    outs: list[Tensor] = []
+    # Geometry in the kernels' accumulation dtype (float32 below float64), with their
+    # operations in their order: the grid sizes, a box's finiteness and every sample
+    # coordinate are then exactly the kernels' (and torchvision's).
+    acc = geometry_dtype or (torch.float64 if rois.dtype == torch.float64 else torch.float32)
+    scale = torch.tensor(spatial_scale, dtype=acc)
+    offset = torch.tensor(0.5 if aligned else 0.0, dtype=acc)
     for k in range(K):
-        n, x1, y1, x2, y2 = boxes[k]
+        n = boxes[k][0]
         if not (0 <= n < N):
-            raise RuntimeError(f"roi_align: rois[{k}, 0] (batch index) must lie in [0, {N}); "
-                               f"got {n}")
-        offset = 0.5 if aligned else 0.0
-        sw, sh = x1 * spatial_scale - offset, y1 * spatial_scale - offset
-        rw, rh = x2 * spatial_scale - offset - sw, y2 * spatial_scale - offset - sh
-        if not aligned:
-            rw, rh = max(rw, 1.0), max(rh, 1.0)
-        bh, bw = rh / ph_, rw / pw_
-        # The kernels compute the geometry in the accumulation dtype (float32 below
-        # float64): a value that overflows there makes the box non-finite.
-        acc = torch.float64 if rois.dtype == torch.float64 else torch.float32
-        geometry = torch.tensor([x1 * spatial_scale, y1 * spatial_scale, x2 * spatial_scale,
-                                 y2 * spatial_scale, sw, sh, rw, rh, bh, bw], dtype=acc)
-        if not bool(torch.isfinite(geometry).all()):
+            raise RuntimeError(f"roi_align: boxes[{k}, 0] (the batch index) must lie in "
+                               f"[0, {N}); got {n}")
+        xy = rois[k, 1:].detach().cpu().to(acc)
+        start, end = xy[:2] * scale - offset, xy[2:] * scale - offset  # (x, y)
+        extent = end - start
+        if not aligned:  # legacy: force malformed boxes to 1x1 (NaN -> 1, as the kernels)
+            extent = torch.where(extent > 1, extent, torch.ones_like(extent))
+        bins = extent / torch.tensor([pw_, ph_], dtype=acc)
+        if not bool(torch.isfinite(torch.cat([start, end, bins])).all()):
             outs.append(torch.full((C, ph_, pw_), float("nan"), dtype=input.dtype,
                                    device=input.device))
             continue
         cap = ROI_MAX_SAMPLING_RATIO
-        gh = sampling_ratio if sampling_ratio > 0 else min(max(math.ceil(bh), 0), cap)
-        gw = sampling_ratio if sampling_ratio > 0 else min(max(math.ceil(bw), 0), cap)
+        gw, gh = (sampling_ratio, sampling_ratio) if sampling_ratio > 0 else (
+            min(max(math.ceil(float(b)), 0), cap) for b in bins)
         count = max(gh * gw, 1)
         if gh == 0 or gw == 0:
             outs.append(input.new_zeros((C, ph_, pw_)))
             continue
-        sy, ty = _axis_interp_matrix(sh, bh, ph_, gh, H, input.dtype, input.device)
-        sx, tx = _axis_interp_matrix(sw, bw, pw_, gw, W, input.dtype, input.device)
+        sy, ty = _axis_interp_matrix(start[1], bins[1], ph_, gh, H, input.dtype, input.device)
+        sx, tx = _axis_interp_matrix(start[0], bins[0], pw_, gw, W, input.dtype, input.device)
         outs.append(_bilinear_form(sy, input[int(n)], sx, ty, tx) / count)
     if outs:
         out = torch.stack(outs)
@@ -133,14 +147,17 @@ def roi_align(input: Tensor, rois: Tensor, output_size: tuple[int, int], spatial
 
 def region_features(input: Tensor, rois: Tensor, output_size: tuple[int, int],
                     spatial_scale: float = 1.0, sampling_ratio: int = -1,
-                    aligned: bool = False) -> Tensor:
+                    aligned: bool = False, *, geometry_dtype: torch.dtype | None = None
+                    ) -> Tensor:
     """(K, C): ``roi_align(...).mean((2, 3))``, materialising the pooled tensor."""
-    return roi_align(input, rois, output_size, spatial_scale, sampling_ratio, aligned).mean((2, 3))
+    return roi_align(input, rois, output_size, spatial_scale, sampling_ratio, aligned,
+                     geometry_dtype=geometry_dtype).mean((2, 3))
 
 
 def multiscale_roi_align(features: list[Tensor], rois: Tensor, levels: Tensor,
                          scales: list[float], output_size: tuple[int, int],
-                         sampling_ratio: int = -1, aligned: bool = False) -> Tensor:
+                         sampling_ratio: int = -1, aligned: bool = False, *,
+                         geometry_dtype: torch.dtype | None = None) -> Tensor:
     """(K, C, PH, PW): region k pooled from ``features[levels[k]]`` at ``scales[levels[k]]``
     (torchvision's per-level loop)."""
     K, C = rois.shape[0], features[0].shape[1]
@@ -149,7 +166,8 @@ def multiscale_roi_align(features: list[Tensor], rois: Tensor, levels: Tensor,
         idx = torch.nonzero(levels == lvl).squeeze(1)
         if idx.numel():
             out = out.index_put((idx,), roi_align(feat, rois[idx], output_size, scale,
-                                                  sampling_ratio, aligned))
+                                                  sampling_ratio, aligned,
+                                                  geometry_dtype=geometry_dtype))
     return out
 
 

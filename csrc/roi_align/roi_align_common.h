@@ -24,8 +24,9 @@ inline void check_indices_cpu(const char* op, const at::Tensor& rois, const at::
   const double* v = idx.const_data_ptr<double>();
   for (int64_t k = 0; k < K; ++k) {
     int64_t n;
-    TORCH_CHECK(batch_index(v[k], N, n), op, ": rois[", k, ", 0] (batch index) must lie in [0, ",
-                N, ") for an input of batch size ", N, "; got ", v[k]);
+    TORCH_CHECK(batch_index(v[k], N, n), op, ": boxes[", k,
+                ", 0] (the batch index; rois in the op's schema) must lie in [0, ", N,
+                ") for an input of batch size ", N, "; got ", v[k]);
   }
   if (levels != nullptr) {
     const at::Tensor lv = levels->contiguous();

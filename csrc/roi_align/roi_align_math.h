@@ -73,10 +73,11 @@ HOST_DEVICE_INLINE RoiGeometry<T> roi_geometry(T x1, T y1, T x2, T y2, T spatial
   }
   g.bin_h = roi_h / static_cast<T>(pooled_h);
   g.bin_w = roi_w / static_cast<T>(pooled_w);
-  // An Inf or NaN coordinate, or a finite box whose scaled extent overflows: the
-  // region is NaN at once, with no samples to visit.
-  g.nan = !(is_finite(g.start_h) && is_finite(g.start_w) && is_finite(g.bin_h) &&
-            is_finite(g.bin_w));
+  // An Inf or NaN coordinate (x2 = -Inf too, which the legacy clamp would hide), or a
+  // finite box whose scaled extent overflows: the region is NaN at once, with no
+  // samples to visit.
+  g.nan = !(is_finite(g.start_h) && is_finite(g.start_w) && is_finite(end_h) &&
+            is_finite(end_w) && is_finite(g.bin_h) && is_finite(g.bin_w));
   if (g.nan) {
     g.grid_h = g.grid_w = 0;
   } else {

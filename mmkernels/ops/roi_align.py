@@ -445,6 +445,13 @@ def multiscale_roi_align(features: Sequence[Tensor] | dict[str, Tensor], boxes: 
         raise TypeError("features must be a non-empty list (or dict) of Tensor[N, C, H, W]")
     for i, f in enumerate(features):
         _check_input(f, f"features[{i}]")
+        if f.dtype != features[0].dtype:
+            raise TypeError(f"features[{i}] dtype ({f.dtype}) must match features[0] "
+                            f"({features[0].dtype})")
+        if f.device != features[0].device or f.shape[:2] != features[0].shape[:2]:
+            raise ValueError(f"features[{i}] ({tuple(f.shape)} on {f.device}) must share N, C "
+                             f"and the device with features[0] ({tuple(features[0].shape)} on "
+                             f"{features[0].device})")
     if not image_sizes:
         raise ValueError("image_sizes must list the (height, width) of each image")
     rois, ph, pw, sampling_ratio = _prepare(features[0], boxes, output_size, sampling_ratio)
