@@ -617,6 +617,22 @@ def test_cpu_forward_bitwise_equals_torchvision(dtype, height, width, scale, ali
         f"{int((diff > 0).sum())} of {diff.numel()} elements differ, by up to {float(diff.max()):.2e}")
 
 
+def test_multiscale_inverted_and_non_finite_boxes():
+    """Found by fuzzing: an inverted box (negative area) has a NaN FPN level; the old
+    code cast it to int64 and the CPU check raised "levels must lie". torchvision's
+    pooler assigns it no level, so its row is zero: same here. A non-finite box keeps
+    the documented NaN row (torchvision's row would be zero)."""
+    feats = {"p2": torch.randn(1, 3, 32, 32, dtype=torch.float64),
+             "p3": torch.randn(1, 3, 16, 16, dtype=torch.float64)}
+    boxes = [torch.tensor([[10.0, 10.0, 60.0, 70.0], [40.0, 5.0, 20.0, 50.0],
+                           [5.0, 5.0, 5.0, 5.0], [1.0, math.nan, 9.0, 9.0]],
+                          dtype=torch.float64)]
+    ours = mmkernels.multiscale_roi_align(feats, boxes, [(128, 128)], 2, 2)
+    theirs = torchvision.ops.MultiScaleRoIAlign(["p2", "p3"], 2, 2)(feats, boxes, [(128, 128)])
+    torch.testing.assert_close(ours[:3], theirs[:3], atol=1e-12, rtol=1e-12)
+    assert not ours[1].any() and ours[3].isnan().all()
+
+
 OPS_FOR_DETERMINISM = ["roi_align", "region_features-nchw", "region_features-cl", "multiscale"]
 
 
@@ -710,15 +726,22 @@ def test_cuda_deterministic_backward():
     rois = make_rois(2, 20, 20, 200, 1.0, device="cuda")
     g = torch.randn(200, 8, 5, 5, device="cuda")
     (atomic,) = torch.autograd.grad(mmkernels.roi_align(x, rois, 5, 1.0, 2, True), x, g)
+    feats = [x, torch.randn(2, 8, 10, 10, device="cuda", requires_grad=True)]
+    boxes = [rois[rois[:, 0] == i, 1:] for i in range(2)]
     torch.use_deterministic_algorithms(True)
     try:
         runs = [torch.autograd.grad(mmkernels.roi_align(x, rois, 5, 1.0, 2, True), x, g)[0]
                 for _ in range(2)]
-        (mean_grad,) = torch.autograd.grad(
-            mmkernels.region_features(x, rois, 5, 1.0, 2, True), x, g.mean((2, 3)))
+        mean_runs = [torch.autograd.grad(mmkernels.region_features(x, rois, 5, 1.0, 2, True), x,
+                                         g.mean((2, 3)))[0] for _ in range(2)]
+        mean_grad = mean_runs[0]
+        fpn_runs = [torch.autograd.grad(
+            mmkernels.multiscale_roi_align(feats, boxes, [(20, 20)] * 2, 5, 2, canonical_scale=8,
+                                           canonical_level=2), feats, g) for _ in range(2)]
     finally:
         torch.use_deterministic_algorithms(False)
-    assert torch.equal(runs[0], runs[1])
+    assert torch.equal(runs[0], runs[1]) and torch.equal(mean_runs[0], mean_runs[1])
+    assert all(torch.equal(a, b) for a, b in zip(*fpn_runs))
     torch.testing.assert_close(runs[0], atomic, atol=1e-5, rtol=1e-5)
     (mean_atomic,) = torch.autograd.grad(
         mmkernels.region_features(x, rois, 5, 1.0, 2, True), x, g.mean((2, 3)))

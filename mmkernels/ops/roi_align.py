@@ -404,8 +404,10 @@ def assign_fpn_levels(rois: Tensor, k_min: int, k_max: int, canonical_scale: int
     boxes = rois[:, 1:]
     area = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
     s = torch.sqrt(area)
+    # eps as a 0-d CPU tensor in s's dtype, as torchvision adds it: the same rounding,
+    # and it enters a CUDA op as a scalar (no host-to-device copy, no sync).
     lvl = torch.floor(canonical_level + torch.log2(s / canonical_scale)
-                      + torch.tensor(eps, dtype=s.dtype, device=s.device))
+                      + torch.tensor(eps, dtype=s.dtype))
     # A NaN box (NaN area, or a negative one) gets the finest level, where its row
     # is NaN anyway (or zero, as torchvision's); the cast of NaN to int is undefined.
     lvl = torch.where(torch.isnan(lvl), torch.full_like(lvl, k_min), lvl)
