@@ -18,20 +18,31 @@ from torch import Tensor
 # ---------------------------------------------------------------------------------
 
 
-def _axis_interp_matrix(start: float, bin_size: float, pooled: int, grid: int, size: int,
+#: The grid cap of csrc/roi_align/roi_align_math.h (kMaxSamplingRatio).
+ROI_MAX_SAMPLING_RATIO = 8192
+
+
+def _axis_interp_matrix(start: Tensor, bin_size: Tensor, pooled: int, grid: int, size: int,
                         dtype: torch.dtype, device: torch.device) -> tuple[Tensor, Tensor]:
     """Interpolation weights along one axis of one region.
 
-    Returns ``weights`` (pooled, grid, size), where ``weights[p, i, s]`` is the
-    bilinear weight of pixel ``s`` for sample ``i`` of bin ``p``, and ``inside``
-    (pooled, grid) bool: whether the sample lies within [-1, size].
+    ``start`` and ``bin_size`` are 0-d tensors in the accumulation dtype: the sample
+    coordinates are computed in it with the kernels' (and torchvision's) operations,
+    so that every discrete decision (inside or outside, which taps) agrees exactly;
+    the weights are then computed in float64.
+
+    Returns ``weights`` (pooled, size): ``weights[p, s]`` is the total bilinear weight
+    that the samples of bin ``p`` lying within [-1, size] put on pixel ``s``; and
+    ``touched`` (pooled, size) bool: whether pixel ``s`` is a tap (lo or hi) of one
+    of those samples, whatever its weight (the pixels that the kernels read).
     """
-    p = torch.arange(pooled, dtype=torch.float64, device=device)[:, None]
-    i = torch.arange(grid, dtype=torch.float64, device=device)[None, :]
-    coord = start + p * bin_size + (i + 0.5) * bin_size / grid
+    acc = start.dtype
+    p = torch.arange(pooled, dtype=acc)[:, None]
+    i = torch.arange(grid, dtype=acc)[None, :]
+    coord = ((start + p * bin_size) + ((i + 0.5) * bin_size) / grid).double().to(device)
     inside = (coord >= -1.0) & (coord <= size)
     coord = coord.clamp(min=0.0)
-    lo = coord.floor().long()
+    lo = coord.floor().clamp(max=size).long()
     at_end = lo >= size - 1
     lo = torch.where(at_end, torch.full_like(lo, size - 1), lo)
     hi = torch.where(at_end, lo, lo + 1)
@@ -41,52 +52,94 @@ def _axis_interp_matrix(start: float, bin_size: float, pooled: int, grid: int, s
     w.scatter_add_(2, lo[..., None].clamp(0, size - 1), (1.0 - frac)[..., None])
     w.scatter_add_(2, hi[..., None].clamp(0, size - 1), frac[..., None])
     w = w * inside[..., None]
-    return w.to(dtype), inside
+    t = torch.zeros(pooled, grid, size, dtype=torch.float64, device=device)
+    t.scatter_(2, lo[..., None].clamp(0, size - 1), 1.0)
+    t.scatter_(2, hi[..., None].clamp(0, size - 1), 1.0)
+    touched = (t * inside[..., None]).sum(1) > 0
+    return w.sum(1).to(dtype), touched
+
+
+def _bilinear_form(sy: Tensor, plane: Tensor, sx: Tensor, ty: Tensor, tx: Tensor) -> Tensor:
+    """``einsum("ph,chw,qw->cpq", sy, plane, sx)`` with the kernels' rule for
+    non-finite values: only touched pixels (``ty[p, y] & tx[q, x]``) are read; a NaN
+    read gives NaN, +-Inf read gives +-Inf (NaN when both signs are read)."""
+    finite = torch.isfinite(plane)
+    out = torch.einsum("ph,chw,qw->cpq", sy, torch.where(finite, plane, 0), sx)
+    if bool(finite.all()):
+        return out
+    fy, fx = ty.to(plane.dtype), tx.to(plane.dtype)
+
+    def reads(mask: Tensor) -> Tensor:
+        return torch.einsum("ph,chw,qw->cpq", fy, mask.to(plane.dtype), fx) > 0
+
+    pos, neg = reads(plane == math.inf), reads(plane == -math.inf)
+    nan = reads(torch.isnan(plane)) | (pos & neg)
+    out = torch.where(pos, math.inf, out)
+    out = torch.where(neg, -math.inf, out)
+    return torch.where(nan, math.nan, out)
 
 
 def roi_align(input: Tensor, rois: Tensor, output_size: tuple[int, int], spatial_scale: float = 1.0,
-              sampling_ratio: int = -1, aligned: bool = False) -> Tensor:
-    """Eager RoIAlign with torchvision's semantics.
+              sampling_ratio: int = -1, aligned: bool = False, *,
+              geometry_dtype: torch.dtype | None = None) -> Tensor:
+    """Eager RoIAlign with torchvision's semantics and the kernels' contract.
 
     Args:
         input: (N, C, H, W), any float dtype.
         rois: (K, 5) = (batch_index, x1, y1, x2, y2), any float dtype.
+        geometry_dtype: the dtype of the box geometry and sample coordinates, as the
+            kernels (and torchvision) compute them: their accumulation dtype, float64
+            for float64 inputs and float32 otherwise. Default: that of ``rois``. A
+            float64 reference for a float32 kernel passes ``torch.float32`` here, so
+            that the discrete decisions (grid sizes, which taps, inside or outside)
+            are the kernel's; the interpolation and the sums stay in float64.
     Returns:
-        (K, C, PH, PW) in input's dtype. The geometry is computed in float64 and
-        each sample is the separable product ``Wy @ input[n] @ Wx^T``, so
-        autograd gives the exact backward.
+        (K, C, PH, PW) in input's dtype. Each sample is the separable product
+        ``Wy @ input[n] @ Wx^T``, so autograd gives the exact backward. As the
+        kernels: a box that is not finite
+        after scaling gives a NaN row; the adaptive grid is capped at
+        ``ROI_MAX_SAMPLING_RATIO``; a non-finite feature value read by a sample's
+        taps gives a non-finite output (see ``_bilinear_form``).
+    Raises:
+        RuntimeError for a batch index outside [0, N) (as the CPU kernels).
     """
     ph_, pw_ = output_size
     K, C = rois.shape[0], input.shape[1]
-    H, W = input.shape[-2:]
+    N, H, W = input.shape[0], input.shape[-2], input.shape[-1]
     out = input.new_zeros((K, C, ph_, pw_))
     boxes = rois.detach().double().cpu().tolist()
-    outs = []
+    outs: list[Tensor] = []
+    # Geometry in the kernels' accumulation dtype (float32 below float64), with their
+    # operations in their order: the grid sizes, a box's finiteness and every sample
+    # coordinate are then exactly the kernels' (and torchvision's).
+    acc = geometry_dtype or (torch.float64 if rois.dtype == torch.float64 else torch.float32)
+    scale = torch.tensor(spatial_scale, dtype=acc)
+    offset = torch.tensor(0.5 if aligned else 0.0, dtype=acc)
     for k in range(K):
-        n, x1, y1, x2, y2 = boxes[k]
-        if any(math.isnan(v) for v in (x1, y1, x2, y2)):
+        n = boxes[k][0]
+        if not (0 <= n < N):
+            raise RuntimeError(f"roi_align: boxes[{k}, 0] (the batch index) must lie in "
+                               f"[0, {N}); got {n}")
+        xy = rois[k, 1:].detach().cpu().to(acc)
+        start, end = xy[:2] * scale - offset, xy[2:] * scale - offset  # (x, y)
+        extent = end - start
+        if not aligned:  # legacy: force malformed boxes to 1x1 (NaN -> 1, as the kernels)
+            extent = torch.where(extent > 1, extent, torch.ones_like(extent))
+        bins = extent / torch.tensor([pw_, ph_], dtype=acc)
+        if not bool(torch.isfinite(torch.cat([start, end, bins])).all()):
             outs.append(torch.full((C, ph_, pw_), float("nan"), dtype=input.dtype,
                                    device=input.device))
             continue
-        offset = 0.5 if aligned else 0.0
-        sw, sh = x1 * spatial_scale - offset, y1 * spatial_scale - offset
-        rw, rh = x2 * spatial_scale - offset - sw, y2 * spatial_scale - offset - sh
-        if not aligned:
-            rw, rh = max(rw, 1.0), max(rh, 1.0)
-        bh, bw = rh / ph_, rw / pw_
-        gh = sampling_ratio if sampling_ratio > 0 else max(math.ceil(rh / ph_), 0)
-        gw = sampling_ratio if sampling_ratio > 0 else max(math.ceil(rw / pw_), 0)
+        cap = ROI_MAX_SAMPLING_RATIO
+        gw, gh = (sampling_ratio, sampling_ratio) if sampling_ratio > 0 else (
+            min(max(math.ceil(float(b)), 0), cap) for b in bins)
         count = max(gh * gw, 1)
         if gh == 0 or gw == 0:
             outs.append(input.new_zeros((C, ph_, pw_)))
             continue
-        wy, _ = _axis_interp_matrix(sh, bh, ph_, gh, H, input.dtype, input.device)
-        wx, _ = _axis_interp_matrix(sw, bw, pw_, gw, W, input.dtype, input.device)
-        # sum over the grid first: (PH, H) and (PW, W)
-        sy = wy.sum(1)
-        sx = wx.sum(1)
-        plane = input[int(n)]
-        outs.append(torch.einsum("ph,chw,qw->cpq", sy, plane, sx) / count)
+        sy, ty = _axis_interp_matrix(start[1], bins[1], ph_, gh, H, input.dtype, input.device)
+        sx, tx = _axis_interp_matrix(start[0], bins[0], pw_, gw, W, input.dtype, input.device)
+        outs.append(_bilinear_form(sy, input[int(n)], sx, ty, tx) / count)
     if outs:
         out = torch.stack(outs)
     return out
@@ -94,14 +147,17 @@ def roi_align(input: Tensor, rois: Tensor, output_size: tuple[int, int], spatial
 
 def region_features(input: Tensor, rois: Tensor, output_size: tuple[int, int],
                     spatial_scale: float = 1.0, sampling_ratio: int = -1,
-                    aligned: bool = False) -> Tensor:
+                    aligned: bool = False, *, geometry_dtype: torch.dtype | None = None
+                    ) -> Tensor:
     """(K, C): ``roi_align(...).mean((2, 3))``, materialising the pooled tensor."""
-    return roi_align(input, rois, output_size, spatial_scale, sampling_ratio, aligned).mean((2, 3))
+    return roi_align(input, rois, output_size, spatial_scale, sampling_ratio, aligned,
+                     geometry_dtype=geometry_dtype).mean((2, 3))
 
 
 def multiscale_roi_align(features: list[Tensor], rois: Tensor, levels: Tensor,
                          scales: list[float], output_size: tuple[int, int],
-                         sampling_ratio: int = -1, aligned: bool = False) -> Tensor:
+                         sampling_ratio: int = -1, aligned: bool = False, *,
+                         geometry_dtype: torch.dtype | None = None) -> Tensor:
     """(K, C, PH, PW): region k pooled from ``features[levels[k]]`` at ``scales[levels[k]]``
     (torchvision's per-level loop)."""
     K, C = rois.shape[0], features[0].shape[1]
@@ -110,7 +166,8 @@ def multiscale_roi_align(features: list[Tensor], rois: Tensor, levels: Tensor,
         idx = torch.nonzero(levels == lvl).squeeze(1)
         if idx.numel():
             out = out.index_put((idx,), roi_align(feat, rois[idx], output_size, scale,
-                                                  sampling_ratio, aligned))
+                                                  sampling_ratio, aligned,
+                                                  geometry_dtype=geometry_dtype))
     return out
 
 

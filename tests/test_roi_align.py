@@ -4,12 +4,16 @@ Compared with torchvision.ops.roi_align / MultiScaleRoIAlign and with the float6
 eager reference in mmkernels.reference; tolerances come from mmkernels.testing.
 """
 
+import math
+import time
+
 import pytest
 import torch
 import torchvision
 
 import mmkernels
 from mmkernels import _extension, reference
+from mmkernels.ops.roi_align import MAX_SAMPLING_RATIO
 from mmkernels.testing import TOLERANCES, assert_close_to_reference
 
 pytestmark = pytest.mark.skipif(not _extension.is_available(),
@@ -326,6 +330,13 @@ BAD = [
     ("input-3d", lambda x, r: (x[0], r, 2), ValueError, r"4-D"),
     ("input-int", lambda x, r: (x.long(), r, 2), TypeError, r"dtype"),
     ("input-empty-map", lambda x, r: (x[:, :, :0], r, 2), RuntimeError, r"height and width"),
+    ("sampling-ratio-negative", lambda x, r: (x, r, 2, 1.0, -2), ValueError, r"sampling_ratio"),
+    ("sampling-ratio-huge", lambda x, r: (x, r, 2, 1.0, 2 ** 40), ValueError, r"sampling_ratio"),
+    ("sampling-ratio-above-max", lambda x, r: (x, r, 2, 1.0, MAX_SAMPLING_RATIO + 1),
+     ValueError, r"sampling_ratio"),
+    ("sampling-ratio-float", lambda x, r: (x, r, 2, 1.0, 2.0), TypeError, r"sampling_ratio"),
+    ("sampling-ratio-bool", lambda x, r: (x, r, 2, 1.0, True), TypeError, r"sampling_ratio"),
+    ("output-size-huge", lambda x, r: (x, r, (2 ** 31, 2)), ValueError, r"output_size"),
 ]
 
 
@@ -369,6 +380,298 @@ def test_module_wrappers():
     assert "aligned=True" in repr(m)
     r = mmkernels.nn.RegionFeatures((2, 3), 0.5, 2, True)
     torch.testing.assert_close(r(x, rois), m(x, rois).mean((2, 3)), atol=1e-6, rtol=1e-6)
+
+
+# ---------------------------------------------------------------------------------
+# regressions of issue 10, defects 1-5
+# ---------------------------------------------------------------------------------
+
+def with_strides(values, size1_stride, channels_last=False):
+    """``values`` (N, C, H, W) re-laid out dense (NCHW or channels-last) in fresh
+    storage, with every size-1 dimension given the stride ``size1_stride``: such a
+    tensor is still contiguous in its memory format, whatever that stride is."""
+    n, c, h, w = values.shape
+    order = (0, 2, 3, 1) if channels_last else (0, 1, 2, 3)
+    stride, acc = [0] * 4, 1
+    for d in reversed(order):
+        stride[d] = acc if values.shape[d] > 1 else size1_stride
+        acc *= values.shape[d]
+    t = torch.empty(values.numel(), dtype=values.dtype).as_strided(values.shape, stride)
+    t.copy_(values)
+    return t
+
+
+def odd_layouts():
+    """(name, maker) pairs; each maker returns a float64 (N, C, H, W) tensor with
+    awkward strides: size-1 dimensions of every stride, H = 1 and W = 1 maps,
+    expanded (stride-0) and broadcast inputs."""
+    return [
+        # the issue's example: (N, C, H, 1), contiguous, with stride(3) == H
+        ("transpose-W1", lambda: torch.randn(2, 5, 1, 9, dtype=torch.float64).transpose(2, 3)),
+        ("transpose-H1", lambda: torch.randn(2, 5, 9, 1, dtype=torch.float64).transpose(2, 3)),
+        ("W1-stride-7777", lambda: with_strides(torch.randn(2, 5, 9, 1, dtype=torch.float64), 7777)),
+        ("H1-stride-0", lambda: with_strides(torch.randn(2, 5, 1, 9, dtype=torch.float64), 0)),
+        ("H1W1", lambda: with_strides(torch.randn(2, 5, 1, 1, dtype=torch.float64), 3)),
+        ("C1-stride-99", lambda: with_strides(torch.randn(2, 1, 6, 7, dtype=torch.float64), 99)),
+        ("N1-stride-5", lambda: with_strides(torch.randn(1, 5, 6, 7, dtype=torch.float64), 5)),
+        ("cl-W1-stride-13", lambda: with_strides(torch.randn(2, 5, 8, 1, dtype=torch.float64), 13,
+                                                  channels_last=True)),
+        ("cl-H1-stride-0", lambda: with_strides(torch.randn(2, 5, 1, 8, dtype=torch.float64), 0,
+                                                 channels_last=True)),
+        ("cl-C1-stride-4", lambda: with_strides(torch.randn(2, 1, 6, 7, dtype=torch.float64), 4,
+                                                 channels_last=True)),
+        ("expanded-N", lambda: torch.randn(1, 5, 6, 7, dtype=torch.float64).expand(3, 5, 6, 7)),
+        ("expanded-C", lambda: torch.randn(2, 1, 6, 7, dtype=torch.float64).expand(2, 5, 6, 7)),
+        ("expanded-HW", lambda: torch.randn(2, 5, 1, 1, dtype=torch.float64).expand(2, 5, 6, 7)),
+        ("expanded-W", lambda: torch.randn(2, 5, 6, 1, dtype=torch.float64).expand(2, 5, 6, 7)),
+    ]
+
+
+@pytest.mark.parametrize("op", ["roi_align", "region_features", "multiscale"])
+@pytest.mark.parametrize("name,make", odd_layouts(), ids=[n for n, _ in odd_layouts()])
+def test_size1_and_expanded_strides_match_reference(op, name, make):
+    """Defect 1: the layout is decided by is_contiguous(memory_format), never by one
+    stride; every op, forward and backward, with H = 1 / W = 1 maps, size-1
+    dimensions of any stride, and expanded inputs."""
+    x = make()
+    n, c, h, w = x.shape
+    rois = make_rois(n, h, w, 12, 1.0, torch.float64)
+    dense = x.detach().contiguous().requires_grad_()
+    xs = x.detach().requires_grad_() if x.stride().count(0) == 0 else x.requires_grad_()
+    for aligned, sr in ((False, -1), (True, 2)):
+        if op == "multiscale":
+            feats = [xs, dense.detach()[:, :, ::2, ::2].clone().requires_grad_()]
+            levels = torch.randint(0, 2, (rois.shape[0],))
+            out = torch.ops.mmkernels.multiscale_roi_align(feats, rois, levels, [1.0, 0.5], 3, 2,
+                                                           sr, aligned)
+            ref = reference.multiscale_roi_align([dense, feats[1]], rois, levels, [1.0, 0.5],
+                                                 (3, 2), sr, aligned)
+        else:
+            out = getattr(mmkernels, op)(xs, rois, (3, 2), 1.0, sr, aligned)
+            ref = getattr(reference, op)(dense, rois, (3, 2), 1.0, sr, aligned)
+        assert_close_to_reference(out, ref, what=f"{op} {name} forward")
+        g = torch.randn_like(ref)
+        (gx,) = torch.autograd.grad(out, xs, g)
+        (gref,) = torch.autograd.grad(ref, dense, g)
+        assert_close_to_reference(gx, gref, what=f"{op} {name} grad")
+
+
+def test_region_features_issue_example_transposed_map():
+    """The reproduction in the issue: channel 1 was -0.1004 instead of -0.7317."""
+    x = torch.randn(2, 3, 1, 9).transpose(2, 3)  # (2, 3, 9, 1), stride(3) == 9
+    assert x.is_contiguous() and x.stride(3) != 1
+    rois = torch.tensor([[0, 0.2, 0.5, 0.9, 7.0], [1, 0.0, 2.0, 1.0, 9.0]])
+    feats = mmkernels.region_features(x, rois, 2, 1.0, 2, True)
+    pooled = torchvision.ops.roi_align(x, rois, 2, 1.0, 2, True).mean((2, 3))
+    torch.testing.assert_close(feats, pooled, atol=2e-6, rtol=2e-6)
+
+
+def _nan_cases():
+    """(input, rois, sampling_ratio, aligned): NaNs on taps of zero weight (samples
+    exactly on a pixel), on pixels inside a box's window that no sample reads, and
+    at the border clamp; pixel (0, 0) stays finite (torchvision's CPU kernel reads
+    it, with weight 0, for samples off the map)."""
+    x = torch.randn(2, 4, 12, 12, dtype=torch.float64)
+    x[0, 1, 4, 4] = math.nan      # a zero-weight tap of the sample at (3.0, 3.0)
+    x[0, 2, 7, 7] = math.nan      # between the samples of a 1-sample-per-bin box
+    x[1, 0, 11, 5] = math.nan     # bottom border (clamped taps)
+    x[1, 3, 6, 6] = math.nan
+    rois = torch.tensor([
+        [0, 2.0, 2.0, 4.0, 4.0],     # sr=1, output 1, not aligned: one sample at (3, 3)
+        [0, 1.0, 1.0, 11.0, 11.0],   # big bins, a sample per bin: (7, 7) is not read
+        [0, 6.5, 6.5, 7.5, 7.5],     # reads (7, 7)
+        [1, 0.0, 9.0, 11.0, 13.0],   # reaches the bottom border
+        [1, -5.0, -5.0, 20.0, 20.0],  # partly off the map
+        [1, 8.0, 8.0, 11.0, 11.0],   # finite everywhere
+    ], dtype=torch.float64)
+    return x, rois
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last", "noncontiguous"])
+@pytest.mark.parametrize("aligned,sampling_ratio", [(False, 1), (True, 2), (False, -1)],
+                         ids=["sr1", "aligned-sr2", "adaptive"])
+def test_nan_propagation_same_on_every_layout_as_torchvision(aligned, sampling_ratio, layout):
+    """Defect 2: NaN input gives NaN exactly where torchvision gives NaN (a zero
+    weight times a NaN tap is NaN; an unread pixel is never read), for roi_align and
+    region_features, NCHW and channels-last alike; the NaN set of the backward, too."""
+    x, rois = _nan_cases()
+    if layout == "channels_last":
+        x = x.contiguous(memory_format=torch.channels_last)
+    elif layout == "noncontiguous":
+        big = torch.zeros(2, 8, 12, 14, dtype=torch.float64)
+        big[:, ::2, :, 1:13] = x
+        x = big[:, ::2, :, 1:13]
+    tv = torchvision.ops.roi_align(x.contiguous(), rois, (2, 2), 1.0, sampling_ratio, aligned)
+    out = mmkernels.roi_align(x, rois, (2, 2), 1.0, sampling_ratio, aligned)
+    feats = mmkernels.region_features(x, rois, (2, 2), 1.0, sampling_ratio, aligned)
+    assert torch.equal(out.isnan(), tv.isnan())
+    assert torch.equal(feats.isnan(), tv.mean((2, 3)).isnan())
+    assert tv.isnan().any() and not tv.isnan().all()
+    torch.testing.assert_close(feats, tv.mean((2, 3)), atol=1e-12, rtol=1e-12, equal_nan=True)
+    # backward: a NaN gradient reaches the taps it reaches in torchvision's backward
+    xg = torch.randn(2, 4, 12, 12, dtype=torch.float64, requires_grad=True)
+    g = torch.randn(rois.shape[0], 4, 2, 2, dtype=torch.float64)
+    g[1, 2] = math.nan
+    (tv_grad,) = torch.autograd.grad(
+        torchvision.ops.roi_align(xg, rois, (2, 2), 1.0, sampling_ratio, aligned), xg, g)
+    (ours,) = torch.autograd.grad(
+        mmkernels.roi_align(xg, rois, (2, 2), 1.0, sampling_ratio, aligned), xg, g)
+    assert torch.equal(ours.isnan(), tv_grad.isnan()) and tv_grad.isnan().any()
+    (tv_mean,) = torch.autograd.grad(
+        torchvision.ops.roi_align(xg, rois, (2, 2), 1.0, sampling_ratio, aligned).mean((2, 3)),
+        xg, g.mean((2, 3)))
+    for fmt in (torch.contiguous_format, torch.channels_last):
+        xf = xg.detach().contiguous(memory_format=fmt).requires_grad_()
+        (ours,) = torch.autograd.grad(
+            mmkernels.region_features(xf, rois, (2, 2), 1.0, sampling_ratio, aligned), xf,
+            g.mean((2, 3)))
+        assert torch.equal(ours.isnan(), tv_mean.isnan())
+
+
+@pytest.mark.parametrize("op", ["roi_align", "region_features"])
+@pytest.mark.parametrize("box", [
+    pytest.param([0, 0.0, 0.0, math.inf, 10.0], id="inf"),
+    pytest.param([0, -math.inf, 1.0, 5.0, 6.0], id="minus-inf"),
+    pytest.param([0, 1.0, math.nan, 5.0, 6.0], id="nan"),
+    pytest.param([0, 0.0, 0.0, 1e30, 10.0], id="1e30-wide"),
+    pytest.param([0, -1e30, -1e30, 1e30, 1e30], id="1e30-both-axes"),
+    pytest.param([0, -3e38, 0.0, 3e38, 5.0], id="extent-overflows-float32"),
+])
+def test_non_finite_and_huge_boxes_return_at_once(op, box):
+    """Defect 3: a non-finite box gives a NaN row at once; a huge finite box costs
+    what its samples on the map cost (the adaptive grid is capped, and samples off
+    the map are skipped). A hang guard: 1 s is generous (it takes milliseconds)."""
+    x = torch.randn(2, 8, 50, 84, requires_grad=True)
+    rois = torch.tensor([box, [1, 8.0, 8.0, 500.0, 300.0]])
+    fn = getattr(mmkernels, op)
+    t0 = time.perf_counter()
+    out = fn(x, rois, 7, 1.0, -1, False)
+    out.backward(torch.ones_like(out))
+    elapsed = time.perf_counter() - t0
+    assert elapsed < 1.0, f"{op} took {elapsed:.1f} s for box {box}"
+    nonfinite = not all(math.isfinite(v) for v in box) or abs(box[3] - box[1]) > 3.4e38
+    assert bool(out[0].isnan().all()) == nonfinite
+    assert not out[0].isnan().any() or nonfinite
+    assert torch.isfinite(out[1]).all() and torch.isfinite(x.grad).all()
+    ref = getattr(reference, op)(x.detach().double(), rois.double()[1:], (7, 7), 1.0, -1, False)
+    assert_close_to_reference(out[1:], ref)
+
+
+def test_sampling_ratio_checked_in_cpp_too():
+    """Defect 3: the C++ op validates sampling_ratio for callers that bypass Python,
+    and accepts the documented maximum (a box off the map costs nothing)."""
+    x = torch.randn(1, 2, 8, 8)
+    far = torch.tensor([[0, 1000.0, 1000.0, 1010.0, 1010.0]])
+    ops = torch.ops.mmkernels
+    for bad in (-2, MAX_SAMPLING_RATIO + 1, 2 ** 40, -(2 ** 40)):
+        for call in (lambda sr=bad: ops.roi_align(x, far, 1.0, 2, 2, sr, False),
+                     lambda sr=bad: ops.region_features(x, far, 1.0, 2, 2, sr, False),
+                     lambda sr=bad: ops._roi_align_backward(torch.randn(1, 2, 2, 2), far, 1.0, 2,
+                                                            2, 1, 2, 8, 8, sr, False, False)):
+            with pytest.raises(RuntimeError, match="sampling_ratio"):
+                call()
+    t0 = time.perf_counter()
+    out = mmkernels.roi_align(x, far, 7, 1.0, MAX_SAMPLING_RATIO, False)
+    assert time.perf_counter() - t0 < 1.0 and not out.any()
+    with pytest.raises(ValueError, match="sampling_ratio"):
+        mmkernels.nn.RoIAlign(2, 1.0, MAX_SAMPLING_RATIO + 1)
+    with pytest.raises(TypeError, match="sampling_ratio"):
+        mmkernels.nn.RegionFeatures(2, 1.0, 1.5)
+
+
+def test_adaptive_grid_cap_changes_no_real_box():
+    """The cap (8192 samples per bin and axis) leaves a bin 4000 pixels wide exactly
+    as torchvision computes it."""
+    x = torch.randn(1, 2, 3, 4100)
+    rois = torch.tensor([[0, 10.0, 0.0, 4010.0, 2.0], [0, 0.0, 0.5, 4099.0, 2.5]])
+    out = mmkernels.roi_align(x, rois, 1, 1.0, -1, False)
+    assert torch.equal(out, torchvision.ops.roi_align(x, rois, 1, 1.0, -1, False))
+
+
+def _realistic_rois(n, height, width, k, scale, dtype):
+    """Detector-like boxes in image coordinates: from a few pixels to most of the image."""
+    h, w = height / scale, width / scale
+    xy = torch.rand(k, 2, dtype=torch.float64) * torch.tensor([w, h])
+    wh = torch.rand(k, 2, dtype=torch.float64) ** 2 * torch.tensor([w, h]) * 0.7 + 2
+    idx = torch.randint(0, n, (k, 1)).double()
+    return torch.cat([idx, xy, xy + wh], 1).to(dtype)
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("aligned,sampling_ratio", [(False, -1), (True, 2), (False, 2)],
+                         ids=["legacy-adaptive", "aligned-sr2", "legacy-sr2"])
+@pytest.mark.parametrize("height,width,scale", [(200, 336, 0.25), (50, 84, 1 / 16)],
+                         ids=["200x336@1/4", "50x84@1/16"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+def test_cpu_forward_bitwise_equals_torchvision(dtype, height, width, scale, aligned,
+                                                sampling_ratio, layout):
+    """Defect 5: the documented contract. With the portable build (-ffp-contract=off,
+    whatever -march), the CPU forward performs torchvision's operations in its order,
+    so float32/float64 results are bitwise equal on realistic FPN map sizes."""
+    x = make_input((2, 8, height, width), dtype, layout)
+    rois = _realistic_rois(2, height, width, 96, scale, dtype)
+    ours = mmkernels.roi_align(x, rois, 7, scale, sampling_ratio, aligned)
+    theirs = torchvision.ops.roi_align(x, rois, 7, scale, sampling_ratio, aligned)
+    diff = (ours - theirs).abs()
+    assert torch.equal(ours, theirs), (
+        f"{int((diff > 0).sum())} of {diff.numel()} elements differ, by up to {float(diff.max()):.2e}")
+
+
+def test_multiscale_inverted_and_non_finite_boxes():
+    """Found by fuzzing: an inverted box (negative area) has a NaN FPN level; the old
+    code cast it to int64 and the CPU check raised "levels must lie". torchvision's
+    pooler assigns it no level, so its row is zero: same here. A non-finite box keeps
+    the documented NaN row (torchvision's row would be zero)."""
+    feats = {"p2": torch.randn(1, 3, 32, 32, dtype=torch.float64),
+             "p3": torch.randn(1, 3, 16, 16, dtype=torch.float64)}
+    boxes = [torch.tensor([[10.0, 10.0, 60.0, 70.0], [40.0, 5.0, 20.0, 50.0],
+                           [5.0, 5.0, 5.0, 5.0], [1.0, math.nan, 9.0, 9.0]],
+                          dtype=torch.float64)]
+    ours = mmkernels.multiscale_roi_align(feats, boxes, [(128, 128)], 2, 2)
+    theirs = torchvision.ops.MultiScaleRoIAlign(["p2", "p3"], 2, 2)(feats, boxes, [(128, 128)])
+    torch.testing.assert_close(ours[:3], theirs[:3], atol=1e-12, rtol=1e-12)
+    assert not ours[1].any() and ours[3].isnan().all()
+
+
+OPS_FOR_DETERMINISM = ["roi_align", "region_features-nchw", "region_features-cl", "multiscale"]
+
+
+@pytest.mark.parametrize("case", OPS_FOR_DETERMINISM)
+def test_deterministic_and_thread_count_independent(case):
+    """Forward and backward of every op, under torch.use_deterministic_algorithms(True):
+    run-to-run bit-identical, and the same with 1 and 2 threads."""
+    x = torch.randn(2, 70, 19, 23)  # > one 64-channel block
+    if case == "region_features-cl":
+        x = x.contiguous(memory_format=torch.channels_last)
+    rois = make_rois(2, 19, 23, 80, 0.5)
+    boxes = [rois[rois[:, 0] == i, 1:] for i in range(2)]
+    small = torch.randn(2, 70, 10, 12)
+
+    def run():
+        xs = [x.detach().clone().requires_grad_(), small.detach().clone().requires_grad_()]
+        if case == "roi_align":
+            out = mmkernels.roi_align(xs[0], rois, 4, 0.5, -1, True)
+        elif case == "multiscale":
+            out = mmkernels.multiscale_roi_align(xs, boxes, [(38, 46)] * 2, 4, 2,
+                                                 canonical_scale=12, canonical_level=2)
+        else:
+            out = mmkernels.region_features(xs[0], rois, 4, 0.5, -1, True)
+        g = torch.linspace(-1, 1, out.numel()).reshape(out.shape)
+        grads = torch.autograd.grad(out, xs, g, allow_unused=True)
+        return [out] + [gr for gr in grads if gr is not None]
+
+    threads = torch.get_num_threads()
+    torch.use_deterministic_algorithms(True)
+    try:
+        torch.set_num_threads(1)
+        one = run()
+        torch.set_num_threads(2)
+        two, again = run(), run()
+    finally:
+        torch.set_num_threads(threads)
+        torch.use_deterministic_algorithms(False)
+    for a, b, c in zip(one, two, again):
+        assert torch.equal(a, b) and torch.equal(b, c)
 
 
 # ---------------------------------------------------------------------------------
@@ -423,15 +726,22 @@ def test_cuda_deterministic_backward():
     rois = make_rois(2, 20, 20, 200, 1.0, device="cuda")
     g = torch.randn(200, 8, 5, 5, device="cuda")
     (atomic,) = torch.autograd.grad(mmkernels.roi_align(x, rois, 5, 1.0, 2, True), x, g)
+    feats = [x, torch.randn(2, 8, 10, 10, device="cuda", requires_grad=True)]
+    boxes = [rois[rois[:, 0] == i, 1:] for i in range(2)]
     torch.use_deterministic_algorithms(True)
     try:
         runs = [torch.autograd.grad(mmkernels.roi_align(x, rois, 5, 1.0, 2, True), x, g)[0]
                 for _ in range(2)]
-        (mean_grad,) = torch.autograd.grad(
-            mmkernels.region_features(x, rois, 5, 1.0, 2, True), x, g.mean((2, 3)))
+        mean_runs = [torch.autograd.grad(mmkernels.region_features(x, rois, 5, 1.0, 2, True), x,
+                                         g.mean((2, 3)))[0] for _ in range(2)]
+        mean_grad = mean_runs[0]
+        fpn_runs = [torch.autograd.grad(
+            mmkernels.multiscale_roi_align(feats, boxes, [(20, 20)] * 2, 5, 2, canonical_scale=8,
+                                           canonical_level=2), feats, g) for _ in range(2)]
     finally:
         torch.use_deterministic_algorithms(False)
-    assert torch.equal(runs[0], runs[1])
+    assert torch.equal(runs[0], runs[1]) and torch.equal(mean_runs[0], mean_runs[1])
+    assert all(torch.equal(a, b) for a, b in zip(*fpn_runs))
     torch.testing.assert_close(runs[0], atomic, atol=1e-5, rtol=1e-5)
     (mean_atomic,) = torch.autograd.grad(
         mmkernels.region_features(x, rois, 5, 1.0, 2, True), x, g.mean((2, 3)))
@@ -447,5 +757,123 @@ def test_cuda_multiscale_and_bad_index():
     theirs = pooler({"a": feats[0], "b": feats[1]}, boxes, [(128, 128)] * 2)
     ours = mmkernels.multiscale_roi_align(feats, boxes, [(128, 128)] * 2, 3, 2)
     torch.testing.assert_close(ours, theirs)
-    with pytest.raises(RuntimeError, match="batch index"):
-        mmkernels.roi_align(feats[0], torch.tensor([[7.0, 0, 0, 1, 1]], device="cuda"), 2)
+
+
+@pytest.mark.cuda
+def test_cuda_graph_capture():
+    """Defect 4: no host sync, so roi_align and region_features (forward and
+    backward) can be captured in a CUDA graph and replayed on new data."""
+    x = torch.randn(2, 8, 20, 24, device="cuda", requires_grad=True)
+    rois = make_rois(2, 20, 24, 16, 1.0, device="cuda")
+    gout = torch.randn(16, 8, 3, 3, device="cuda")
+
+    def step():
+        out = mmkernels.roi_align(x, rois, 3, 1.0, 2, True)
+        feats = mmkernels.region_features(x, rois, 3, 1.0, -1, False)
+        (gx,) = torch.autograd.grad([out, feats], x, [gout, gout.mean((2, 3))])
+        return out, feats, gx
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm-up outside the capture, as PyTorch recommends
+        for _ in range(2):
+            step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        static = step()
+    with torch.no_grad():
+        x.copy_(torch.randn_like(x))
+        rois.copy_(make_rois(2, 20, 24, 16, 1.0, device="cuda"))
+        gout.copy_(torch.randn_like(gout))
+    graph.replay()
+    torch.cuda.synchronize()
+    for got, want in zip(static, step()):
+        torch.testing.assert_close(got, want)
+
+
+@pytest.mark.cuda
+def test_cuda_no_host_sync_any_op():
+    """Defect 4: with torch.cuda.set_sync_debug_mode("error"), any synchronising
+    call (such as .item() on a CUDA tensor) raises; every op, forward and backward."""
+    feats = [torch.randn(2, 4, 32, 32, device="cuda", requires_grad=True),
+             torch.randn(2, 4, 16, 16, device="cuda", requires_grad=True)]
+    rois = make_rois(2, 32, 32, 12, 1.0, device="cuda")
+    boxes = [torch.tensor([[1.0, 1.0, 20.0, 20.0], [0.0, 0.0, 120.0, 100.0]], device="cuda")] * 2
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        outs = [mmkernels.roi_align(feats[0], rois, 3, 1.0, 2, True),
+                mmkernels.region_features(feats[0], rois, 3, 1.0, -1, False),
+                mmkernels.multiscale_roi_align(feats, boxes, [(128, 128)] * 2, 3, 2)]
+        torch.autograd.grad([o.sum() for o in outs], feats)
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("deterministic", [False, True])
+def test_cuda_bad_index_gives_nan_row_and_no_gradient(deterministic):
+    """Defect 4: on CUDA an out-of-range batch index (or level) reads nothing: its
+    row is NaN and it contributes no gradient; the other rows are unaffected."""
+    x = torch.randn(2, 3, 12, 12, device="cuda", requires_grad=True)
+    good = make_rois(2, 12, 12, 6, 1.0, device="cuda")
+    bad = torch.tensor([[2.0, 0, 0, 4, 4], [-1.0, 0, 0, 4, 4], [math.nan, 0, 0, 4, 4],
+                        [1e30, 0, 0, 4, 4], [-1e30, 1, 1, 3, 3]], device="cuda")
+    rois = torch.cat([good[:3], bad, good[3:]])
+    keep = torch.tensor([True] * 3 + [False] * 5 + [True] * 3, device="cuda")
+    torch.use_deterministic_algorithms(deterministic)
+    try:
+        for op in ("roi_align", "region_features"):
+            fn = getattr(mmkernels, op)
+            out = fn(x, rois, 2, 1.0, 2, True)
+            assert out[~keep].isnan().all() and not out[keep].isnan().any()
+            g = torch.randn_like(out)
+            (gx,) = torch.autograd.grad(out, x, g)
+            ref_out = fn(x, rois[keep], 2, 1.0, 2, True)
+            (gref,) = torch.autograd.grad(ref_out, x, g[keep])
+            torch.testing.assert_close(out[keep], ref_out)
+            torch.testing.assert_close(gx, gref)
+        levels = torch.tensor([0, 1, 5, -1, 2 ** 40, 0], device="cuda")
+        out = torch.ops.mmkernels.multiscale_roi_align([x, x[:, :, ::2, ::2]], good, levels,
+                                                       [1.0, 0.5], 2, 2, 2, False)
+        assert out[2:5].isnan().all() and not out[[0, 1, 5]].isnan().any()
+    finally:
+        torch.use_deterministic_algorithms(False)
+
+
+@pytest.mark.cuda
+def test_cuda_nan_propagation_matches_cpu():
+    """Defect 2 on CUDA: the same NaN set as the CPU kernels and torchvision."""
+    x, rois = _nan_cases()
+    for aligned, sr in ((False, 1), (True, 2), (False, -1)):
+        tv = torchvision.ops.roi_align(x, rois, (2, 2), 1.0, sr, aligned)
+        for fmt in (torch.contiguous_format, torch.channels_last):
+            xc = x.cuda().contiguous(memory_format=fmt)
+            out = mmkernels.roi_align(xc, rois.cuda(), (2, 2), 1.0, sr, aligned).cpu()
+            feats = mmkernels.region_features(xc, rois.cuda(), (2, 2), 1.0, sr, aligned).cpu()
+            assert torch.equal(out.isnan(), tv.isnan())
+            assert torch.equal(feats.isnan(), tv.mean((2, 3)).isnan())
+
+
+@pytest.mark.cuda
+def test_cuda_offsets_past_2_31():
+    """int64 indexing: a batch whose elements pass 2^31 (a real 6 GiB float16 tensor)
+    and an expanded one of 2^34 elements (no copy on CUDA)."""
+    x = torch.randn(3, 1, 2 ** 15, 2 ** 15, device="cuda", dtype=torch.float16)
+    rois = torch.tensor([[2.0, 32000.0, 32000.0, 32700.0, 32760.0],
+                         [2.0, 10.0, 32700.0, 200.0, 32767.0]], device="cuda", dtype=torch.float16)
+    out = mmkernels.roi_align(x, rois, 3, 1.0, 2, False)
+    last = x[2:3].contiguous()  # the same image at offset 0: the same arithmetic
+    first = rois.clone()
+    first[:, 0] = 0
+    assert torch.equal(out, mmkernels.roi_align(last, first, 3, 1.0, 2, False))
+    del x, last
+    big = torch.randn(1, 4, 64, 64, device="cuda").expand(2 ** 20, 4, 64, 64)  # 2^34 elements
+    r = torch.tensor([[2.0 ** 20 - 1, 3.0, 4.0, 50.0, 60.0]], device="cuda")
+    torch.testing.assert_close(mmkernels.roi_align(big, r, 2, 1.0, 2, False),
+                               mmkernels.roi_align(big[:1].contiguous(),
+                                                   torch.tensor([[0.0, 3, 4, 50, 60]], device="cuda"),
+                                                   2, 1.0, 2, False))
+    torch.testing.assert_close(mmkernels.region_features(big, r, 2, 1.0, 2, False),
+                               mmkernels.roi_align(big, r, 2, 1.0, 2, False).mean((2, 3)))

@@ -6,6 +6,11 @@
 // Each bilinear sample then blends four contiguous C-vectors, which the compiler
 // vectorises; torchvision's CPU kernel gathers one scalar per channel instead.
 //
+// Data-dependent indices (batch index, level) are checked on the host before any
+// kernel runs (check_indices_cpu), so the kernels below only see valid ones.
+// Samples are visited through sample_range (roi_align_math.h): those that cannot
+// land on the map are skipped without changing any result.
+//
 // Forward parallelises over regions (each writes its own outputs).
 // Backward parallelises over (level, image, channel block) work items; each item
 // owns a disjoint slice of grad_input and visits its regions in ascending order,
@@ -44,30 +49,34 @@ RoiGeometry<acc_t> geometry_of(const scalar_t* r, double scale, int PH, int PW, 
 
 // out[k, c, ph, pw] for every region k.
 template <typename scalar_t>
-void forward_kernel(const std::vector<PlaneCL<const scalar_t>>& levels, int64_t C,
+void forward_kernel(const std::vector<PlaneCL<const scalar_t>>& levels, int64_t N, int64_t C,
                     const scalar_t* rois, const int64_t* level_of, int64_t K,
                     const std::vector<double>& scales, int PH, int PW, int sr, bool aligned,
-                    scalar_t* out, const int64_t* os) {
+                    scalar_t* out, const int64_t* os, bool channels_last_out) {
   using acc_t = at::opmath_type<scalar_t>;
-  const int bins = PH * PW;
+  const int64_t bins = int64_t(PH) * PW;
   at::parallel_for(0, K, 1, [&](int64_t k0, int64_t k1) {
     // The region's (bins, C) result stays in this buffer until it is complete,
     // then is written out in the output's own order (contiguous for NCHW too).
     std::vector<acc_t> acc(static_cast<size_t>(bins) * C);
     for (int64_t k = k0; k < k1; ++k) {
       const scalar_t* r = rois + k * 5;
-      const int l = level_of != nullptr ? static_cast<int>(level_of[k]) : 0;
+      const int64_t l = level_of != nullptr ? level_of[k] : 0;
       const auto& lv = levels[l];
-      const int64_t n = static_cast<int64_t>(static_cast<acc_t>(r[0]));
+      int64_t n = 0;
+      batch_index(r[0], N, n);  // checked on the host: always valid here
       const auto g = geometry_of<scalar_t, acc_t>(r, scales[l], PH, PW, sr, aligned);
       const scalar_t* base = lv.data + n * lv.H * lv.W * C;
       std::fill(acc.begin(), acc.end(), acc_t(0));
       for (int ph = 0; ph < PH; ++ph) {
+        const SampleRange ry = sample_range(g.start_h, g.bin_h, ph, g.grid_h, -1.0, lv.H);
         for (int pw = 0; pw < PW; ++pw) {
-          acc_t* a = acc.data() + static_cast<int64_t>(ph * PW + pw) * C;
-          for (int iy = 0; iy < g.grid_h; ++iy) {
+          const SampleRange rx = sample_range(g.start_w, g.bin_w, pw, g.grid_w, -1.0, lv.W);
+          acc_t* a = acc.data() + (int64_t(ph) * PW + pw) * C;
+          for (int iy = ry.begin; iy < ry.end; ++iy) {
             const auto ty = axis_tap(lv.H, sample_coord(g.start_h, g.bin_h, ph, iy, g.grid_h));
-            for (int ix = 0; ix < g.grid_w; ++ix) {
+            if (!ty.inside) continue;
+            for (int ix = rx.begin; ix < rx.end; ++ix) {
               const auto tx = axis_tap(lv.W, sample_coord(g.start_w, g.bin_w, pw, ix, g.grid_w));
               const auto s = combine_taps(ty, tx);
               if (!s.inside) continue;
@@ -85,17 +94,19 @@ void forward_kernel(const std::vector<PlaneCL<const scalar_t>>& levels, int64_t 
         }
       }
       scalar_t* o = out + k * os[0];
-      auto value = [&](int64_t c, int bin) {
-        return static_cast<scalar_t>(g.nan ? acc_t(NAN) : acc[int64_t(bin) * C + c] / g.count);
+      auto value = [&](int64_t c, int64_t bin) {
+        return static_cast<scalar_t>(g.nan ? acc_t(NAN) : acc[bin * C + c] / g.count);
       };
-      if (os[1] == 1) {  // channels-last output: bins outer, C contiguous
-        for (int ph = 0; ph < PH; ++ph)
-          for (int pw = 0; pw < PW; ++pw)
-            for (int64_t c = 0; c < C; ++c) o[c + ph * os[2] + pw * os[3]] = value(c, ph * PW + pw);
+      // Every store goes through the output's own strides; the loop order only
+      // follows the layout (channels_last: bins outer, C contiguous).
+      if (channels_last_out) {
+        for (int64_t ph = 0; ph < PH; ++ph)
+          for (int64_t pw = 0; pw < PW; ++pw)
+            for (int64_t c = 0; c < C; ++c) o[c * os[1] + ph * os[2] + pw * os[3]] = value(c, ph * PW + pw);
       } else {
         for (int64_t c = 0; c < C; ++c)
-          for (int ph = 0; ph < PH; ++ph)
-            for (int pw = 0; pw < PW; ++pw) o[c * os[1] + ph * os[2] + pw * os[3]] = value(c, ph * PW + pw);
+          for (int64_t ph = 0; ph < PH; ++ph)
+            for (int64_t pw = 0; pw < PW; ++pw) o[c * os[1] + ph * os[2] + pw * os[3]] = value(c, ph * PW + pw);
       }
     }
   });
@@ -113,7 +124,8 @@ void backward_kernel(const std::vector<PlaneCL<at::opmath_type<scalar_t>>>& leve
   std::vector<std::vector<int64_t>> bucket(L * N);
   for (int64_t k = 0; k < K; ++k) {
     const int64_t l = level_of != nullptr ? level_of[k] : 0;
-    const int64_t n = static_cast<int64_t>(static_cast<acc_t>(rois[k * 5]));
+    int64_t n = 0;
+    batch_index(rois[k * 5], N, n);  // checked on the host: always valid here
     bucket[l * N + n].push_back(k);
   }
   const int64_t nblocks = (C + kChannelBlock - 1) / kChannelBlock;
@@ -128,15 +140,20 @@ void backward_kernel(const std::vector<PlaneCL<at::opmath_type<scalar_t>>>& leve
       acc_t* base = lv.data + n * lv.H * lv.W * C + c0;
       for (const int64_t k : bucket[ln]) {
         const auto g = geometry_of<scalar_t, acc_t>(rois + k * 5, scales[l], PH, PW, sr, aligned);
+        if (g.nan) continue;  // a NaN region gets no gradient
         const scalar_t* gk = grad + k * gs[0] + c0 * gs[1];
         for (int ph = 0; ph < PH; ++ph) {
+          const SampleRange ry = sample_range(g.start_h, g.bin_h, ph, g.grid_h, -1.0, lv.H);
           for (int pw = 0; pw < PW; ++pw) {
+            const SampleRange rx = sample_range(g.start_w, g.bin_w, pw, g.grid_w, -1.0, lv.W);
+            if (ry.begin >= ry.end || rx.begin >= rx.end) continue;
             for (int64_t c = 0; c < cn; ++c) {
               gbuf[c] = static_cast<acc_t>(gk[c * gs[1] + ph * gs[2] + pw * gs[3]]) / g.count;
             }
-            for (int iy = 0; iy < g.grid_h; ++iy) {
+            for (int iy = ry.begin; iy < ry.end; ++iy) {
               const auto ty = axis_tap(lv.H, sample_coord(g.start_h, g.bin_h, ph, iy, g.grid_h));
-              for (int ix = 0; ix < g.grid_w; ++ix) {
+              if (!ty.inside) continue;
+              for (int ix = rx.begin; ix < rx.end; ++ix) {
                 const auto tx =
                     axis_tap(lv.W, sample_coord(g.start_w, g.bin_w, pw, ix, g.grid_w));
                 const auto s = combine_taps(ty, tx);
@@ -168,17 +185,26 @@ void backward_kernel(const std::vector<PlaneCL<at::opmath_type<scalar_t>>>& leve
 // out[k, c] = 1/(count*PH*PW) * sum_y py[y] * sum_x px[x] * in[n, c, y, x], with the
 // axis profiles of roi_align_math.h. It reads only the region's window, row by row
 // (NCHW) or pixel by pixel with a C-vector (channels-last), straight from the
-// input's own layout: no (K, C, PH, PW) tensor and no layout copy, so the extra
-// memory is the output plus K*(H+W) profile weights.
+// input's own layout: no (K, C, PH, PW) tensor, so the extra memory is the output
+// plus K*(H+W) profile weights and touched flags.
+//
+// NaN: the sums run over the touched pixels only (ty[y] && tx[x]: the taps of
+// inside samples, whatever their weight), on both layouts. A NaN there gives NaN,
+// as torchvision's multiply-add does even for a zero weight; a NaN elsewhere in
+// the window is never read.
 
 template <typename acc_t>
-struct Profiles {  // per region: py (H) and px (W) with their touched ranges
+struct Profiles {  // per region: py (H) and px (W), their touched flags and ranges
   std::vector<acc_t> w;
+  std::vector<unsigned char> touched;
   std::vector<int> range;  // y0, y1, x0, x1 per region
   std::vector<acc_t> norm; // count * PH * PW, or NaN for a NaN box
+  std::vector<unsigned char> nan;
   int64_t H, W;
   const acc_t* py(int64_t k) const { return w.data() + k * (H + W); }
   const acc_t* px(int64_t k) const { return w.data() + k * (H + W) + H; }
+  const unsigned char* ty(int64_t k) const { return touched.data() + k * (H + W); }
+  const unsigned char* tx(int64_t k) const { return touched.data() + k * (H + W) + H; }
 };
 
 template <typename scalar_t>
@@ -190,46 +216,61 @@ Profiles<at::opmath_type<scalar_t>> region_profiles(const scalar_t* rois, int64_
   p.H = H;
   p.W = W;
   p.w.assign(K * (H + W), acc_t(0));
+  p.touched.assign(K * (H + W), 0);
   p.range.resize(K * 4);
   p.norm.resize(K);
+  p.nan.resize(K);
   at::parallel_for(0, K, 16, [&](int64_t k0, int64_t k1) {
     for (int64_t k = k0; k < k1; ++k) {
       const auto g = geometry_of<scalar_t, acc_t>(rois + k * 5, scale, PH, PW, sr, aligned);
       acc_t* py = p.w.data() + k * (H + W);
+      unsigned char* ty = p.touched.data() + k * (H + W);
       int* r = p.range.data() + k * 4;
-      axis_profile(g.start_h, g.bin_h, PH, g.grid_h, static_cast<int>(H), py, r[0], r[1]);
-      axis_profile(g.start_w, g.bin_w, PW, g.grid_w, static_cast<int>(W), py + H, r[2], r[3]);
-      p.norm[k] = g.nan ? acc_t(NAN) : g.count * static_cast<acc_t>(PH * PW);
+      axis_profile(g.start_h, g.bin_h, PH, g.grid_h, static_cast<int>(H), py, ty, r[0], r[1]);
+      axis_profile(g.start_w, g.bin_w, PW, g.grid_w, static_cast<int>(W), py + H, ty + H, r[2],
+                   r[3]);
+      p.nan[k] = g.nan;
+      p.norm[k] = g.count * static_cast<acc_t>(PH) * static_cast<acc_t>(PW);
     }
   });
   return p;
 }
 
-// in: (N, C, H, W) with strides is[4], either sW == 1 or sC == 1.
+// in: (N, C, H, W) in one of two dense layouts, described by its canonical strides
+// is[4]: row-major (sW == 1, the rows of a plane are contiguous) or channels-last
+// (sC == 1, the C-vector of a pixel is contiguous).
 template <typename scalar_t>
-void region_forward_kernel(const scalar_t* in, const int64_t* is, int64_t C,
-                           const Profiles<at::opmath_type<scalar_t>>& pr, const scalar_t* rois,
-                           int64_t K, scalar_t* out, const int64_t* os) {
+void region_forward_kernel(const scalar_t* in, const int64_t* is, bool row_major, int64_t N,
+                           int64_t C, const Profiles<at::opmath_type<scalar_t>>& pr,
+                           const scalar_t* rois, int64_t K, scalar_t* out, const int64_t* os) {
   using acc_t = at::opmath_type<scalar_t>;
-  const bool row_major = is[3] == 1;
   at::parallel_for(0, K, 1, [&](int64_t k0, int64_t k1) {
     std::vector<acc_t> acc(row_major ? 0 : C);
     std::vector<acc_t> col;
     for (int64_t k = k0; k < k1; ++k) {
-      const int64_t n = static_cast<int64_t>(static_cast<acc_t>(rois[k * 5]));
+      if (pr.nan[k]) {
+        for (int64_t c = 0; c < C; ++c) out[k * os[0] + c * os[1]] = static_cast<scalar_t>(NAN);
+        continue;
+      }
+      int64_t n = 0;
+      batch_index(rois[k * 5], N, n);  // checked on the host: always valid here
       const acc_t* py = pr.py(k);
       const acc_t* px = pr.px(k);
+      const unsigned char* ty = pr.ty(k);
+      const unsigned char* tx = pr.tx(k);
       const int* r = pr.range.data() + k * 4;
       const scalar_t* base = in + n * is[0];
       if (row_major) {
-        // Per channel: column sums col[x] = sum_y py[y] * in[y, x] (row axpys), then col . px.
-        const int x0 = r[2], nx = r[3] - r[2] + 1;
+        // Per channel: column sums col[x] = sum_y py[y] * in[y, x] over the touched
+        // rows (row axpys), then the touched columns of col . px.
+        const int x0 = r[2], nx = std::max(r[3] - r[2] + 1, 0);
         if (static_cast<int>(col.size()) < nx) col.resize(nx);
         for (int64_t c = 0; c < C; ++c) {
           const scalar_t* plane = base + c * is[1] + x0;
           acc_t* cs = col.data();
-          std::fill(cs, cs + std::max(nx, 0), acc_t(0));
+          std::fill(cs, cs + nx, acc_t(0));
           for (int y = r[0]; y <= r[1]; ++y) {
+            if (!ty[y]) continue;
             const scalar_t* row = plane + y * is[2];
             const acc_t wy = py[y];
 #pragma omp simd
@@ -237,15 +278,16 @@ void region_forward_kernel(const scalar_t* in, const int64_t* is, int64_t C,
           }
           acc_t total = 0;
 #pragma omp simd reduction(+ : total)
-          for (int x = 0; x < nx; ++x) total += cs[x] * px[x0 + x];
+          for (int x = 0; x < nx; ++x) total += tx[x0 + x] ? cs[x] * px[x0 + x] : acc_t(0);
           out[k * os[0] + c * os[1]] = static_cast<scalar_t>(total / pr.norm[k]);
         }
       } else {
         std::fill(acc.begin(), acc.end(), acc_t(0));
         for (int y = r[0]; y <= r[1]; ++y) {
+          if (!ty[y]) continue;
           for (int x = r[2]; x <= r[3]; ++x) {
-            const acc_t w = py[y] * px[x];
-            if (w == acc_t(0)) continue;
+            if (!tx[x]) continue;
+            const acc_t w = py[y] * px[x];  // may be 0: a NaN tap still gives NaN
             const scalar_t* p = base + y * is[2] + x * is[3];
 #pragma omp simd
             for (int64_t c = 0; c < C; ++c) acc[c] += w * static_cast<acc_t>(p[c]);
@@ -259,7 +301,9 @@ void region_forward_kernel(const scalar_t* in, const int64_t* is, int64_t C,
   });
 }
 
-// grad_in (N, C, H, W) acc_t, contiguous or channels-last: += g[k, c] / norm * py[y] * px[x].
+// grad_in (N, C, H, W) acc_t, contiguous or channels-last: += g[k, c] / norm * py[y] * px[x]
+// over the touched pixels (so a NaN in grad reaches exactly the taps it reaches in
+// torchvision's backward).
 template <typename scalar_t>
 void region_backward_kernel(at::opmath_type<scalar_t>* gin, bool channels_last, int64_t N,
                             int64_t C, const Profiles<at::opmath_type<scalar_t>>& pr,
@@ -269,7 +313,10 @@ void region_backward_kernel(at::opmath_type<scalar_t>* gin, bool channels_last, 
   const int64_t H = pr.H, W = pr.W;
   std::vector<std::vector<int64_t>> bucket(N);
   for (int64_t k = 0; k < K; ++k) {
-    bucket[static_cast<int64_t>(static_cast<acc_t>(rois[k * 5]))].push_back(k);
+    if (pr.nan[k]) continue;  // a NaN region gets no gradient
+    int64_t n = 0;
+    batch_index(rois[k * 5], N, n);  // checked on the host: always valid here
+    bucket[n].push_back(k);
   }
   if (!channels_last) {
     // One (n, c) plane per work item: disjoint writes, regions in ascending order.
@@ -281,12 +328,15 @@ void region_backward_kernel(at::opmath_type<scalar_t>* gin, bool channels_last, 
           const acc_t coef = static_cast<acc_t>(grad[k * gs[0] + c * gs[1]]) / pr.norm[k];
           const acc_t* py = pr.py(k);
           const acc_t* px = pr.px(k);
+          const unsigned char* ty = pr.ty(k);
+          const unsigned char* tx = pr.tx(k);
           const int* r = pr.range.data() + k * 4;
           for (int y = r[0]; y <= r[1]; ++y) {
+            if (!ty[y]) continue;
             const acc_t cy = coef * py[y];
             acc_t* row = plane + y * W;
 #pragma omp simd
-            for (int x = r[2]; x <= r[3]; ++x) row[x] += cy * px[x];
+            for (int x = r[2]; x <= r[3]; ++x) row[x] += tx[x] ? cy * px[x] : acc_t(0);
           }
         }
       }
@@ -307,11 +357,14 @@ void region_backward_kernel(at::opmath_type<scalar_t>* gin, bool channels_last, 
         }
         const acc_t* py = pr.py(k);
         const acc_t* px = pr.px(k);
+        const unsigned char* ty = pr.ty(k);
+        const unsigned char* tx = pr.tx(k);
         const int* r = pr.range.data() + k * 4;
         for (int y = r[0]; y <= r[1]; ++y) {
+          if (!ty[y]) continue;
           for (int x = r[2]; x <= r[3]; ++x) {
+            if (!tx[x]) continue;
             const acc_t w = py[y] * px[x];
-            if (w == acc_t(0)) continue;
             acc_t* p = base + (int64_t(y) * W + x) * C;
 #pragma omp simd
             for (int64_t c = 0; c < cn; ++c) p[c] += w * coef[c];
@@ -326,23 +379,40 @@ at::Tensor region_forward_cpu(const at::Tensor& input, const at::Tensor& rois,
                               double spatial_scale, int64_t PH, int64_t PW, int64_t sr,
                               bool aligned) {
   const char* op = "region_features";
-  check_inputs(op, {input}, rois, nullptr, PH, PW, 1);
-  const int64_t K = rois.size(0), C = input.size(1);
+  check_inputs(op, {input}, rois, nullptr, PH, PW, sr, 1, /*check_data=*/true);
+  const int64_t K = rois.size(0), N = input.size(0), C = input.size(1);
   at::Tensor out = at::empty({K, C}, input.options());
   if (out.numel() == 0) return out;
   TORCH_CHECK(input.size(2) > 0 && input.size(3) > 0, op,
               ": input height and width must be positive, got ", input.sizes());
-  // Read the input in its own layout when a unit stride allows it.
+  // Read the input in place when it is dense in either layout, decided by
+  // is_contiguous(memory_format), never by single strides: a size-1 dimension may
+  // carry any stride (randn(N, C, 1, H).transpose(2, 3) is contiguous with
+  // stride(3) == H). Anything else (sliced, expanded, permuted) is copied once to
+  // its suggested dense layout. The kernel then uses the canonical strides of
+  // that layout, so the strides of size-1 dimensions are never read.
   at::Tensor x = input;
-  if (x.stride(3) != 1 && x.stride(1) != 1) x = x.contiguous();
+  bool row_major = true;
+  if (x.is_contiguous()) {
+    row_major = true;
+  } else if (x.is_contiguous(at::MemoryFormat::ChannelsLast)) {
+    row_major = false;
+  } else {
+    const auto fmt = x.suggest_memory_format();
+    x = x.contiguous(fmt);
+    row_major = fmt != at::MemoryFormat::ChannelsLast;
+  }
+  const int64_t H = x.size(2), W = x.size(3);
+  const int64_t is[4] = {C * H * W, row_major ? H * W : 1, row_major ? W : W * C,
+                         row_major ? 1 : C};
   const at::Tensor r = rois.contiguous();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "region_forward_cpu",
                                   [&] {
     const auto pr = region_profiles<scalar_t>(r.const_data_ptr<scalar_t>(), K, spatial_scale,
-                                              x.size(2), x.size(3), PH, PW, sr, aligned);
-    const int64_t is[4] = {x.stride(0), x.stride(1), x.stride(2), x.stride(3)};
+                                              H, W, static_cast<int>(PH),
+                                              static_cast<int>(PW), static_cast<int>(sr), aligned);
     const int64_t os[2] = {out.stride(0), out.stride(1)};
-    region_forward_kernel<scalar_t>(x.const_data_ptr<scalar_t>(), is, C, pr,
+    region_forward_kernel<scalar_t>(x.const_data_ptr<scalar_t>(), is, row_major, N, C, pr,
                                     r.const_data_ptr<scalar_t>(), K,
                                     out.mutable_data_ptr<scalar_t>(), os);
   });
@@ -355,9 +425,11 @@ at::Tensor region_backward_cpu(const at::Tensor& grad, const at::Tensor& rois,
                                bool channels_last) {
   const char* op = "region_features_backward";
   TORCH_CHECK(N >= 0 && C >= 0 && H >= 0 && W >= 0, op, ": negative input size");
-  TORCH_CHECK(PH > 0 && PW > 0, op, ": output_size must be positive");
+  TORCH_CHECK(H < (1LL << 31) && W < (1LL << 31), op, ": height/width too large");
+  TORCH_CHECK(rois.dim() == 2 && rois.size(1) == 5, op, ": rois must be (K, 5), got ",
+              rois.sizes());
   const int64_t K = rois.size(0);
-  check_grad(op, grad, rois, {K, C}, nullptr, N, 1);
+  check_grad(op, grad, rois, {K, C}, nullptr, N, 1, PH, PW, sr, /*check_data=*/true);
   const auto fmt = channels_last ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
   const auto acc_type = at::toOpMathType(grad.scalar_type());
   at::Tensor gin = at::empty({N, C, H, W}, grad.options().dtype(acc_type).memory_format(fmt)).zero_();
@@ -368,7 +440,9 @@ at::Tensor region_backward_cpu(const at::Tensor& grad, const at::Tensor& rois,
                                     "region_backward_cpu", [&] {
       using acc_t = at::opmath_type<scalar_t>;
       const auto pr = region_profiles<scalar_t>(r.const_data_ptr<scalar_t>(), K, spatial_scale,
-                                                H, W, PH, PW, sr, aligned);
+                                                H, W, static_cast<int>(PH),
+                                                static_cast<int>(PW), static_cast<int>(sr),
+                                                aligned);
       const int64_t gs[2] = {grad.stride(0), grad.stride(1)};
       region_backward_kernel<scalar_t>(gin.mutable_data_ptr<acc_t>(), channels_last, N, C, pr,
                                        r.const_data_ptr<scalar_t>(), K,
@@ -381,16 +455,20 @@ at::Tensor region_backward_cpu(const at::Tensor& grad, const at::Tensor& rois,
 at::Tensor forward_cpu(const char* op, at::TensorList features, const at::Tensor& rois,
                        const at::Tensor* levels, const std::vector<double>& scales, int64_t PH,
                        int64_t PW, int64_t sr, bool aligned) {
-  check_inputs(op, features, rois, levels, PH, PW, static_cast<int64_t>(scales.size()));
+  check_inputs(op, features, rois, levels, PH, PW, sr, static_cast<int64_t>(scales.size()),
+               /*check_data=*/true);
   const auto& f0 = features[0];
-  const int64_t K = rois.size(0), C = f0.size(1);
-  at::Tensor out =
-      at::empty({K, C, PH, PW}, f0.options().memory_format(f0.suggest_memory_format()));
+  const int64_t K = rois.size(0), N = f0.size(0), C = f0.size(1);
+  const auto out_fmt = f0.suggest_memory_format();
+  at::Tensor out = at::empty({K, C, PH, PW}, f0.options().memory_format(out_fmt));
   if (out.numel() == 0) return out;
   std::vector<at::Tensor> cl;
   for (const auto& f : features) {
     TORCH_CHECK(f.size(2) > 0 && f.size(3) > 0, op,
                 ": input height and width must be positive, got ", f.sizes());
+    // A no-op when f is already dense channels-last (is_contiguous(ChannelsLast));
+    // the kernel then indexes it as (N, H, W, C), whatever the strides of its
+    // size-1 dimensions.
     cl.push_back(f.contiguous(at::MemoryFormat::ChannelsLast));
   }
   const at::Tensor r = rois.contiguous();
@@ -403,8 +481,10 @@ at::Tensor forward_cpu(const char* op, at::TensorList features, const at::Tensor
     }
     const int64_t os[4] = {out.stride(0), out.stride(1), out.stride(2), out.stride(3)};
     const int64_t* lp = levels != nullptr ? lvl.const_data_ptr<int64_t>() : nullptr;
-    forward_kernel<scalar_t>(planes, C, r.const_data_ptr<scalar_t>(), lp, K, scales, PH, PW, sr,
-                             aligned, out.mutable_data_ptr<scalar_t>(), os);
+    forward_kernel<scalar_t>(planes, N, C, r.const_data_ptr<scalar_t>(), lp, K, scales,
+                             static_cast<int>(PH), static_cast<int>(PW), static_cast<int>(sr),
+                             aligned, out.mutable_data_ptr<scalar_t>(), os,
+                             out_fmt == at::MemoryFormat::ChannelsLast);
   });
   return out;
 }
@@ -420,13 +500,16 @@ std::vector<at::Tensor> backward_cpu(const char* op, const at::Tensor& grad,
                   static_cast<int64_t>(scales.size()) == L,
               op, ": heights, widths and scales must have one entry per level");
   TORCH_CHECK(N >= 0 && C >= 0, op, ": batch_size and channels must be non-negative");
-  TORCH_CHECK(PH > 0 && PW > 0, op, ": output_size must be positive");
+  TORCH_CHECK(rois.dim() == 2 && rois.size(1) == 5, op, ": rois must be (K, 5), got ",
+              rois.sizes());
   const int64_t K = rois.size(0);
-  check_grad(op, grad, rois, {K, C, PH, PW}, levels, N, L);
+  check_grad(op, grad, rois, {K, C, PH, PW}, levels, N, L, PH, PW, sr, /*check_data=*/true);
   const auto acc_type = at::toOpMathType(grad.scalar_type());
   std::vector<at::Tensor> bufs;
   for (int64_t l = 0; l < L; ++l) {
-    TORCH_CHECK(heights[l] >= 0 && widths[l] >= 0, op, ": negative height/width");
+    TORCH_CHECK(heights[l] >= 0 && widths[l] >= 0 && heights[l] < (1LL << 31) &&
+                    widths[l] < (1LL << 31),
+                op, ": height/width must lie in [0, 2^31), got ", heights[l], " x ", widths[l]);
     bufs.push_back(at::zeros({N, heights[l], widths[l], C}, grad.options().dtype(acc_type)));
   }
   if (K > 0 && C > 0) {
@@ -445,8 +528,9 @@ std::vector<at::Tensor> backward_cpu(const char* op, const at::Tensor& grad,
       }
       const int64_t gs[4] = {grad.stride(0), grad.stride(1), grad.stride(2), grad.stride(3)};
       const int64_t* lp = levels != nullptr ? lvl.const_data_ptr<int64_t>() : nullptr;
-      backward_kernel<scalar_t>(planes, N, C, r.const_data_ptr<scalar_t>(), lp, K, scales, PH,
-                                PW, sr, aligned, grad.const_data_ptr<scalar_t>(), gs);
+      backward_kernel<scalar_t>(planes, N, C, r.const_data_ptr<scalar_t>(), lp, K, scales,
+                                static_cast<int>(PH), static_cast<int>(PW), static_cast<int>(sr),
+                                aligned, grad.const_data_ptr<scalar_t>(), gs);
     });
   }
   std::vector<at::Tensor> grads;

@@ -54,21 +54,40 @@ __device__ __forceinline__ RoiGeometry<A> geometry(const Params& p, const T* r, 
                          static_cast<A>(scale), p.PH, p.PW, p.sampling_ratio, p.aligned);
 }
 
-// Sum of the samples of bins [ph0, ph1) x [pw0, pw1) of one (n, c) plane.
+// Per-region validity shared by every kernel: the batch index (batch_index in
+// roi_align_math.h, the rule the CPU backend raises on) and the level, compared
+// in 64 bits before any narrowing. An invalid region reads nothing: its outputs
+// are NaN and it gets no gradient. The host cannot check without a sync.
+template <typename T>
+__device__ __forceinline__ bool region_index(const Params& p, const T* r, int64_t k, int64_t& n,
+                                             int& l) {
+  const int64_t l64 = p.levels != nullptr ? p.levels[k] : 0;
+  if (l64 < 0 || l64 >= p.L) return false;
+  l = static_cast<int>(l64);
+  return batch_index(to_acc(r[0]), p.N, n);
+}
+
+// Sum of the samples of bins [ph0, ph1) x [pw0, pw1) of one (n, c) plane, bin by
+// bin and each bin's samples row by row (the CPU and torchvision order). Only the
+// samples that can land on the map are visited (sample_range).
 template <typename T, typename A>
 __device__ __forceinline__ A sum_bins(const T* plane, const Level& lv, const RoiGeometry<A>& g,
                                       int ph0, int ph1, int pw0, int pw1) {
   A acc = A(0);
   for (int ph = ph0; ph < ph1; ++ph) {
-    for (int iy = 0; iy < g.grid_h; ++iy) {
-      const auto ty = axis_tap(lv.H, sample_coord(g.start_h, g.bin_h, ph, iy, g.grid_h));
-      for (int pw = pw0; pw < pw1; ++pw) {
-        for (int ix = 0; ix < g.grid_w; ++ix) {
+    const SampleRange ry = sample_range(g.start_h, g.bin_h, ph, g.grid_h, -1.0, lv.H);
+    for (int pw = pw0; pw < pw1; ++pw) {
+      const SampleRange rx = sample_range(g.start_w, g.bin_w, pw, g.grid_w, -1.0, lv.W);
+      for (int iy = ry.begin; iy < ry.end; ++iy) {
+        const auto ty = axis_tap(lv.H, sample_coord(g.start_h, g.bin_h, ph, iy, g.grid_h));
+        if (!ty.inside) continue;
+        const T* r0 = plane + ty.lo * lv.sH;
+        const T* r1 = plane + ty.hi * lv.sH;
+        for (int ix = rx.begin; ix < rx.end; ++ix) {
           const auto tx = axis_tap(lv.W, sample_coord(g.start_w, g.bin_w, pw, ix, g.grid_w));
           const auto s = combine_taps(ty, tx);
           if (!s.inside) continue;
-          const T* r0 = plane + s.y_lo * lv.sH;
-          const T* r1 = plane + s.y_hi * lv.sH;
+          // All four taps are read and weighted, a zero weight too: a NaN tap gives NaN.
           acc += blend4<A>(s, to_acc(r0[s.x_lo * lv.sW]), to_acc(r0[s.x_hi * lv.sW]),
                            to_acc(r1[s.x_lo * lv.sW]), to_acc(r1[s.x_hi * lv.sW]));
         }
@@ -114,18 +133,19 @@ __global__ void _roi_align_fwd_kernel(const Params p, T* __restrict__ out, const
     int ph, pw;
     unravel(p, i, k, c, ph, pw);
     const T* r = rois + k * 5;
-    const int l = p.levels != nullptr ? static_cast<int>(p.levels[k]) : 0;
+    int64_t n = 0;
+    int l = 0;
+    const bool valid = region_index(p, r, k, n, l);
     const Level lv = level_at(p, l);
     const auto g = geometry<T, A>(p, r, lv.scale);
-    const int64_t n = static_cast<int64_t>(to_acc(r[0]));
     A v;
-    if (g.nan || n < 0 || n >= p.N || l < 0 || l >= p.L) {
-      // NaN box; or an index the host check rejects (never read out of bounds).
+    if (!valid || g.nan) {
+      // An invalid batch index or level (never read out of bounds), or a non-finite box.
       v = A(NAN);
     } else {
       const T* plane = static_cast<const T*>(lv.data) + n * lv.sN + c * lv.sC;
       if (p.mean) {
-        v = sum_bins<T, A>(plane, lv, g, 0, p.PH, 0, p.PW) / (g.count * A(p.PH * p.PW));
+        v = sum_bins<T, A>(plane, lv, g, 0, p.PH, 0, p.PW) / (g.count * A(p.PH) * A(p.PW));
       } else {
         v = sum_bins<T, A>(plane, lv, g, ph, ph + 1, pw, pw + 1) / g.count;
       }
@@ -139,10 +159,13 @@ template <typename A>
 __device__ __forceinline__ void scatter_bins(A* plane, const Level& lv, const RoiGeometry<A>& g,
                                              int ph0, int ph1, int pw0, int pw1, A gv) {
   for (int ph = ph0; ph < ph1; ++ph) {
-    for (int iy = 0; iy < g.grid_h; ++iy) {
+    const SampleRange ry = sample_range(g.start_h, g.bin_h, ph, g.grid_h, -1.0, lv.H);
+    for (int iy = ry.begin; iy < ry.end; ++iy) {
       const auto ty = axis_tap(lv.H, sample_coord(g.start_h, g.bin_h, ph, iy, g.grid_h));
+      if (!ty.inside) continue;
       for (int pw = pw0; pw < pw1; ++pw) {
-        for (int ix = 0; ix < g.grid_w; ++ix) {
+        const SampleRange rx = sample_range(g.start_w, g.bin_w, pw, g.grid_w, -1.0, lv.W);
+        for (int ix = rx.begin; ix < rx.end; ++ix) {
           const auto tx = axis_tap(lv.W, sample_coord(g.start_w, g.bin_w, pw, ix, g.grid_w));
           const auto s = combine_taps(ty, tx);
           if (!s.inside) continue;
@@ -168,15 +191,16 @@ __global__ void _roi_align_bwd_kernel(const Params p, const T* __restrict__ grad
     int ph, pw;
     unravel(p, i, k, c, ph, pw);
     const T* r = rois + k * 5;
-    const int l = p.levels != nullptr ? static_cast<int>(p.levels[k]) : 0;
-    const int64_t n = static_cast<int64_t>(to_acc(r[0]));
-    if (n < 0 || n >= p.N || l < 0 || l >= p.L) continue;  // rejected on the host
+    int64_t n = 0;
+    int l = 0;
+    if (!region_index(p, r, k, n, l)) continue;  // an invalid region gets no gradient
     const Level lv = level_at(p, l);
     const auto g = geometry<T, A>(p, r, lv.scale);
+    if (g.nan) continue;  // nor does a non-finite box
     A* plane = const_cast<A*>(static_cast<const A*>(lv.data)) + n * lv.sN + c * lv.sC;
     const A gv = to_acc(grad[k * gs0 + c * gs1 + ph * gs2 + pw * gs3]);
     if (p.mean) {
-      scatter_bins<A>(plane, lv, g, 0, p.PH, 0, p.PW, gv / (g.count * A(p.PH * p.PW)));
+      scatter_bins<A>(plane, lv, g, 0, p.PH, 0, p.PW, gv / (g.count * A(p.PH) * A(p.PW)));
     } else {
       scatter_bins<A>(plane, lv, g, ph, ph + 1, pw, pw + 1, gv / g.count);
     }
@@ -214,40 +238,42 @@ __global__ void _roi_align_bwd_det_kernel(const Params p, const int level,
     A acc = A(0);
     for (int64_t k = 0; k < p.K; ++k) {
       const T* r = rois + k * 5;
-      if (p.levels != nullptr && p.levels[k] != level) continue;
-      if (static_cast<int64_t>(to_acc(r[0])) != n) continue;
+      int64_t nk = 0;
+      int lk = 0;
+      if (!region_index(p, r, k, nk, lk) || lk != level || nk != n) continue;
       const auto g = geometry<T, A>(p, r, lv.scale);
-      if (g.grid_h <= 0 || g.grid_w <= 0) continue;
-      // Conservative reject: the taps of a sample at y lie in [floor(y) - 1, ceil(y) + 1].
-      const A ya = sample_coord(g.start_h, g.bin_h, 0, 0, g.grid_h);
-      const A yb = sample_coord(g.start_h, g.bin_h, p.PH - 1, g.grid_h - 1, g.grid_h);
-      const A xa = sample_coord(g.start_w, g.bin_w, 0, 0, g.grid_w);
-      const A xb = sample_coord(g.start_w, g.bin_w, p.PW - 1, g.grid_w - 1, g.grid_w);
-      if (A(h) < floor(ya < yb ? ya : yb) - A(1) || A(h) > ceil(ya < yb ? yb : ya) + A(1)) continue;
-      if (A(w) < floor(xa < xb ? xa : xb) - A(1) || A(w) > ceil(xa < xb ? xb : xa) + A(1)) continue;
+      if (g.nan) continue;
+      const A norm = p.mean ? g.count * A(p.PH) * A(p.PW) : g.count;
       for (int ph = 0; ph < p.PH; ++ph) {
+        // Only samples within a pixel of h can have a tap on row h.
+        const SampleRange ry = sample_range(g.start_h, g.bin_h, ph, g.grid_h, h - 1.0, h + 1.0);
+        if (ry.begin >= ry.end) continue;
         A bin_acc = A(0);
-        for (int iy = 0; iy < g.grid_h; ++iy) {
+        for (int iy = ry.begin; iy < ry.end; ++iy) {
           const auto ty = axis_tap(lv.H, sample_coord(g.start_h, g.bin_h, ph, iy, g.grid_h));
           if (!ty.inside || (ty.lo != h && ty.hi != h)) continue;
           for (int pw = 0; pw < p.PW; ++pw) {
+            const SampleRange rx =
+                sample_range(g.start_w, g.bin_w, pw, g.grid_w, w - 1.0, w + 1.0);
             A wsum = A(0);
-            for (int ix = 0; ix < g.grid_w; ++ix) {
+            bool hit = false;  // a tap lands here, whatever its weight (NaN grads propagate)
+            for (int ix = rx.begin; ix < rx.end; ++ix) {
               const auto tx = axis_tap(lv.W, sample_coord(g.start_w, g.bin_w, pw, ix, g.grid_w));
               if (!tx.inside || (tx.lo != w && tx.hi != w)) continue;
               const auto s = combine_taps(ty, tx);
+              hit = true;
               if (s.y_lo == h && s.x_lo == w) wsum += s.w[0];
               if (s.y_lo == h && s.x_hi == w) wsum += s.w[1];
               if (s.y_hi == h && s.x_lo == w) wsum += s.w[2];
               if (s.y_hi == h && s.x_hi == w) wsum += s.w[3];
             }
-            if (wsum != A(0)) {
+            if (hit) {
               const int64_t gi = p.mean ? k * gs0 + c * gs1 : k * gs0 + c * gs1 + ph * gs2 + pw * gs3;
               bin_acc += wsum * to_acc(grad[gi]);
             }
           }
         }
-        acc += bin_acc / (p.mean ? g.count * A(p.PH * p.PW) : g.count);
+        acc += bin_acc / norm;
       }
     }
     A* buf = const_cast<A*>(static_cast<const A*>(lv.data));

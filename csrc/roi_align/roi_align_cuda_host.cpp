@@ -1,6 +1,10 @@
 // RoIAlign family, CUDA registration: validation, allocation, device guard and
 // stream, then the launchers in roi_align_cuda.cu. Compiled by the host
 // compiler, only when the extension is built with CUDA.
+//
+// No host synchronisation: nothing here reads tensor data (check_inputs runs with
+// check_data=false), so every op can be captured in a CUDA graph. The kernels
+// apply the batch-index/level rule per region instead (NaN rows, no gradient).
 #ifdef MMKERNELS_WITH_CUDA
 
 #include <ATen/ATen.h>
@@ -10,6 +14,7 @@
 
 #include "common/cuda_check.h"
 
+#include <cstdint>
 #include <vector>
 
 #include "roi_align/roi_align_common.h"
@@ -29,14 +34,24 @@ cuda::DType dtype_of(at::ScalarType t) {
   }
 }
 
+// A value the caller has range-checked (check_sizes, check_inputs: sizes, output
+// sizes and sampling_ratio fit in int), narrowed with the check repeated.
+int to_int(const char* what, int64_t v) {
+  TORCH_CHECK(v >= INT32_MIN && v <= INT32_MAX, "mmkernels roi_align: ", what,
+              " does not fit in int: ", v);
+  return static_cast<int>(v);
+}
+
+// Any strides, read as they are (expanded inputs with stride 0 too): the kernels
+// index with int64 products, so no copy and no 32-bit offset.
 void fill_level(cuda::Level& lv, const at::Tensor& t, double scale) {
   lv.data = t.const_data_ptr();
   lv.sN = t.stride(0);
   lv.sC = t.stride(1);
   lv.sH = t.stride(2);
   lv.sW = t.stride(3);
-  lv.H = static_cast<int>(t.size(2));
-  lv.W = static_cast<int>(t.size(3));
+  lv.H = to_int("height", t.size(2));
+  lv.W = to_int("width", t.size(3));
   lv.scale = scale;
 }
 
@@ -49,9 +64,9 @@ cuda::Params make_params(const at::Tensor& rois, const at::Tensor* levels, int64
   p.K = rois.size(0);
   p.N = N;
   p.C = C;
-  p.PH = static_cast<int>(PH);
-  p.PW = static_cast<int>(PW);
-  p.sampling_ratio = static_cast<int>(sr);
+  p.PH = to_int("pooled_height", PH);
+  p.PW = to_int("pooled_width", PW);
+  p.sampling_ratio = to_int("sampling_ratio", sr);
   p.aligned = aligned;
   p.mean = mean;
   p.channels_inner = channels_inner;
@@ -61,7 +76,8 @@ cuda::Params make_params(const at::Tensor& rois, const at::Tensor* levels, int64
 at::Tensor forward_cuda(const char* op, at::TensorList features, const at::Tensor& rois,
                         const at::Tensor* levels, at::ArrayRef<double> scales, int64_t PH,
                         int64_t PW, int64_t sr, bool aligned, bool mean) {
-  check_inputs(op, features, rois, levels, PH, PW, static_cast<int64_t>(scales.size()));
+  check_inputs(op, features, rois, levels, PH, PW, sr, static_cast<int64_t>(scales.size()),
+               /*check_data=*/false);
   TORCH_CHECK(static_cast<int>(features.size()) <= cuda::kMaxLevels, op, ": at most ",
               cuda::kMaxLevels, " feature levels on CUDA, got ", features.size());
   const auto& f0 = features[0];
@@ -104,19 +120,22 @@ std::vector<at::Tensor> backward_cuda(const char* op, const at::Tensor& grad,
               op, ": heights, widths and scales must have one entry per level (at most ",
               cuda::kMaxLevels, ")");
   TORCH_CHECK(N >= 0 && C >= 0, op, ": batch_size and channels must be non-negative");
-  TORCH_CHECK(PH > 0 && PW > 0, op, ": output_size must be positive");
+  TORCH_CHECK(rois.dim() == 2 && rois.size(1) == 5, op, ": rois must be (K, 5), got ",
+              rois.sizes());
   const int64_t K = rois.size(0);
   if (mean) {
-    check_grad(op, grad, rois, {K, C}, levels, N, L);
+    check_grad(op, grad, rois, {K, C}, levels, N, L, PH, PW, sr, /*check_data=*/false);
   } else {
-    check_grad(op, grad, rois, {K, C, PH, PW}, levels, N, L);
+    check_grad(op, grad, rois, {K, C, PH, PW}, levels, N, L, PH, PW, sr, /*check_data=*/false);
   }
   const c10::cuda::CUDAGuard guard(grad.device());
   const auto acc_type = grad.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   const auto fmt = channels_last ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
   std::vector<at::Tensor> bufs;
   for (int64_t l = 0; l < L; ++l) {
-    TORCH_CHECK(heights[l] >= 0 && widths[l] >= 0, op, ": negative height/width");
+    TORCH_CHECK(heights[l] >= 0 && widths[l] >= 0 && heights[l] < (1LL << 31) &&
+                    widths[l] < (1LL << 31),
+                op, ": height/width must lie in [0, 2^31), got ", heights[l], " x ", widths[l]);
     bufs.push_back(at::empty({N, C, heights[l], widths[l]},
                              grad.options().dtype(acc_type).memory_format(fmt))
                        .zero_());

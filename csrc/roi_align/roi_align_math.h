@@ -23,26 +23,35 @@
 namespace mmkernels {
 namespace roi_align {
 
-// Largest per-bin sampling grid (per axis) in adaptive mode. Beyond this a box
-// is absurdly large (the sample count would be > 4e9 per bin); the cap keeps
-// the float->int conversion defined.
-constexpr int kMaxAdaptiveGrid = 1 << 16;
+// Largest sampling grid per bin and axis: an explicit sampling_ratio may not exceed
+// it, and the adaptive grid ceil(bin size) is capped at it. The cap changes no
+// result for bins up to 8192 feature-map pixels per axis, far beyond any real box
+// (a 1333-pixel image at stride 1 pooled to one bin needs 1333); it keeps the
+// sample count of a bin, grid_h * grid_w <= 2^26, exact and in 64 bits.
+constexpr int kMaxSamplingRatio = 1 << 13;
 
 // Geometry of one region of interest, all in feature-map pixels.
 template <typename T>
 struct RoiGeometry {
   T start_h, start_w;  // top-left corner after scaling and the aligned shift
   T bin_h, bin_w;      // bin size
-  int grid_h, grid_w;  // samples per bin along each axis (>= 0)
-  T count;             // normaliser: max(grid_h * grid_w, 1)
-  bool nan;            // a coordinate is NaN: the region's outputs are NaN
+  int grid_h, grid_w;  // samples per bin along each axis, in [0, kMaxSamplingRatio]
+  T count;             // normaliser: max(grid_h * grid_w, 1), the product taken in 64 bits
+  bool nan;            // the scaled box is not finite: the region's outputs are NaN
 };
+
+// v - v is 0 for a finite v and NaN for +-Inf and NaN (no <cmath> call, so the
+// same test compiles for host and device).
+template <typename T>
+HOST_DEVICE_INLINE bool is_finite(T v) {
+  return v - v == T(0);
+}
 
 template <typename T>
 HOST_DEVICE_INLINE int adaptive_grid(T extent) {
   // ceil(extent) for extent > 0, else 0 (also for NaN); capped, see above.
   if (!(extent > T(0))) return 0;
-  if (extent >= T(kMaxAdaptiveGrid)) return kMaxAdaptiveGrid;
+  if (extent >= T(kMaxSamplingRatio)) return kMaxSamplingRatio;
   return static_cast<int>(ceil(extent));
 }
 
@@ -64,18 +73,81 @@ HOST_DEVICE_INLINE RoiGeometry<T> roi_geometry(T x1, T y1, T x2, T y2, T spatial
   }
   g.bin_h = roi_h / static_cast<T>(pooled_h);
   g.bin_w = roi_w / static_cast<T>(pooled_w);
-  g.grid_h = sampling_ratio > 0 ? sampling_ratio : adaptive_grid(roi_h / static_cast<T>(pooled_h));
-  g.grid_w = sampling_ratio > 0 ? sampling_ratio : adaptive_grid(roi_w / static_cast<T>(pooled_w));
-  const int n = g.grid_h * g.grid_w;
+  // An Inf or NaN coordinate (x2 = -Inf too, which the legacy clamp would hide), or a
+  // finite box whose scaled extent overflows: the region is NaN at once, with no
+  // samples to visit.
+  g.nan = !(is_finite(g.start_h) && is_finite(g.start_w) && is_finite(end_h) &&
+            is_finite(end_w) && is_finite(g.bin_h) && is_finite(g.bin_w));
+  if (g.nan) {
+    g.grid_h = g.grid_w = 0;
+  } else {
+    g.grid_h = sampling_ratio > 0 ? sampling_ratio : adaptive_grid(roi_h / static_cast<T>(pooled_h));
+    g.grid_w = sampling_ratio > 0 ? sampling_ratio : adaptive_grid(roi_w / static_cast<T>(pooled_w));
+  }
+  const int64_t n = static_cast<int64_t>(g.grid_h) * g.grid_w;
   g.count = static_cast<T>(n > 1 ? n : 1);
-  g.nan = (x1 != x1) || (y1 != y1) || (x2 != x2) || (y2 != y2);
   return g;
+}
+
+// Batch index of a region: rois[k, 0] must lie in [0, N) (NaN fails both
+// comparisons); the value is compared as a double before it is truncated, so the
+// conversion is always defined. Shared by the CPU check, which raises, and the
+// CUDA kernels, which cannot raise without a host sync: there a region with an
+// invalid index reads nothing, its outputs are NaN and it gets no gradient.
+template <typename T>
+HOST_DEVICE_INLINE bool batch_index(T v, int64_t N, int64_t& n) {
+  const double d = static_cast<double>(v);
+  if (!(d >= 0.0 && d < static_cast<double>(N))) return false;
+  n = static_cast<int64_t>(d);
+  return true;
 }
 
 // Coordinate of sample i of bin b along one axis (the sub-bin centre).
 template <typename T>
 HOST_DEVICE_INLINE T sample_coord(T start, T bin, int b, int i, int grid) {
   return start + static_cast<T>(b) * bin + static_cast<T>(i + .5f) * bin / static_cast<T>(grid);
+}
+
+// Samples [begin, end) of one bin along one axis.
+struct SampleRange {
+  int begin, end;
+};
+
+// The samples i of bin b whose coordinate sample_coord(start, bin, b, i, grid) can
+// lie in [lo, hi]: a superset (the float coordinate is bounded by its rounding
+// error, and one index of margin is added on each side), so the per-sample test in
+// axis_tap stays authoritative and skipping the others changes no result. Loops
+// visit only these samples, so a huge box costs what its samples on the map cost,
+// not grid_h * grid_w; the range is computed in double on host and device alike.
+template <typename T>
+HOST_DEVICE_INLINE SampleRange sample_range(T start, T bin, int b, int grid, double lo,
+                                            double hi) {
+  SampleRange r{0, grid > 0 ? grid : 0};
+  const double base = static_cast<double>(start) + static_cast<double>(b) * static_cast<double>(bin);
+  const double step = static_cast<double>(bin) / static_cast<double>(grid);
+  if (grid <= 0 || !(step != 0.0)) return r;  // coinciding samples: visit them all
+  // sample_coord rounds at most four times, each time by at most half an ulp of a
+  // value bounded by m; eight ulps of m bound its error with a wide margin.
+  const double eps = sizeof(T) >= 8 ? 2.220446049250313e-16 : 1.1920928955078125e-07;
+  const double m = fabs(static_cast<double>(start)) +
+                   fabs(static_cast<double>(b) * static_cast<double>(bin)) +
+                   fabs(static_cast<double>(bin));
+  const double err = 8.0 * eps * m;
+  double ta = (lo - err - base) / step - 0.5;
+  double tb = (hi + err - base) / step - 0.5;
+  if (!(ta == ta) || !(tb == tb)) return r;  // cannot happen for a finite geometry
+  if (ta > tb) {  // a negative bin (aligned, inverted box): coordinates decrease with i
+    const double t = ta;
+    ta = tb;
+    tb = t;
+  }
+  if (tb < 0.0 || ta > static_cast<double>(grid)) {
+    r.end = 0;
+    return r;
+  }
+  if (ta > 1.0) r.begin = static_cast<int>(floor(ta)) - 1;
+  if (tb < static_cast<double>(grid) - 2.0) r.end = static_cast<int>(ceil(tb)) + 2;
+  return r;
 }
 
 // The two bilinear taps along one axis. `inside` is false when the sample lies
@@ -152,17 +224,24 @@ HOST_DEVICE_INLINE T blend4(const Taps2D<T>& s, T v00, T v01, T v10, T v11) {
 // sum_y profile_y[y] * sum_x profile_x[x] * in[y, x]: region_features is a
 // bilinear form with two 1-D profiles. `profile` has `size` zeroed entries;
 // [first, last] receives the touched range (first > last when none).
+// touched[p] (size zeroed entries) is set for every pixel that is a tap of an
+// inside sample, whatever its weight: the pixels of the window that torchvision's
+// multiply-add reads, so that a NaN there (times a weight of 0, too) gives NaN and a
+// NaN on any other pixel of the window is never read.
 template <typename T>
 HOST_DEVICE_INLINE void axis_profile(T start, T bin, int pooled, int grid, int size, T* profile,
-                                     int& first, int& last) {
+                                     unsigned char* touched, int& first, int& last) {
   first = size;
   last = -1;
   for (int b = 0; b < pooled; ++b) {
-    for (int i = 0; i < grid; ++i) {
+    const SampleRange r = sample_range(start, bin, b, grid, -1.0, static_cast<double>(size));
+    for (int i = r.begin; i < r.end; ++i) {
       const AxisTap<T> t = axis_tap(size, sample_coord(start, bin, b, i, grid));
       if (!t.inside) continue;
       profile[t.lo] += t.w_lo;
       profile[t.hi] += t.w_hi;
+      touched[t.lo] = 1;
+      touched[t.hi] = 1;
       first = t.lo < first ? t.lo : first;
       last = t.hi > last ? t.hi : last;
     }

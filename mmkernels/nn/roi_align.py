@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
-from mmkernels.ops.roi_align import BoxesLike, _pair, region_features, roi_align
+from mmkernels.ops.roi_align import BoxesLike, _check_sampling_ratio, _pair, region_features, roi_align
 
 
 class RoIAlign(nn.Module):
@@ -12,6 +12,9 @@ class RoIAlign(nn.Module):
 
     forward(input: Tensor[N, C, H, W], rois: Tensor[K, 5] or list of Tensor[L, 4])
     -> Tensor[K, C, PH, PW].
+
+    The constructor validates its arguments as the functional API does (TypeError /
+    ValueError naming ``output_size`` or ``sampling_ratio``).
     """
 
     def __init__(self, output_size, spatial_scale: float = 1.0, sampling_ratio: int = -1,
@@ -19,7 +22,7 @@ class RoIAlign(nn.Module):
         super().__init__()
         self.output_size = _pair(output_size)
         self.spatial_scale = float(spatial_scale)
-        self.sampling_ratio = int(sampling_ratio)
+        self.sampling_ratio = _check_sampling_ratio(sampling_ratio)
         self.aligned = bool(aligned)
 
     def forward(self, input: Tensor, rois: BoxesLike) -> Tensor:

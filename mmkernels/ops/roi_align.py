@@ -10,11 +10,26 @@ Layers, in order:
 Backends: CPU and CUDA tensors go to the C++/CUDA kernels through the
 dispatcher; ``MMKERNELS_BACKEND=reference`` routes to :mod:`mmkernels.reference`.
 Gradients flow to the feature maps, not to the boxes (as in torchvision).
+
+Contract shared by the three ops (details in :func:`roi_align`):
+
+* Numerics: the CPU float32/float64 forward of ``roi_align`` (and of each level
+  of ``multiscale_roi_align``) is bitwise equal to torchvision's CPU kernel; the
+  rest is within :mod:`mmkernels.testing`'s tolerance of the float64 reference.
+* ``sampling_ratio``: -1 or 0 (adaptive: ``ceil(bin size)`` per axis, capped at
+  :data:`MAX_SAMPLING_RATIO`), or an int in [1, :data:`MAX_SAMPLING_RATIO`].
+* A box that is not finite after scaling gives a NaN row at once.
+* A NaN read by a sample's bilinear taps gives NaN, on every layout and backend.
+* A batch index outside [0, N) raises on CPU; on CUDA (no host sync) its row is NaN.
+* Deterministic by default: CPU forward and backward (independent of the thread
+  count), CUDA forward. The CUDA backward uses atomics unless
+  ``torch.use_deterministic_algorithms(True)``, which selects a gather kernel.
 """
 
 from __future__ import annotations
 
 import math
+import operator
 from collections.abc import Sequence
 
 import torch
@@ -24,7 +39,15 @@ from torch._prims_common import suggest_memory_format
 from mmkernels import _extension, reference
 
 __all__ = ["roi_align", "region_features", "multiscale_roi_align", "convert_boxes_to_rois",
-           "assign_fpn_levels"]
+           "assign_fpn_levels", "MAX_SAMPLING_RATIO"]
+
+#: Largest sampling grid per bin and axis (``kMaxSamplingRatio`` in
+#: csrc/roi_align/roi_align_math.h): the largest explicit ``sampling_ratio``, and the
+#: cap of the adaptive grid ``ceil(bin size)``, which it therefore leaves unchanged
+#: for bins of up to 8192 feature-map pixels.
+MAX_SAMPLING_RATIO = 8192
+
+_INT_MAX = 2 ** 31 - 1
 
 _OPS = ("roi_align", "_roi_align_backward", "region_features", "_region_features_backward",
         "multiscale_roi_align", "_multiscale_roi_align_backward")
@@ -197,9 +220,23 @@ def _pair(output_size, name: str = "output_size") -> tuple[int, int]:
         size = (int(output_size[0]), int(output_size[1]))
     else:
         raise TypeError(f"{name} must be an int or a pair of ints, got {output_size!r}")
-    if size[0] <= 0 or size[1] <= 0:
-        raise ValueError(f"{name} must be positive, got {size}")
+    if not (0 < size[0] <= _INT_MAX and 0 < size[1] <= _INT_MAX):
+        raise ValueError(f"{name} must be positive and below 2^31, got {size}")
     return size
+
+
+def _check_sampling_ratio(sampling_ratio) -> int:
+    """-1 or 0 (adaptive), or an int in [1, MAX_SAMPLING_RATIO]; returns it as an int."""
+    if isinstance(sampling_ratio, bool):
+        raise TypeError(f"sampling_ratio must be an int, got {sampling_ratio!r}")
+    try:
+        sr = operator.index(sampling_ratio)
+    except TypeError:
+        raise TypeError(f"sampling_ratio must be an int, got {sampling_ratio!r}") from None
+    if not (sr in (-1, 0) or 1 <= sr <= MAX_SAMPLING_RATIO):
+        raise ValueError(f"sampling_ratio must be -1 or 0 (adaptive) or in [1, "
+                         f"{MAX_SAMPLING_RATIO}], got {sr}")
+    return sr
 
 
 def convert_boxes_to_rois(boxes: BoxesLike, like: Tensor | None = None) -> Tensor:
@@ -249,17 +286,17 @@ def _check_input(input, name: str = "input") -> None:
                         f"{input.dtype}")
 
 
-def _prepare(input: Tensor, boxes: BoxesLike, output_size, sampling_ratio) -> tuple[Tensor, int, int]:
+def _prepare(input: Tensor, boxes: BoxesLike, output_size, sampling_ratio
+             ) -> tuple[Tensor, int, int, int]:
     _check_input(input)
     ph, pw = _pair(output_size)
-    if not isinstance(sampling_ratio, int) or isinstance(sampling_ratio, bool):
-        raise TypeError(f"sampling_ratio must be an int, got {sampling_ratio!r}")
+    sampling_ratio = _check_sampling_ratio(sampling_ratio)
     rois = convert_boxes_to_rois(boxes, like=input)
     if rois.dtype != input.dtype:
         raise TypeError(f"boxes dtype ({rois.dtype}) must match input dtype ({input.dtype})")
     if rois.device != input.device:
         raise ValueError(f"boxes are on {rois.device} but input is on {input.device}")
-    return rois, ph, pw
+    return rois, ph, pw, sampling_ratio
 
 
 def roi_align(input: Tensor, boxes: BoxesLike, output_size, spatial_scale: float = 1.0,
@@ -267,26 +304,53 @@ def roi_align(input: Tensor, boxes: BoxesLike, output_size, spatial_scale: float
     """RoIAlign (Mask R-CNN), with the signature and results of ``torchvision.ops.roi_align``.
 
     Args:
-        input: Tensor[N, C, H, W], float32/float64/float16/bfloat16, NCHW or channels_last.
+        input: Tensor[N, C, H, W], float32/float64/float16/bfloat16, any strides
+            (NCHW, channels_last, views, expanded).
         boxes: Tensor[K, 5] of (batch_index, x1, y1, x2, y2), or a list of Tensor[L_i, 4]
             (x1, y1, x2, y2), one per image; input's dtype and device.
-        output_size: int or (PH, PW), positive.
+        output_size: int or (PH, PW), each in [1, 2^31).
         spatial_scale: maps box coordinates to feature-map coordinates (e.g. 1/16).
-        sampling_ratio: samples per bin along each axis; <= 0 is adaptive, ceil(bin size).
+        sampling_ratio: samples per bin along each axis: -1 or 0 for adaptive,
+            ``ceil(bin size)`` capped at :data:`MAX_SAMPLING_RATIO` (8192; no bin of a
+            real box is that large, so the cap changes no result), or an int in
+            [1, 8192].
         aligned: shift boxes by -0.5 pixel (half-pixel centres, as in Detectron2).
 
     Returns:
         Tensor[K, C, PH, PW] in input's dtype (channels_last when input is).
         Differentiable w.r.t. ``input`` (boxes get no gradient). Accumulation is in
-        float32 for half inputs. The CPU backward is deterministic; the CUDA
-        backward uses atomics unless ``torch.use_deterministic_algorithms(True)``.
+        float32 for half inputs.
+
+    Numerics: on CPU the float32/float64 forward is bitwise equal to
+    ``torchvision.ops.roi_align`` (the same operations in the same order; the
+    extension is built with ``-ffp-contract=off`` whatever ``-march``). The
+    backward, float16/bfloat16 and the CUDA kernels agree with the float64
+    reference within :mod:`mmkernels.testing`'s tolerances.
+
+    Special values:
+        * A box that is not finite after scaling (an Inf or NaN coordinate, or an
+          extent that overflows the dtype) gives a NaN row at once, and no gradient.
+        * Each sample on the map reads its four bilinear taps and weights every one,
+          a zero weight too, like torchvision's multiply-add: a NaN on any of them
+          gives NaN (+-Inf gives +-Inf or NaN), on every layout and backend. A sample
+          off the map reads nothing (torchvision's CPU kernel reads pixel (0, 0)
+          with weight 0 there, so a NaN at (0, 0) leaks into its output; its CUDA
+          kernel and this one do not).
+        * Cost: only samples that can land on the map are visited, so a huge box
+          costs what its samples on the map cost, never the full capped grid.
+
+    Determinism: CPU forward and backward are deterministic and independent of the
+    thread count; the CUDA forward is deterministic; the CUDA backward uses atomics
+    unless ``torch.use_deterministic_algorithms(True)``, which selects a gather kernel.
 
     Raises:
-        TypeError / ValueError for malformed arguments; RuntimeError when a batch
-        index in ``boxes[:, 0]`` lies outside [0, N) (checked on the host, one sync
-        on CUDA).
+        TypeError / ValueError for malformed arguments (naming the argument).
+        An out-of-range batch index in ``boxes[:, 0]`` (outside [0, N), or NaN):
+        on CPU, RuntimeError; on CUDA no host sync is made (so the op can be
+        captured in a CUDA graph), and the region reads nothing: its row is NaN and
+        it gets no gradient.
     """
-    rois, ph, pw = _prepare(input, boxes, output_size, sampling_ratio)
+    rois, ph, pw, sampling_ratio = _prepare(input, boxes, output_size, sampling_ratio)
     if _extension.backend_override() == "reference":
         return reference.roi_align(input, rois, (ph, pw), spatial_scale, sampling_ratio, aligned)
     _extension.require("roi_align", input.device.type)
@@ -306,8 +370,15 @@ def region_features(input: Tensor, boxes: BoxesLike, output_size, spatial_scale:
 
     Returns:
         Tensor[K, C] in input's dtype, differentiable w.r.t. ``input``.
+
+    Special values, batch-index rule and determinism: as :func:`roi_align` (NaN
+    exactly where ``roi_align(...).mean((2, 3))`` is NaN: only the taps of samples
+    on the map are read, on both layouts). Not bitwise equal to torchvision: the
+    sum runs in another order (a bilinear form, see the README's design notes).
+    On CPU, an input that is neither contiguous nor channels_last (a slice, an
+    expanded tensor) is copied once to its suggested dense layout.
     """
-    rois, ph, pw = _prepare(input, boxes, output_size, sampling_ratio)
+    rois, ph, pw, sampling_ratio = _prepare(input, boxes, output_size, sampling_ratio)
     if _extension.backend_override() == "reference":
         return reference.region_features(input, rois, (ph, pw), spatial_scale, sampling_ratio,
                                          aligned)
@@ -327,13 +398,19 @@ def assign_fpn_levels(rois: Tensor, k_min: int, k_max: int, canonical_scale: int
     """FPN level of each box (Lin et al. 2017, eq. 1), as torchvision's LevelMapper.
 
     Args:
-        rois: Tensor[K, 5]. Returns Tensor[K] int64 in [0, k_max - k_min].
+        rois: Tensor[K, 5]. Returns Tensor[K] int64 in [0, k_max - k_min]; a box whose
+        level is NaN (negative area, or a NaN coordinate) gets 0.
     """
     boxes = rois[:, 1:]
     area = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
     s = torch.sqrt(area)
+    # eps as a 0-d CPU tensor in s's dtype, as torchvision adds it: the same rounding,
+    # and it enters a CUDA op as a scalar (no host-to-device copy, no sync).
     lvl = torch.floor(canonical_level + torch.log2(s / canonical_scale)
-                      + torch.tensor(eps, dtype=s.dtype, device=s.device))
+                      + torch.tensor(eps, dtype=s.dtype))
+    # A NaN box (NaN area, or a negative one) gets the finest level, where its row
+    # is NaN anyway (or zero, as torchvision's); the cast of NaN to int is undefined.
+    lvl = torch.where(torch.isnan(lvl), torch.full_like(lvl, k_min), lvl)
     lvl = torch.clamp(lvl, min=k_min, max=k_max)
     return lvl.to(torch.int64) - k_min
 
@@ -359,7 +436,10 @@ def multiscale_roi_align(features: Sequence[Tensor] | dict[str, Tensor], boxes: 
 
     Returns:
         Tensor[K, C, PH, PW], differentiable w.r.t. every level (aligned=False, as
-        torchvision's MultiScaleRoIAlign).
+        torchvision's MultiScaleRoIAlign). With more than one level, an inverted box
+        (negative area) gets a zero row, as in torchvision, whose level mapper
+        assigns it no level. Other special values, the batch-index rule and
+        determinism: as :func:`roi_align`.
     """
     if isinstance(features, dict):
         features = list(features.values())
@@ -367,21 +447,38 @@ def multiscale_roi_align(features: Sequence[Tensor] | dict[str, Tensor], boxes: 
         raise TypeError("features must be a non-empty list (or dict) of Tensor[N, C, H, W]")
     for i, f in enumerate(features):
         _check_input(f, f"features[{i}]")
+        if f.dtype != features[0].dtype:
+            raise TypeError(f"features[{i}] dtype ({f.dtype}) must match features[0] "
+                            f"({features[0].dtype})")
+        if f.device != features[0].device or f.shape[:2] != features[0].shape[:2]:
+            raise ValueError(f"features[{i}] ({tuple(f.shape)} on {f.device}) must share N, C "
+                             f"and the device with features[0] ({tuple(features[0].shape)} on "
+                             f"{features[0].device})")
     if not image_sizes:
         raise ValueError("image_sizes must list the (height, width) of each image")
-    rois, ph, pw = _prepare(features[0], boxes, output_size, sampling_ratio)
+    rois, ph, pw, sampling_ratio = _prepare(features[0], boxes, output_size, sampling_ratio)
     max_h = max(int(s[0]) for s in image_sizes)
     max_w = max(int(s[1]) for s in image_sizes)
     scales = [_infer_scale(f, (max_h, max_w)) for f in features]
     k_min = int(-math.log2(scales[0]))
     k_max = int(-math.log2(scales[-1]))
+    unassigned = None
     if len(features) == 1:
         levels = torch.zeros(rois.shape[0], dtype=torch.int64, device=rois.device)
     else:
         levels = assign_fpn_levels(rois, k_min, k_max, canonical_scale, canonical_level)
+        # torchvision's LevelMapper gives a finite box of negative area (an inverted
+        # box) a NaN level that matches no level, so its row stays zero; do the same
+        # without a host sync. A non-finite box keeps its NaN row (see roi_align).
+        area = (rois[:, 3] - rois[:, 1]) * (rois[:, 4] - rois[:, 2])
+        unassigned = (area < 0) & torch.isfinite(rois[:, 1:]).all(1)
     if _extension.backend_override() == "reference":
-        return reference.multiscale_roi_align(list(features), rois, levels, scales, (ph, pw),
-                                              sampling_ratio, False)
-    _extension.require("multiscale_roi_align", features[0].device.type)
-    return torch.ops.mmkernels.multiscale_roi_align(list(features), rois, levels, scales, ph, pw,
-                                                    sampling_ratio, False)
+        out = reference.multiscale_roi_align(list(features), rois, levels, scales, (ph, pw),
+                                             sampling_ratio, False)
+    else:
+        _extension.require("multiscale_roi_align", features[0].device.type)
+        out = torch.ops.mmkernels.multiscale_roi_align(list(features), rois, levels, scales, ph,
+                                                       pw, sampling_ratio, False)
+    if unassigned is not None:
+        out = torch.where(unassigned[:, None, None, None], out.new_zeros(()), out)
+    return out
