@@ -240,6 +240,15 @@ def test_bad_input_raises(name, call, exc, match):
 # distributed: 2 and 4 gloo processes
 # ---------------------------------------------------------------------------------
 
+def _worker_env() -> dict:
+    """The workers import the mmkernels under test (a script's own directory, not the
+    working directory, heads sys.path, so without this they would import whichever
+    mmkernels is installed)."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(mmkernels.__file__)))
+    path = os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p)
+    return dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=path)
+
+
 def _emulate_open_clip(img, txt, scale, bias, bounds):
     """open_clip's per-rank losses in one process: rank r's gradients are those of the
     sum of every rank's loss (its features reach the other ranks through all_gather /
@@ -299,7 +308,7 @@ def test_distributed_gloo_matches_open_clip(tmp_path, world, local_sizes, chunk,
     data = dict(image=img.to(dtype), text=txt.to(dtype), scale=scale.to(dtype),
                 bias=bias.to(dtype), bounds=bounds, chunk=chunk, uneven=uneven)
     torch.save(data, tmp_path / "data.pt")
-    env = dict(os.environ, OMP_NUM_THREADS="1")
+    env = _worker_env()
     if dtype == torch.float64:
         env.pop("TRITON_INTERPRET", None)
     procs = [subprocess.Popen([sys.executable, WORKER, str(r), str(world),
