@@ -850,3 +850,22 @@ def test_cuda_deterministic_run_to_run(op, dtype):
     assert torch.equal(one[0], two[0])
     for x, y in zip(one[1], two[1]):
         assert _same_bits(x, y)
+
+
+@pytest.mark.parametrize("backend", BACKENDS, indirect=True)
+def test_siglip_float64_positive_logit_past_20(backend):
+    """Found by fuzzing: the positives' correction softplus(-d) - softplus(d) used torch's
+    softplus, which returns x itself past x = 20 (dropping e^-x); with one pair at
+    logit 21 the float64 loss came out twice the true 7.6e-10. Now -d, exactly."""
+    img = torch.ones(1, 1, dtype=torch.float64)
+    txt = torch.ones(1, 1, dtype=torch.float64)
+    s, b = torch.tensor(21.0, dtype=torch.float64), torch.tensor(0.0, dtype=torch.float64)
+    expect = reference.sigmoid_contrastive(img, txt, s, b)
+    assert_close_to_reference(mmkernels.sigmoid_contrastive(img, txt, s, b), expect, what="loss")
+    # negatives at logits in (20, 23), in the eager pass as well
+    img = torch.tensor([[1.0], [-1.0]], dtype=torch.float64)
+    txt = torch.tensor([[-1.0], [1.0]], dtype=torch.float64)
+    s, b = torch.tensor(1.0, dtype=torch.float64), torch.tensor(-22.0, dtype=torch.float64)
+    expect = reference.sigmoid_contrastive(img, txt, -s, -b)
+    assert_close_to_reference(mmkernels.sigmoid_contrastive(img, txt, -s, -b), expect,
+                              what="loss")
