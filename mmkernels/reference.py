@@ -449,6 +449,69 @@ def sigmoid_contrastive(image_features: Tensor, text_features: Tensor, logit_sca
 EXP_FLOOR = -80.0
 
 
+def floored_exp_(E: Tensor) -> Tensor:
+    """exp(E) in place with the arguments clamped at EXP_FLOOR, except that -inf gives
+    exactly 0 (the fused CPU passes' exp_lanes does the same)."""
+    neg_inf = E == float("-inf")
+    return E.clamp_(min=EXP_FLOOR).exp_().masked_fill_(neg_inf, 0.0)
+
+
+def exp_shift(mx: Tensor) -> Tensor:
+    """The shift of an online log-sum-exp: the running max, or 0 where it is -inf (so
+    exp(-inf - shift) is 0, not exp(NaN))."""
+    return mx.masked_fill(mx == float("-inf"), 0.0)
+
+
+#: row length of ordered_sum's fixed-order reduction (below torch's 32768-element
+#: grain, so each row is summed by one thread)
+ORDERED_SUM_ROW = 8192
+
+
+def ordered_sum(x: Tensor) -> Tensor:
+    """``x.sum()``, rounded the same way for any CPU thread count.
+
+    torch splits a reduction to a single value between its threads past 32768 elements
+    (each thread sums a share, then the shares are added), so the rounding depends on
+    torch.get_num_threads(); a reduction to several values gives each one to a single
+    thread and does not. Here the sum is taken as the sums of fixed ORDERED_SUM_ROW-
+    element rows, then of those, recursively. On a GPU torch's own reduction is already
+    fixed for a given shape."""
+    if x.device.type != "cpu":
+        return x.sum()
+    x = x.reshape(-1)
+    while x.numel() > ORDERED_SUM_ROW:
+        pad = -x.numel() % ORDERED_SUM_ROW
+        if pad:
+            x = torch.nn.functional.pad(x, (0, pad))
+        x = x.view(-1, ORDERED_SUM_ROW).sum(1)
+    return x.sum()
+
+
+class cpu_threads_pinned:  # noqa: N801 (a context manager, used as a function)
+    """Context: under torch.use_deterministic_algorithms(True), the torch CPU kernels it
+    wraps run on one thread. BLAS partitions a GEMM's reduction by the thread count
+    (measured with MKL: (16 x 1024) @ (1024 x 4096) and (300 x 256) @ (256 x 1) round
+    differently on 1 and 2 threads), and torch's elementwise exp/sigmoid/softplus give
+    the elements at each thread's range boundary to a scalar tail loop whose rounding
+    differs from the vector loop; the chunked path wraps its GEMMs and eager panel
+    passes in this, which makes its result independent of the thread count. The fused
+    C++ panel passes keep every thread (their reductions are fixed by construction).
+    Otherwise (and on a GPU) a no-op."""
+
+    def __init__(self, like: Tensor) -> None:
+        self.pin = (like.device.type == "cpu" and torch.are_deterministic_algorithms_enabled()
+                    and torch.get_num_threads() > 1)
+        self.threads = torch.get_num_threads()
+
+    def __enter__(self) -> None:
+        if self.pin:
+            torch.set_num_threads(1)
+
+    def __exit__(self, *exc) -> None:
+        if self.pin:
+            torch.set_num_threads(self.threads)
+
+
 class EagerPanelPasses:
     """The elementwise passes over one (k x t) similarity tile, in eager PyTorch.
 
@@ -463,33 +526,45 @@ class EagerPanelPasses:
                   col_sum: Tensor | None) -> None:
         """The running row statistics (row_max (k,), row_sum (k,) of exp(S - row_max))
         absorb the tile's columns, and the running column statistics (col_max,
-        col_sum (t,)) its rows, in place."""
+        col_sum (t,)) its rows, in place. An all -inf row or column keeps max -inf and
+        sum 0 (log-sum-exp -inf, as torch.logsumexp), never NaN."""
+        with cpu_threads_pinned(S):
+            EagerPanelPasses._lse_panel(S, row_max, row_sum, col_max, col_sum)
+
+    @staticmethod
+    def _lse_panel(S, row_max, row_sum, col_max, col_sum) -> None:
         for dim, mx, sm in ((1, row_max, row_sum), (0, col_max, col_sum)):
             if mx is None:
                 continue
             tmax = S.amax(dim)
-            E = S - (tmax[:, None] if dim == 1 else tmax[None, :])
-            tsum = E.clamp_(min=EXP_FLOOR).exp_().sum(dim)
+            sh = exp_shift(tmax)
+            E = S - (sh[:, None] if dim == 1 else sh[None, :])
+            tsum = floored_exp_(E).sum(dim)
             new = torch.maximum(mx, tmax)
-            sm.mul_(torch.exp(mx - new)).add_(tsum * torch.exp(tmax - new))
+            nsh = exp_shift(new)
+            sm.mul_(torch.exp(mx - nsh)).add_(tsum * torch.exp(tmax - nsh))
             mx.copy_(new)
 
     @staticmethod
     def grad_panel(S: Tensor, row_shift: Tensor, col_shift: Tensor | None) -> None:
         """S <- exp(S - row_shift[:, None]) (+ exp(S - col_shift[None, :])), in place."""
-        W = (S - row_shift[:, None]).clamp_(min=EXP_FLOOR).exp_()
-        if col_shift is not None:
-            W.add_(S.sub_(col_shift[None, :]).clamp_(min=EXP_FLOOR).exp_())
-        S.copy_(W)
+        with cpu_threads_pinned(S):
+            W = floored_exp_(S - row_shift[:, None])
+            if col_shift is not None:
+                W.add_(floored_exp_(S.sub_(col_shift[None, :])))
+            S.copy_(W)
 
     @staticmethod
     def siglip_panel(L: Tensor, bias: float, grad_weight: float, with_grad: bool) -> Tensor:
         """Returns sum softplus(L + bias) (every pair a negative); with_grad:
         L <- grad_weight * sigmoid(L + bias), in place."""
-        X = L + bias
-        total = torch.nn.functional.softplus(X).sum()
-        if with_grad:
-            torch.sigmoid(X, out=L).mul_(grad_weight)
+        with cpu_threads_pinned(L):
+            X = L + bias
+            # log(1 + e^x) exactly: torch's softplus returns x itself past x = 20,
+            # dropping e^-x (up to 2e-9: visible in float64)
+            total = ordered_sum(X.clamp(min=0) + torch.log1p(torch.exp(-X.abs())))
+            if with_grad:
+                torch.sigmoid(X, out=L).mul_(grad_weight)
         return total
 
 
@@ -527,7 +602,8 @@ def _similarity_tiles(r: Tensor, c: Tensor, s: Tensor, chunk: int, col_chunk: in
         for b in range(0, m, col_chunk):
             ci = slice(b, min(b + col_chunk, m))
             S = buf[:(ri.stop - a) * (ci.stop - b)].view(ri.stop - a, ci.stop - b)
-            torch.mm(ra_s, c_t[:, ci], out=S)
+            with cpu_threads_pinned(S):
+                torch.mm(ra_s, c_t[:, ci], out=S)
             yield ri, ci, ra, S
 
 
@@ -570,9 +646,10 @@ def lse_backward(rows: Tensor, cols: Tensor, scale: Tensor, lse_r: Tensor, lse_c
     col_shift = (lse_c - math.log(w_col)).contiguous() if lse_c is not None and w_col != 0 else None
     for ri, ci, ra, W in _similarity_tiles(r, c, s, chunk, col_chunk):
         passes.grad_panel(W, row_shift[ri], None if col_shift is None else col_shift[ci])
-        d_rows[ri].addmm_(W, c[ci])
-        d_cols[ci].addmm_(W.T, ra)
-    d_s = (r * d_rows).sum()
+        with cpu_threads_pinned(W):
+            d_rows[ri].addmm_(W, c[ci])
+            d_cols[ci].addmm_(W.T, ra)
+    d_s = ordered_sum(r * d_rows)
     return d_rows * s, d_cols * s, d_s
 
 
@@ -580,7 +657,7 @@ def siglip_positives(rows: Tensor, cols: Tensor, scale: Tensor, bias: Tensor,
                      diag_offset: int) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """The positive pairs (i, i + diag_offset) that exist: (i, j, logits d (acc dtype),
     rows[i], cols[j] in the acc dtype). The tiles take every pair as a negative; the
-    callers swap in these pairs' positive loss softplus(-d) - softplus(d) and subtract
+    callers swap in these pairs' positive loss softplus(-d) - softplus(d) = -d and subtract
     one from their gradient weight, from these O(n * D) terms."""
     acc = _acc_dtype(rows)
     i = torch.arange(rows.shape[0], device=rows.device)
@@ -613,17 +690,20 @@ def siglip_panels(rows: Tensor, cols: Tensor, scale: Tensor, bias: Tensor, chunk
     for ri, ci, ra, L in _similarity_tiles(r, c, s, chunk, col_chunk):
         total += passes.siglip_panel(L, b, grad_weight if want else 0.0, want)
         if want:  # L now holds grad_weight * sigmoid(logits)
-            d_b += L.sum()
-            d_rows[ri].addmm_(L, c[ci])
-            d_cols[ci].addmm_(L.T, ra)
+            d_b += ordered_sum(L)
+            with cpu_threads_pinned(L):
+                d_rows[ri].addmm_(L, c[ci])
+                d_cols[ci].addmm_(L.T, ra)
     if diag_offset is not None:
         i, j, d, a_i, b_j = siglip_positives(rows, cols, scale, bias, diag_offset)
-        total += (torch.nn.functional.softplus(-d) - torch.nn.functional.softplus(d)).sum()
+        # softplus(-d) - softplus(d) = -d exactly (no softplus of a large logit to
+        # cancel against the tile's)
+        total -= ordered_sum(d)
         if want:
             d_rows.index_add_(0, i, b_j, alpha=-grad_weight)
             d_cols.index_add_(0, j, a_i, alpha=-grad_weight)
             d_b -= grad_weight * i.numel()
     if not want:
         return total
-    d_s = (r * d_rows).sum()  # sum_ij G_ij <r_i, c_j>
+    d_s = ordered_sum(r * d_rows)  # sum_ij G_ij <r_i, c_j>
     return total, d_rows * s, d_cols * s, d_s, d_b

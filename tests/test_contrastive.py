@@ -240,6 +240,15 @@ def test_bad_input_raises(name, call, exc, match):
 # distributed: 2 and 4 gloo processes
 # ---------------------------------------------------------------------------------
 
+def _worker_env() -> dict:
+    """The workers import the mmkernels under test (a script's own directory, not the
+    working directory, heads sys.path, so without this they would import whichever
+    mmkernels is installed)."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(mmkernels.__file__)))
+    path = os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p)
+    return dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=path)
+
+
 def _emulate_open_clip(img, txt, scale, bias, bounds):
     """open_clip's per-rank losses in one process: rank r's gradients are those of the
     sum of every rank's loss (its features reach the other ranks through all_gather /
@@ -299,7 +308,7 @@ def test_distributed_gloo_matches_open_clip(tmp_path, world, local_sizes, chunk,
     data = dict(image=img.to(dtype), text=txt.to(dtype), scale=scale.to(dtype),
                 bias=bias.to(dtype), bounds=bounds, chunk=chunk, uneven=uneven)
     torch.save(data, tmp_path / "data.pt")
-    env = dict(os.environ, OMP_NUM_THREADS="1")
+    env = _worker_env()
     if dtype == torch.float64:
         env.pop("TRITON_INTERPRET", None)
     procs = [subprocess.Popen([sys.executable, WORKER, str(r), str(world),
@@ -524,3 +533,339 @@ def test_cuda_cpu_scalar_scale():
     s = torch.tensor(10.0)  # on the CPU, as a Python-side constant often is
     torch.testing.assert_close(mmkernels.info_nce(img, txt, s).cpu(),
                                mmkernels.info_nce(img.cpu(), txt.cpu(), s), rtol=1e-5, atol=1e-5)
+
+
+# ---------------------------------------------------------------------------------
+# regressions (issue 10, defects 12-14) and the determinism contract
+# ---------------------------------------------------------------------------------
+
+
+def test_default_modules_are_local_under_a_process_group(tmp_path):
+    """Defect 12: ClipLoss() / SigLipLoss() (world_size=1) under an initialised 2-rank
+    group compute the local loss on rank 0 alone, equal to open_clip's, issuing no
+    collective (the worker makes every collective raise, so none can deadlock)."""
+    img, txt = features(16, 24)
+    data = dict(image=img, text=txt, scale=torch.tensor(12.0, dtype=torch.float64),
+                bias=torch.tensor(-4.0, dtype=torch.float64))
+    torch.save(data, tmp_path / "data.pt")
+    env = _worker_env()
+    env.pop("TRITON_INTERPRET", None)
+    procs = [subprocess.Popen([sys.executable, WORKER, str(r), "2", str(tmp_path / "init"),
+                               str(tmp_path / "data.pt"), str(tmp_path), "local"],
+                              env=env, stderr=subprocess.PIPE, text=True) for r in range(2)]
+    errs = [p.communicate(timeout=300)[1] for p in procs]
+    assert all(p.returncode == 0 for p in procs), "\n".join(errs)
+    res = torch.load(tmp_path / "rank0.pt")
+    assert res["errors"] == [] and res["issued"] == [], (res["errors"], res["issued"])
+    for kind in ("clip", "siglip", "siglip-no-bias"):
+        ours, ref = res[f"ours-{kind}"], res[f"open_clip-{kind}"]
+        for key in ("loss", "image", "text", "scale", "bias"):
+            if ref[key] is None:
+                assert ours[key] is None, f"{kind} {key}"
+                continue
+            torch.testing.assert_close(ours[key], ref[key], atol=1e-12, rtol=1e-10,
+                                       msg=f"{kind} {key}")
+
+
+def test_module_world_size_and_rank_must_match_the_group(monkeypatch):
+    monkeypatch.setattr(torch.distributed, "is_initialized", lambda: True)
+    monkeypatch.setattr(torch.distributed, "get_world_size", lambda *a: 4)
+    monkeypatch.setattr(torch.distributed, "get_rank", lambda *a: 1)
+    img, txt = features(4, 8)
+    s = torch.tensor(2.0, dtype=torch.float64)
+    with pytest.raises(ValueError, match="world_size=2"):
+        mmkernels.nn.ClipLoss(local_loss=True, gather_with_grad=True, rank=1, world_size=2)(
+            img, txt, s)
+    with pytest.raises(ValueError, match="rank=0"):
+        mmkernels.nn.SigLipLoss(rank=0, world_size=4)(img, txt, s, s)
+
+
+@pytest.fixture
+def tf32_via_new_api():
+    """torch.backends.cuda.matmul.fp32_precision = "tf32" (the new API), restored after."""
+    matmul = torch.backends.cuda.matmul
+    old = matmul.fp32_precision
+    matmul.fp32_precision = "tf32"
+    yield
+    matmul.fp32_precision = old
+
+
+def test_tf32_new_api(tf32_via_new_api):
+    """Defect 13: with the new TF32 API set, reading the legacy flag raises; the ops read
+    the setting through fp32_precision (Triton path under the interpreter)."""
+    assert ops._precision(torch.float32) == "tf32"
+    assert ops._precision(torch.float16) == "ieee"
+    img, txt = features(20, 16)
+    s = torch.tensor(5.0, dtype=torch.float64)
+    b = torch.tensor(-2.0, dtype=torch.float64)
+    # float32: the Triton kernels under the interpreter (the chunked path otherwise)
+    ours, g = grads(mmkernels.info_nce, img.float(), txt.float(), s.float())
+    ref, g_ref = grads(reference.info_nce, img, txt, s)
+    assert_close_to_reference(ours, ref, what="loss")
+    ours = mmkernels.sigmoid_contrastive(img.float(), txt.float(), s.float(), b.float())
+    assert_close_to_reference(ours, reference.sigmoid_contrastive(img, txt, s, b), what="loss")
+
+
+def test_tf32_legacy_api():
+    matmul = torch.backends.cuda.matmul
+    old = matmul.allow_tf32
+    try:
+        matmul.allow_tf32 = True
+        assert ops._precision(torch.float32) == "tf32"
+        matmul.allow_tf32 = False
+        assert ops._precision(torch.float32) == "ieee"
+    finally:
+        matmul.allow_tf32 = old
+
+
+@pytest.mark.parametrize("backend", BACKENDS, indirect=True)
+def test_siglip_without_bias(backend):
+    """Defect 14: logit_bias=None adds no bias (open_clip), module and functional."""
+    img, txt = features(12, 16)
+    s = torch.tensor(7.0, dtype=torch.float64)
+    theirs, g_theirs = grads(lambda i, t, s: open_clip.loss.SigLipLoss()(i, t, s, None),
+                             img, txt, s)
+    for fn in (lambda i, t, s: mmkernels.nn.SigLipLoss()(i, t, s, logit_bias=None),
+               lambda i, t, s: mmkernels.sigmoid_contrastive(i, t, s, None)):
+        ours, g_ours = grads(fn, img, txt, s)
+        torch.testing.assert_close(ours, theirs, atol=1e-12, rtol=1e-12)
+        for a, b in zip(g_ours, g_theirs):
+            torch.testing.assert_close(a, b, atol=1e-12, rtol=1e-10)
+
+
+def _neg_inf_features(dtype=torch.float32):
+    """Features whose logits hold an all -inf column (text 2) and an all -inf row
+    (image 3): -inf times positive numbers plus finite terms (no 0 * inf)."""
+    img = torch.rand(6, 8, dtype=torch.float64) + 0.1
+    txt = torch.rand(6, 8, dtype=torch.float64) + 0.1
+    txt[2, 0] = float("-inf")
+    img[3] = 0.0
+    img[3, 0] = 1.0
+    img[3, 1] = float("-inf")
+    return img.to(dtype), txt.to(dtype)
+
+
+@pytest.mark.parametrize("backend", BACKENDS, indirect=True)
+def test_all_neg_inf_rows_and_columns_give_neg_inf(backend):
+    """Defect 14: an all -inf column (and row) of logits has log-sum-exp -inf, as
+    torch.logsumexp, on every backend (the C++ column sums gave NaN)."""
+    img, txt = _neg_inf_features()
+    s = torch.tensor(2.0)
+    path = ops._path(img)
+    lse_r, lse_c = path.lse_rows_and_cols(img, txt, s, 4, with_cols=True)
+    S = s.double() * img.double() @ txt.double().T
+    assert torch.isneginf(S[:, 2]).all() and torch.isneginf(S[3]).all()
+    assert_close_to_reference(lse_r, torch.logsumexp(S, 1), what="row lse")
+    assert_close_to_reference(lse_c, torch.logsumexp(S, 0), what="column lse")
+
+
+@pytest.mark.parametrize("passes", [pytest.param(ops.FusedCpuPasses(), id="fused"),
+                                    pytest.param(reference.EAGER_PASSES, id="eager")])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_panel_all_neg_inf_column(passes, dtype):
+    S = torch.randn(40, 9, dtype=dtype) * 10
+    S[:, 4] = float("-inf")
+    S[7] = float("-inf")
+    rm, rs = torch.full((40,), float("-inf"), dtype=dtype), torch.zeros(40, dtype=dtype)
+    cm, cs = torch.full((9,), float("-inf"), dtype=dtype), torch.zeros(9, dtype=dtype)
+    passes.lse_panel(S, rm, rs, cm, cs)
+    passes.lse_panel(S, rm, rs, cm, cs)  # a second tile: the running merge as well
+    S2 = torch.cat([S, S], 1).double()
+    assert_close_to_reference(rm + rs.log(), torch.logsumexp(S2, 1), what="row lse")
+    assert_close_to_reference(cm + cs.log(), torch.logsumexp(torch.cat([S, S]).double(), 0),
+                              what="column lse")
+
+
+@pytest.mark.parametrize("passes", [pytest.param(ops.FusedCpuPasses(), id="fused"),
+                                    pytest.param(reference.EAGER_PASSES, id="eager")])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_negative_grad_weight(passes, dtype):
+    """Defect 14: a negative grad_weight flips the gradients' sign (the C++ pass flushed
+    every negative weighted derivative to zero)."""
+    L = torch.linspace(-30, 30, 301, dtype=torch.float64).reshape(7, 43).to(dtype)
+    X = L.clone()
+    total = passes.siglip_panel(X, 0.5, -0.25, True)
+    assert_close_to_reference(X, -0.25 * torch.sigmoid(L.double() + 0.5), what="grad")
+    assert_close_to_reference(total, torch.nn.functional.softplus(L.double() + 0.5).sum(),
+                              what="loss")
+
+
+def _with_threads(n, fn):
+    prev = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        return fn()
+    finally:
+        torch.set_num_threads(prev)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("k,m", [(32, 300), (300, 301), (1024, 77)])
+def test_fused_column_sums_do_not_depend_on_thread_count(k, m, dtype):
+    """Defect 14: the column statistics are merged in a fixed slot order, so 1 and 2
+    threads give the same bits (they were merged per thread)."""
+    # CLIP-like logits: s = 30 times cosines
+    a = torch.nn.functional.normalize(torch.randn(k, 64, dtype=torch.float64), dim=1)
+    b = torch.nn.functional.normalize(torch.randn(m, 64, dtype=torch.float64), dim=1)
+    S = (30 * a @ b.T).to(dtype)
+
+    def run():
+        rm, rs = torch.full((k,), float("-inf"), dtype=dtype), torch.zeros(k, dtype=dtype)
+        cm, cs = torch.full((m,), float("-inf"), dtype=dtype), torch.zeros(m, dtype=dtype)
+        FUSED.lse_panel(S, rm, rs, cm, cs)
+        return rm, rs, cm, cs
+
+    one, two = _with_threads(1, run), _with_threads(2, run)
+    for x, y in zip(one, two):
+        assert torch.equal(x, y)
+
+
+class _FakeDist:
+    """torch.distributed as ops sees it, for one process pretending to be rank 0 of
+    `world` ranks that all hold the same features: records every call."""
+
+    def __init__(self, world):
+        self.world, self.calls = world, []
+
+    def all_gather_into_tensor(self, out, x, group=None):
+        self.calls.append(("all_gather_into_tensor", tuple(x.shape)))
+        out.copy_(torch.cat([x] * self.world))
+
+    def all_reduce(self, x, group=None):
+        self.calls.append(("all_reduce", tuple(x.shape)))
+        x.mul_(self.world)
+
+    def __getattr__(self, name):
+        raise AssertionError(f"unexpected torch.distributed.{name}")
+
+
+@pytest.mark.parametrize("kind", ["info_nce", "sigmoid"])
+def test_distributed_reads_no_size_from_the_device(monkeypatch, kind):
+    """Defect 14: with the batch sizes known on the host (equal batches off the CPU, or
+    local_batch_sizes), a distributed forward + backward is one all_gather_into_tensor
+    and one all_reduce, and reads nothing back from a device (the size exchange and
+    its .item() per rank are gone)."""
+    fake = _FakeDist(2)
+    monkeypatch.setattr(ops, "dist", fake)
+    img, txt = (t.requires_grad_() for t in features(6, 8))
+    s = torch.tensor(3.0, dtype=torch.float64, requires_grad=True)
+    b = torch.tensor(-1.0, dtype=torch.float64, requires_grad=True)
+
+    def no_host_read(*a, **k):
+        raise AssertionError("a value was read back from a tensor")
+
+    monkeypatch.setattr(torch.Tensor, "item", no_host_read)
+    monkeypatch.setattr(torch.Tensor, "tolist", no_host_read)
+    if kind == "info_nce":
+        loss = ops._info_nce_on(img, txt, s, None, object(), 2, 0, local_batch_sizes=[6, 6])
+    else:
+        loss = ops._sigmoid_contrastive_on(img, txt, s, b, None, object(), 2, 0,
+                                           local_batch_sizes=[6, 6])
+    loss.backward()
+    D = 8
+    if kind == "info_nce":
+        assert fake.calls == [("all_gather_into_tensor", (6, 2 * D)), ("all_reduce", (24, D))]
+    else:
+        assert fake.calls == [("all_gather_into_tensor", (6, D)), ("all_reduce", (12, D))]
+    # off the CPU, equal batches are taken on trust: no collective to learn the sizes
+    fake.calls.clear()
+    meta = torch.empty(6, D, device="meta")
+    assert ops._local_sizes(meta, object(), 2, 1, None) == (6, 6)
+    assert fake.calls == []
+
+
+def test_cpu_uneven_batches_without_sizes_raise(monkeypatch):
+    class Uneven(_FakeDist):
+        def all_gather_into_tensor(self, out, x, group=None):
+            self.calls.append("sizes")
+            out.copy_(torch.tensor([x.item(), x.item() + 1]))
+
+    monkeypatch.setattr(ops, "dist", Uneven(2))
+    img, txt = features(5, 8)
+    with pytest.raises(ValueError, match="local_batch_sizes"):
+        ops._info_nce_on(img, txt, torch.tensor(1.0), None, object(), 2, 0)
+    with pytest.raises(ValueError, match="local_batch_sizes"):
+        ops._info_nce_on(img, txt, torch.tensor(1.0), None, object(), 2, 0,
+                         local_batch_sizes=[4, 5])
+
+
+DETERMINISM_OPS = {
+    "info_nce": lambda i, t, s, b: mmkernels.info_nce(i, t, s, chunk_size=64),
+    "sigmoid_contrastive": lambda i, t, s, b: mmkernels.sigmoid_contrastive(i, t, s, b,
+                                                                           chunk_size=64),
+    "ClipLoss": lambda i, t, s, b: mmkernels.nn.ClipLoss(chunk_size=64)(i, t, s),
+    "SigLipLoss": lambda i, t, s, b: mmkernels.nn.SigLipLoss(chunk_size=64)(i, t, s, b),
+}
+
+
+def _same_bits(x, y):
+    return (x is None and y is None) or torch.equal(x, y)
+
+
+@pytest.mark.parametrize("backend", BACKENDS, indirect=True)
+@pytest.mark.parametrize("op", list(DETERMINISM_OPS))
+def test_deterministic_run_to_run_and_across_thread_counts(op, backend):
+    """Under use_deterministic_algorithms(True) the loss and every gradient are
+    bit-identical run to run and on 1 and 2 CPU threads. (B, D) = (300, 160), or
+    (130, 256) in the slow interpreter: B * D passes torch's 32768-element split of a
+    full sum, and the tiles its split of elementwise passes."""
+    if backend == "triton" and op in ("ClipLoss", "SigLipLoss"):
+        pytest.skip("the modules call the functional ops: covered there (interpreter time)")
+    B, D = (130, 256) if backend == "triton" else (300, 160)
+    img, txt = features(B, D, torch.float32)
+    s, b = torch.tensor(30.0), torch.tensor(-5.0)
+    fn = DETERMINISM_OPS[op]
+
+    def run():
+        return grads(fn, img, txt, s, b)
+
+    prev = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        results = [_with_threads(2, run), _with_threads(2, run), _with_threads(1, run)]
+    finally:
+        torch.use_deterministic_algorithms(prev)
+    first = results[0]
+    for other in results[1:]:
+        assert torch.equal(other[0], first[0])
+        for x, y in zip(other[1], first[1]):
+            assert _same_bits(x, y)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("op", ["info_nce", "sigmoid_contrastive"])
+def test_cuda_deterministic_run_to_run(op, dtype):
+    """The Triton kernels use no atomics: two runs give the same bits under
+    use_deterministic_algorithms(True) (index_add_ with unique rows is allowed)."""
+    img, txt = (t.to("cuda", dtype) for t in features(1000, 256))
+    s, b = torch.tensor(30.0, device="cuda"), torch.tensor(-5.0, device="cuda")
+    fn = DETERMINISM_OPS[op]
+    prev = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        one, two = grads(fn, img, txt, s, b), grads(fn, img, txt, s, b)
+    finally:
+        torch.use_deterministic_algorithms(prev)
+    assert torch.equal(one[0], two[0])
+    for x, y in zip(one[1], two[1]):
+        assert _same_bits(x, y)
+
+
+@pytest.mark.parametrize("backend", BACKENDS, indirect=True)
+def test_siglip_float64_positive_logit_past_20(backend):
+    """Found by fuzzing: the positives' correction softplus(-d) - softplus(d) used torch's
+    softplus, which returns x itself past x = 20 (dropping e^-x); with one pair at
+    logit 21 the float64 loss came out twice the true 7.6e-10. Now -d, exactly."""
+    img = torch.ones(1, 1, dtype=torch.float64)
+    txt = torch.ones(1, 1, dtype=torch.float64)
+    s, b = torch.tensor(21.0, dtype=torch.float64), torch.tensor(0.0, dtype=torch.float64)
+    expect = reference.sigmoid_contrastive(img, txt, s, b)
+    assert_close_to_reference(mmkernels.sigmoid_contrastive(img, txt, s, b), expect, what="loss")
+    # negatives at logits in (20, 23), in the eager pass as well
+    img = torch.tensor([[1.0], [-1.0]], dtype=torch.float64)
+    txt = torch.tensor([[-1.0], [1.0]], dtype=torch.float64)
+    s, b = torch.tensor(1.0, dtype=torch.float64), torch.tensor(-22.0, dtype=torch.float64)
+    expect = reference.sigmoid_contrastive(img, txt, -s, -b)
+    assert_close_to_reference(mmkernels.sigmoid_contrastive(img, txt, -s, -b), expect,
+                              what="loss")

@@ -8,8 +8,10 @@
 //       The running row statistics (max, sum of exp(S - max)) absorb this tile's
 //       columns and, when given, the running column statistics its rows.
 //       Rows are taken kRowBlock at a time (a block stays in L2 between its two
-//       passes). Each thread folds its blocks into its own column statistics (rescaled
-//       when a block raises a column's max), merged at the end: no atomics.
+//       passes). Each slot of kSlotBlocks consecutive blocks folds its blocks into its
+//       own column statistics (rescaled when a block raises a column's max), and the
+//       slots are merged in slot order at the end: no atomics, and the same bits for
+//       any thread count. An all -inf row or column gives -inf, never NaN.
 //   contrastive_grad_panel_(S, row_shift, col_shift?)
 //       S_ij <- exp(S_ij - row_shift[i]) (+ exp(S_ij - col_shift[j])), in place.
 //   siglip_panel_(L, bias, grad_weight, with_grad) -> total
@@ -30,6 +32,8 @@ namespace contrastive {
 namespace {
 
 constexpr int64_t kRowBlock = 16;
+// row blocks per column-statistics slot (lse_panel): 64 rows
+constexpr int64_t kSlotBlocks = 4;
 
 void check_panel(const at::Tensor& S, const char* op) {
   TORCH_CHECK(S.dim() == 2, op, ": the tile must be 2-D, got ", S.dim(), "-D");
@@ -53,75 +57,85 @@ inline T max_of(T a, T b) {
   return a > b ? a : b;
 }
 
+// exp() shift for a running maximum: the maximum itself, or 0 where it is -inf (every
+// value seen so far is -inf), so that exp(-inf - shift) = 0 instead of exp(NaN).
+template <typename T>
+inline T shift_of(T mx) {
+  return mx == -std::numeric_limits<T>::infinity() ? T(0) : mx;
+}
+
 template <typename T>
 void lse_panel(const T* S, int64_t k, int64_t m, T* row_max, T* row_sum, T* col_max,
                T* col_sum) {
   const bool cols = col_max != nullptr;
-  const int threads = at::get_num_threads();
   const T neg_inf = -std::numeric_limits<T>::infinity();
-  // per thread: running column max, running column sum, this block's column max
-  std::vector<T> tm(cols ? threads * m : 0, neg_inf), tl(cols ? threads * m : 0, T(0)),
-      bm(cols ? threads * m : 0);
-  std::vector<char> used(threads, 0);
   const int64_t blocks = (k + kRowBlock - 1) / kRowBlock;
-  at::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
-    const int t = at::get_thread_num();
-    TORCH_INTERNAL_ASSERT(t >= 0 && t < threads, "contrastive_lse_panel_: thread ", t,
-                          " outside the pool of ", threads);
-    T* my_m = cols ? tm.data() + t * m : nullptr;
-    T* my_l = cols ? tl.data() + t * m : nullptr;
-    T* blk = cols ? bm.data() + t * m : nullptr;
-    used[t] = 1;
-    for (int64_t b = b0; b < b1; ++b) {
-      const int64_t r0 = b * kRowBlock, r1 = std::min(k, r0 + kRowBlock);
-      // pass 1: raise the rows' running maxima; this block's column maxima
-      if (cols) std::fill(blk, blk + m, neg_inf);
-      T new_max[kRowBlock];
-      for (int64_t i = r0; i < r1; ++i) {
-        const T* row = S + i * m;
-        T mx = row_max[i];
+  // Column statistics: one running (max, sum) per slot of kSlotBlocks consecutive row
+  // blocks, merged in slot order below. The slots depend on k alone, never on the
+  // thread count, so every column sum is rounded the same way however many threads
+  // run (each slot is processed by one thread, its blocks in order).
+  const int64_t slots = cols ? (blocks + kSlotBlocks - 1) / kSlotBlocks : 0;
+  std::vector<T> sm(slots * m, neg_inf), sl(slots * m, T(0));
+  const int64_t units = cols ? slots : blocks;
+  const int64_t per_unit = cols ? kSlotBlocks : 1;
+  at::parallel_for(0, units, 1, [&](int64_t u0, int64_t u1) {
+    std::vector<T> bm(cols ? m : 0);  // this block's column max
+    T* blk = bm.data();
+    for (int64_t u = u0; u < u1; ++u) {
+      T* my_m = cols ? sm.data() + u * m : nullptr;
+      T* my_l = cols ? sl.data() + u * m : nullptr;
+      const int64_t b_end = std::min(blocks, (u + 1) * per_unit);
+      for (int64_t b = u * per_unit; b < b_end; ++b) {
+        const int64_t r0 = b * kRowBlock, r1 = std::min(k, r0 + kRowBlock);
+        // pass 1: raise the rows' running maxima; this block's column maxima
+        if (cols) std::fill(blk, blk + m, neg_inf);
+        T new_max[kRowBlock];
+        for (int64_t i = r0; i < r1; ++i) {
+          const T* row = S + i * m;
+          T mx = row_max[i];
 #pragma omp simd reduction(max : mx)
-        for (int64_t j = 0; j < m; ++j) mx = max_of(mx, row[j]);
-        new_max[i - r0] = mx;
+          for (int64_t j = 0; j < m; ++j) mx = max_of(mx, row[j]);
+          new_max[i - r0] = mx;
+          if (cols) {
+#pragma omp simd
+            for (int64_t j = 0; j < m; ++j) blk[j] = max_of(blk[j], row[j]);
+          }
+        }
         if (cols) {
+          // raise the slot's running column max to cover this block
 #pragma omp simd
-          for (int64_t j = 0; j < m; ++j) blk[j] = max_of(blk[j], row[j]);
+          for (int64_t j = 0; j < m; ++j) {
+            const T nm = max_of(my_m[j], blk[j]);
+            my_l[j] *= exp_lanes(my_m[j] - shift_of(nm));
+            my_m[j] = nm;
+          }
         }
-      }
-      if (cols) {
-        // raise the thread's running column max to cover this block
-#pragma omp simd
-        for (int64_t j = 0; j < m; ++j) {
-          const T nm = max_of(my_m[j], blk[j]);
-          my_l[j] *= exp_lanes(my_m[j] - nm);
-          my_m[j] = nm;
-        }
-      }
-      // pass 2 (the block is in cache): row sums and column sums of exponentials
-      for (int64_t i = r0; i < r1; ++i) {
-        const T* row = S + i * m;
-        const T mx = new_max[i - r0];
-        T sum = 0;
+        // pass 2 (the block is in cache): row sums and column sums of exponentials
+        for (int64_t i = r0; i < r1; ++i) {
+          const T* row = S + i * m;
+          const T mx = new_max[i - r0];
+          const T sh = shift_of(mx);
+          T sum = 0;
 #pragma omp simd reduction(+ : sum)
-        for (int64_t j = 0; j < m; ++j) sum += exp_lanes(row[j] - mx);
-        row_sum[i] = row_sum[i] * exp_lanes(row_max[i] - mx) + sum;
-        row_max[i] = mx;
-        if (cols) {
+          for (int64_t j = 0; j < m; ++j) sum += exp_lanes(row[j] - sh);
+          row_sum[i] = row_sum[i] * exp_lanes(row_max[i] - sh) + sum;
+          row_max[i] = mx;
+          if (cols) {
 #pragma omp simd
-          for (int64_t j = 0; j < m; ++j) my_l[j] += exp_lanes(row[j] - my_m[j]);
+            for (int64_t j = 0; j < m; ++j) my_l[j] += exp_lanes(row[j] - shift_of(my_m[j]));
+          }
         }
       }
     }
   });
-  if (!cols) return;
-  for (int t = 0; t < threads; ++t) {
-    if (!used[t]) continue;
-    const T* my_m = tm.data() + t * m;
-    const T* my_l = tl.data() + t * m;
+  for (int64_t u = 0; u < slots; ++u) {  // slot order: fixed
+    const T* my_m = sm.data() + u * m;
+    const T* my_l = sl.data() + u * m;
 #pragma omp simd
     for (int64_t j = 0; j < m; ++j) {
       const T nm = max_of(col_max[j], my_m[j]);
-      col_sum[j] = col_sum[j] * exp_lanes(col_max[j] - nm) + my_l[j] * exp_lanes(my_m[j] - nm);
+      const T sh = shift_of(nm);
+      col_sum[j] = col_sum[j] * exp_lanes(col_max[j] - sh) + my_l[j] * exp_lanes(my_m[j] - sh);
       col_max[j] = nm;
     }
   }

@@ -8,10 +8,12 @@
 // than the GEMMs they follow. The GPU runs the Triton kernels, which use exp2/log2.
 //
 // Accuracy (float, checked against double in tests/test_contrastive.py):
-//   exp_lanes     relative error < 2 ulp for x in [-87, 88]; x < -87 gives exp(-87)
-//                 (~1.6e-38, a normal number: the CPU never enters slow denormal
-//                 arithmetic, and the sums it enters hold at least one term >= 1);
-//                 x > 88.7 gives inf; NaN gives NaN.
+//   exp_lanes     relative error < 2 ulp for x in [-87, 88]; -inf < x < -87 gives
+//                 exp(-87) (~1.6e-38, a normal number: the CPU never enters slow
+//                 denormal arithmetic, and the sums it enters hold at least one term
+//                 >= 1); x = -inf gives exactly 0 (an all -inf row or column sums to
+//                 0, so its log-sum-exp is -inf, as torch.logsumexp); x > 88.7 gives
+//                 inf; NaN gives NaN.
 //   log1p_small   log(1 + e) for e in [0, 1], relative error < 3 ulp, also for tiny e
 //                 (no 1 + e rounding: SigLIP's negatives are mostly e ~ 1e-5).
 // The double overloads call the C library (the float64 path is a reference, not a
@@ -51,6 +53,7 @@ HOST_DEVICE_INLINE float exp_lanes(float x) {
   const float two_n = std::bit_cast<float>((static_cast<int32_t>(n) + 127) << 23);
   float out = p * two_n;
   out = x > 88.72283935546875f ? std::numeric_limits<float>::infinity() : out;
+  out = x == -std::numeric_limits<float>::infinity() ? 0.0f : out;
   return x == x ? out : x;
 }
 
@@ -80,8 +83,10 @@ HOST_DEVICE_INLINE double log1p_small(double e) { return std::log1p(e); }
 // SigLIP, one element taken as a negative pair with logit x: the loss
 // -log sigmoid(-x) = softplus(x) = max(x, 0) + log(1 + exp(-|x|)), and its derivative
 // sigmoid(x) times the gradient weight w, both from the one exponential e = exp(-|x|).
-// A weighted derivative below the smallest normal float is returned as 0 (it is
-// below exp_lanes' floor anyway, and the GEMMs that read it must not meet denormals).
+// A weighted derivative whose magnitude is below the smallest normal float is returned
+// as 0 (it is below exp_lanes' floor anyway, and the GEMMs that read it must not meet
+// denormals); w may be negative (a negative upstream gradient), which flips the sign
+// of every derivative and flushes nothing else.
 template <typename T>
 struct SoftplusGrad {
   T loss;
@@ -95,7 +100,8 @@ HOST_DEVICE_INLINE SoftplusGrad<T> softplus_and_sigmoid(T x, T w) {
   const T inv = T(1) / (T(1) + e);
   const T pos = x > T(0) ? x : T(0);
   T grad = w * (x < T(0) ? e * inv : inv);
-  grad = grad < std::numeric_limits<T>::min() ? T(0) : grad;
+  const T mag = grad < T(0) ? -grad : grad;
+  grad = mag < std::numeric_limits<T>::min() ? T(0) : grad;
   // NaN: every comparison is false, so loss = log1p(NaN) = NaN and grad = NaN
   return {pos + log1p_small(e), grad};
 }

@@ -5,15 +5,25 @@ from __future__ import annotations
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from mmkernels.ops.contrastive import info_nce, sigmoid_contrastive
+from mmkernels.ops import contrastive as _ops
 
 
-def _group(world_size: int):
-    if world_size > 1:
-        if not (dist.is_available() and dist.is_initialized()):
-            raise RuntimeError(f"world_size={world_size} needs torch.distributed initialised")
-        return dist.group.WORLD
-    return None
+def _where(world_size: int, rank: int) -> tuple[object, int, int]:
+    """(group, world, rank) as open_clip decides it: one process (no collective at all,
+    even under an initialised process group) unless world_size > 1; then the default
+    group, which must have world_size ranks, this process being rank ``rank``."""
+    if world_size <= 1:
+        return None, 1, 0
+    if not (dist.is_available() and dist.is_initialized()):
+        raise RuntimeError(f"world_size={world_size} needs torch.distributed initialised")
+    actual, me = dist.get_world_size(), dist.get_rank()
+    if world_size != actual:
+        raise ValueError(f"world_size={world_size} but torch.distributed's default group has "
+                         f"{actual} ranks")
+    if rank != me:
+        raise ValueError(f"rank={rank} but this process is rank {me} of torch.distributed's "
+                         "default group")
+    return dist.group.WORLD, world_size, rank
 
 
 class ClipLoss(nn.Module):
@@ -25,6 +35,9 @@ class ClipLoss(nn.Module):
     ``local_loss=False`` or ``gather_with_grad=False`` raise, since their gradients
     differ and they hold the global B x B logits. ``cache_labels`` is accepted (there are
     no labels to cache). ``logit_bias`` is added to every logit, as open_clip does.
+    With the default ``world_size=1`` the loss is local and issues no collective, even
+    under an initialised process group (open_clip's semantics: rank-0-only evaluation
+    works); ``world_size``/``rank`` must match the default group when > 1.
     """
 
     def __init__(self, local_loss: bool = False, gather_with_grad: bool = False,
@@ -45,8 +58,8 @@ class ClipLoss(nn.Module):
         if logit_bias is not None:
             # a constant added to every logit cancels in each softmax
             logit_scale = logit_scale + 0 * logit_bias
-        loss = info_nce(image_features, text_features, logit_scale, chunk_size=self.chunk_size,
-                        process_group=_group(self.world_size))
+        loss = _ops._info_nce_on(image_features, text_features, logit_scale, self.chunk_size,
+                                 *_where(self.world_size, self.rank))
         return {"contrastive_loss": loss} if output_dict else loss
 
     def extra_repr(self) -> str:
@@ -56,9 +69,11 @@ class ClipLoss(nn.Module):
 class SigLipLoss(nn.Module):
     """Drop-in for ``open_clip.loss.SigLipLoss``, without the B x B logits.
 
-    ``forward(image_features, text_features, logit_scale, logit_bias, output_dict=False)``.
-    ``dist_impl`` is accepted for compatibility: every exchange pattern gives the same
-    loss and gradients, which the all-gather implementation computes.
+    ``forward(image_features, text_features, logit_scale, logit_bias, output_dict=False)``;
+    ``logit_bias=None`` adds no bias, as open_clip. ``dist_impl`` is accepted for
+    compatibility: every exchange pattern gives the same loss and gradients, which the
+    all-gather implementation computes. Local (no collective) unless ``world_size > 1``,
+    as :class:`ClipLoss`.
     """
 
     def __init__(self, cache_labels: bool = False, rank: int = 0, world_size: int = 1,
@@ -71,10 +86,10 @@ class SigLipLoss(nn.Module):
         self.chunk_size = chunk_size
 
     def forward(self, image_features: Tensor, text_features: Tensor, logit_scale: Tensor,
-                logit_bias: Tensor, output_dict: bool = False):
-        loss = sigmoid_contrastive(image_features, text_features, logit_scale, logit_bias,
-                                   chunk_size=self.chunk_size,
-                                   process_group=_group(self.world_size))
+                logit_bias: Tensor | None, output_dict: bool = False):
+        loss = _ops._sigmoid_contrastive_on(image_features, text_features, logit_scale,
+                                            logit_bias, self.chunk_size,
+                                            *_where(self.world_size, self.rank))
         return {"contrastive_loss": loss} if output_dict else loss
 
     def extra_repr(self) -> str:

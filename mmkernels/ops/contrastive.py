@@ -17,14 +17,17 @@ Distributed (``process_group``, or an initialised default group with world size 
 each rank passes its local features and the loss is that of open_clip's
 ``ClipLoss(local_loss=True, gather_with_grad=True)``: local image rows against every
 global text, local text rows against every global image, labels offset by the rank.
-Features move by a *chunked all-gather*: every rank contributes its (B_local, D) block
-(uneven local batches are padded to the largest for the collective and unpadded), so
-a rank holds O(B_global * D) features and one similarity tile per program (or per
-CPU step), never a B_local x B_global matrix. In the backward, the gradients a rank
-computes for the other ranks' features (its columns) are summed across ranks with one
-all-reduce of the (B_global, D) buffers, the same sum open_clip's all_gather backward performs. An
-all-gather rather than a send/recv ring because NCCL and gloo both implement it with
-bandwidth-optimal algorithms, the features are small next to the panel compute, and
+Features move by one all_gather_into_tensor per forward: every rank contributes its
+(B_local, D) block (image and text side by side for InfoNCE). The local batches are
+equal, as in open_clip, or given on the host as ``local_batch_sizes`` (padded to the
+largest for the collective and unpadded): sizes are never read back from a device, so
+no call syncs with the host. A rank holds O(B_global * D) features and one similarity
+tile per program (or per CPU step), never a B_local x B_global matrix. In the
+backward, the gradients a rank computes for the other ranks' features (its columns)
+are summed across ranks with one all-reduce of the (B_global, D) buffers, the same sum
+open_clip's all_gather backward performs. An all-gather rather than a send/recv ring
+because NCCL and gloo both implement it with bandwidth-optimal algorithms, the
+features are small next to the panel compute, and
 one collective per direction keeps the backward deterministic.
 """
 
@@ -120,10 +123,29 @@ def _num_programs(device: torch.device, row_blocks: int) -> int:
     return max(1, min(row_blocks, cap))
 
 
+def _tf32_enabled() -> bool:
+    """Whether torch's CUDA matmuls may use TF32 for float32, under either API.
+
+    ``torch.backends.cuda.matmul.fp32_precision`` (torch >= 2.9) reports the effective
+    setting whichever API set it ("tf32" also after the legacy ``allow_tf32 = True`` or
+    ``set_float32_matmul_precision("high")``; "none" defers to
+    ``torch.backends.fp32_precision`` and reads as that). Reading the legacy
+    ``allow_tf32`` after the new API was used raises RuntimeError, so it is read only
+    where the new attribute does not exist."""
+    matmul = torch.backends.cuda.matmul
+    try:
+        precision = matmul.fp32_precision
+    except AttributeError:  # torch without the new API
+        return bool(matmul.allow_tf32)
+    if precision == "none":  # inherits the global setting
+        precision = getattr(torch.backends, "fp32_precision", "none")
+    return precision == "tf32"
+
+
 def _precision(dtype: torch.dtype) -> str:
     """float32 tiles follow torch's matmul setting (TF32 only where the user enabled it
     for eager matmuls too); fp16/bf16 always use tensor cores."""
-    return "tf32" if dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32 else "ieee"
+    return "tf32" if dtype == torch.float32 and _tf32_enabled() else "ieee"
 
 
 def _uses_triton(t: Tensor) -> bool:
@@ -222,8 +244,10 @@ def _triton_lse_rows_and_cols(rows: Tensor, cols: Tensor, scale: Tensor, chunk: 
     lse_r, part_m, part_l = _launch_fwd(rows, cols, scale, None, 0, with_cols)
     if not with_cols:
         return lse_r, None
-    # merge the programs' column partials (base 2): log2 sum_p l_p 2^(m_p - top) + top
+    # merge the programs' column partials (base 2): log2 sum_p l_p 2^(m_p - top) + top,
+    # with top 0 where every partial max is -inf (an all -inf column: -inf, not NaN)
     top = part_m.amax(0)
+    top = top.masked_fill(top == float("-inf"), 0.0)
     lse_c = (top + torch.log2((part_l * torch.exp2(part_m - top)).sum(0))) * math.log(2.0)
     return lse_r, lse_c
 
@@ -248,7 +272,7 @@ def _triton_lse_backward(rows: Tensor, cols: Tensor, scale: Tensor, lse_r: Tenso
     g_c = _launch_bwd(cols, rows, scale, None, 0, lse_cc, lse_r, w_col / top, w_row / top,
                       False)[0]
     g_r, g_c = g_r[:, :D].mul_(top), g_c[:, :D].mul_(top)
-    d_s = (rows[:, :D].float() * g_r).sum()
+    d_s = reference.ordered_sum(rows[:, :D].float() * g_r)
     return g_r * s, g_c * s, d_s
 
 
@@ -271,14 +295,14 @@ def _triton_siglip_panels(rows: Tensor, cols: Tensor, scale: Tensor, bias: Tenso
         g_r, loss, wsum = _launch_bwd(rows, cols, scale, bias, 1, None, None, 1.0, 1.0, True)
         g_c = _launch_bwd(cols, rows, scale, bias, 1, None, None, 1.0, 1.0, False)[0]
         g_r, g_c = g_r[:, :D], g_c[:, :D]
-        d_b = wsum.sum()
+        d_b = reference.ordered_sum(wsum)
     else:
         loss = _launch_fwd(rows, cols, scale, bias, 1, False)[0]
-    total = loss.sum()
+    total = reference.ordered_sum(loss)
     if diag_offset is not None:
         i, j, d, a_i, b_j = reference.siglip_positives(rows[:, :D], cols[:, :D], scale, bias,
                                                        diag_offset)
-        total = total + (torch.nn.functional.softplus(-d) - torch.nn.functional.softplus(d)).sum()
+        total = total - reference.ordered_sum(d)  # softplus(-d) - softplus(d) = -d
         if want:
             g_r.index_add_(0, i, b_j, alpha=-1.0)
             g_c.index_add_(0, j, a_i, alpha=-1.0)
@@ -287,7 +311,7 @@ def _triton_siglip_panels(rows: Tensor, cols: Tensor, scale: Tensor, bias: Tenso
         return total
     g_r.mul_(grad_weight)
     g_c.mul_(grad_weight)
-    d_s = (rows[:, :D].float() * g_r).sum()
+    d_s = reference.ordered_sum(rows[:, :D].float() * g_r)
     return total, g_r * s, g_c * s, d_s, d_b * grad_weight
 
 
@@ -359,7 +383,22 @@ def _path(t: Tensor):
 # ---------------------------------------------------------------------------------
 
 
-def _group_info(process_group):
+@dataclasses.dataclass(frozen=True)
+class _Dist:
+    """Where a loss is computed: ``world == 1`` is one process (no collective at all);
+    otherwise ``rank`` of ``world`` in ``group``, with every rank's local batch size."""
+    group: object = None
+    world: int = 1
+    rank: int = 0
+    sizes: tuple[int, ...] = ()
+
+
+_LOCAL = _Dist()
+
+
+def _group_info(process_group) -> tuple[object, int, int]:
+    """(group, world size, rank): the given group, else the initialised default group,
+    else one process."""
     if process_group is None:
         if not (dist.is_available() and dist.is_initialized()):
             return None, 1, 0
@@ -367,29 +406,64 @@ def _group_info(process_group):
     return process_group, dist.get_world_size(process_group), dist.get_rank(process_group)
 
 
-def _gather_rows(x: Tensor, sizes: list[int], group) -> Tensor:
-    """All-gather (B_r, D) blocks of possibly different B_r into (sum B_r, D)."""
+def _local_sizes(x: Tensor, group, world: int, rank: int,
+                 local_batch_sizes) -> tuple[int, ...]:
+    """Every rank's local batch, known on the host without a device sync.
+
+    Given ``local_batch_sizes``: checked against this rank's batch (the caller promises
+    the same list on every rank). Otherwise the local batches must be equal, as
+    open_clip's all_gather requires. Features on the CPU (gloo) check it with one
+    8-byte host-side all-gather and raise ValueError on every rank alike (gloo aborts
+    the process on a mismatched all-gather). On a GPU nothing is checked, because a
+    check would need a host sync per call; a mismatch then fails inside the
+    collective as it does in open_clip. ``TORCH_DISTRIBUTED_DEBUG=DETAIL`` makes torch
+    check every collective's shapes across ranks."""
+    B = x.shape[0]
+    if local_batch_sizes is not None:
+        sizes = tuple(local_batch_sizes)
+        if (len(sizes) != world or any(isinstance(n, bool) or not isinstance(n, int) or n < 1
+                                       for n in sizes)):
+            raise ValueError(f"local_batch_sizes must hold {world} positive ints (one per "
+                             f"rank), got {local_batch_sizes!r}")
+        if sizes[rank] != B:
+            raise ValueError(f"local_batch_sizes[{rank}] = {sizes[rank]} but this rank's "
+                             f"image_features hold {B} rows")
+        return sizes
+    if x.device.type == "cpu":
+        mine = torch.tensor([B], dtype=torch.int64)
+        every = torch.empty(world, dtype=torch.int64)
+        dist.all_gather_into_tensor(every, mine, group=group)
+        got = every.tolist()
+        if any(n != B for n in got):
+            raise ValueError(f"image_features: the local batches differ across ranks ({got}); "
+                             "pass local_batch_sizes=[...] (the same list on every rank) for "
+                             "uneven batches")
+    return (B,) * world
+
+
+def _gather_rows(x: Tensor, sizes: tuple[int, ...], group) -> Tensor:
+    """All-gather every rank's (B_r, D) block into (sum B_r, D), in rank order: one
+    all_gather_into_tensor of blocks padded to the largest B_r (no padding when the
+    batches are equal, the common case), then unpadded."""
     biggest = max(sizes)
-    padded = x.new_zeros(biggest, x.shape[1])
-    padded[: x.shape[0]] = x
-    out = [torch.empty_like(padded) for _ in sizes]
-    dist.all_gather(out, padded.contiguous(), group=group)
-    return torch.cat([o[:n] for o, n in zip(out, sizes)])
-
-
-def _sizes(x: Tensor, group, world: int) -> list[int]:
-    n = torch.tensor([x.shape[0]], dtype=torch.int64, device=x.device)
-    out = [torch.empty_like(n) for _ in range(world)]
-    dist.all_gather(out, n, group=group)
-    return [int(t.item()) for t in out]
+    send = x.contiguous()
+    if x.shape[0] != biggest:
+        send = x.new_zeros(biggest, x.shape[1])
+        send[: x.shape[0]] = x
+    out = x.new_empty(len(sizes) * biggest, x.shape[1])
+    dist.all_gather_into_tensor(out, send, group=group)
+    if all(n == biggest for n in sizes):
+        return out
+    return torch.cat([out[r * biggest:r * biggest + n] for r, n in enumerate(sizes)])
 
 
 def _info_nce_value(image: Tensor, text: Tensor, scale: Tensor, lse_i: Tensor,
                     lse_t: Tensor) -> Tensor:
     """(sum lse_i + sum lse_t) / (2B) - s * sum_i I_i . T_i / B, in the LSEs' dtype."""
     B, acc = image.shape[0], lse_i.dtype
-    pos = (image.to(acc) * text.to(acc)).sum()
-    return (lse_i.sum() + lse_t.sum()) / (2 * B) - scale.to(acc) * pos / B
+    pos = reference.ordered_sum(image.to(acc) * text.to(acc))
+    lse = reference.ordered_sum(lse_i) + reference.ordered_sum(lse_t)
+    return lse / (2 * B) - scale.to(acc) * pos / B
 
 
 def _add_positive_grads(image: Tensor, text: Tensor, scale: Tensor, d_i: Tensor, d_t: Tensor,
@@ -398,15 +472,18 @@ def _add_positive_grads(image: Tensor, text: Tensor, scale: Tensor, d_i: Tensor,
     B, acc = image.shape[0], d_i.dtype
     s = scale.to(acc)
     return (d_i - s * text.to(acc) / B, d_t - s * image.to(acc) / B,
-            d_s - (image.to(acc) * text.to(acc)).sum() / B)
+            d_s - reference.ordered_sum(image.to(acc) * text.to(acc)) / B)
 
 
 class _InfoNCEDistributed(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, image, text, scale, chunk, group, world, rank):
-        sizes = _sizes(image, group, world)
-        all_i = _gather_rows(image.detach(), sizes, group)
-        all_t = _gather_rows(text.detach(), sizes, group)
+    def forward(ctx, image, text, scale, chunk, where: _Dist):
+        D = image.shape[1]
+        # one collective for both: rank r's block is [image_r | text_r]
+        both = _gather_rows(torch.cat([image.detach(), text.detach()], 1), where.sizes,
+                            where.group)
+        all_i, all_t = both[:, :D], both[:, D:]
+        group, sizes, rank = where.group, where.sizes, where.rank
         lse_i, _ = _path(image).lse_rows_and_cols(image, all_t, scale, chunk, with_cols=False)
         lse_t, _ = _path(image).lse_rows_and_cols(text, all_i, scale, chunk, with_cols=False)
         loss = _info_nce_value(image, text, scale, lse_i, lse_t)
@@ -433,7 +510,7 @@ class _InfoNCEDistributed(torch.autograd.Function):
         d_i += cols[offset:offset + B]
         d_t += cols[N + offset:N + offset + B]
         return (d_i.to(image.dtype), d_t.to(text.dtype),
-                d_s.to(scale.dtype).reshape(scale.shape), None, None, None, None)
+                d_s.to(scale.dtype).reshape(scale.shape), None, None)
 
 
 class _SigLIPDistributed(torch.autograd.Function):
@@ -443,8 +520,8 @@ class _SigLIPDistributed(torch.autograd.Function):
     ranks' blocks are summed across ranks in the backward."""
 
     @staticmethod
-    def forward(ctx, image, text, scale, bias, chunk, group, world, rank):
-        sizes = _sizes(image, group, world)
+    def forward(ctx, image, text, scale, bias, chunk, where: _Dist):
+        group, sizes, rank = where.group, where.sizes, where.rank
         all_t = _gather_rows(text.detach(), sizes, group)
         offset = sum(sizes[:rank])
         B = image.shape[0]
@@ -463,7 +540,7 @@ class _SigLIPDistributed(torch.autograd.Function):
         dist.all_reduce(cols, group=group)
         return ((g * d_i).to(dtype), cols[offset:offset + B].to(dtype),
                 (g * d_s).to(dtype).reshape(s_shape), (g * d_b).to(dtype).reshape(b_shape),
-                None, None, None, None)
+                None, None)
 
 
 # ---------------------------------------------------------------------------------
@@ -568,7 +645,12 @@ _siglip_fwd.register_autograd(_siglip_backward, setup_context=_siglip_setup)
 # ---------------------------------------------------------------------------------
 
 
-def _check(image_features, text_features, logit_scale, logit_bias=None, bias_name=None):
+#: the largest feature dim the ops accept (the kernel report checks the kernels to it)
+MAX_FEATURE_DIM = 4096
+
+
+def _check(image_features, text_features, logit_scale, logit_bias=None, check_bias=False):
+    """Validate the inputs; every error names the argument at fault."""
     for t, n in ((image_features, "image_features"), (text_features, "text_features")):
         if not isinstance(t, Tensor):
             raise TypeError(f"{n} must be a Tensor, got {type(t).__name__}")
@@ -576,25 +658,35 @@ def _check(image_features, text_features, logit_scale, logit_bias=None, bias_nam
             raise ValueError(f"{n} must be (B, D), got shape {tuple(t.shape)}")
         if not t.is_floating_point():
             raise TypeError(f"{n} must be floating point, got {t.dtype}")
-    if image_features.shape != text_features.shape:
-        raise ValueError(f"image_features {tuple(image_features.shape)} and text_features "
-                         f"{tuple(text_features.shape)} must have the same (B, D)")
-    if image_features.dtype != text_features.dtype:
-        raise TypeError("image_features and text_features must share a dtype")
-    if image_features.device != text_features.device:
-        raise ValueError("image_features and text_features must be on one device")
-    if image_features.shape[0] == 0:
+    (B, D), (B_t, D_t) = image_features.shape, text_features.shape
+    if B_t != B:
+        raise ValueError(f"text_features has {B_t} rows but image_features has {B}: the same "
+                         "(B, D) is needed, text i being image i's pair")
+    if D_t != D:
+        raise ValueError(f"text_features has feature dim {D_t} but image_features has {D}: "
+                         "the same (B, D) is needed")
+    if text_features.dtype != image_features.dtype:
+        raise TypeError(f"text_features is {text_features.dtype} but image_features is "
+                        f"{image_features.dtype}: they must share a dtype")
+    if text_features.device != image_features.device:
+        raise ValueError(f"text_features is on {text_features.device} but image_features on "
+                         f"{image_features.device}: they must be on one device")
+    if B == 0:
         raise ValueError("image_features and text_features must hold at least one pair "
                          "(B >= 1); the mean over an empty batch is undefined")
-    if image_features.shape[1] > 4096:
-        raise ValueError(f"feature dim must be <= 4096, got {image_features.shape[1]}")
-    for t, n in ((logit_scale, "logit_scale"), (logit_bias, bias_name)):
-        if n is None:
-            continue
+    if D > MAX_FEATURE_DIM:
+        raise ValueError(f"image_features: the feature dim must be <= {MAX_FEATURE_DIM}, got {D}")
+    scalars = [(logit_scale, "logit_scale")] + ([(logit_bias, "logit_bias")] if check_bias else [])
+    for t, n in scalars:
         if not isinstance(t, Tensor):
             raise TypeError(f"{n} must be a Tensor (a scalar parameter), got {type(t).__name__}")
         if t.numel() != 1:
             raise ValueError(f"{n} must be a scalar (one element), got shape {tuple(t.shape)}")
+        if not t.is_floating_point():
+            raise TypeError(f"{n} must be floating point, got {t.dtype}")
+        if t.device != image_features.device and t.device.type != "cpu":
+            raise ValueError(f"{n} is on {t.device}: it must be on the features' device "
+                             f"({image_features.device}) or the CPU")
 
 
 def _chunk(chunk_size, cols):
@@ -605,8 +697,50 @@ def _chunk(chunk_size, cols):
     return chunk_size
 
 
+def _distribution(x: Tensor, group, world: int, rank: int, local_batch_sizes) -> _Dist:
+    if world <= 1:
+        if local_batch_sizes is not None and tuple(local_batch_sizes) != (x.shape[0],):
+            raise ValueError(f"local_batch_sizes {local_batch_sizes!r} does not match one "
+                             f"process with {x.shape[0]} rows")
+        return _LOCAL
+    return _Dist(group, world, rank, _local_sizes(x, group, world, rank, local_batch_sizes))
+
+
+def _info_nce_on(image_features, text_features, logit_scale, chunk_size, group, world, rank,
+                 local_batch_sizes=None) -> Tensor:
+    """info_nce on an explicit (group, world, rank); world 1: local, no collective."""
+    _check(image_features, text_features, logit_scale)
+    where = _distribution(image_features, group, world, rank, local_batch_sizes)
+    scale = logit_scale.reshape(())
+    if where.world > 1:
+        chunk = _chunk(chunk_size, sum(where.sizes))
+        return _InfoNCEDistributed.apply(image_features, text_features, scale, chunk, where)
+    chunk = _chunk(chunk_size, image_features.shape[0])
+    return _info_nce_fwd(image_features, text_features, scale, chunk)[0]
+
+
+def _sigmoid_contrastive_on(image_features, text_features, logit_scale, logit_bias, chunk_size,
+                            group, world, rank, local_batch_sizes=None) -> Tensor:
+    """sigmoid_contrastive on an explicit (group, world, rank); world 1: local."""
+    _check(image_features, text_features, logit_scale, logit_bias, check_bias=logit_bias is not None)
+    where = _distribution(image_features, group, world, rank, local_batch_sizes)
+    scale = logit_scale.reshape(())
+    if logit_bias is None:  # open_clip adds no bias: the same as a constant 0
+        bias = torch.zeros((), dtype=logit_scale.dtype, device=logit_scale.device)
+    else:
+        bias = logit_bias.reshape(())
+    if where.world > 1:
+        chunk = _chunk(chunk_size, sum(where.sizes))
+        return _SigLIPDistributed.apply(image_features, text_features, scale, bias, chunk, where)
+    chunk = _chunk(chunk_size, image_features.shape[0])
+    with_grad = torch.is_grad_enabled() and any(
+        t.requires_grad for t in (image_features, text_features, scale, bias))
+    return _siglip_fwd(image_features, text_features, scale, bias, chunk, with_grad)[0]
+
+
 def info_nce(image_features: Tensor, text_features: Tensor, logit_scale: Tensor, *,
-             chunk_size: int | None = None, process_group=None) -> Tensor:
+             chunk_size: int | None = None, process_group=None,
+             local_batch_sizes=None) -> Tensor:
     """CLIP's symmetric InfoNCE without the B x B logits.
 
     ``(CE(s I T^T, arange) + CE(s T I^T, arange)) / 2`` with ``s = logit_scale`` already
@@ -614,54 +748,50 @@ def info_nce(image_features: Tensor, text_features: Tensor, logit_scale: Tensor,
     first, as CLIP does).
 
     Args:
-        image_features, text_features: (B, D), one float dtype, D <= 4096.
-        logit_scale: a one-element tensor; it receives a gradient.
+        image_features, text_features: (B, D), one float dtype, any strides, B >= 1,
+            D <= 4096.
+        logit_scale: a one-element floating-point tensor (shape () or (1,) ...), on the
+            features' device or the CPU; it receives a gradient.
         chunk_size: rows per similarity tile on the chunked (CPU / float64) path; tiles
             are (chunk_size x 1024), default chunk_size 1024 (4 MiB float32 tiles). The
             Triton kernels tile by their launch configuration instead.
         process_group: distributed group (default: the initialised world, if any, with
             world size > 1). Each rank passes its local features; the value and the
             gradients equal open_clip ``ClipLoss(local_loss=True, gather_with_grad=True)``.
+            (``mmkernels.nn.ClipLoss`` goes distributed only when given world_size > 1.)
+        local_batch_sizes: distributed only: every rank's local batch, the same list on
+            every rank, for uneven batches. Default: the local batches are equal (as
+            open_clip requires); CPU features check that with one tiny host-side
+            collective, GPU features are not checked (a check would cost a host sync per
+            call; TORCH_DISTRIBUTED_DEBUG=DETAIL makes torch check every collective).
 
     Returns:
         The scalar loss (features' dtype; accumulation in float32, or float64 for
         float64). Memory: O(B * D) plus one similarity tile per step (on a GPU also
         the forward's (2 x SMs, B) column partials); never B x B.
-        NaN features give a NaN loss (never a silent number).
+        NaN features give a NaN loss (never a silent number); an all -inf row or
+        column of logits has log-sum-exp -inf, as torch.logsumexp.
     """
-    _check(image_features, text_features, logit_scale)
     group, world, rank = _group_info(process_group)
-    scale = logit_scale.reshape(())
-    if world > 1:
-        chunk = _chunk(chunk_size, image_features.shape[0] * world)
-        return _InfoNCEDistributed.apply(image_features, text_features, scale, chunk, group,
-                                         world, rank)
-    chunk = _chunk(chunk_size, image_features.shape[0])
-    return _info_nce_fwd(image_features, text_features, scale, chunk)[0]
+    return _info_nce_on(image_features, text_features, logit_scale, chunk_size, group, world,
+                        rank, local_batch_sizes)
 
 
 def sigmoid_contrastive(image_features: Tensor, text_features: Tensor, logit_scale: Tensor,
-                        logit_bias: Tensor, *, chunk_size: int | None = None,
-                        process_group=None) -> Tensor:
+                        logit_bias: Tensor | None, *, chunk_size: int | None = None,
+                        process_group=None, local_batch_sizes=None) -> Tensor:
     """SigLIP's sigmoid loss without the B x B logits.
 
     ``-sum_ij logsigmoid(z_ij (s I_i . T_j + b)) / B`` with z = +1 on the diagonal and -1
     elsewhere, normalised as open_clip's SigLipLoss. Distributed: each rank's local images
     against every global text (positives in its own block), divided by the local batch,
     as SigLipLoss with world_size > 1 (whose neighbour exchange passes gradients back the
-    same way). Args as :func:`info_nce`, plus ``logit_bias`` (one element, gets a gradient).
+    same way). Args as :func:`info_nce`, plus ``logit_bias`` (one element, gets a gradient;
+    None adds no bias, as open_clip).
     """
-    _check(image_features, text_features, logit_scale, logit_bias, "logit_bias")
     group, world, rank = _group_info(process_group)
-    scale, bias = logit_scale.reshape(()), logit_bias.reshape(())
-    if world > 1:
-        chunk = _chunk(chunk_size, image_features.shape[0] * world)
-        return _SigLIPDistributed.apply(image_features, text_features, scale, bias, chunk, group,
-                                        world, rank)
-    chunk = _chunk(chunk_size, image_features.shape[0])
-    with_grad = torch.is_grad_enabled() and any(
-        t.requires_grad for t in (image_features, text_features, scale, bias))
-    return _siglip_fwd(image_features, text_features, scale, bias, chunk, with_grad)[0]
+    return _sigmoid_contrastive_on(image_features, text_features, logit_scale, logit_bias,
+                                   chunk_size, group, world, rank, local_batch_sizes)
 
 
 # ---------------------------------------------------------------------------------
