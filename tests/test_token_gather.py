@@ -158,6 +158,23 @@ def test_masked_select_rows_max_rows_padding_and_overflow():
         mmkernels.masked_select_rows(x, mask, max_rows=3)
 
 
+@pytest.mark.parametrize("shape", [(0, 4, 3), (2, 0, 3), (2, 5, 3)], ids=["B0", "N0", "none-selected"])
+def test_masked_select_rows_double_backward_with_only_padding(shape):
+    """Every returned row is padding (an empty x, or a mask selecting nothing): the
+    double backward gathers nothing and returns zeros (index_select on an empty dim
+    raised before; found in review)."""
+    x = torch.randn(*shape, dtype=torch.float64, requires_grad=True)
+    mask = torch.zeros(shape[:2], dtype=torch.bool)
+    rows, index = mmkernels.masked_select_rows(x, mask, max_rows=2)
+    assert index.tolist() == [-1, -1]
+    v = torch.randn_like(rows, requires_grad=True)
+    (gx,) = torch.autograd.grad(rows, x, v, create_graph=True)
+    (gv,) = torch.autograd.grad(gx.sum(), v, allow_unused=False)
+    assert torch.equal(gv, torch.zeros_like(v))
+    assert torch.autograd.gradgradcheck(
+        lambda t: mmkernels.masked_select_rows(t, mask, max_rows=2)[0], (x,))
+
+
 # ---------------------------------------------------------------------------------
 # scatter_image_features
 # ---------------------------------------------------------------------------------

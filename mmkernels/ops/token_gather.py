@@ -114,6 +114,8 @@ def _register() -> None:
 
     def _sr_backward(ctx, grad):
         (index,) = ctx.saved_tensors
+        if grad.shape[0] == 0:  # nothing to gather from: every row was padding
+            return grad.new_zeros(index.shape[0], grad.shape[1]), None, None
         rows = grad.index_select(0, index.clamp(min=0))
         return torch.where((index >= 0)[:, None], rows, torch.zeros_like(rows)), None, None
 
