@@ -38,10 +38,8 @@ def run_and_compare(la, lb, H, D, dtype, dropout_p=0.0, device="cpu"):
                                           dropout_seed=seed)
     keep_a = keep_b = None
     if dropout_p:
-        keep_a = [m.cpu() for m in va.dropout_keep_mask(seed, cua, cub, max(lb), H, dropout_p,
-                                                        device, 0)]
-        keep_b = [m.cpu() for m in va.dropout_keep_mask(seed, cub, cua, max(la), H, dropout_p,
-                                                        device, H)]
+        keep_a = va.dropout_keep_mask(seed, cua, cub, H, dropout_p, stream0=0, device=device)
+        keep_b = va.dropout_keep_mask(seed, cub, cua, H, dropout_p, stream0=H, device=device)
     t64 = [t.detach().cpu().double().requires_grad_() for t in ts]
     ref_a, ref_b = reference.co_attention(*t64, cua.cpu(), cub.cpu(), None, keep_a, keep_b,
                                           (dropout_p, dropout_p))
@@ -91,11 +89,11 @@ def test_co_attention_dropout_per_direction(backend):
 def test_opcheck(backend):
     la, lb = [5, 0, 11], [7, 3, 0]
     ts = [torch.randn(sum(l), 2, 16, requires_grad=True) for l in (la, la, la, lb, lb, lb)]
-    args = (*ts, cu_of(la), cu_of(lb), 11, 7, 0.25, 0.0, 0.0, 0)
+    args = (*ts, cu_of(la), cu_of(lb), 11, 7, 0.25, 0.0, 0.0, 0, 0)
     torch.library.opcheck(torch.ops.mmkernels.co_attention_fwd.default, args)
     oa, ob, la_, lb_ = torch.ops.mmkernels.co_attention_fwd(*args)
     bargs = (torch.randn_like(oa), torch.randn_like(ob), *[t.detach() for t in ts], oa.detach(),
-             ob.detach(), la_, lb_, cu_of(la), cu_of(lb), 11, 7, 0.25, 0.0, 0.0, 0)
+             ob.detach(), la_, lb_, cu_of(la), cu_of(lb), 11, 7, 0.25, 0.0, 0.0, 0, 0)
     torch.library.opcheck(torch.ops.mmkernels.co_attention_bwd.default, bargs)
 
 

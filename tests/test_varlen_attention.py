@@ -51,7 +51,7 @@ def run_and_compare(lq, lk, H, H_kv, D, dtype, causal=False, block_ids=None, dro
                                           softmax_scale=scale)
     keep = None
     if dropout_p > 0:
-        keep = va.dropout_keep_mask(seed, cq, ck, max(lk), H, dropout_p, q.device)
+        keep = va.dropout_keep_mask(seed, cq, ck, H, dropout_p, device=q.device)
         keep = [m.cpu() for m in keep]
     q64, k64, v64 = [t.detach().cpu().double().requires_grad_() for t in (q, k, v)]
     bid = block_ids.cpu() if block_ids is not None else None
@@ -142,7 +142,7 @@ def test_dropout_with_returned_mask(backend, causal):
     p = 0.3
     out = run_and_compare([17, 0, 29], [17, 0, 29], H=2, H_kv=1, D=32, dtype=torch.float32,
                           causal=causal, dropout_p=p)
-    masks = va.dropout_keep_mask(1234, cu_of([17, 0, 29]), cu_of([17, 0, 29]), 29, 2, p, "cpu")
+    masks = va.dropout_keep_mask(1234, cu_of([17, 0, 29]), cu_of([17, 0, 29]), 2, p)
     kept = torch.cat([m.flatten() for m in masks]).float().mean().item()
     assert abs(kept - (1 - p)) < 0.05, kept
     # same seed, same mask and output; another seed, another output
@@ -217,12 +217,12 @@ def test_opcheck(backend):
     bid = torch.zeros(16, dtype=torch.int32)
     bid[6:10] = 1
     torch.library.opcheck(torch.ops.mmkernels.varlen_attention_fwd.default,
-                          (q, k, v, cu, cu, bid, 11, 11, 0.25, True, 0.0, 0))
+                          (q, k, v, cu, cu, bid, 11, 11, 0.25, True, 0.0, 0, 0))
     out, lse = torch.ops.mmkernels.varlen_attention_fwd(q, k, v, cu, cu, bid, 11, 11, 0.25, True,
-                                                        0.0, 0)
+                                                        0.0, 0, 0)
     torch.library.opcheck(torch.ops.mmkernels.varlen_attention_bwd.default,
                           (torch.randn_like(out), q.detach(), k.detach(), v.detach(),
-                           out.detach(), lse, cu, cu, bid, 11, 11, 0.25, True, 0.0, 0))
+                           out.detach(), lse, cu, cu, bid, 11, 11, 0.25, True, 0.0, 0, 0))
 
 
 def test_torch_compile_fullgraph_cpu_path(monkeypatch):
