@@ -228,8 +228,7 @@ def dropout_uniform(seed: int, offset: int, stream: int, rows: Tensor, cols: Ten
     c2 = (rows & _U32)[:, None]
     c3 = torch.full((), stream & _U32, dtype=torch.int64, device=rows.device)
     shape = (rows.numel(), cols.numel())
-    x, _, _, _ = philox4x32(c0.expand(shape), c1.expand(shape), c2.expand(shape),
-                            c3.expand(shape), seed)
+    x, _, _, _ = philox4x32(*(c.expand(shape).contiguous() for c in (c0, c1, c2, c3)), seed)
     x = torch.where(x >= 2**31, _U32 - x, x)         # int32 bitcast, negatives to ~x
     return x.to(torch.float32) * torch.tensor(_PHILOX_TO_UNIT, dtype=torch.float32)
 

@@ -273,6 +273,17 @@ def triton_cdiv(a: int, b: int) -> int:
 _FUSED_CPU_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
+def _use_fused_cpu(dtype: torch.dtype, dropout_p: float, backward: bool = False) -> bool:
+    """torch's fused CPU flash-attention kernel serves the CPU path without dropout,
+    except for the backward under torch.use_deterministic_algorithms(True): its
+    gradients change with the thread count (measured: 2e-6 on dK, 1100 rows, 1 vs 2
+    threads), so the explicit per-chunk backward runs instead (bit-identical for any
+    thread count). The fused forward computes each row in one thread: unaffected."""
+    if dropout_p != 0 or dtype not in _FUSED_CPU_DTYPES:
+        return False
+    return not (backward and torch.are_deterministic_algorithms_enabled())
+
+
 def _cpu_segments(q, k, v, cu_q, cu_k, block_ids, causal):
     """Yield (sequence slices, row chunk, is_causal, additive mask or None, rows without
     a visible key) for the fused CPU flash-attention kernel, never padding."""
@@ -407,6 +418,11 @@ def _uses_triton(device: torch.device) -> bool:
     return device.type == "cuda" or interpreting()
 
 
+def _runs_triton(device: torch.device) -> bool:
+    """The Triton kernels will run (MMKERNELS_BACKEND=reference runs eager instead)."""
+    return _uses_triton(device) and _extension.backend_override() != "reference"
+
+
 @torch.library.custom_op("mmkernels::varlen_attention_fwd", mutates_args=())
 def _varlen_attention_fwd(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor,
                           cu_seqlens_k: Tensor, block_ids: Tensor | None, max_seqlen_q: int,
@@ -416,7 +432,7 @@ def _varlen_attention_fwd(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor,
     if _uses_triton(q.device):
         return _triton_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, block_ids, max_seqlen_q,
                            max_seqlen_k, softmax_scale, causal, dropout_p, seed, offset)
-    if dropout_p == 0 and q.dtype in _FUSED_CPU_DTYPES:
+    if _use_fused_cpu(q.dtype, dropout_p):
         return _cpu_fwd_fused(q, k, v, cu_seqlens_q, cu_seqlens_k, block_ids, softmax_scale,
                               causal)
     out, lse = _cpu_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, block_ids, softmax_scale, causal,
@@ -448,7 +464,7 @@ def _varlen_attention_bwd(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out
         return _triton_bwd(grad_out, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, block_ids,
                            max_seqlen_q, max_seqlen_k, softmax_scale, causal, dropout_p, seed,
                            offset)
-    if dropout_p == 0 and q.dtype in _FUSED_CPU_DTYPES:
+    if _use_fused_cpu(q.dtype, dropout_p, backward=True):
         return _cpu_bwd_fused(grad_out, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, block_ids,
                               softmax_scale, causal)
     return _cpu_bwd(grad_out, q, k, v, cu_seqlens_q, cu_seqlens_k, block_ids, softmax_scale,
@@ -530,7 +546,8 @@ def check_cu_seqlens(cu: Tensor, total: int, max_seqlen: int, name: str, max_nam
         (cu[-1] == total,
          f"{name}[-1] must equal the number of packed tokens of {tensor_name} ({total})"),
         ((lengths >= 0).all(), f"{name} must be non-decreasing"),
-        ((lengths <= max_seqlen).all(),
+        # (clamped: an int32 tensor compared with 2^40 would wrap the bound)
+        ((lengths <= min(max_seqlen, MAX_TOKENS)).all(),
          f"{max_name} = {max_seqlen} is smaller than a sequence length in {name}"),
     ]
     if cu.device.type == "cuda" or torch.compiler.is_compiling():
@@ -574,7 +591,7 @@ def _check_qkv(q, k, v, names=("q", "k", "v")):
     if k.shape[1] < 1 or q.shape[1] % k.shape[1] != 0:
         raise ValueError(f"{names[1]} has {k.shape[1]} heads: the number of query heads of "
                          f"{names[0]} ({q.shape[1]}) must be a multiple of it (GQA/MQA)")
-    if q.dtype == torch.float64 and _uses_triton(q.device):
+    if q.dtype == torch.float64 and _runs_triton(q.device):
         raise TypeError(f"{names[0]}: float64 is supported on the CPU path only (the Triton "
                         f"kernels run float16, bfloat16 and float32)")
 
