@@ -363,7 +363,7 @@ def varlen_attention(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_s
             outs.append(o.to(q.dtype))
             lses.append(l)
     H = q.shape[1]
-    out = torch.cat(outs) if outs else q.new_zeros(q.shape)
+    out = torch.cat(outs) if outs else q * 0  # no rows (q is empty): still differentiable
     lse = torch.cat(lses, dim=1) if lses else torch.zeros(H, 0, device=q.device)
     return out, lse
 

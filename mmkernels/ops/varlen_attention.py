@@ -550,8 +550,8 @@ def check_cu_seqlens(cu: Tensor, total: int, max_seqlen: int, name: str, max_nam
         ((lengths <= min(max_seqlen, MAX_TOKENS)).all(),
          f"{max_name} = {max_seqlen} is smaller than a sequence length in {name}"),
     ]
-    if cu.device.type == "cuda" or torch.compiler.is_compiling():
-        for cond, msg in conds:
+    if cu.device.type in ("cuda", "meta") or torch.compiler.is_compiling():
+        for cond, msg in conds:  # (meta: shape-only runs, nothing to check)
             torch._assert_async(cond, msg)
         return
     for cond, msg in conds:
@@ -691,7 +691,7 @@ def varlen_attention(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_s
         if q.shape[0] != k.shape[0]:
             raise ValueError("block_ids requires seqlen_q == seqlen_k for every sequence "
                              "(cu_seqlens_q == cu_seqlens_k)")
-        if q.device.type == "cuda" or torch.compiler.is_compiling():
+        if q.device.type in ("cuda", "meta") or torch.compiler.is_compiling():
             torch._assert_async((cu_seqlens_q == cu_seqlens_k).all(),
                                 "block_ids requires cu_seqlens_q == cu_seqlens_k")
         elif not torch.equal(cu_seqlens_q, cu_seqlens_k):
