@@ -180,8 +180,8 @@ def scatter_image_features(inputs_embeds: Tensor, image_mask: Tensor,
 # probability when U >= p, where U is the first output of Philox4x32-10 keyed by
 # the 64-bit seed, with the counter
 #     words 0-1 = offset // 4 + j   (64-bit, low word first)
-#     word 2    = r                 (the row's index in the packed q tensor)
-#     word 3    = s                 (head h; co-attention: direction * H + h)
+#     word 2    = s                 (head h; co-attention: direction * H + h)
+#     word 3    = r                 (the row's index in the packed q tensor)
 # mapped to [0, 1) as Triton's tl.rand does. This follows PyTorch's Philox
 # convention (counter.xy = offset / 4 + per-thread index, counter.zw = the
 # subsequence), so a call that reserved 4 * max_seqlen_k values with
@@ -225,8 +225,8 @@ def dropout_uniform(seed: int, offset: int, stream: int, rows: Tensor, cols: Ten
     lo = (cols + (base & _U32))                      # < 2**33: carry into word 1
     c0 = (lo & _U32)[None, :]
     c1 = (((base >> 32) + (lo >> 32)) & _U32)[None, :]
-    c2 = (rows & _U32)[:, None]
-    c3 = torch.full((), stream & _U32, dtype=torch.int64, device=rows.device)
+    c2 = torch.full((), stream & _U32, dtype=torch.int64, device=rows.device)
+    c3 = (rows & _U32)[:, None]
     shape = (rows.numel(), cols.numel())
     x, _, _, _ = philox4x32(*(c.expand(shape).contiguous() for c in (c0, c1, c2, c3)), seed)
     x = torch.where(x >= 2**31, _U32 - x, x)         # int32 bitcast, negatives to ~x

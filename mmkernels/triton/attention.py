@@ -24,8 +24,8 @@ Backward (FA2): delta = rowsum(dO * O) (preprocess), then
   * dQ: one program per (q tile, sequence, head), looping over the key tiles like the
     forward.
 Dropout keeps an element with probability 1 - p, decided by Philox4x32-10 keyed by
-the call's 64-bit seed, with the counter (offset // 4 + j as 64 bits, q_global,
-stream): see :func:`_dropout_keep` and :func:`mmkernels.reference.dropout_uniform`,
+the call's 64-bit seed, with the counter (offset // 4 + j as 64 bits, stream,
+q_global): see :func:`_dropout_keep` and :func:`mmkernels.reference.dropout_uniform`,
 which computes the same bits with torch ops. The backward and the testing hooks
 regenerate exactly the forward's mask. The 64-bit seed and counter base arrive as
 int32 halves (seed_lo, seed_hi, ctr_lo, ctr_hi) so that a launch's argument types
@@ -55,21 +55,26 @@ def _dropout_keep(seed_lo, seed_hi, ctr_lo, ctr_hi, stream, rows_global, cols, d
 
     Philox4x32-10, key = the 64-bit seed (seed_hi:seed_lo); counter words 0-1 = the
     64-bit counter base (ctr_hi:ctr_lo, the Philox offset // 4) + col, word 2 = the
-    row's index in the packed q tensor, word 3 = the stream (head; co-attention:
-    direction * H + head). Every (row, col, stream) of a call has its own counter,
+    stream (head; co-attention: direction * H + head), word 3 = the row's index in
+    the packed q tensor. Every (row, col, stream) of a call has its own counter,
     and calls with disjoint reserved offsets never share one (PyTorch's convention:
     counter.xy = offset / 4 + index, counter.zw = subsequence).
     """
     k0 = tl.to_tensor(seed_lo).to(tl.uint32, bitcast=True)
     k1 = tl.to_tensor(seed_hi).to(tl.uint32, bitcast=True)
-    base = tl.to_tensor(ctr_lo).to(tl.uint32, bitcast=True)
-    lo = tl.add(base, cols.to(tl.uint32), sanitize_overflow=False)
-    hi = tl.add(tl.to_tensor(ctr_hi).to(tl.uint32, bitcast=True), (lo < base).to(tl.uint32),
-                sanitize_overflow=False)
+    # the 64-bit counter base + col, on a (N,) vector: split into words 0 and 1
+    ctr = ((tl.to_tensor(ctr_hi).to(tl.uint32, bitcast=True).to(tl.uint64) << 32)
+           | tl.to_tensor(ctr_lo).to(tl.uint32, bitcast=True).to(tl.uint64))
+    c64 = tl.add(ctr, cols.to(tl.uint64), sanitize_overflow=False)
+    lo = c64.to(tl.uint32)
+    hi = (c64 >> 32).to(tl.uint32)
     r = rows_global.to(tl.uint32)  # non-negative: packed row indices are int32
-    zero = r[:, None] * 0 + lo[None, :] * 0
-    x, _, _, _ = philox_impl(zero + lo[None, :], zero + hi[None, :], zero + r[:, None],
-                             zero + tl.to_tensor(stream).to(tl.uint32), k0, k1)
+    # The words stay (1, N), (1, N), scalar and (M, 1): the first round broadcasts them,
+    # so no (M, N) counter tile is materialised. The row sits in word 3, which the
+    # first round only XORs: nothing per row but the row index itself is kept live
+    # across the key loop (word 2 is multiplied; the scalar stream costs nothing there).
+    x, _, _, _ = philox_impl(lo[None, :], hi[None, :], tl.to_tensor(stream).to(tl.uint32),
+                             r[:, None], k0, k1)
     return uint_to_uniform_float(x) >= dropout_p
 
 

@@ -4,7 +4,7 @@ Grid axis 2 runs over (direction, head): direction 0 is stream A's queries over 
 B's keys/values (out_a), direction 1 is B over A (out_b). Each program calls the same
 tile functions as varlen attention (mmkernels.triton.attention), with the pointers of
 its direction; the two branches are the same code, inlined twice. Dropout stream of
-(direction d, head h) is d * H + h (Philox counter word 3, see
+(direction d, head h) is d * H + h (Philox counter word 2, see
 mmkernels.triton.attention._dropout_keep).
 
 Every stream's K and V are read with its Q's strides (stride_a* / stride_b*), and
