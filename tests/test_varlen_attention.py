@@ -500,6 +500,10 @@ def test_triton_and_reference_masks_are_bit_identical(seed, offset, stream):
     assert torch.equal(got, want)
     u = reference.dropout_uniform(seed, offset, stream, rows, torch.arange(40))
     assert ((u >= 0) & (u < 1)).all()
+    # the dK/dV tile's spelling of the counter carry (CARRY_BY_COMPARE) gives the same bits
+    other = va._triton_keep(seed, offset, stream, rows, 40, 0.3, 1, torch.device("cpu"),
+                           carry_by_compare=True)
+    assert torch.equal(other[0], want)
 
 
 @pytest.mark.parametrize("backend", BACKENDS, indirect=True)

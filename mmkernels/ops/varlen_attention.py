@@ -733,7 +733,8 @@ def dropout_keep_rows(seed: int, offset: int, stream: int, rows: Tensor, num_col
     return _triton_keep(seed, offset, stream, rows, num_cols, dropout_p, 1, device)[0]
 
 
-def _triton_keep(seed, offset, stream0, rows, num_cols, dropout_p, num_heads, device):
+def _triton_keep(seed, offset, stream0, rows, num_cols, dropout_p, num_heads, device,
+                 carry_by_compare=False):
     from mmkernels.triton.attention import _dropout_mask_kernel
 
     rows = rows.to(device=device, dtype=torch.int32).contiguous()
@@ -742,7 +743,8 @@ def _triton_keep(seed, offset, stream0, rows, num_cols, dropout_p, num_heads, de
         with _guard(device):
             _dropout_mask_kernel[(triton_cdiv(rows.numel(), 16), num_heads)](
                 mask, rows, rows.numel(), num_cols, mask.stride(0), mask.stride(1),
-                float(dropout_p), *_philox_args(seed, offset), stream0, BLOCK_M=16, BLOCK_N=16)
+                float(dropout_p), *_philox_args(seed, offset), stream0, BLOCK_M=16, BLOCK_N=16,
+                CARRY_BY_COMPARE=carry_by_compare)
     return mask.bool()
 
 

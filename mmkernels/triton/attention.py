@@ -50,7 +50,8 @@ def _seq_bounds(cu_ptr, b):
 
 
 @triton.jit
-def _dropout_keep(seed_lo, seed_hi, ctr_lo, ctr_hi, stream, rows_global, cols, dropout_p):
+def _dropout_keep(seed_lo, seed_hi, ctr_lo, ctr_hi, stream, rows_global, cols, dropout_p,
+                  CARRY_BY_COMPARE: tl.constexpr = False):
     """(BLOCK_M, BLOCK_N) bool: keep element (row, col) of stream `stream`.
 
     Philox4x32-10, key = the 64-bit seed (seed_hi:seed_lo); counter words 0-1 = the
@@ -62,12 +63,20 @@ def _dropout_keep(seed_lo, seed_hi, ctr_lo, ctr_hi, stream, rows_global, cols, d
     """
     k0 = tl.to_tensor(seed_lo).to(tl.uint32, bitcast=True)
     k1 = tl.to_tensor(seed_hi).to(tl.uint32, bitcast=True)
-    # the 64-bit counter base + col, on a (N,) vector: split into words 0 and 1
-    ctr = ((tl.to_tensor(ctr_hi).to(tl.uint32, bitcast=True).to(tl.uint64) << 32)
-           | tl.to_tensor(ctr_lo).to(tl.uint32, bitcast=True).to(tl.uint64))
-    c64 = tl.add(ctr, cols.to(tl.uint64), sanitize_overflow=False)
-    lo = c64.to(tl.uint32)
-    hi = (c64 >> 32).to(tl.uint32)
+    # the 64-bit counter base + col, on a (N,) vector. Two spellings of the same words
+    # (tested bit for bit against reference.dropout_uniform): the low word + col in
+    # int64 with bit 32 as the carry, or a wrapping uint32 add with the carry as
+    # (sum < base). They only steer ptxas: the first keeps the forward tiles spill-free
+    # on sm_80, the second the dK/dV tile on sm_90 (python -m mmkernels.tools.kernel_report).
+    base = tl.to_tensor(ctr_lo).to(tl.uint32, bitcast=True)
+    hi = tl.to_tensor(ctr_hi).to(tl.uint32, bitcast=True)
+    if CARRY_BY_COMPARE:
+        lo = tl.add(base, cols.to(tl.uint32), sanitize_overflow=False)
+        hi = tl.add(hi, (lo < base).to(tl.uint32), sanitize_overflow=False)
+    else:
+        low = base.to(tl.int64) + cols.to(tl.int64)
+        lo = low.to(tl.uint32)
+        hi = tl.add(hi, (low >> 32).to(tl.uint32), sanitize_overflow=False)
     r = rows_global.to(tl.uint32)  # non-negative: packed row indices are int32
     # The words stay (1, N), (1, N), scalar and (M, 1): the first round broadcasts them,
     # so no (M, N) counter tile is materialised. The row sits in word 3, which the
@@ -245,7 +254,7 @@ def _attn_bwd_dkdv_tile(q_seq, k_base, v_base, do_seq, lse_seq, delta_seq, dk_ba
             dp = tl.dot(do, tl.trans(v), input_precision="ieee")
             if HAS_DROPOUT:
                 keep = _dropout_keep(seed_lo, seed_hi, ctr_lo, ctr_hi, stream0 + h,
-                                     q_global0 + rows, cols, dropout_p)
+                                     q_global0 + rows, cols, dropout_p, CARRY_BY_COMPARE=True)
                 p_drop = tl.where(keep, p / (1.0 - dropout_p), 0.0)
                 dp = tl.where(keep, dp / (1.0 - dropout_p), 0.0)
             else:
@@ -307,7 +316,8 @@ def _attn_bwd_dq_tile(q_base, k_base, v_base, do_base, dq_base, lse_base, delta_
 @triton.jit
 def _dropout_mask_kernel(mask_ptr, rows_ptr, n_rows, n_cols, stride_mh, stride_mr, dropout_p,
                          seed_lo, seed_hi, ctr_lo, ctr_hi, stream0,
-                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                         CARRY_BY_COMPARE: tl.constexpr = False):
     """Testing hook: keep-mask (H, n_rows, n_cols) int8; mask[h, i, j] is element
     (packed query row rows[i], key j) of stream stream0 + h, as the kernels draw it."""
     pid_m = tl.program_id(0)
@@ -318,7 +328,7 @@ def _dropout_mask_kernel(mask_ptr, rows_ptr, n_rows, n_cols, stride_mh, stride_m
     for start_n in range(0, n_cols, BLOCK_N):
         cols = start_n + tl.arange(0, BLOCK_N)
         keep = _dropout_keep(seed_lo, seed_hi, ctr_lo, ctr_hi, stream0 + h, rows, cols,
-                             dropout_p)
+                             dropout_p, CARRY_BY_COMPARE)
         ptrs = (mask_ptr + h.to(tl.int64) * stride_mh + idx[:, None].to(tl.int64) * stride_mr
                 + cols[None, :])
         tl.store(ptrs, keep.to(tl.int8), mask=idx_ok[:, None] & (cols[None, :] < n_cols))
