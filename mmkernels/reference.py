@@ -242,6 +242,88 @@ def scatter_image_features(inputs_embeds: Tensor, image_mask: Tensor,
 # ---------------------------------------------------------------------------------
 
 
+# Dropout masks: one definition for every backend (Triton on GPU and in the
+# interpreter, the CPU path, MMKERNELS_BACKEND=reference). Element (stream s, packed
+# query row r, key column j) of a call with Philox state (seed, offset) keeps the
+# probability when U >= p, where U is the first output of Philox4x32-10 keyed by
+# the 64-bit seed, with the counter
+#     words 0-1 = offset // 4 + j   (64-bit, low word first)
+#     word 2    = s                 (head h; co-attention: direction * H + h)
+#     word 3    = r                 (the row's index in the packed q tensor)
+# mapped to [0, 1) as Triton's tl.rand does. This follows PyTorch's Philox
+# convention (counter.xy = offset / 4 + per-thread index, counter.zw = the
+# subsequence), so a call that reserved 4 * max_seqlen_k values with
+# Generator.philox_state owns its stream outright: no two rows, heads, directions
+# or calls share a counter, whatever the sequence lengths.
+
+_U32 = 0xFFFFFFFF
+_PHILOX_ROUND_A, _PHILOX_ROUND_B = 0xD2511F53, 0xCD9E8D57
+_PHILOX_KEY_A, _PHILOX_KEY_B = 0x9E3779B9, 0xBB67AE85
+_PHILOX_TO_UNIT = 4.6566127342e-10  # tl.random.uint_to_uniform_float's scale (uint32)
+
+
+def _mul32(a: Tensor, b: int) -> tuple[Tensor, Tensor]:
+    """(high, low) 32-bit words of a * b for uint32 values held in int64, computed
+    in 16-bit halves so that no int64 product overflows."""
+    a_hi, a_lo = a >> 16, a & 0xFFFF
+    b_hi, b_lo = b >> 16, b & 0xFFFF
+    low = (a_hi * b_lo + a_lo * b_hi) * 65536 + a_lo * b_lo   # < 2**50
+    return a_hi * b_hi + (low >> 32), low & _U32
+
+
+def philox4x32(c0: Tensor, c1: Tensor, c2: Tensor, c3: Tensor, seed: int,
+               rounds: int = 10) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Philox4x32 (Random123; triton.language.random.philox_impl, bit for bit) on
+    int64 tensors holding uint32 counter words; ``seed`` is the 64-bit key."""
+    seed &= (1 << 64) - 1
+    k0, k1 = seed & _U32, seed >> 32
+    for _ in range(rounds):
+        hi_a, lo_a = _mul32(c0, _PHILOX_ROUND_A)
+        hi_b, lo_b = _mul32(c2, _PHILOX_ROUND_B)
+        c0, c1, c2, c3 = hi_b ^ c1 ^ k0, lo_b, hi_a ^ c3 ^ k1, lo_a
+        k0, k1 = (k0 + _PHILOX_KEY_A) & _U32, (k1 + _PHILOX_KEY_B) & _U32
+    return c0, c1, c2, c3
+
+
+def dropout_uniform(seed: int, offset: int, stream: int, rows: Tensor, cols: Tensor) -> Tensor:
+    """(len(rows), len(cols)) float32 uniforms of the dropout stream (see above):
+    rows are packed query indices, cols key indices within the sequence (int64)."""
+    rows, cols = rows.to(torch.int64), cols.to(torch.int64)
+    base = (offset & ((1 << 64) - 1)) >> 2
+    lo = (cols + (base & _U32))                      # < 2**33: carry into word 1
+    c0 = (lo & _U32)[None, :]
+    c1 = (((base >> 32) + (lo >> 32)) & _U32)[None, :]
+    c2 = torch.full((), stream & _U32, dtype=torch.int64, device=rows.device)
+    c3 = (rows & _U32)[:, None]
+    shape = (rows.numel(), cols.numel())
+    x, _, _, _ = philox4x32(*(c.expand(shape).contiguous() for c in (c0, c1, c2, c3)), seed)
+    x = torch.where(x >= 2**31, _U32 - x, x)         # int32 bitcast, negatives to ~x
+    return x.to(torch.float32) * torch.tensor(_PHILOX_TO_UNIT, dtype=torch.float32)
+
+
+def dropout_keep(seed: int, offset: int, stream: int, rows: Tensor, cols: Tensor,
+                 dropout_p: float) -> Tensor:
+    """(len(rows), len(cols)) bool: keep where the uniform >= p (p rounded to float32,
+    as the kernels receive it)."""
+    u = dropout_uniform(seed, offset, stream, rows, cols)
+    return u >= torch.tensor(dropout_p, dtype=torch.float32)
+
+
+def dropout_keep_masks(seed: int, offset: int, cu_seqlens_q: Tensor, cu_seqlens_k: Tensor,
+                       num_heads: int, dropout_p: float, stream0: int = 0) -> list[Tensor]:
+    """One (H, Lq_b, Lk_b) bool keep-mask per sequence, for heads (streams)
+    stream0 .. stream0 + H - 1 (co-attention: stream0 = 0 for A->B, H for B->A)."""
+    cq, ck = cu_seqlens_q.tolist(), cu_seqlens_k.tolist()
+    masks = []
+    for b in range(len(cq) - 1):
+        rows = torch.arange(cq[b], cq[b + 1])
+        cols = torch.arange(ck[b + 1] - ck[b])
+        masks.append(torch.stack([dropout_keep(seed, offset, stream0 + h, rows, cols, dropout_p)
+                                  for h in range(num_heads)])
+                     if num_heads else torch.zeros(0, len(rows), len(cols), dtype=torch.bool))
+    return masks
+
+
 def attention_visibility(seqlen_q: int, seqlen_k: int, causal: bool, bid_q: Tensor | None = None,
                          bid_k: Tensor | None = None, device=None) -> Tensor:
     """(Lq, Lk) bool: key j visible to query i. Causal is bottom-right aligned (flash-attn);
@@ -349,7 +431,7 @@ def varlen_attention(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_s
             outs.append(o.to(q.dtype))
             lses.append(l)
     H = q.shape[1]
-    out = torch.cat(outs) if outs else q.new_zeros(q.shape)
+    out = torch.cat(outs) if outs else q * 0  # no rows (q is empty): still differentiable
     lse = torch.cat(lses, dim=1) if lses else torch.zeros(H, 0, device=q.device)
     return out, lse
 

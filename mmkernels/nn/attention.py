@@ -21,10 +21,13 @@ class VarlenSelfAttention(nn.Module):
                  bias: bool = True, dropout: float = 0.0, causal: bool = False,
                  softmax_scale: float | None = None, device=None, dtype=None) -> None:
         super().__init__()
-        if embed_dim % num_heads != 0:
+        if num_heads < 1 or embed_dim % num_heads != 0:
             raise ValueError(f"embed_dim ({embed_dim}) must be divisible by num_heads "
                              f"({num_heads})")
         num_kv_heads = num_kv_heads or num_heads
+        if num_heads < 1 or num_kv_heads < 1:
+            raise ValueError(f"num_heads ({num_heads}) and num_kv_heads ({num_kv_heads}) must be "
+                             f"positive")
         if num_heads % num_kv_heads != 0:
             raise ValueError(f"num_heads ({num_heads}) must be a multiple of num_kv_heads "
                              f"({num_kv_heads})")
@@ -38,6 +41,9 @@ class VarlenSelfAttention(nn.Module):
 
     def forward(self, x: Tensor, cu_seqlens: Tensor, max_seqlen: int,
                 block_ids: Tensor | None = None) -> Tensor:
+        if not isinstance(x, Tensor) or x.dim() != 2 or x.shape[1] != self.embed_dim:
+            raise ValueError(f"x must be (total, embed_dim) = (total, {self.embed_dim}), got "
+                             f"{tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__}")
         total = x.shape[0]
         qkv = self.qkv(x).view(total, self.num_heads + 2 * self.num_kv_heads, self.head_dim)
         q, k, v = torch.split(qkv, [self.num_heads, self.num_kv_heads, self.num_kv_heads], dim=1)

@@ -59,6 +59,11 @@ class BiAttention(reference.BertBiAttention):
         if self.visualization:
             return super().forward(input_tensor1, attention_mask1, input_tensor2,
                                    attention_mask2, co_attention_mask, use_co_attention_mask)
+        for x, name, lin in ((input_tensor1, "input_tensor1", self.query1),
+                             (input_tensor2, "input_tensor2", self.query2)):
+            if not isinstance(x, Tensor) or x.dim() != 3 or x.shape[2] != lin.in_features:
+                raise ValueError(f"{name} must be (B, N, {lin.in_features}), got "
+                                 f"{tuple(x.shape) if isinstance(x, Tensor) else type(x)}")
         B, Nv, _ = input_tensor1.shape
         Nt = input_tensor2.shape[1]
         if input_tensor2.shape[0] != B:

@@ -39,9 +39,20 @@ def _pick(kind: str, block_d: int) -> va.AttnConfig:
     return va.INTERPRET_CONFIG if interpreting() else CONFIGS[kind][max(block_d, 64)][0]
 
 
-def _triton_fwd(qa, ka, va_, qb, kb, vb, cu_a, cu_b, max_a, max_b, scale, p_a, p_b, seed):
+def _stream_layout(*tensors: Tensor) -> list[Tensor]:
+    """The kernels read a stream's K and V (and dO, and write its gradients) with its
+    Q's strides: give them contiguous tensors. Their shapes are equal (_check_streams),
+    so they address alike (a contiguous tensor's strides can differ only on size-1
+    dims, where the index is always 0)."""
+    return [t.contiguous() for t in tensors]
+
+
+def _triton_fwd(qa, ka, va_, qb, kb, vb, cu_a, cu_b, max_a, max_b, scale, p_a, p_b, seed,
+                offset):
     from mmkernels.triton.co_attention import _co_attn_fwd_kernel
 
+    qa, ka, va_, qb, kb, vb = _stream_layout(qa, ka, va_, qb, kb, vb)
+    cu_a, cu_b = cu_a.contiguous(), cu_b.contiguous()
     total_a, H, D = qa.shape
     total_b = qb.shape[0]
     batch = cu_a.numel() - 1
@@ -58,16 +69,20 @@ def _triton_fwd(qa, ka, va_, qb, kb, vb, cu_a, cu_b, max_a, max_b, scale, p_a, p
         _co_attn_fwd_kernel[grid](
             qa, ka, va_, qb, kb, vb, oa, ob, lse_a, lse_b, cu_a, cu_b,
             *qa.stride(), *qb.stride(), *oa.stride(), *ob.stride(), lse_a.stride(0),
-            lse_b.stride(0), scale, p_a, p_b, seed, max_a, max_b, D, H,
+            lse_b.stride(0), scale, p_a, p_b, *va._philox_args(seed, offset), D, H,
             HAS_DROPOUT=(p_a > 0 or p_b > 0), BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
             BLOCK_D=block_d, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     return oa, ob, lse_a, lse_b
 
 
 def _triton_bwd(doa, dob, qa, ka, va_, qb, kb, vb, oa, ob, lse_a, lse_b, cu_a, cu_b, max_a,
-                max_b, scale, p_a, p_b, seed):
+                max_b, scale, p_a, p_b, seed, offset):
     from mmkernels.triton.co_attention import _co_attn_bwd_dkdv_kernel, _co_attn_bwd_dq_kernel
 
+    # dO_a is read with stream A's strides, dO_b with B's (as the gradients written)
+    qa, ka, va_, doa, qb, kb, vb, dob = _stream_layout(qa, ka, va_, doa, qb, kb, vb, dob)
+    cu_a, cu_b = cu_a.contiguous(), cu_b.contiguous()
+    lse_a, lse_b = lse_a.contiguous(), lse_b.contiguous()
     total_a, H, D = qa.shape
     batch = cu_a.numel() - 1
     grads = [torch.zeros_like(t) for t in (qa, ka, va_, qb, kb, vb)]
@@ -78,7 +93,7 @@ def _triton_bwd(doa, dob, qa, ka, va_, qb, kb, vb, oa, ob, lse_a, lse_b, cu_a, c
     delta_b = (dob.float() * ob.float()).sum(-1).transpose(0, 1).contiguous()
     block_d = va.block_d_for(D)
     common = (cu_a, cu_b, *qa.stride(), *qb.stride(), lse_a.stride(0), lse_b.stride(0), scale,
-              p_a, p_b, seed, max_a, max_b, D, H)
+              p_a, p_b, *va._philox_args(seed, offset), D, H)
     with va._guard(qa.device):
         cfg = _pick("dkdv", block_d)
         _co_attn_bwd_dkdv_kernel[(va.triton_cdiv(max(max_a, max_b), cfg.block_n), batch, 2 * H)](
@@ -99,25 +114,28 @@ def _triton_bwd(doa, dob, qa, ka, va_, qb, kb, vb, oa, ob, lse_a, lse_b, cu_a, c
 def _co_attention_fwd(q_a: Tensor, k_a: Tensor, v_a: Tensor, q_b: Tensor, k_b: Tensor,
                       v_b: Tensor, cu_seqlens_a: Tensor, cu_seqlens_b: Tensor, max_seqlen_a: int,
                       max_seqlen_b: int, softmax_scale: float, dropout_a: float, dropout_b: float,
-                      seed: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+                      seed: int, offset: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    _check_op_inputs(q_a, k_a, v_a, q_b, k_b, v_b, cu_seqlens_a, cu_seqlens_b)
     if va._uses_triton(q_a.device):
         return _triton_fwd(q_a, k_a, v_a, q_b, k_b, v_b, cu_seqlens_a, cu_seqlens_b,
-                           max_seqlen_a, max_seqlen_b, softmax_scale, dropout_a, dropout_b, seed)
+                           max_seqlen_a, max_seqlen_b, softmax_scale, dropout_a, dropout_b, seed,
+                           offset)
     H = q_a.shape[1]
     outs = []
     for q, k, v, cq, ck, p, stream0 in ((q_a, k_b, v_b, cu_seqlens_a, cu_seqlens_b, dropout_a, 0),
                                        (q_b, k_a, v_a, cu_seqlens_b, cu_seqlens_a, dropout_b, H)):
-        if p == 0 and q.dtype in va._FUSED_CPU_DTYPES:
+        if va._use_fused_cpu(q.dtype, p):
             outs.append(va._cpu_fwd_fused(q, k, v, cq, ck, None, softmax_scale, False))
         else:
-            o, lse = va._cpu_fwd(q, k, v, cq, ck, None, softmax_scale, False, p, seed, stream0)
+            o, lse = va._cpu_fwd(q, k, v, cq, ck, None, softmax_scale, False, p, seed, offset,
+                                 stream0)
             outs.append((o.contiguous(), lse.contiguous()))
     return outs[0][0], outs[1][0], outs[0][1], outs[1][1]
 
 
 @_co_attention_fwd.register_fake
 def _(q_a, k_a, v_a, q_b, k_b, v_b, cu_seqlens_a, cu_seqlens_b, max_seqlen_a, max_seqlen_b,
-      softmax_scale, dropout_a, dropout_b, seed):
+      softmax_scale, dropout_a, dropout_b, seed, offset):
     H = q_a.shape[1]
     return (torch.empty_like(q_a), torch.empty_like(q_b),
             q_a.new_empty((H, q_a.shape[0]), dtype=torch.float32),
@@ -129,37 +147,48 @@ def _co_attention_bwd(grad_a: Tensor, grad_b: Tensor, q_a: Tensor, k_a: Tensor, 
                       q_b: Tensor, k_b: Tensor, v_b: Tensor, out_a: Tensor, out_b: Tensor,
                       lse_a: Tensor, lse_b: Tensor, cu_seqlens_a: Tensor, cu_seqlens_b: Tensor,
                       max_seqlen_a: int, max_seqlen_b: int, softmax_scale: float,
-                      dropout_a: float, dropout_b: float, seed: int) -> tuple[
+                      dropout_a: float, dropout_b: float, seed: int, offset: int) -> tuple[
                           Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    _check_op_inputs(q_a, k_a, v_a, q_b, k_b, v_b, cu_seqlens_a, cu_seqlens_b)
+    for t, n, like in ((grad_a, "grad_a", q_a), (out_a, "out_a", q_a), (grad_b, "grad_b", q_b),
+                       (out_b, "out_b", q_b)):
+        if t.shape != like.shape:
+            raise ValueError(f"{n} must have shape {tuple(like.shape)}, got {tuple(t.shape)}")
+    for t, n, like in ((lse_a, "lse_a", q_a), (lse_b, "lse_b", q_b)):
+        if t.shape != (like.shape[1], like.shape[0]):
+            raise ValueError(f"{n} must have shape (H, total) = "
+                             f"{(like.shape[1], like.shape[0])}, got {tuple(t.shape)}")
     if va._uses_triton(q_a.device):
         return _triton_bwd(grad_a, grad_b, q_a, k_a, v_a, q_b, k_b, v_b, out_a, out_b, lse_a,
                            lse_b, cu_seqlens_a, cu_seqlens_b, max_seqlen_a, max_seqlen_b,
-                           softmax_scale, dropout_a, dropout_b, seed)
+                           softmax_scale, dropout_a, dropout_b, seed, offset)
     H = q_a.shape[1]
     res = []
     for g, q, k, v, o, lse, cq, ck, p, stream0 in (
             (grad_a, q_a, k_b, v_b, out_a, lse_a, cu_seqlens_a, cu_seqlens_b, dropout_a, 0),
             (grad_b, q_b, k_a, v_a, out_b, lse_b, cu_seqlens_b, cu_seqlens_a, dropout_b, H)):
-        if p == 0 and q.dtype in va._FUSED_CPU_DTYPES:
+        if va._use_fused_cpu(q.dtype, p, backward=True):
             res.append(va._cpu_bwd_fused(g, q, k, v, o, lse, cq, ck, None, softmax_scale, False))
         else:
             res.append(va._cpu_bwd(g, q, k, v, cq, ck, None, softmax_scale, False, p, seed,
-                                   stream0))
+                                   offset, stream0))
     (dqa, dkb, dvb), (dqb, dka, dva) = res
     return dqa, dka, dva, dqb, dkb, dvb
 
 
 @_co_attention_bwd.register_fake
 def _(grad_a, grad_b, q_a, k_a, v_a, q_b, k_b, v_b, out_a, out_b, lse_a, lse_b, cu_seqlens_a,
-      cu_seqlens_b, max_seqlen_a, max_seqlen_b, softmax_scale, dropout_a, dropout_b, seed):
+      cu_seqlens_b, max_seqlen_a, max_seqlen_b, softmax_scale, dropout_a, dropout_b, seed,
+      offset):
     return tuple(torch.empty_like(t) for t in (q_a, k_a, v_a, q_b, k_b, v_b))
 
 
 def _setup_context(ctx, inputs, output):
-    (q_a, k_a, v_a, q_b, k_b, v_b, cu_a, cu_b, max_a, max_b, scale, p_a, p_b, seed) = inputs
+    (q_a, k_a, v_a, q_b, k_b, v_b, cu_a, cu_b, max_a, max_b, scale, p_a, p_b, seed,
+     offset) = inputs
     out_a, out_b, lse_a, lse_b = output
     ctx.save_for_backward(q_a, k_a, v_a, q_b, k_b, v_b, out_a, out_b, lse_a, lse_b, cu_a, cu_b)
-    ctx.args = (max_a, max_b, scale, p_a, p_b, seed)
+    ctx.args = (max_a, max_b, scale, p_a, p_b, seed, offset)
     ctx.mark_non_differentiable(lse_a, lse_b)
 
 
@@ -169,7 +198,7 @@ def _backward(ctx, grad_a, grad_b, _gla, _glb):
     grad_b = torch.zeros_like(out_b) if grad_b is None else grad_b.contiguous()
     grads = _co_attention_bwd(grad_a, grad_b, q_a, k_a, v_a, q_b, k_b, v_b, out_a, out_b, lse_a,
                               lse_b, cu_a, cu_b, *ctx.args)
-    return (*grads, None, None, None, None, None, None, None, None)
+    return (*grads, None, None, None, None, None, None, None, None, None)
 
 
 _co_attention_fwd.register_autograd(_backward, setup_context=_setup_context)
@@ -184,17 +213,26 @@ def co_attention(q_a: Tensor, k_a: Tensor, v_a: Tensor, q_b: Tensor, k_b: Tensor
 
     Args:
         q_a, k_a, v_a: (total_a, H, D) packed stream A; q_b, k_b, v_b: (total_b, H, D)
-            stream B; one dtype (float16/bfloat16/float32; float64 on the CPU path),
-            D <= 256.
-        cu_seqlens_a, cu_seqlens_b: (batch + 1,) int32 each, with the same batch; a
+            stream B: all six with the same (H, D) (no GQA) and K/V with their Q's token
+            count; one dtype (float16/bfloat16/float32; float64 on the CPU path), one
+            device, D <= 256, any strides (the Triton path copies non-contiguous ones).
+        cu_seqlens_a, cu_seqlens_b: (batch + 1,) int32 each, on the streams' device,
+            with the same batch: 0 first, non-decreasing, total_a (total_b) last; a
             sample may be empty in either stream.
-        max_seqlen_a, max_seqlen_b: longest lengths.
+        max_seqlen_a, max_seqlen_b: ints >= the longest lengths.
         softmax_scale: default 1 / sqrt(D).
         dropout_p: on the attention probabilities; a float, or (p_a, p_b) for the two
-            directions (ViLBERT uses two dropout modules). Different Philox streams per
-            direction; the backward regenerates them.
+            directions (ViLBERT uses two dropout modules), each in [0, 1). Philox streams
+            d * H + h per (direction d, head h) under one (seed, offset) state (see
+            :func:`mmkernels.ops.varlen_attention.philox_state`); every backend,
+            ``MMKERNELS_BACKEND=reference`` included, draws the same masks, and the
+            backward regenerates them.
         dropout_seed: testing hook (see :func:`mmkernels.ops.varlen_attention.dropout_keep_mask`
             with stream0 = 0 for A->B and H for B->A).
+
+    Raises:
+        TypeError / ValueError naming the offending argument (e.g. ``k_b`` with the
+        wrong head count, ``cu_seqlens_a`` not ending at k_a's token count).
 
     Returns:
         out_a (total_a, H, D) = attention(q_a, k_b, v_b) and out_b (total_b, H, D) =
@@ -202,40 +240,78 @@ def co_attention(q_a: Tensor, k_a: Tensor, v_a: Tensor, q_b: Tensor, k_b: Tensor
         backward pass computes each of dK/dV and dQ for both); gradients flow to all six
         inputs, deterministically.
     """
-    va._check_qkv(q_a, k_a, v_a, ("q_a", "k_a", "v_a"))
-    va._check_qkv(q_b, k_b, v_b, ("q_b", "k_b", "v_b"))
-    if q_a.dtype != q_b.dtype:
-        raise TypeError(f"both streams must share a dtype, got {q_a.dtype} and {q_b.dtype}")
-    if q_a.device != q_b.device:
-        raise ValueError("both streams must be on one device")
-    if q_a.shape[1:] != q_b.shape[1:] or k_a.shape[1] != q_a.shape[1]:
-        raise ValueError(f"both streams need the same heads and head dim (no GQA), got "
-                         f"{tuple(q_a.shape[1:])} and {tuple(q_b.shape[1:])}")
-    va.check_cu_seqlens(cu_seqlens_a, q_a.shape[0], max_seqlen_a, "cu_seqlens_a", "max_seqlen_a")
-    va.check_cu_seqlens(cu_seqlens_b, q_b.shape[0], max_seqlen_b, "cu_seqlens_b", "max_seqlen_b")
+    _check_streams(q_a, k_a, v_a, q_b, k_b, v_b)
+    va.check_cu_seqlens(cu_seqlens_a, q_a.shape[0], max_seqlen_a, "cu_seqlens_a", "max_seqlen_a",
+                        "q_a, k_a and v_a", q_a.device)
+    va.check_cu_seqlens(cu_seqlens_b, q_b.shape[0], max_seqlen_b, "cu_seqlens_b", "max_seqlen_b",
+                        "q_b, k_b and v_b", q_a.device)
     if cu_seqlens_a.numel() != cu_seqlens_b.numel():
         raise ValueError(f"cu_seqlens_a and cu_seqlens_b must have the same batch, got "
                          f"{cu_seqlens_a.numel() - 1} and {cu_seqlens_b.numel() - 1} samples")
-    if cu_seqlens_a.device != q_a.device or cu_seqlens_b.device != q_a.device:
-        raise ValueError("cu_seqlens must be on the streams' device")
-    p_a, p_b = (dropout_p, dropout_p) if isinstance(dropout_p, (int, float)) else dropout_p
-    for p in (p_a, p_b):
-        if not 0.0 <= float(p) < 1.0:
-            raise ValueError(f"dropout_p must lie in [0, 1), got {dropout_p}")
+    if isinstance(dropout_p, (tuple, list)):
+        if len(dropout_p) != 2:
+            raise ValueError(f"dropout_p must be a float or a pair (p_a, p_b), got {dropout_p}")
+        p_a, p_b = (va.check_dropout_p(p, "dropout_p") for p in dropout_p)
+    else:
+        p_a = p_b = va.check_dropout_p(dropout_p, "dropout_p")
     scale = float(softmax_scale) if softmax_scale is not None else 1.0 / math.sqrt(q_a.shape[2])
-    seed = 0 if p_a == 0 and p_b == 0 else (
-        dropout_seed if dropout_seed is not None else va._draw_seed())
+    max_a, max_b = min(max_seqlen_a, q_a.shape[0]), min(max_seqlen_b, q_b.shape[0])
+    seed = offset = 0
+    if p_a > 0 or p_b > 0:
+        # per (stream, row) subsequence: one counter per key column of the other stream
+        seed, offset = va.philox_state(q_a.device, va.dropout_increment(max(max_a, max_b)),
+                                       dropout_seed)
     if _extension.backend_override() == "reference":
+        H = q_a.shape[1]
+        keep_a = keep_b = None
+        if p_a > 0:
+            keep_a = reference.dropout_keep_masks(seed, offset, cu_seqlens_a, cu_seqlens_b, H,
+                                                  p_a, 0)
+        if p_b > 0:
+            keep_b = reference.dropout_keep_masks(seed, offset, cu_seqlens_b, cu_seqlens_a, H,
+                                                  p_b, H)
         return reference.co_attention(q_a, k_a, v_a, q_b, k_b, v_b, cu_seqlens_a, cu_seqlens_b,
-                                      scale)
-    tensors = [q_a, k_a, v_a, q_b, k_b, v_b]
-    if va._uses_triton(q_a.device):
-        # the kernels take one set of strides per stream (and for its gradients)
-        tensors = [t.contiguous() for t in tensors]
-    out_a, out_b, _, _ = _co_attention_fwd(*tensors, cu_seqlens_a, cu_seqlens_b,
-                                           int(max_seqlen_a), int(max_seqlen_b), scale,
-                                           float(p_a), float(p_b), int(seed))
+                                      scale, keep_a, keep_b, (p_a, p_b))
+    out_a, out_b, _, _ = _co_attention_fwd(q_a, k_a, v_a, q_b, k_b, v_b, cu_seqlens_a,
+                                           cu_seqlens_b, int(max_a), int(max_b), scale, p_a, p_b,
+                                           seed, offset)
     return out_a, out_b
+
+
+def _check_streams(q_a, k_a, v_a, q_b, k_b, v_b) -> None:
+    """Every tensor of both streams: dense 3-D floating point, one dtype, one device;
+    all six share q_a's (heads, head dim) (co-attention has no GQA: the CPU path must
+    not silently compute it, and the kernels index K/V heads like Q's); K/V have their
+    stream's token count (they share its cu_seqlens)."""
+    names = ("q_a", "k_a", "v_a", "q_b", "k_b", "v_b")
+    ts = (q_a, k_a, v_a, q_b, k_b, v_b)
+    va.check_like(q_a, "q_a", ts[1:], names[1:])
+    H, D = q_a.shape[1:]
+    if H < 1:
+        raise ValueError(f"q_a must have at least one head, got shape {tuple(q_a.shape)}")
+    if not 1 <= D <= 256:
+        raise ValueError(f"head_dim of q_a must be in [1, 256], got {D}")
+    for q, q_name, trio in ((q_a, "q_a", zip(ts[:3], names[:3])),
+                            (q_b, "q_b", zip(ts[3:], names[3:]))):
+        for t, n in trio:
+            if t.shape[1:] != (H, D):
+                raise ValueError(f"{n} must have (heads, head dim) = ({H}, {D}) as q_a "
+                                 f"(co-attention: one head count and head dim, no GQA), got "
+                                 f"shape {tuple(t.shape)}")
+            if t.shape[0] != q.shape[0]:
+                raise ValueError(f"{n} must have {q_name}'s {q.shape[0]} tokens (its stream's "
+                                 f"cu_seqlens delimit both), got shape {tuple(t.shape)}")
+    if q_a.dtype == torch.float64 and va._runs_triton(q_a.device):
+        raise TypeError("q_a: float64 is supported on the CPU path only (the Triton kernels "
+                        "run float16, bfloat16 and float32)")
+
+
+def _check_op_inputs(q_a, k_a, v_a, q_b, k_b, v_b, cu_a, cu_b) -> None:
+    """The custom ops' own checks (reachable as torch.ops.mmkernels.co_attention_*):
+    shapes, and on CPU the offsets against the token counts (host data, free)."""
+    _check_streams(q_a, k_a, v_a, q_b, k_b, v_b)
+    va._check_op_inputs(q_a, k_b, v_b, cu_a, cu_b, None, ("q_a", "k_b", "v_b"),
+                        ("cu_seqlens_a", "cu_seqlens_b"))
 
 
 def kernel_specs() -> list[KernelSpec]:

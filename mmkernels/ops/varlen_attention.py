@@ -28,7 +28,6 @@ from mmkernels.triton import KernelSpec, interpreting
 
 __all__ = ["varlen_attention", "dropout_keep_mask"]
 
-SEED_STRIDE = 65537  # Philox key stride between dropout streams (head, direction)
 CPU_CHUNK_ROWS = 1024  # query rows per step on the CPU path
 
 
@@ -122,19 +121,59 @@ def _guard(device: torch.device):
     return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
 
 
-def _cpu_keep_masks(seed: int, cu_q: list[int], cu_k: list[int], heads: int, dropout_p: float,
-                    stream0: int = 0) -> list[Tensor]:
-    """Dropout keep-masks of the CPU path: one (H, Lq, Lk) per sequence, from a
-    torch.Generator seeded by (seed, stream, sequence), so backward regenerates them."""
-    masks = []
-    for b in range(len(cu_q) - 1):
-        lq, lk = cu_q[b + 1] - cu_q[b], cu_k[b + 1] - cu_k[b]
-        per_head = []
-        for h in range(heads):
-            g = torch.Generator().manual_seed(seed + (stream0 + h) * SEED_STRIDE + 1_000_003 * b)
-            per_head.append(torch.rand(lq, lk, generator=g) >= dropout_p)
-        masks.append(torch.stack(per_head) if per_head else torch.zeros(0, lq, lk, dtype=torch.bool))
-    return masks
+# ---------------------------------------------------------------------------------
+# dropout: Philox state (seed, offset), one mask definition for every backend
+# ---------------------------------------------------------------------------------
+
+
+def _int64_bits(x: int) -> int:
+    """A 64-bit unsigned value as the int64 with the same bits (schema ints are int64)."""
+    x &= (1 << 64) - 1
+    return x - (1 << 64) if x >= 1 << 63 else x
+
+
+def philox_state(device: torch.device, increment: int,
+                 dropout_seed: int | None = None) -> tuple[int, int]:
+    """The (seed, offset) of one dropout call, as int64 bit patterns.
+
+    CUDA tensors: reserved from the device's default CUDA generator with
+    ``Generator.philox_state(increment)``, PyTorch's own protocol: reproducible
+    under ``torch.manual_seed``, and the offset advances per call, so no two calls
+    (nor PyTorch's own random kernels) share a Philox counter. CPU tensors (the
+    interpreter and the CPU path; torch's CPU generator is not Philox): a fresh
+    64-bit seed drawn from the CPU default generator, offset 0 (reproducible under
+    ``torch.manual_seed``; two calls collide only if two 64-bit draws do).
+    ``dropout_seed`` (testing hook): that seed, offset 0.
+    """
+    if dropout_seed is not None:
+        return _int64_bits(int(dropout_seed)), 0
+    if device.type == "cuda":
+        if torch.cuda.is_current_stream_capturing():
+            raise RuntimeError("dropout_p > 0 is not supported under CUDA graph capture (the "
+                               "Philox seed and offset would be baked into the graph); "
+                               "capture with dropout_p=0")
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        seed, offset, _ = torch.cuda.default_generators[index].philox_state(increment)
+        return int(seed.item()), int(offset.item())
+    return int(torch.randint(-2**63, 2**63 - 1, (1,), dtype=torch.int64).item()), 0
+
+
+def _philox_args(seed: int, offset: int) -> tuple[int, int, int, int]:
+    """Kernel arguments (seed_lo, seed_hi, ctr_lo, ctr_hi): the 64-bit key and the
+    64-bit counter base offset // 4, as signed int32 halves (Triton launches ints
+    below 2^31 as int32: the argument types never depend on the values)."""
+    def s32(x):
+        x &= 0xFFFFFFFF
+        return x - (1 << 32) if x >= 1 << 31 else x
+    seed &= (1 << 64) - 1
+    ctr = (offset & ((1 << 64) - 1)) >> 2
+    return s32(seed), s32(seed >> 32), s32(ctr), s32(ctr >> 32)
+
+
+def dropout_increment(max_seqlen_k: int) -> int:
+    """Philox values one call reserves: each (stream, row) subsequence uses one
+    counter (4 values) per key column."""
+    return 4 * max(int(max_seqlen_k), 1)
 
 
 # ---------------------------------------------------------------------------------
@@ -142,12 +181,14 @@ def _cpu_keep_masks(seed: int, cu_q: list[int], cu_k: list[int], heads: int, dro
 # ---------------------------------------------------------------------------------
 
 
-def _triton_fwd(q, k, v, cu_q, cu_k, block_ids, max_q, max_k, scale, causal, dropout_p, seed):
+def _triton_fwd(q, k, v, cu_q, cu_k, block_ids, max_q, max_k, scale, causal, dropout_p, seed,
+                offset):
     from mmkernels.triton.varlen_attention import _varlen_attn_fwd_kernel
 
     total_q, H, D = q.shape
     H_kv = k.shape[1]
     batch = cu_q.numel() - 1
+    cu_q, cu_k = cu_q.contiguous(), cu_k.contiguous()  # the kernels read cu_ptr + b
     out = torch.empty_like(q, memory_format=torch.contiguous_format)
     lse = torch.full((H, total_q), float("-inf"), dtype=torch.float32, device=q.device)
     if total_q == 0 or batch == 0 or max_q == 0:
@@ -166,7 +207,7 @@ def _triton_fwd(q, k, v, cu_q, cu_k, block_ids, max_q, max_k, scale, causal, dro
         _varlen_attn_fwd_kernel[grid](
             q, k, v, out, lse, cu_q, cu_k, bid, reach,
             *q.stride(), *k.stride(), *v.stride(), *out.stride(), lse.stride(0),
-            scale, dropout_p, seed, max_k, D, H // H_kv,
+            scale, dropout_p, *_philox_args(seed, offset), D, H // H_kv,
             CAUSAL=causal, HAS_BLOCKS=has_blocks, HAS_DROPOUT=dropout_p > 0,
             BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=block_d,
             num_warps=cfg.num_warps, num_stages=cfg.num_stages)
@@ -174,7 +215,7 @@ def _triton_fwd(q, k, v, cu_q, cu_k, block_ids, max_q, max_k, scale, causal, dro
 
 
 def _triton_bwd(do, q, k, v, out, lse, cu_q, cu_k, block_ids, max_q, max_k, scale, causal,
-                dropout_p, seed):
+                dropout_p, seed, offset):
     from mmkernels.triton.varlen_attention import (
         _varlen_attn_bwd_dkdv_kernel,
         _varlen_attn_bwd_dq_kernel,
@@ -183,6 +224,7 @@ def _triton_bwd(do, q, k, v, out, lse, cu_q, cu_k, block_ids, max_q, max_k, scal
     total_q, H, D = q.shape
     total_k, H_kv, _ = k.shape
     batch = cu_q.numel() - 1
+    cu_q, cu_k, lse = cu_q.contiguous(), cu_k.contiguous(), lse.contiguous()
     dq = torch.zeros_like(q, memory_format=torch.contiguous_format)
     dk = torch.zeros_like(k, memory_format=torch.contiguous_format)
     dv = torch.zeros_like(v, memory_format=torch.contiguous_format)
@@ -204,7 +246,8 @@ def _triton_bwd(do, q, k, v, out, lse, cu_q, cu_k, block_ids, max_q, max_k, scal
             _varlen_attn_bwd_dkdv_kernel[(triton_cdiv(max_k, cfg.block_n), batch, H_kv)](
                 q, k, v, do, lse, delta, dk, dv, cu_q, cu_k, bid, reach_back,
                 *q.stride(), *k.stride(), *v.stride(), *do.stride(), lse.stride(0),
-                *dk.stride(), *dv.stride(), scale, dropout_p, seed, max_k, D, H // H_kv,
+                *dk.stride(), *dv.stride(), scale, dropout_p, *_philox_args(seed, offset), D,
+                H // H_kv,
                 BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, num_warps=cfg.num_warps,
                 num_stages=cfg.num_stages, **flags)
         if max_q > 0:
@@ -212,7 +255,7 @@ def _triton_bwd(do, q, k, v, out, lse, cu_q, cu_k, block_ids, max_q, max_k, scal
             _varlen_attn_bwd_dq_kernel[(triton_cdiv(max_q, cfg.block_m), batch, H)](
                 q, k, v, do, dq, lse, delta, cu_q, cu_k, bid, reach,
                 *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dq.stride(),
-                lse.stride(0), scale, dropout_p, seed, max_k, D, H // H_kv,
+                lse.stride(0), scale, dropout_p, *_philox_args(seed, offset), D, H // H_kv,
                 BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, num_warps=cfg.num_warps,
                 num_stages=cfg.num_stages, **flags)
     return dq, dk, dv
@@ -228,6 +271,17 @@ def triton_cdiv(a: int, b: int) -> int:
 
 
 _FUSED_CPU_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def _use_fused_cpu(dtype: torch.dtype, dropout_p: float, backward: bool = False) -> bool:
+    """torch's fused CPU flash-attention kernel serves the CPU path without dropout,
+    except for the backward under torch.use_deterministic_algorithms(True): its
+    gradients change with the thread count (measured: 2e-6 on dK, 1100 rows, 1 vs 2
+    threads), so the explicit per-chunk backward runs instead (bit-identical for any
+    thread count). The fused forward computes each row in one thread: unaffected."""
+    if dropout_p != 0 or dtype not in _FUSED_CPU_DTYPES:
+        return False
+    return not (backward and torch.are_deterministic_algorithms_enabled())
 
 
 def _cpu_segments(q, k, v, cu_q, cu_k, block_ids, causal):
@@ -315,21 +369,22 @@ def _cpu_bwd_fused(do, q, k, v, out, lse, cu_q, cu_k, block_ids, scale, causal):
             dv.to(v.dtype).contiguous())
 
 
-def _cpu_fwd(q, k, v, cu_q, cu_k, block_ids, scale, causal, dropout_p, seed, stream0=0):
+def _cpu_fwd(q, k, v, cu_q, cu_k, block_ids, scale, causal, dropout_p, seed, offset, stream0=0):
     keep = None
     if dropout_p > 0:
-        keep = _cpu_keep_masks(seed, cu_q.tolist(), cu_k.tolist(), q.shape[1], dropout_p,
-                               stream0)
+        keep = reference.dropout_keep_masks(seed, offset, cu_q, cu_k, q.shape[1], dropout_p,
+                                            stream0)
     compute = torch.float32 if q.dtype in (torch.float16, torch.bfloat16) else None
     return reference.varlen_attention(q, k, v, cu_q, cu_k, scale, causal, block_ids, dropout_p,
                                       keep, CPU_CHUNK_ROWS, compute)
 
 
-def _cpu_bwd(do, q, k, v, cu_q, cu_k, block_ids, scale, causal, dropout_p, seed, stream0=0):
+def _cpu_bwd(do, q, k, v, cu_q, cu_k, block_ids, scale, causal, dropout_p, seed, offset,
+             stream0=0):
     """Per sequence and row chunk, recompute P and apply the explicit backward."""
     cq, ck = cu_q.tolist(), cu_k.tolist()
-    keep = (_cpu_keep_masks(seed, cq, ck, q.shape[1], dropout_p, stream0) if dropout_p > 0
-            else None)
+    keep = (reference.dropout_keep_masks(seed, offset, cu_q, cu_k, q.shape[1], dropout_p,
+                                         stream0) if dropout_p > 0 else None)
     compute = torch.float32 if q.dtype in (torch.float16, torch.bfloat16) else q.dtype
     dq = torch.zeros(q.shape, dtype=compute)
     dk = torch.zeros(k.shape, dtype=compute)
@@ -363,25 +418,31 @@ def _uses_triton(device: torch.device) -> bool:
     return device.type == "cuda" or interpreting()
 
 
+def _runs_triton(device: torch.device) -> bool:
+    """The Triton kernels will run (MMKERNELS_BACKEND=reference runs eager instead)."""
+    return _uses_triton(device) and _extension.backend_override() != "reference"
+
+
 @torch.library.custom_op("mmkernels::varlen_attention_fwd", mutates_args=())
 def _varlen_attention_fwd(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor,
                           cu_seqlens_k: Tensor, block_ids: Tensor | None, max_seqlen_q: int,
                           max_seqlen_k: int, softmax_scale: float, causal: bool,
-                          dropout_p: float, seed: int) -> tuple[Tensor, Tensor]:
+                          dropout_p: float, seed: int, offset: int) -> tuple[Tensor, Tensor]:
+    _check_op_inputs(q, k, v, cu_seqlens_q, cu_seqlens_k, block_ids)
     if _uses_triton(q.device):
         return _triton_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, block_ids, max_seqlen_q,
-                           max_seqlen_k, softmax_scale, causal, dropout_p, seed)
-    if dropout_p == 0 and q.dtype in _FUSED_CPU_DTYPES:
+                           max_seqlen_k, softmax_scale, causal, dropout_p, seed, offset)
+    if _use_fused_cpu(q.dtype, dropout_p):
         return _cpu_fwd_fused(q, k, v, cu_seqlens_q, cu_seqlens_k, block_ids, softmax_scale,
                               causal)
     out, lse = _cpu_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, block_ids, softmax_scale, causal,
-                        dropout_p, seed)
+                        dropout_p, seed, offset)
     return out.contiguous(), lse.contiguous()
 
 
 @_varlen_attention_fwd.register_fake
 def _(q, k, v, cu_seqlens_q, cu_seqlens_k, block_ids, max_seqlen_q, max_seqlen_k, softmax_scale,
-      causal, dropout_p, seed):
+      causal, dropout_p, seed, offset):
     return (torch.empty_like(q, memory_format=torch.contiguous_format),
             q.new_empty((q.shape[1], q.shape[0]), dtype=torch.float32))
 
@@ -391,30 +452,39 @@ def _varlen_attention_bwd(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out
                           lse: Tensor, cu_seqlens_q: Tensor, cu_seqlens_k: Tensor,
                           block_ids: Tensor | None, max_seqlen_q: int, max_seqlen_k: int,
                           softmax_scale: float, causal: bool, dropout_p: float,
-                          seed: int) -> tuple[Tensor, Tensor, Tensor]:
+                          seed: int, offset: int) -> tuple[Tensor, Tensor, Tensor]:
+    _check_op_inputs(q, k, v, cu_seqlens_q, cu_seqlens_k, block_ids)
+    for t, n in ((grad_out, "grad_out"), (out, "out")):
+        if t.shape != q.shape:
+            raise ValueError(f"{n} must have q's shape {tuple(q.shape)}, got {tuple(t.shape)}")
+    if lse.shape != (q.shape[1], q.shape[0]):
+        raise ValueError(f"lse must have shape (H, total_q) = {(q.shape[1], q.shape[0])}, got "
+                         f"{tuple(lse.shape)}")
     if _uses_triton(q.device):
         return _triton_bwd(grad_out, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, block_ids,
-                           max_seqlen_q, max_seqlen_k, softmax_scale, causal, dropout_p, seed)
-    if dropout_p == 0 and q.dtype in _FUSED_CPU_DTYPES:
+                           max_seqlen_q, max_seqlen_k, softmax_scale, causal, dropout_p, seed,
+                           offset)
+    if _use_fused_cpu(q.dtype, dropout_p, backward=True):
         return _cpu_bwd_fused(grad_out, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, block_ids,
                               softmax_scale, causal)
     return _cpu_bwd(grad_out, q, k, v, cu_seqlens_q, cu_seqlens_k, block_ids, softmax_scale,
-                    causal, dropout_p, seed)
+                    causal, dropout_p, seed, offset)
 
 
 @_varlen_attention_bwd.register_fake
 def _(grad_out, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, block_ids, max_seqlen_q,
-      max_seqlen_k, softmax_scale, causal, dropout_p, seed):
+      max_seqlen_k, softmax_scale, causal, dropout_p, seed, offset):
     return (torch.empty_like(q, memory_format=torch.contiguous_format),
             torch.empty_like(k, memory_format=torch.contiguous_format),
             torch.empty_like(v, memory_format=torch.contiguous_format))
 
 
 def _setup_context(ctx, inputs, output):
-    (q, k, v, cu_q, cu_k, block_ids, max_q, max_k, scale, causal, dropout_p, seed) = inputs
+    (q, k, v, cu_q, cu_k, block_ids, max_q, max_k, scale, causal, dropout_p, seed,
+     offset) = inputs
     out, lse = output
     ctx.save_for_backward(q, k, v, out, lse, cu_q, cu_k, block_ids)
-    ctx.args = (max_q, max_k, scale, causal, dropout_p, seed)
+    ctx.args = (max_q, max_k, scale, causal, dropout_p, seed, offset)
     ctx.mark_non_differentiable(lse)
 
 
@@ -422,7 +492,7 @@ def _backward(ctx, grad_out, _grad_lse):
     q, k, v, out, lse, cu_q, cu_k, block_ids = ctx.saved_tensors
     dq, dk, dv = _varlen_attention_bwd(grad_out.contiguous(), q, k, v, out, lse, cu_q, cu_k,
                                        block_ids, *ctx.args)
-    return dq, dk, dv, None, None, None, None, None, None, None, None, None
+    return dq, dk, dv, None, None, None, None, None, None, None, None, None, None
 
 
 _varlen_attention_fwd.register_autograd(_backward, setup_context=_setup_context)
@@ -433,28 +503,55 @@ _varlen_attention_fwd.register_autograd(_backward, setup_context=_setup_context)
 # ---------------------------------------------------------------------------------
 
 
-def check_cu_seqlens(cu: Tensor, total: int, max_seqlen: int, name: str, max_name: str) -> None:
-    """cu_seqlens: (batch + 1,) int32, 0 first, non-decreasing, `total` last, every
-    length <= max_seqlen. On CUDA the data checks are device-side assertions (no sync;
-    they run before any kernel reads the offsets)."""
+_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+MAX_TOKENS = 2**31 - 1  # cu_seqlens are int32
+
+
+def check_tensor(t, name: str) -> None:
+    """A dense (total, heads, head_dim) floating-point Tensor."""
+    if not isinstance(t, Tensor):
+        raise TypeError(f"{name} must be a Tensor, got {type(t).__name__}")
+    if t.layout != torch.strided:
+        raise TypeError(f"{name} must be a dense (strided) Tensor, got layout {t.layout}")
+    if t.dim() != 3:
+        raise ValueError(f"{name} must be (total, heads, head_dim), got shape {tuple(t.shape)}")
+    if t.dtype not in _DTYPES:
+        raise TypeError(f"{name} dtype must be float16, bfloat16 or float32 (float64 on the "
+                        f"CPU path), got {t.dtype}")
+    if t.shape[0] > MAX_TOKENS:
+        raise ValueError(f"{name} has {t.shape[0]} tokens; int32 cu_seqlens address at most "
+                         f"{MAX_TOKENS}")
+
+
+def check_cu_seqlens(cu: Tensor, total: int, max_seqlen: int, name: str, max_name: str,
+                     tensor_name: str = "the packed tensor",
+                     device: torch.device | None = None) -> None:
+    """cu_seqlens: (batch + 1,) int32 on `device`, 0 first, non-decreasing, `total`
+    (the token count of `tensor_name`) last, every length <= max_seqlen. On CUDA the
+    data checks are device-side assertions (no sync; they run before any kernel reads
+    the offsets)."""
     if not isinstance(cu, Tensor):
         raise TypeError(f"{name} must be a Tensor, got {type(cu).__name__}")
     if cu.dtype != torch.int32:
         raise TypeError(f"{name} must be int32 (as flash_attn_varlen_func), got {cu.dtype}")
     if cu.dim() != 1 or cu.numel() < 1:
         raise ValueError(f"{name} must be a 1-D (batch + 1,) tensor, got shape {tuple(cu.shape)}")
+    if device is not None and cu.device != device:
+        raise ValueError(f"{name} must be on {tensor_name}'s device ({device}), got {cu.device}")
     if isinstance(max_seqlen, bool) or not isinstance(max_seqlen, int) or max_seqlen < 0:
         raise TypeError(f"{max_name} must be a non-negative int, got {max_seqlen!r}")
     lengths = cu.diff()
     conds = [
         (cu[0] == 0, f"{name}[0] must be 0"),
-        (cu[-1] == total, f"{name}[-1] must equal the number of packed tokens ({total})"),
+        (cu[-1] == total,
+         f"{name}[-1] must equal the number of packed tokens of {tensor_name} ({total})"),
         ((lengths >= 0).all(), f"{name} must be non-decreasing"),
-        ((lengths <= max_seqlen).all(),
+        # (clamped: an int32 tensor compared with 2^40 would wrap the bound)
+        ((lengths <= min(max_seqlen, MAX_TOKENS)).all(),
          f"{max_name} = {max_seqlen} is smaller than a sequence length in {name}"),
     ]
-    if cu.device.type == "cuda" or torch.compiler.is_compiling():
-        for cond, msg in conds:
+    if cu.device.type in ("cuda", "meta") or torch.compiler.is_compiling():
+        for cond, msg in conds:  # (meta: shape-only runs, nothing to check)
             torch._assert_async(cond, msg)
         return
     for cond, msg in conds:
@@ -463,38 +560,76 @@ def check_cu_seqlens(cu: Tensor, total: int, max_seqlen: int, name: str, max_nam
             raise ValueError(msg + detail)
 
 
+def check_like(first: Tensor, first_name: str, others, other_names) -> None:
+    """Every tensor passes :func:`check_tensor`, and the others have first's dtype and
+    device (the errors name the tensor that differs)."""
+    check_tensor(first, first_name)
+    for t, n in zip(others, other_names):
+        check_tensor(t, n)
+    for t, n in zip(others, other_names):
+        if t.dtype != first.dtype:
+            raise TypeError(f"{n} dtype {t.dtype} differs from {first_name}'s dtype "
+                            f"{first.dtype} (one dtype for all)")
+        if t.device != first.device:
+            raise ValueError(f"{n} is on {t.device} but {first_name} on {first.device}: all "
+                             f"tensors must be on one device")
+
+
 def _check_qkv(q, k, v, names=("q", "k", "v")):
-    for t, n in zip((q, k, v), names):
-        if not isinstance(t, Tensor):
-            raise TypeError(f"{n} must be a Tensor, got {type(t).__name__}")
-        if t.dim() != 3:
-            raise ValueError(f"{n} must be (total, heads, head_dim), got shape {tuple(t.shape)}")
-        if t.dtype not in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
-            raise TypeError(f"{n} dtype must be float16, bfloat16 or float32, got {t.dtype}")
-    if not (q.dtype == k.dtype == v.dtype):
-        raise TypeError(f"{names[0]}, {names[1]}, {names[2]} must share a dtype, got "
-                        f"{q.dtype}, {k.dtype}, {v.dtype}")
-    if not (q.device == k.device == v.device):
-        raise ValueError(f"{names[0]}, {names[1]}, {names[2]} must be on one device")
-    if k.shape != v.shape:
-        raise ValueError(f"{names[1]} and {names[2]} must have the same shape, got "
-                         f"{tuple(k.shape)} and {tuple(v.shape)}")
+    """Shapes, dtypes and devices of q (total_q, H, D), k and v (total_k, H_kv, D)."""
+    check_like(q, names[0], (k, v), names[1:])
+    if v.shape != k.shape:
+        raise ValueError(f"{names[2]} must have {names[1]}'s shape {tuple(k.shape)}, got "
+                         f"{tuple(v.shape)}")
     if q.shape[2] != k.shape[2]:
         raise ValueError(f"head dims differ: {names[0]} has {q.shape[2]}, {names[1]} has "
                          f"{k.shape[2]}")
-    if q.shape[2] > 256 or q.shape[2] < 1:
-        raise ValueError(f"head_dim must be in [1, 256], got {q.shape[2]}")
+    if not 1 <= q.shape[2] <= 256:
+        raise ValueError(f"head_dim of {names[0]} must be in [1, 256], got {q.shape[2]}")
+    if q.shape[1] < 1:
+        raise ValueError(f"{names[0]} must have at least one head, got shape {tuple(q.shape)}")
     if k.shape[1] < 1 or q.shape[1] % k.shape[1] != 0:
-        raise ValueError(f"the number of query heads ({q.shape[1]}) must be a multiple of the "
-                         f"number of key/value heads ({k.shape[1]})")
-    if q.dtype == torch.float64 and _uses_triton(q.device):
-        raise TypeError("float64 is supported on the CPU path only (the Triton kernels run "
-                        "float16, bfloat16 and float32)")
+        raise ValueError(f"{names[1]} has {k.shape[1]} heads: the number of query heads of "
+                         f"{names[0]} ({q.shape[1]}) must be a multiple of it (GQA/MQA)")
+    if q.dtype == torch.float64 and _runs_triton(q.device):
+        raise TypeError(f"{names[0]}: float64 is supported on the CPU path only (the Triton "
+                        f"kernels run float16, bfloat16 and float32)")
 
 
-def _draw_seed() -> int:
-    # From the CPU default generator: reproducible under torch.manual_seed, no GPU sync.
-    return int(torch.randint(0, 2**30, (1,)).item())
+def _check_op_inputs(q, k, v, cu_q, cu_k, block_ids=None, names=("q", "k", "v"),
+                     cu_names=("cu_seqlens_q", "cu_seqlens_k")) -> None:
+    """What the custom ops check themselves (they are reachable as torch.ops.mmkernels.*):
+    shapes always; on CPU tensors also the offsets against the token counts (host
+    data, free), so no direct call reads out of bounds. The functional API checks the
+    rest, on CUDA with device-side asserts."""
+    _check_qkv(q, k, v, names)
+    for cu, n, total, t in ((cu_q, cu_names[0], q.shape[0], names[0]),
+                            (cu_k, cu_names[1], k.shape[0], names[1])):
+        if cu.dtype != torch.int32 or cu.dim() != 1 or cu.numel() < 1:
+            raise ValueError(f"{n} must be a 1-D (batch + 1,) int32 tensor, got "
+                             f"{cu.dtype} {tuple(cu.shape)}")
+        if cu.device != q.device:
+            raise ValueError(f"{n} must be on {names[0]}'s device")
+        if cu.device.type == "cpu":
+            c = cu.tolist()
+            if c[0] != 0 or c[-1] != total or any(b < a for a, b in zip(c, c[1:])):
+                raise ValueError(f"{n} must start at 0, be non-decreasing and end at the "
+                                 f"number of tokens of {t} ({total})")
+    if cu_q.numel() != cu_k.numel():
+        raise ValueError(f"{cu_names[0]} and {cu_names[1]} must describe the same batch")
+    if block_ids is not None and (block_ids.shape != (q.shape[0],) or q.shape[0] != k.shape[0]
+                                  or block_ids.device != q.device):
+        raise ValueError("block_ids must be (total_q,) on q's device, with total_q == total_k")
+
+
+def check_dropout_p(dropout_p, name: str = "dropout_p") -> float:
+    try:
+        p = float(dropout_p)
+    except (TypeError, ValueError):
+        raise TypeError(f"{name} must be a float, got {type(dropout_p).__name__}") from None
+    if not 0.0 <= p < 1.0:
+        raise ValueError(f"{name} must lie in [0, 1), got {dropout_p}")
+    return p
 
 
 def varlen_attention(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_seqlens_k: Tensor,
@@ -507,90 +642,130 @@ def varlen_attention(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_s
     Args:
         q: (total_q, H, D); k, v: (total_k, H_kv, D) with H % H_kv == 0 (GQA/MQA).
             float16/bfloat16/float32 (float64 on the CPU path); any D <= 256 (padded
-            internally to a power of two).
-        cu_seqlens_q, cu_seqlens_k: (batch + 1,) int32 offsets of the sequences; zero
-            lengths are allowed.
-        max_seqlen_q, max_seqlen_k: the longest sequence lengths (ints).
+            internally to a power of two); any strides.
+        cu_seqlens_q, cu_seqlens_k: (batch + 1,) int32 offsets of the sequences, on q's
+            device: 0 first, non-decreasing, total_q (total_k) last; zero lengths are
+            allowed.
+        max_seqlen_q, max_seqlen_k: ints >= the longest sequence lengths.
         softmax_scale: default 1 / sqrt(D).
         causal: bottom-right aligned causal mask when seqlen_q != seqlen_k, as flash-attn;
             a query row with no visible key outputs zeros (lse = -inf).
         block_ids: optional (total_q,) int32; requires cu_seqlens_q == cu_seqlens_k. With
             causal=True, two tokens of one sequence with the same non-zero id see each
             other both ways (an image's patches attend bidirectionally, text stays causal).
-        dropout_p: dropout on the attention probabilities (Philox; the backward regenerates
-            the mask). Use 0 in evaluation.
+        dropout_p: dropout on the attention probabilities, in [0, 1). Philox4x32-10 with
+            a (seed, offset) state as PyTorch's (see :func:`philox_state`); every
+            backend (Triton, the CPU path, ``MMKERNELS_BACKEND=reference``) draws the
+            same mask for the same state (:func:`mmkernels.reference.dropout_keep`),
+            and the backward regenerates it. Use 0 in evaluation.
         return_lse: also return the log-sum-exp (H, total_q) float32 (not differentiable).
-        dropout_seed: testing hook; the seed of the dropout mask (default: drawn from
-            torch's CPU generator). :func:`dropout_keep_mask` returns the same mask.
+        dropout_seed: testing hook; the Philox seed, with offset 0 (default: the
+            state reserved from torch's default generator). :func:`dropout_keep_mask`
+            returns the same mask.
 
     Returns:
         out (total_q, H, D) in q's dtype; with return_lse, (out, lse).
         Gradients flow to q, k and v (deterministic: no atomics).
+
+    Raises:
+        TypeError / ValueError naming the offending argument (shapes, dtypes, devices,
+        offsets; on CUDA the offset checks are device-side asserts, without a sync).
     """
     _check_qkv(q, k, v)
-    check_cu_seqlens(cu_seqlens_q, q.shape[0], max_seqlen_q, "cu_seqlens_q", "max_seqlen_q")
-    check_cu_seqlens(cu_seqlens_k, k.shape[0], max_seqlen_k, "cu_seqlens_k", "max_seqlen_k")
+    check_cu_seqlens(cu_seqlens_q, q.shape[0], max_seqlen_q, "cu_seqlens_q", "max_seqlen_q",
+                     "q", q.device)
+    check_cu_seqlens(cu_seqlens_k, k.shape[0], max_seqlen_k, "cu_seqlens_k", "max_seqlen_k",
+                     "k", q.device)
     if cu_seqlens_q.numel() != cu_seqlens_k.numel():
         raise ValueError(f"cu_seqlens_q and cu_seqlens_k must describe the same batch, got "
                          f"{cu_seqlens_q.numel() - 1} and {cu_seqlens_k.numel() - 1} sequences")
-    if cu_seqlens_q.device != q.device or cu_seqlens_k.device != q.device:
-        raise ValueError("cu_seqlens must be on q's device")
     if block_ids is not None:
         if not isinstance(block_ids, Tensor) or block_ids.dtype != torch.int32:
             raise TypeError("block_ids must be an int32 Tensor")
         if block_ids.shape != (q.shape[0],):
             raise ValueError(f"block_ids must have shape (total_q,) = ({q.shape[0]},), got "
                              f"{tuple(block_ids.shape)}")
+        if block_ids.device != q.device:
+            raise ValueError(f"block_ids must be on q's device ({q.device}), got "
+                             f"{block_ids.device}")
         if q.shape[0] != k.shape[0]:
             raise ValueError("block_ids requires seqlen_q == seqlen_k for every sequence "
                              "(cu_seqlens_q == cu_seqlens_k)")
-        if q.device.type == "cuda" or torch.compiler.is_compiling():
+        if q.device.type in ("cuda", "meta") or torch.compiler.is_compiling():
             torch._assert_async((cu_seqlens_q == cu_seqlens_k).all(),
                                 "block_ids requires cu_seqlens_q == cu_seqlens_k")
         elif not torch.equal(cu_seqlens_q, cu_seqlens_k):
             raise ValueError("block_ids requires seqlen_q == seqlen_k for every sequence "
                              "(cu_seqlens_q == cu_seqlens_k)")
-    if not 0.0 <= dropout_p < 1.0:
-        raise ValueError(f"dropout_p must lie in [0, 1), got {dropout_p}")
+    dropout_p = check_dropout_p(dropout_p)
     scale = float(softmax_scale) if softmax_scale is not None else 1.0 / math.sqrt(q.shape[2])
-    seed = 0 if dropout_p == 0 else (dropout_seed if dropout_seed is not None else _draw_seed())
+    # a sequence is never longer than its packed tensor: bounds the grid however large
+    # the caller's max_seqlen is
+    max_q, max_k = min(max_seqlen_q, q.shape[0]), min(max_seqlen_k, k.shape[0])
+    seed = offset = 0
+    if dropout_p > 0:
+        seed, offset = philox_state(q.device, dropout_increment(max_k), dropout_seed)
     if _extension.backend_override() == "reference":
         keep = None
         if dropout_p > 0:
-            keep = _cpu_keep_masks(seed, cu_seqlens_q.tolist(), cu_seqlens_k.tolist(),
-                                   q.shape[1], dropout_p)
+            keep = reference.dropout_keep_masks(seed, offset, cu_seqlens_q, cu_seqlens_k,
+                                                q.shape[1], dropout_p)
         out, lse = reference.varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, scale, causal,
                                               block_ids, dropout_p, keep)
     else:
         out, lse = _varlen_attention_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, block_ids,
-                                         int(max_seqlen_q), int(max_seqlen_k), scale,
-                                         bool(causal), float(dropout_p), int(seed))
+                                         int(max_q), int(max_k), scale, bool(causal),
+                                         dropout_p, seed, offset)
     return (out, lse) if return_lse else out
 
 
-def dropout_keep_mask(seed: int, cu_seqlens_q: Tensor, cu_seqlens_k: Tensor, max_seqlen_k: int,
-                      num_heads: int, dropout_p: float, device: torch.device | str,
-                      stream0: int = 0) -> list[Tensor]:
-    """Testing hook: the keep-masks that ``varlen_attention(..., dropout_seed=seed)`` used,
-    one (H, seqlen_q, seqlen_k) bool tensor per sequence (for a per-sequence reference).
-    ``stream0`` selects the direction in co-attention (0 for A->B, H for B->A)."""
-    device = torch.device(device)
-    cq, ck = cu_seqlens_q.tolist(), cu_seqlens_k.tolist()
+def dropout_keep_rows(seed: int, offset: int, stream: int, rows: Tensor, num_cols: int,
+                      dropout_p: float, device: torch.device | str | None = None) -> Tensor:
+    """Testing hook: (len(rows), num_cols) bool, element (packed query row rows[i], key
+    column j) of dropout stream `stream` under Philox state (seed, offset), drawn by the
+    kernels' own :func:`mmkernels.triton.attention._dropout_keep` when `device` runs
+    Triton (CUDA, or the interpreter), else by :func:`mmkernels.reference.dropout_keep`
+    (the two agree bit for bit)."""
+    device = torch.device(device) if device is not None else rows.device
     if not _uses_triton(device):
-        return _cpu_keep_masks(seed, cq, ck, num_heads, dropout_p, stream0)
+        return reference.dropout_keep(seed, offset, stream, rows.cpu(), torch.arange(num_cols),
+                                      dropout_p)
+    return _triton_keep(seed, offset, stream, rows, num_cols, dropout_p, 1, device)[0]
+
+
+def _triton_keep(seed, offset, stream0, rows, num_cols, dropout_p, num_heads, device,
+                 carry_by_compare=False):
     from mmkernels.triton.attention import _dropout_mask_kernel
 
-    total_q = cq[-1]
-    batch = len(cq) - 1
-    mask = torch.zeros(num_heads, total_q, max(max_seqlen_k, 1), dtype=torch.int8, device=device)
-    max_q = max((cq[b + 1] - cq[b] for b in range(batch)), default=0)
-    if total_q and batch and max_q and max_seqlen_k:
-        cu = cu_seqlens_q.to(device=device, dtype=torch.int32)
+    rows = rows.to(device=device, dtype=torch.int32).contiguous()
+    mask = torch.zeros(num_heads, rows.numel(), num_cols, dtype=torch.int8, device=device)
+    if mask.numel():
         with _guard(device):
-            _dropout_mask_kernel[(triton_cdiv(max_q, 16), batch, num_heads)](
-                mask, cu, mask.stride(0), mask.stride(1), max_seqlen_k, dropout_p, seed,
-                stream0, BLOCK_M=16, BLOCK_N=16)
-    return [mask[:, cq[b]:cq[b + 1], : ck[b + 1] - ck[b]].bool() for b in range(batch)]
+            _dropout_mask_kernel[(triton_cdiv(rows.numel(), 16), num_heads)](
+                mask, rows, rows.numel(), num_cols, mask.stride(0), mask.stride(1),
+                float(dropout_p), *_philox_args(seed, offset), stream0, BLOCK_M=16, BLOCK_N=16,
+                CARRY_BY_COMPARE=carry_by_compare)
+    return mask.bool()
+
+
+def dropout_keep_mask(seed: int, cu_seqlens_q: Tensor, cu_seqlens_k: Tensor, num_heads: int,
+                      dropout_p: float, *, offset: int = 0, stream0: int = 0,
+                      device: torch.device | str = "cpu") -> list[Tensor]:
+    """Testing hook: the keep-masks that ``varlen_attention(..., dropout_seed=seed)``
+    used (offset 0), one (H, seqlen_q, seqlen_k) bool tensor per sequence, on the CPU
+    (for a per-sequence reference). ``stream0`` selects the direction in co-attention
+    (0 for A->B, H for B->A). On a Triton device the kernels' mask function computes
+    it, elsewhere :func:`mmkernels.reference.dropout_keep_masks`."""
+    device = torch.device(device)
+    if not _uses_triton(device):
+        return reference.dropout_keep_masks(seed, offset, cu_seqlens_q.cpu(),
+                                            cu_seqlens_k.cpu(), num_heads, dropout_p, stream0)
+    cq, ck = cu_seqlens_q.tolist(), cu_seqlens_k.tolist()
+    batch = len(cq) - 1
+    num_cols = max((ck[b + 1] - ck[b] for b in range(batch)), default=0)
+    mask = _triton_keep(seed, offset, stream0, torch.arange(cq[-1]), num_cols, dropout_p,
+                        num_heads, device).cpu()
+    return [mask[:, cq[b]:cq[b + 1], : ck[b + 1] - ck[b]] for b in range(batch)]
 
 
 # ---------------------------------------------------------------------------------

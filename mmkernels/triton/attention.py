@@ -23,19 +23,23 @@ Backward (FA2): delta = rowsum(dO * O) (preprocess), then
     visible query), recomputing P = exp2(S - lse). No atomics: deterministic.
   * dQ: one program per (q tile, sequence, head), looping over the key tiles like the
     forward.
-Dropout keeps an element with probability 1 - p, decided by Philox (tl.rand) from
-(seed + stream * 65537, q_global * max_seqlen_k + j), so the backward and the
-testing hook regenerate exactly the forward's mask.
+Dropout keeps an element with probability 1 - p, decided by Philox4x32-10 keyed by
+the call's 64-bit seed, with the counter (offset // 4 + j as 64 bits, stream,
+q_global): see :func:`_dropout_keep` and :func:`mmkernels.reference.dropout_uniform`,
+which computes the same bits with torch ops. The backward and the testing hooks
+regenerate exactly the forward's mask. The 64-bit seed and counter base arrive as
+int32 halves (seed_lo, seed_hi, ctr_lo, ctr_hi) so that a launch's argument types
+never depend on their values.
 """
 
 from __future__ import annotations
 
 import triton
 import triton.language as tl
+from triton.language.random import philox_impl, uint_to_uniform_float
 
 LOG2E: tl.constexpr = tl.constexpr(1.4426950408889634)
 LN2: tl.constexpr = tl.constexpr(0.6931471805599453)
-SEED_STRIDE: tl.constexpr = tl.constexpr(65537)
 
 
 @triton.jit
@@ -46,10 +50,41 @@ def _seq_bounds(cu_ptr, b):
 
 
 @triton.jit
-def _dropout_keep(seed, rows_global, cols, max_seqlen_k, dropout_p):
-    """(BLOCK_M, BLOCK_N) bool: keep element (row, col) of this stream's mask."""
-    offs = rows_global[:, None] * max_seqlen_k + cols[None, :]
-    return tl.rand(seed, offs) >= dropout_p
+def _dropout_keep(seed_lo, seed_hi, ctr_lo, ctr_hi, stream, rows_global, cols, dropout_p,
+                  CARRY_BY_COMPARE: tl.constexpr = False):
+    """(BLOCK_M, BLOCK_N) bool: keep element (row, col) of stream `stream`.
+
+    Philox4x32-10, key = the 64-bit seed (seed_hi:seed_lo); counter words 0-1 = the
+    64-bit counter base (ctr_hi:ctr_lo, the Philox offset // 4) + col, word 2 = the
+    stream (head; co-attention: direction * H + head), word 3 = the row's index in
+    the packed q tensor. Every (row, col, stream) of a call has its own counter,
+    and calls with disjoint reserved offsets never share one (PyTorch's convention:
+    counter.xy = offset / 4 + index, counter.zw = subsequence).
+    """
+    k0 = tl.to_tensor(seed_lo).to(tl.uint32, bitcast=True)
+    k1 = tl.to_tensor(seed_hi).to(tl.uint32, bitcast=True)
+    # the 64-bit counter base + col, on a (N,) vector. Two spellings of the same words
+    # (tested bit for bit against reference.dropout_uniform): the low word + col in
+    # int64 with bit 32 as the carry, or a wrapping uint32 add with the carry as
+    # (sum < base). They only steer ptxas: the first keeps the forward tiles spill-free
+    # on sm_80, the second the dK/dV tile on sm_90 (python -m mmkernels.tools.kernel_report).
+    base = tl.to_tensor(ctr_lo).to(tl.uint32, bitcast=True)
+    hi = tl.to_tensor(ctr_hi).to(tl.uint32, bitcast=True)
+    if CARRY_BY_COMPARE:
+        lo = tl.add(base, cols.to(tl.uint32), sanitize_overflow=False)
+        hi = tl.add(hi, (lo < base).to(tl.uint32), sanitize_overflow=False)
+    else:
+        low = base.to(tl.int64) + cols.to(tl.int64)
+        lo = low.to(tl.uint32)
+        hi = tl.add(hi, (low >> 32).to(tl.uint32), sanitize_overflow=False)
+    r = rows_global.to(tl.uint32)  # non-negative: packed row indices are int32
+    # The words stay (1, N), (1, N), scalar and (M, 1): the first round broadcasts them,
+    # so no (M, N) counter tile is materialised. The row sits in word 3, which the
+    # first round only XORs: nothing per row but the row index itself is kept live
+    # across the key loop (word 2 is multiplied; the scalar stream costs nothing there).
+    x, _, _, _ = philox_impl(lo[None, :], hi[None, :], tl.to_tensor(stream).to(tl.uint32),
+                             r[:, None], k0, k1)
+    return uint_to_uniform_float(x) >= dropout_p
 
 
 @triton.jit
@@ -109,12 +144,13 @@ def _key_range(rows, row_ok, start_m, seqlen_q, seqlen_k, bq_base, reach_base,
 def _attn_fwd_tile(q_base, k_base, v_base, o_base, lse_base, bq_base, bk_base, reach_base,
                    stride_qt, stride_qd, stride_kt, stride_kd, stride_vt, stride_vd,
                    stride_ot, stride_od, seqlen_q, seqlen_k, start_m, head_dim, sm_scale,
-                   dropout_p, seed, q_global0, max_seqlen_k,
+                   dropout_p, seed_lo, seed_hi, ctr_lo, ctr_hi, stream, q_global0,
                    CAUSAL: tl.constexpr, HAS_BLOCKS: tl.constexpr, HAS_DROPOUT: tl.constexpr,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
     """Output rows [start_m*BLOCK_M, +BLOCK_M) of one (sequence, head).
 
-    The *_base pointers point at this sequence's first token and this head.
+    The *_base pointers point at this sequence's first token and this head; the
+    dropout stream of this head is `stream`.
     """
     rows = start_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
@@ -145,7 +181,8 @@ def _attn_fwd_tile(q_base, k_base, v_base, o_base, lse_base, bq_base, bk_base, r
         l_i = l_i * alpha + tl.sum(p, 1)
         acc = acc * alpha[:, None]
         if HAS_DROPOUT:
-            keep = _dropout_keep(seed, q_global0 + rows, cols, max_seqlen_k, dropout_p)
+            keep = _dropout_keep(seed_lo, seed_hi, ctr_lo, ctr_hi, stream, q_global0 + rows,
+                                 cols, dropout_p)
             p = tl.where(keep, p / (1.0 - dropout_p), 0.0)
         v = _load_tokens(v_base, cols, col_ok, stride_vt, offs_d, d_ok, stride_vd)
         acc += tl.dot(p.to(v.dtype), v, input_precision="ieee")
@@ -163,15 +200,16 @@ def _attn_bwd_dkdv_tile(q_seq, k_base, v_base, do_seq, lse_seq, delta_seq, dk_ba
                         stride_qt, stride_qh, stride_qd, stride_kt, stride_kd,
                         stride_vt, stride_vd, stride_dot, stride_doh, stride_dod, stride_lh,
                         stride_dkt, stride_dkd, stride_dvt, stride_dvd,
-                        seqlen_q, seqlen_k, start_n, head_dim, sm_scale, dropout_p, seed,
-                        q_global0, max_seqlen_k, kv_head, group,
+                        seqlen_q, seqlen_k, start_n, head_dim, sm_scale, dropout_p,
+                        seed_lo, seed_hi, ctr_lo, ctr_hi, stream0, q_global0, kv_head, group,
                         CAUSAL: tl.constexpr, HAS_BLOCKS: tl.constexpr,
                         HAS_DROPOUT: tl.constexpr, BLOCK_M: tl.constexpr,
                         BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
     """dK, dV for key rows [start_n*BLOCK_N, +BLOCK_N) of one (sequence, kv head).
 
     q_seq/do_seq/lse_seq/delta_seq point at the sequence start (head 0); the loop
-    covers the `group` query heads that share this kv head.
+    covers the `group` query heads that share this kv head (query head h draws
+    dropout stream stream0 + h).
     """
     cols = start_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_m = tl.arange(0, BLOCK_M)
@@ -196,16 +234,16 @@ def _attn_bwd_dkdv_tile(q_seq, k_base, v_base, do_seq, lse_seq, delta_seq, dk_ba
         lo = (lo // BLOCK_M) * BLOCK_M
     for g in range(group):
         h = kv_head * group + g
-        q_h = q_seq + h * stride_qh
-        do_h = do_seq + h * stride_doh
-        seed_h = seed + h * SEED_STRIDE
+        h64 = h.to(tl.int64)
+        q_h = q_seq + h64 * stride_qh
+        do_h = do_seq + h64 * stride_doh
         for start_m in range(lo, seqlen_q, BLOCK_M):
             rows = start_m + offs_m
             row_ok = rows < seqlen_q
             q = _load_tokens(q_h, rows, row_ok, stride_qt, offs_d, d_ok, stride_qd)
             do = _load_tokens(do_h, rows, row_ok, stride_dot, offs_d, d_ok, stride_dod)
-            lse = tl.load(lse_seq + h * stride_lh + rows, mask=row_ok, other=0.0)
-            delta = tl.load(delta_seq + h * stride_lh + rows, mask=row_ok, other=0.0)
+            lse = tl.load(lse_seq + h64 * stride_lh + rows, mask=row_ok, other=0.0)
+            delta = tl.load(delta_seq + h64 * stride_lh + rows, mask=row_ok, other=0.0)
             lse2 = tl.where(lse == float("-inf"), 0.0, lse * LOG2E)
             bq = bk
             if HAS_BLOCKS:
@@ -215,7 +253,8 @@ def _attn_bwd_dkdv_tile(q_seq, k_base, v_base, do_seq, lse_seq, delta_seq, dk_ba
             p = tl.where(ok, tl.math.exp2(s - lse2[:, None]), 0.0)
             dp = tl.dot(do, tl.trans(v), input_precision="ieee")
             if HAS_DROPOUT:
-                keep = _dropout_keep(seed_h, q_global0 + rows, cols, max_seqlen_k, dropout_p)
+                keep = _dropout_keep(seed_lo, seed_hi, ctr_lo, ctr_hi, stream0 + h,
+                                     q_global0 + rows, cols, dropout_p, CARRY_BY_COMPARE=True)
                 p_drop = tl.where(keep, p / (1.0 - dropout_p), 0.0)
                 dp = tl.where(keep, dp / (1.0 - dropout_p), 0.0)
             else:
@@ -233,8 +272,8 @@ def _attn_bwd_dq_tile(q_base, k_base, v_base, do_base, dq_base, lse_base, delta_
                       bq_base, bk_base, reach_base,
                       stride_qt, stride_qd, stride_kt, stride_kd, stride_vt, stride_vd,
                       stride_dot, stride_dod, stride_dqt, stride_dqd,
-                      seqlen_q, seqlen_k, start_m, head_dim, sm_scale, dropout_p, seed,
-                      q_global0, max_seqlen_k,
+                      seqlen_q, seqlen_k, start_m, head_dim, sm_scale, dropout_p,
+                      seed_lo, seed_hi, ctr_lo, ctr_hi, stream, q_global0,
                       CAUSAL: tl.constexpr, HAS_BLOCKS: tl.constexpr, HAS_DROPOUT: tl.constexpr,
                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
     """dQ for query rows [start_m*BLOCK_M, +BLOCK_M) of one (sequence, head)."""
@@ -265,7 +304,8 @@ def _attn_bwd_dq_tile(q_base, k_base, v_base, do_base, dq_base, lse_base, delta_
         p = tl.where(ok, tl.math.exp2(s - lse2[:, None]), 0.0)
         dp = tl.dot(do, vt, input_precision="ieee")
         if HAS_DROPOUT:
-            keep = _dropout_keep(seed, q_global0 + rows, cols, max_seqlen_k, dropout_p)
+            keep = _dropout_keep(seed_lo, seed_hi, ctr_lo, ctr_hi, stream, q_global0 + rows,
+                                 cols, dropout_p)
             dp = tl.where(keep, dp / (1.0 - dropout_p), 0.0)
         ds = p * (dp - delta[:, None])
         dq += tl.dot(ds.to(kt.dtype), tl.trans(kt), input_precision="ieee")
@@ -274,20 +314,21 @@ def _attn_bwd_dq_tile(q_base, k_base, v_base, do_base, dq_base, lse_base, delta_
 
 
 @triton.jit
-def _dropout_mask_kernel(mask_ptr, cu_q_ptr, stride_mh, stride_mt, max_seqlen_k, dropout_p,
-                         seed, stream0, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    """Testing hook: keep-mask (H, total_q, max_seqlen_k) int8 of stream stream0 + h."""
+def _dropout_mask_kernel(mask_ptr, rows_ptr, n_rows, n_cols, stride_mh, stride_mr, dropout_p,
+                         seed_lo, seed_hi, ctr_lo, ctr_hi, stream0,
+                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                         CARRY_BY_COMPARE: tl.constexpr = False):
+    """Testing hook: keep-mask (H, n_rows, n_cols) int8; mask[h, i, j] is element
+    (packed query row rows[i], key j) of stream stream0 + h, as the kernels draw it."""
     pid_m = tl.program_id(0)
-    b = tl.program_id(1)
-    h = tl.program_id(2)
-    q_start = tl.load(cu_q_ptr + b)
-    seqlen_q = tl.load(cu_q_ptr + b + 1) - q_start
-    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    seed_h = seed + (stream0 + h) * SEED_STRIDE
-    for start_n in range(0, max_seqlen_k, BLOCK_N):
+    h = tl.program_id(1)
+    idx = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    idx_ok = idx < n_rows
+    rows = tl.load(rows_ptr + idx, mask=idx_ok, other=0)
+    for start_n in range(0, n_cols, BLOCK_N):
         cols = start_n + tl.arange(0, BLOCK_N)
-        keep = _dropout_keep(seed_h, q_start + rows, cols, max_seqlen_k, dropout_p)
-        ptrs = (mask_ptr + h.to(tl.int64) * stride_mh
-                + (q_start + rows)[:, None].to(tl.int64) * stride_mt + cols[None, :])
-        tl.store(ptrs, keep.to(tl.int8),
-                 mask=(rows[:, None] < seqlen_q) & (cols[None, :] < max_seqlen_k))
+        keep = _dropout_keep(seed_lo, seed_hi, ctr_lo, ctr_hi, stream0 + h, rows, cols,
+                             dropout_p, CARRY_BY_COMPARE)
+        ptrs = (mask_ptr + h.to(tl.int64) * stride_mh + idx[:, None].to(tl.int64) * stride_mr
+                + cols[None, :])
+        tl.store(ptrs, keep.to(tl.int8), mask=idx_ok[:, None] & (cols[None, :] < n_cols))

@@ -4,7 +4,12 @@ Grid axis 2 runs over (direction, head): direction 0 is stream A's queries over 
 B's keys/values (out_a), direction 1 is B over A (out_b). Each program calls the same
 tile functions as varlen attention (mmkernels.triton.attention), with the pointers of
 its direction; the two branches are the same code, inlined twice. Dropout stream of
-(direction d, head h) is d * H + h.
+(direction d, head h) is d * H + h (Philox counter word 2, see
+mmkernels.triton.attention._dropout_keep).
+
+Every stream's K and V are read with its Q's strides (stride_a* / stride_b*), and
+gradients and dO are written/read with them too: the launcher
+(mmkernels.ops.co_attention) passes contiguous tensors whose shapes it checked.
 """
 
 from __future__ import annotations
@@ -13,7 +18,6 @@ import triton
 import triton.language as tl
 
 from mmkernels.triton.attention import (
-    SEED_STRIDE,
     _attn_bwd_dkdv_tile,
     _attn_bwd_dq_tile,
     _attn_fwd_tile,
@@ -23,10 +27,10 @@ from mmkernels.triton.attention import (
 
 @triton.jit
 def _pair(cu_a_ptr, cu_b_ptr, b, dh, num_heads):
-    """Direction, head and the two streams' (start, length) of sample b."""
+    """Direction, head (int64) and the two streams' (start, length) of sample b."""
     a0, len_a = _seq_bounds(cu_a_ptr, b)
     b0, len_b = _seq_bounds(cu_b_ptr, b)
-    return dh // num_heads, dh % num_heads, a0, len_a, b0, len_b
+    return dh // num_heads, (dh % num_heads).to(tl.int64), a0, len_a, b0, len_b
 
 
 @triton.jit
@@ -34,8 +38,8 @@ def _co_attn_fwd_kernel(qa_ptr, ka_ptr, va_ptr, qb_ptr, kb_ptr, vb_ptr, oa_ptr, 
                         lsea_ptr, lseb_ptr, cu_a_ptr, cu_b_ptr,
                         stride_at, stride_ah, stride_ad, stride_bt, stride_bh, stride_bd,
                         stride_oat, stride_oah, stride_oad, stride_obt, stride_obh, stride_obd,
-                        stride_lah, stride_lbh, sm_scale, dropout_a, dropout_b, seed,
-                        max_seqlen_a, max_seqlen_b, head_dim, num_heads,
+                        stride_lah, stride_lbh, sm_scale, dropout_a, dropout_b, seed_lo,
+                        seed_hi, ctr_lo, ctr_hi, head_dim, num_heads,
                         HAS_DROPOUT: tl.constexpr, BLOCK_M: tl.constexpr,
                         BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
     start_m = tl.program_id(0)
@@ -44,7 +48,7 @@ def _co_attn_fwd_kernel(qa_ptr, ka_ptr, va_ptr, qb_ptr, kb_ptr, vb_ptr, oa_ptr, 
     d, h, a0, len_a, b0, len_b = _pair(cu_a_ptr, cu_b_ptr, b, dh, num_heads)
     a64 = a0.to(tl.int64)
     b64 = b0.to(tl.int64)
-    seed_s = seed + (d * num_heads + h) * SEED_STRIDE
+    stream = dh  # = d * num_heads + h
     if d == 0:
         if start_m * BLOCK_M < len_a:
             _attn_fwd_tile(qa_ptr + a64 * stride_at + h * stride_ah,
@@ -55,7 +59,7 @@ def _co_attn_fwd_kernel(qa_ptr, ka_ptr, va_ptr, qb_ptr, kb_ptr, vb_ptr, oa_ptr, 
                            cu_a_ptr, cu_a_ptr, cu_a_ptr,
                            stride_at, stride_ad, stride_bt, stride_bd, stride_bt, stride_bd,
                            stride_oat, stride_oad, len_a, len_b, start_m, head_dim, sm_scale,
-                           dropout_a, seed_s, a0, max_seqlen_b,
+                           dropout_a, seed_lo, seed_hi, ctr_lo, ctr_hi, stream, a0,
                            False, False, HAS_DROPOUT, BLOCK_M, BLOCK_N, BLOCK_D)
     else:
         if start_m * BLOCK_M < len_b:
@@ -67,7 +71,7 @@ def _co_attn_fwd_kernel(qa_ptr, ka_ptr, va_ptr, qb_ptr, kb_ptr, vb_ptr, oa_ptr, 
                            cu_b_ptr, cu_b_ptr, cu_b_ptr,
                            stride_bt, stride_bd, stride_at, stride_ad, stride_at, stride_ad,
                            stride_obt, stride_obd, len_b, len_a, start_m, head_dim, sm_scale,
-                           dropout_b, seed_s, b0, max_seqlen_a,
+                           dropout_b, seed_lo, seed_hi, ctr_lo, ctr_hi, stream, b0,
                            False, False, HAS_DROPOUT, BLOCK_M, BLOCK_N, BLOCK_D)
 
 
@@ -76,8 +80,8 @@ def _co_attn_bwd_dkdv_kernel(qa_ptr, ka_ptr, va_ptr, qb_ptr, kb_ptr, vb_ptr, doa
                              lsea_ptr, lseb_ptr, deltaa_ptr, deltab_ptr, dka_ptr, dva_ptr,
                              dkb_ptr, dvb_ptr, cu_a_ptr, cu_b_ptr,
                              stride_at, stride_ah, stride_ad, stride_bt, stride_bh, stride_bd,
-                             stride_lah, stride_lbh, sm_scale, dropout_a, dropout_b, seed,
-                             max_seqlen_a, max_seqlen_b, head_dim, num_heads,
+                             stride_lah, stride_lbh, sm_scale, dropout_a, dropout_b, seed_lo,
+                             seed_hi, ctr_lo, ctr_hi, head_dim, num_heads,
                              HAS_DROPOUT: tl.constexpr, BLOCK_M: tl.constexpr,
                              BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
     """Direction 0 (A queries over B keys) produces dK_b, dV_b; direction 1 dK_a, dV_a.
@@ -89,8 +93,8 @@ def _co_attn_bwd_dkdv_kernel(qa_ptr, ka_ptr, va_ptr, qb_ptr, kb_ptr, vb_ptr, doa
     a64 = a0.to(tl.int64)
     b64 = b0.to(tl.int64)
     # the tile loops over `group` query heads starting at kv_head * group: group = 1,
-    # kv_head = h; the seed argument is the stream base, the tile adds h * SEED_STRIDE
-    seed_d = seed + d * num_heads * SEED_STRIDE
+    # kv_head = h; query head h draws stream stream0 + h
+    stream0 = d * num_heads
     if d == 0:
         if start_n * BLOCK_N < len_b:
             _attn_bwd_dkdv_tile(qa_ptr + a64 * stride_at, kb_ptr + b64 * stride_bt + h * stride_bh,
@@ -102,8 +106,8 @@ def _co_attn_bwd_dkdv_kernel(qa_ptr, ka_ptr, va_ptr, qb_ptr, kb_ptr, vb_ptr, doa
                                 stride_at, stride_ah, stride_ad, stride_bt, stride_bd,
                                 stride_bt, stride_bd, stride_at, stride_ah, stride_ad, stride_lah,
                                 stride_bt, stride_bd, stride_bt, stride_bd,
-                                len_a, len_b, start_n, head_dim, sm_scale, dropout_a, seed_d,
-                                a0, max_seqlen_b, h, 1,
+                                len_a, len_b, start_n, head_dim, sm_scale, dropout_a,
+                                seed_lo, seed_hi, ctr_lo, ctr_hi, stream0, a0, h, 1,
                                 False, False, HAS_DROPOUT, BLOCK_M, BLOCK_N, BLOCK_D)
     else:
         if start_n * BLOCK_N < len_a:
@@ -116,8 +120,8 @@ def _co_attn_bwd_dkdv_kernel(qa_ptr, ka_ptr, va_ptr, qb_ptr, kb_ptr, vb_ptr, doa
                                 stride_bt, stride_bh, stride_bd, stride_at, stride_ad,
                                 stride_at, stride_ad, stride_bt, stride_bh, stride_bd, stride_lbh,
                                 stride_at, stride_ad, stride_at, stride_ad,
-                                len_b, len_a, start_n, head_dim, sm_scale, dropout_b, seed_d,
-                                b0, max_seqlen_a, h, 1,
+                                len_b, len_a, start_n, head_dim, sm_scale, dropout_b,
+                                seed_lo, seed_hi, ctr_lo, ctr_hi, stream0, b0, h, 1,
                                 False, False, HAS_DROPOUT, BLOCK_M, BLOCK_N, BLOCK_D)
 
 
@@ -126,8 +130,8 @@ def _co_attn_bwd_dq_kernel(qa_ptr, ka_ptr, va_ptr, qb_ptr, kb_ptr, vb_ptr, doa_p
                            lsea_ptr, lseb_ptr, deltaa_ptr, deltab_ptr, dqa_ptr, dqb_ptr,
                            cu_a_ptr, cu_b_ptr,
                            stride_at, stride_ah, stride_ad, stride_bt, stride_bh, stride_bd,
-                           stride_lah, stride_lbh, sm_scale, dropout_a, dropout_b, seed,
-                           max_seqlen_a, max_seqlen_b, head_dim, num_heads,
+                           stride_lah, stride_lbh, sm_scale, dropout_a, dropout_b, seed_lo,
+                           seed_hi, ctr_lo, ctr_hi, head_dim, num_heads,
                            HAS_DROPOUT: tl.constexpr, BLOCK_M: tl.constexpr,
                            BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
     start_m = tl.program_id(0)
@@ -136,7 +140,7 @@ def _co_attn_bwd_dq_kernel(qa_ptr, ka_ptr, va_ptr, qb_ptr, kb_ptr, vb_ptr, doa_p
     d, h, a0, len_a, b0, len_b = _pair(cu_a_ptr, cu_b_ptr, b, dh, num_heads)
     a64 = a0.to(tl.int64)
     b64 = b0.to(tl.int64)
-    seed_s = seed + (d * num_heads + h) * SEED_STRIDE
+    stream = dh  # = d * num_heads + h
     if d == 0:
         if start_m * BLOCK_M < len_a:
             _attn_bwd_dq_tile(qa_ptr + a64 * stride_at + h * stride_ah,
@@ -149,8 +153,9 @@ def _co_attn_bwd_dq_kernel(qa_ptr, ka_ptr, va_ptr, qb_ptr, kb_ptr, vb_ptr, doa_p
                               cu_a_ptr, cu_a_ptr, cu_a_ptr,
                               stride_at, stride_ad, stride_bt, stride_bd, stride_bt, stride_bd,
                               stride_at, stride_ad, stride_at, stride_ad,
-                              len_a, len_b, start_m, head_dim, sm_scale, dropout_a, seed_s, a0,
-                              max_seqlen_b, False, False, HAS_DROPOUT, BLOCK_M, BLOCK_N, BLOCK_D)
+                              len_a, len_b, start_m, head_dim, sm_scale, dropout_a, seed_lo,
+                              seed_hi, ctr_lo, ctr_hi, stream, a0, False, False, HAS_DROPOUT,
+                              BLOCK_M, BLOCK_N, BLOCK_D)
     else:
         if start_m * BLOCK_M < len_b:
             _attn_bwd_dq_tile(qb_ptr + b64 * stride_bt + h * stride_bh,
@@ -163,5 +168,6 @@ def _co_attn_bwd_dq_kernel(qa_ptr, ka_ptr, va_ptr, qb_ptr, kb_ptr, vb_ptr, doa_p
                               cu_b_ptr, cu_b_ptr, cu_b_ptr,
                               stride_bt, stride_bd, stride_at, stride_ad, stride_at, stride_ad,
                               stride_bt, stride_bd, stride_bt, stride_bd,
-                              len_b, len_a, start_m, head_dim, sm_scale, dropout_b, seed_s, b0,
-                              max_seqlen_a, False, False, HAS_DROPOUT, BLOCK_M, BLOCK_N, BLOCK_D)
+                              len_b, len_a, start_m, head_dim, sm_scale, dropout_b, seed_lo,
+                              seed_hi, ctr_lo, ctr_hi, stream, b0, False, False, HAS_DROPOUT,
+                              BLOCK_M, BLOCK_N, BLOCK_D)

@@ -1,5 +1,7 @@
 """Varlen (packed) attention kernels: thin launch wrappers over the shared core in
-:mod:`mmkernels.triton.attention`. One program per (tile, sequence, head)."""
+:mod:`mmkernels.triton.attention`. One program per (tile, sequence, head). Head h
+draws dropout stream h. Head offsets are int64 (h * stride_h passes 2^31 for a
+heads-first layout of more than 2^31 elements)."""
 
 from __future__ import annotations
 
@@ -7,7 +9,6 @@ import triton
 import triton.language as tl
 
 from mmkernels.triton.attention import (
-    SEED_STRIDE,
     _attn_bwd_dkdv_tile,
     _attn_bwd_dq_tile,
     _attn_fwd_tile,
@@ -19,8 +20,8 @@ from mmkernels.triton.attention import (
 def _varlen_attn_fwd_kernel(q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, cu_q_ptr, cu_k_ptr, bid_ptr,
                             reach_ptr, stride_qt, stride_qh, stride_qd, stride_kt, stride_kh,
                             stride_kd, stride_vt, stride_vh, stride_vd, stride_ot, stride_oh,
-                            stride_od, stride_lh, sm_scale, dropout_p, seed, max_seqlen_k,
-                            head_dim, group,
+                            stride_od, stride_lh, sm_scale, dropout_p, seed_lo, seed_hi,
+                            ctr_lo, ctr_hi, head_dim, group,
                             CAUSAL: tl.constexpr, HAS_BLOCKS: tl.constexpr,
                             HAS_DROPOUT: tl.constexpr, BLOCK_M: tl.constexpr,
                             BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
@@ -30,18 +31,19 @@ def _varlen_attn_fwd_kernel(q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, cu_q_ptr, cu_k_
     q_start, seqlen_q = _seq_bounds(cu_q_ptr, b)
     if start_m * BLOCK_M < seqlen_q:
         k_start, seqlen_k = _seq_bounds(cu_k_ptr, b)
-        kvh = h // group
+        h64 = h.to(tl.int64)
+        kvh = (h // group).to(tl.int64)
         q64 = q_start.to(tl.int64)
         k64 = k_start.to(tl.int64)
-        _attn_fwd_tile(q_ptr + q64 * stride_qt + h * stride_qh,
+        _attn_fwd_tile(q_ptr + q64 * stride_qt + h64 * stride_qh,
                        k_ptr + k64 * stride_kt + kvh * stride_kh,
                        v_ptr + k64 * stride_vt + kvh * stride_vh,
-                       o_ptr + q64 * stride_ot + h * stride_oh,
-                       lse_ptr + h.to(tl.int64) * stride_lh + q64,
+                       o_ptr + q64 * stride_ot + h64 * stride_oh,
+                       lse_ptr + h64 * stride_lh + q64,
                        bid_ptr + q64, bid_ptr + k64, reach_ptr + q64,
                        stride_qt, stride_qd, stride_kt, stride_kd, stride_vt, stride_vd,
                        stride_ot, stride_od, seqlen_q, seqlen_k, start_m, head_dim, sm_scale,
-                       dropout_p, seed + h * SEED_STRIDE, q_start, max_seqlen_k,
+                       dropout_p, seed_lo, seed_hi, ctr_lo, ctr_hi, h, q_start,
                        CAUSAL, HAS_BLOCKS, HAS_DROPOUT, BLOCK_M, BLOCK_N, BLOCK_D)
 
 
@@ -52,7 +54,8 @@ def _varlen_attn_bwd_dkdv_kernel(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr
                                  stride_kd, stride_vt, stride_vh, stride_vd, stride_dot,
                                  stride_doh, stride_dod, stride_lh, stride_dkt, stride_dkh,
                                  stride_dkd, stride_dvt, stride_dvh, stride_dvd,
-                                 sm_scale, dropout_p, seed, max_seqlen_k, head_dim, group,
+                                 sm_scale, dropout_p, seed_lo, seed_hi, ctr_lo, ctr_hi,
+                                 head_dim, group,
                                  CAUSAL: tl.constexpr, HAS_BLOCKS: tl.constexpr,
                                  HAS_DROPOUT: tl.constexpr, BLOCK_M: tl.constexpr,
                                  BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
@@ -64,17 +67,18 @@ def _varlen_attn_bwd_dkdv_kernel(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr
         q_start, seqlen_q = _seq_bounds(cu_q_ptr, b)
         q64 = q_start.to(tl.int64)
         k64 = k_start.to(tl.int64)
-        _attn_bwd_dkdv_tile(q_ptr + q64 * stride_qt, k_ptr + k64 * stride_kt + kvh * stride_kh,
-                            v_ptr + k64 * stride_vt + kvh * stride_vh, do_ptr + q64 * stride_dot,
-                            lse_ptr + q64, delta_ptr + q64,
-                            dk_ptr + k64 * stride_dkt + kvh * stride_dkh,
-                            dv_ptr + k64 * stride_dvt + kvh * stride_dvh,
+        kvh64 = kvh.to(tl.int64)
+        _attn_bwd_dkdv_tile(q_ptr + q64 * stride_qt, k_ptr + k64 * stride_kt + kvh64 * stride_kh,
+                            v_ptr + k64 * stride_vt + kvh64 * stride_vh,
+                            do_ptr + q64 * stride_dot, lse_ptr + q64, delta_ptr + q64,
+                            dk_ptr + k64 * stride_dkt + kvh64 * stride_dkh,
+                            dv_ptr + k64 * stride_dvt + kvh64 * stride_dvh,
                             bid_ptr + q64, bid_ptr + k64, reach_back_ptr + k64,
                             stride_qt, stride_qh, stride_qd, stride_kt, stride_kd,
                             stride_vt, stride_vd, stride_dot, stride_doh, stride_dod, stride_lh,
                             stride_dkt, stride_dkd, stride_dvt, stride_dvd,
-                            seqlen_q, seqlen_k, start_n, head_dim, sm_scale, dropout_p, seed,
-                            q_start, max_seqlen_k, kvh, group,
+                            seqlen_q, seqlen_k, start_n, head_dim, sm_scale, dropout_p,
+                            seed_lo, seed_hi, ctr_lo, ctr_hi, 0, q_start, kvh, group,
                             CAUSAL, HAS_BLOCKS, HAS_DROPOUT, BLOCK_M, BLOCK_N, BLOCK_D)
 
 
@@ -84,7 +88,8 @@ def _varlen_attn_bwd_dq_kernel(q_ptr, k_ptr, v_ptr, do_ptr, dq_ptr, lse_ptr, del
                                stride_qt, stride_qh, stride_qd, stride_kt, stride_kh, stride_kd,
                                stride_vt, stride_vh, stride_vd, stride_dot, stride_doh,
                                stride_dod, stride_dqt, stride_dqh, stride_dqd, stride_lh,
-                               sm_scale, dropout_p, seed, max_seqlen_k, head_dim, group,
+                               sm_scale, dropout_p, seed_lo, seed_hi, ctr_lo, ctr_hi, head_dim,
+                               group,
                                CAUSAL: tl.constexpr, HAS_BLOCKS: tl.constexpr,
                                HAS_DROPOUT: tl.constexpr, BLOCK_M: tl.constexpr,
                                BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
@@ -94,19 +99,20 @@ def _varlen_attn_bwd_dq_kernel(q_ptr, k_ptr, v_ptr, do_ptr, dq_ptr, lse_ptr, del
     q_start, seqlen_q = _seq_bounds(cu_q_ptr, b)
     if start_m * BLOCK_M < seqlen_q:
         k_start, seqlen_k = _seq_bounds(cu_k_ptr, b)
-        kvh = h // group
+        h64 = h.to(tl.int64)
+        kvh = (h // group).to(tl.int64)
         q64 = q_start.to(tl.int64)
         k64 = k_start.to(tl.int64)
-        _attn_bwd_dq_tile(q_ptr + q64 * stride_qt + h * stride_qh,
+        _attn_bwd_dq_tile(q_ptr + q64 * stride_qt + h64 * stride_qh,
                           k_ptr + k64 * stride_kt + kvh * stride_kh,
                           v_ptr + k64 * stride_vt + kvh * stride_vh,
-                          do_ptr + q64 * stride_dot + h * stride_doh,
-                          dq_ptr + q64 * stride_dqt + h * stride_dqh,
-                          lse_ptr + h.to(tl.int64) * stride_lh + q64,
-                          delta_ptr + h.to(tl.int64) * stride_lh + q64,
+                          do_ptr + q64 * stride_dot + h64 * stride_doh,
+                          dq_ptr + q64 * stride_dqt + h64 * stride_dqh,
+                          lse_ptr + h64 * stride_lh + q64,
+                          delta_ptr + h64 * stride_lh + q64,
                           bid_ptr + q64, bid_ptr + k64, reach_ptr + q64,
                           stride_qt, stride_qd, stride_kt, stride_kd, stride_vt, stride_vd,
                           stride_dot, stride_dod, stride_dqt, stride_dqd,
                           seqlen_q, seqlen_k, start_m, head_dim, sm_scale, dropout_p,
-                          seed + h * SEED_STRIDE, q_start, max_seqlen_k,
+                          seed_lo, seed_hi, ctr_lo, ctr_hi, h, q_start,
                           CAUSAL, HAS_BLOCKS, HAS_DROPOUT, BLOCK_M, BLOCK_N, BLOCK_D)
