@@ -61,6 +61,15 @@ def _seed(request):
     yield
 
 
+@pytest.fixture
+def deterministic():
+    """torch.use_deterministic_algorithms(True) for one test, restored after."""
+    old = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    yield
+    torch.use_deterministic_algorithms(old)
+
+
 def pytest_runtest_makereport(item, call):
     if call.excinfo is not None:
         for name, value in item.user_properties:

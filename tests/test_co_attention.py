@@ -415,14 +415,6 @@ def _co_fwd_bwd(dropout_p, threads=None, la=(9, 0, 70), lb=(40, 5, 0)):
     return [oa.detach(), ob.detach()] + [t.grad for t in ts]
 
 
-@pytest.fixture
-def deterministic():
-    old = torch.are_deterministic_algorithms_enabled()
-    torch.use_deterministic_algorithms(True)
-    yield
-    torch.use_deterministic_algorithms(old)
-
-
 @pytest.mark.parametrize("backend", BACKENDS, indirect=True)
 @pytest.mark.parametrize("dropout_p", [0.0, (0.2, 0.1)], ids=["no-dropout", "dropout"])
 def test_deterministic_algorithms_run_to_run_bitwise(backend, deterministic, dropout_p):

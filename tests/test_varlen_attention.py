@@ -582,14 +582,6 @@ def test_cuda_dropout_state_from_cuda_philox_generator():
 # determinism
 # ---------------------------------------------------------------------------------
 
-@pytest.fixture
-def deterministic():
-    old = torch.are_deterministic_algorithms_enabled()
-    torch.use_deterministic_algorithms(True)
-    yield
-    torch.use_deterministic_algorithms(old)
-
-
 def _fwd_bwd(lengths, dtype, dropout_p, threads=None, H=4, H_kv=2, D=24):
     torch.manual_seed(0)
     q, k, v = [t.requires_grad_() for t in make_qkv(lengths, lengths, H, H_kv, D, dtype)]
