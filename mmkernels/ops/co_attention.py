@@ -124,7 +124,7 @@ def _co_attention_fwd(q_a: Tensor, k_a: Tensor, v_a: Tensor, q_b: Tensor, k_b: T
     outs = []
     for q, k, v, cq, ck, p, stream0 in ((q_a, k_b, v_b, cu_seqlens_a, cu_seqlens_b, dropout_a, 0),
                                        (q_b, k_a, v_a, cu_seqlens_b, cu_seqlens_a, dropout_b, H)):
-        if va._use_fused_cpu(q.dtype, p):
+        if va._use_fused_cpu(q, k, p):
             outs.append(va._cpu_fwd_fused(q, k, v, cq, ck, None, softmax_scale, False))
         else:
             o, lse = va._cpu_fwd(q, k, v, cq, ck, None, softmax_scale, False, p, seed, offset,
@@ -167,7 +167,7 @@ def _co_attention_bwd(grad_a: Tensor, grad_b: Tensor, q_a: Tensor, k_a: Tensor, 
     for g, q, k, v, o, lse, cq, ck, p, stream0 in (
             (grad_a, q_a, k_b, v_b, out_a, lse_a, cu_seqlens_a, cu_seqlens_b, dropout_a, 0),
             (grad_b, q_b, k_a, v_a, out_b, lse_b, cu_seqlens_b, cu_seqlens_a, dropout_b, H)):
-        if va._use_fused_cpu(q.dtype, p, backward=True):
+        if va._use_fused_cpu(q, k, p, backward=True):
             res.append(va._cpu_bwd_fused(g, q, k, v, o, lse, cq, ck, None, softmax_scale, False))
         else:
             res.append(va._cpu_bwd(g, q, k, v, cq, ck, None, softmax_scale, False, p, seed,

@@ -273,15 +273,24 @@ def triton_cdiv(a: int, b: int) -> int:
 _FUSED_CPU_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
-def _use_fused_cpu(dtype: torch.dtype, dropout_p: float, backward: bool = False) -> bool:
+def _use_fused_cpu(q: Tensor, k: Tensor, dropout_p: float, backward: bool = False) -> bool:
     """torch's fused CPU flash-attention kernel serves the CPU path without dropout,
-    except for the backward under torch.use_deterministic_algorithms(True): its
-    gradients change with the thread count (measured: 2e-6 on dK, 1100 rows, 1 vs 2
-    threads), so the explicit per-chunk backward runs instead (bit-identical for any
-    thread count). The fused forward computes each row in one thread: unaffected."""
-    if dropout_p != 0 or dtype not in _FUSED_CPU_DTYPES:
+    except:
+
+    * for the backward under torch.use_deterministic_algorithms(True): its gradients
+      change with the thread count (measured: 2e-6 on dK, 1100 rows, 1 vs 2 threads),
+      so the explicit per-chunk backward runs instead (bit-identical for any thread
+      count). The fused forward computes each row in one thread: unaffected.
+    * when q or k holds a NaN or an Inf: the fused kernel returns 0 (and lse 0) for a
+      row whose scores are all NaN or all -inf, where softmax gives NaN (found by the
+      fuzz suite). The explicit path propagates them as the reference does. The check
+      reads q and k once (O(total * H * D), small next to the attention itself).
+    """
+    if dropout_p != 0 or q.dtype not in _FUSED_CPU_DTYPES:
         return False
-    return not (backward and torch.are_deterministic_algorithms_enabled())
+    if backward and torch.are_deterministic_algorithms_enabled():
+        return False
+    return bool(torch.isfinite(q).all()) and bool(torch.isfinite(k).all())
 
 
 def _cpu_segments(q, k, v, cu_q, cu_k, block_ids, causal):
@@ -432,7 +441,7 @@ def _varlen_attention_fwd(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor,
     if _uses_triton(q.device):
         return _triton_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, block_ids, max_seqlen_q,
                            max_seqlen_k, softmax_scale, causal, dropout_p, seed, offset)
-    if _use_fused_cpu(q.dtype, dropout_p):
+    if _use_fused_cpu(q, k, dropout_p):
         return _cpu_fwd_fused(q, k, v, cu_seqlens_q, cu_seqlens_k, block_ids, softmax_scale,
                               causal)
     out, lse = _cpu_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, block_ids, softmax_scale, causal,
@@ -464,7 +473,7 @@ def _varlen_attention_bwd(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out
         return _triton_bwd(grad_out, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, block_ids,
                            max_seqlen_q, max_seqlen_k, softmax_scale, causal, dropout_p, seed,
                            offset)
-    if _use_fused_cpu(q.dtype, dropout_p, backward=True):
+    if _use_fused_cpu(q, k, dropout_p, backward=True):
         return _cpu_bwd_fused(grad_out, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, block_ids,
                               softmax_scale, causal)
     return _cpu_bwd(grad_out, q, k, v, cu_seqlens_q, cu_seqlens_k, block_ids, softmax_scale,

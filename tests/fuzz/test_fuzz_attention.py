@@ -447,3 +447,104 @@ def test_every_invalid_class_raises(family, kind, backend):
     test = {"varlen": test_fuzz_varlen_invalid, "co": test_fuzz_co_attention_invalid,
             "module": test_fuzz_modules_invalid}[family]
     test.hypothesis.inner_test(kind=kind, backend=backend)
+
+
+# ---------------------------------------------------------------------------------
+# NaN / Inf features (both ops): never a silent finite number where the reference has
+# none, and never a leak into another sequence, forward or backward.
+# ---------------------------------------------------------------------------------
+
+def _poison(t, lengths, gen, data, name):
+    """Write NaN/+Inf/-Inf into a few random rows of (total, H, D) float32 ``t``;
+    returns the set of sequences touched."""
+    touched = set()
+    starts = [0] + torch.tensor(lengths, dtype=torch.long).cumsum(0).tolist()
+    for j in range(data.draw(st.integers(0, 2), f"{name} bad entries")):
+        if t.shape[0] == 0:
+            break
+        row = int(torch.randint(0, t.shape[0], (1,), generator=gen))
+        h = int(torch.randint(0, t.shape[1], (1,), generator=gen))
+        d = int(torch.randint(0, t.shape[2], (1,), generator=gen))
+        t[row, h, d] = data.draw(st.sampled_from([float("nan"), float("inf"), -float("inf")]),
+                                 f"{name} value {j}")
+        touched.add(max(i for i in range(len(lengths)) if starts[i] <= row))
+    return touched
+
+
+def _rows(lengths, seqs):
+    starts = [0] + torch.tensor(lengths, dtype=torch.long).cumsum(0).tolist()
+    idx = [r for s in sorted(seqs) for r in range(starts[s], starts[s + 1])]
+    return torch.tensor(idx, dtype=torch.long)
+
+
+def _check_non_finite(out, ref, clean_rows):
+    """Clean sequences match the float64 reference; wherever the reference output is
+    not finite the op's is not finite either (a NaN/Inf input never turns into a silent
+    number)."""
+    assert_close_to_reference(out.detach()[clean_rows], ref.detach()[clean_rows],
+                              what="clean sequences")
+    bad = ~torch.isfinite(ref.detach())
+    assert (~torch.isfinite(out.detach()[bad])).all(), "non-finite reference, finite output"
+
+
+@examples(10)
+@given(data=st.data())
+def test_fuzz_varlen_non_finite_features(data):
+    backend = data.draw(st.sampled_from(BACKENDS), "backend")
+    batch = data.draw(st.integers(1, 3), "batch")
+    lengths = data.draw(st.lists(st.integers(1, 20), min_size=batch, max_size=batch), "lengths")
+    causal = data.draw(st.booleans(), "causal")
+    H, D = 2, data.draw(st.sampled_from([8, 16, 33]), "D")
+    gen = torch.Generator().manual_seed(data.draw(st.integers(0, 2**31), "data seed"))
+    T = sum(lengths)
+    q, k, v = [torch.randn(T, H, D, generator=gen) for _ in range(3)]
+    touched = set()
+    for t, n in ((q, "q"), (k, "k"), (v, "v")):
+        touched |= _poison(t, lengths, gen, data, n)
+    cu = cu_of(lengths)
+    leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+    leaves64 = [t.double().requires_grad_() for t in (q, k, v)]
+    with backend_ctx(backend):
+        out = mmkernels.varlen_attention(*leaves, cu, cu, max(lengths), max(lengths),
+                                         causal=causal)
+    ref, _ = reference.varlen_attention(*leaves64, cu, cu, None, causal)
+    clean = _rows(lengths, set(range(batch)) - touched)
+    _check_non_finite(out, ref, clean)
+    grad = torch.randn(T, H, D, generator=gen, dtype=torch.float64)
+    with backend_ctx(backend):
+        out.backward(grad.float())
+    ref.backward(grad)
+    for a, b, n in zip(leaves, leaves64, "qkv"):  # gradients of clean sequences: no leak
+        assert_close_to_reference(a.grad[clean], b.grad[clean], what=f"d{n} (clean sequences)")
+
+
+@examples(8)
+@given(data=st.data())
+def test_fuzz_co_attention_non_finite_features(data):
+    backend = data.draw(st.sampled_from(BACKENDS), "backend")
+    batch = data.draw(st.integers(1, 3), "batch")
+    la = data.draw(st.lists(st.integers(1, 16), min_size=batch, max_size=batch), "la")
+    lb = data.draw(st.lists(st.integers(1, 16), min_size=batch, max_size=batch), "lb")
+    H, D = 2, data.draw(st.sampled_from([8, 16]), "D")
+    gen = torch.Generator().manual_seed(data.draw(st.integers(0, 2**31), "data seed"))
+    ts = [torch.randn(sum(la if i < 3 else lb), H, D, generator=gen) for i in range(6)]
+    touched = set()
+    for i, (t, n) in enumerate(zip(ts, STREAM_NAMES)):
+        touched |= _poison(t, la if i < 3 else lb, gen, data, n)
+    cua, cub = cu_of(la), cu_of(lb)
+    leaves = [t.clone().requires_grad_() for t in ts]
+    leaves64 = [t.double().requires_grad_() for t in ts]
+    with backend_ctx(backend):
+        outs = mmkernels.co_attention(*leaves, cua, cub, max(la), max(lb))
+    refs = reference.co_attention(*leaves64, cua, cub)
+    clean = set(range(batch)) - touched  # sample i of both streams untouched
+    rows_a, rows_b = _rows(la, clean), _rows(lb, clean)
+    _check_non_finite(outs[0], refs[0], rows_a)
+    _check_non_finite(outs[1], refs[1], rows_b)
+    grads = [torch.randn(r.shape, generator=gen, dtype=torch.float64) for r in refs]
+    with backend_ctx(backend):
+        torch.autograd.backward(list(outs), [g.float() for g in grads])
+    torch.autograd.backward(list(refs), grads)
+    for i, (a, b, n) in enumerate(zip(leaves, leaves64, STREAM_NAMES)):
+        rows = rows_a if i < 3 else rows_b
+        assert_close_to_reference(a.grad[rows], b.grad[rows], what=f"d{n} (clean samples)")
