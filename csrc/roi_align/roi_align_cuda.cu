@@ -385,7 +385,8 @@ __global__ void _region_bwd_kernel(const Params p, const RegionWork wk, const T*
 }
 
 // Deterministic backward: one thread per grad_input element (n, c, h, w), the
-// regions in ascending order, the CPU's NCHW expression (bit-identical to it).
+// regions in ascending order, the CPU's NCHW expression (nvcc may fuse it into an
+// FMA, so equal to the CPU within rounding, not bitwise).
 template <typename T>
 __global__ void _region_bwd_det_kernel(const Params p, const RegionWork wk,
                                        const T* __restrict__ grad, const int64_t gs0,

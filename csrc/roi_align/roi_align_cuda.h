@@ -76,7 +76,7 @@ cudaError_t launch_region_forward(DType dtype, const Params& p, const RegionWork
 
 // Backward into the zero-filled accumulation buffer p.lv[0]: atomic (one thread per
 // (k, c, y), a row of atomicAdds) or deterministic (one thread per grad_input element,
-// the regions in ascending order, bit-identical to the CPU for NCHW buffers).
+// the regions in ascending order: run-to-run identical).
 cudaError_t launch_region_backward(DType dtype, const Params& p, const RegionWork& w,
                                    const void* grad, const int64_t gs[2], bool deterministic,
                                    cudaStream_t stream);
