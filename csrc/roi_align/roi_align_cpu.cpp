@@ -188,15 +188,18 @@ void backward_kernel(const std::vector<PlaneCL<at::opmath_type<scalar_t>>>& leve
 // input's own layout: no (K, C, PH, PW) tensor, so the extra memory is the output
 // plus K*(H+W) profile weights and touched flags.
 //
-// NaN: the sums run over the touched pixels only (ty[y] && tx[x]: the taps of
-// inside samples, whatever their weight), on both layouts. A NaN there gives NaN,
-// as torchvision's multiply-add does even for a zero weight; a NaN elsewhere in
-// the window is never read.
+// Non-finite values: the sums run over the touched pixels only (kTouched on both
+// axes: the taps of inside samples, whatever their weight), on both layouts. A NaN
+// there gives NaN, as torchvision's multiply-add does even for a zero weight; a NaN
+// elsewhere in the window is never read. Where a sample taps the pixel with weight
+// 0 (kZeroTap on either axis, see axis_profile), a 0 * value term is added too, so
+// that an Inf there gives NaN as in torchvision, although the profile weight of the
+// pixel may be positive; the term is +-0 for a finite value and changes nothing.
 
 template <typename acc_t>
 struct Profiles {  // per region: py (H) and px (W), their touched flags and ranges
   std::vector<acc_t> w;
-  std::vector<unsigned char> touched;
+  std::vector<unsigned char> touched;  // kTouched | kZeroTap flags, per pixel
   std::vector<int> range;  // y0, y1, x0, x1 per region
   std::vector<acc_t> norm; // count * PH * PW, or NaN for a NaN box
   std::vector<unsigned char> nan;
@@ -270,27 +273,50 @@ void region_forward_kernel(const scalar_t* in, const int64_t* is, bool row_major
           acc_t* cs = col.data();
           std::fill(cs, cs + nx, acc_t(0));
           for (int y = r[0]; y <= r[1]; ++y) {
-            if (!ty[y]) continue;
+            if (!(ty[y] & kTouched)) continue;
             const scalar_t* row = plane + y * is[2];
             const acc_t wy = py[y];
+            if (ty[y] & kZeroTap) {  // zero_y[y] && touched_x[x]: add 0 * in[y, x]
 #pragma omp simd
-            for (int x = 0; x < nx; ++x) cs[x] += wy * static_cast<acc_t>(row[x]);
+              for (int x = 0; x < nx; ++x) {
+                const acc_t v = static_cast<acc_t>(row[x]);
+                cs[x] += wy * v + acc_t(0) * v;
+              }
+            } else {
+#pragma omp simd
+              for (int x = 0; x < nx; ++x) cs[x] += wy * static_cast<acc_t>(row[x]);
+            }
           }
+          // touched_y[y] && zero_x[x]: cs[x] * 0 is NaN iff a touched row has a
+          // non-finite value in column x.
           acc_t total = 0;
 #pragma omp simd reduction(+ : total)
-          for (int x = 0; x < nx; ++x) total += tx[x0 + x] ? cs[x] * px[x0 + x] : acc_t(0);
+          for (int x = 0; x < nx; ++x) {
+            const unsigned char f = tx[x0 + x];
+            total += (f & kTouched)
+                         ? cs[x] * px[x0 + x] + ((f & kZeroTap) ? cs[x] * acc_t(0) : acc_t(0))
+                         : acc_t(0);
+          }
           out[k * os[0] + c * os[1]] = static_cast<scalar_t>(total / pr.norm[k]);
         }
       } else {
         std::fill(acc.begin(), acc.end(), acc_t(0));
         for (int y = r[0]; y <= r[1]; ++y) {
-          if (!ty[y]) continue;
+          if (!(ty[y] & kTouched)) continue;
           for (int x = r[2]; x <= r[3]; ++x) {
-            if (!tx[x]) continue;
+            if (!(tx[x] & kTouched)) continue;
             const acc_t w = py[y] * px[x];  // may be 0: a NaN tap still gives NaN
             const scalar_t* p = base + y * is[2] + x * is[3];
+            if ((ty[y] | tx[x]) & kZeroTap) {  // a zero-weight tap: 0 * Inf is NaN
 #pragma omp simd
-            for (int64_t c = 0; c < C; ++c) acc[c] += w * static_cast<acc_t>(p[c]);
+              for (int64_t c = 0; c < C; ++c) {
+                const acc_t v = static_cast<acc_t>(p[c]);
+                acc[c] += w * v + acc_t(0) * v;
+              }
+            } else {
+#pragma omp simd
+              for (int64_t c = 0; c < C; ++c) acc[c] += w * static_cast<acc_t>(p[c]);
+            }
           }
         }
         for (int64_t c = 0; c < C; ++c) {
@@ -302,8 +328,8 @@ void region_forward_kernel(const scalar_t* in, const int64_t* is, bool row_major
 }
 
 // grad_in (N, C, H, W) acc_t, contiguous or channels-last: += g[k, c] / norm * py[y] * px[x]
-// over the touched pixels (so a NaN in grad reaches exactly the taps it reaches in
-// torchvision's backward).
+// over the touched pixels, plus 0 * g[k, c] where a tap has weight 0 (so a NaN or
+// Inf in grad gives NaN exactly on the pixels where torchvision's backward does).
 template <typename scalar_t>
 void region_backward_kernel(at::opmath_type<scalar_t>* gin, bool channels_last, int64_t N,
                             int64_t C, const Profiles<at::opmath_type<scalar_t>>& pr,
@@ -331,12 +357,18 @@ void region_backward_kernel(at::opmath_type<scalar_t>* gin, bool channels_last, 
           const unsigned char* ty = pr.ty(k);
           const unsigned char* tx = pr.tx(k);
           const int* r = pr.range.data() + k * 4;
+          const acc_t zc = acc_t(0) * coef;  // NaN iff coef is not finite
           for (int y = r[0]; y <= r[1]; ++y) {
-            if (!ty[y]) continue;
+            if (!(ty[y] & kTouched)) continue;
             const acc_t cy = coef * py[y];
+            const bool zy = ty[y] & kZeroTap;
             acc_t* row = plane + y * W;
 #pragma omp simd
-            for (int x = r[2]; x <= r[3]; ++x) row[x] += tx[x] ? cy * px[x] : acc_t(0);
+            for (int x = r[2]; x <= r[3]; ++x) {
+              row[x] += (tx[x] & kTouched)
+                            ? cy * px[x] + ((zy || (tx[x] & kZeroTap)) ? zc : acc_t(0))
+                            : acc_t(0);
+            }
           }
         }
       }
@@ -361,13 +393,18 @@ void region_backward_kernel(at::opmath_type<scalar_t>* gin, bool channels_last, 
         const unsigned char* tx = pr.tx(k);
         const int* r = pr.range.data() + k * 4;
         for (int y = r[0]; y <= r[1]; ++y) {
-          if (!ty[y]) continue;
+          if (!(ty[y] & kTouched)) continue;
           for (int x = r[2]; x <= r[3]; ++x) {
-            if (!tx[x]) continue;
+            if (!(tx[x] & kTouched)) continue;
             const acc_t w = py[y] * px[x];
             acc_t* p = base + (int64_t(y) * W + x) * C;
+            if ((ty[y] | tx[x]) & kZeroTap) {
 #pragma omp simd
-            for (int64_t c = 0; c < cn; ++c) p[c] += w * coef[c];
+              for (int64_t c = 0; c < cn; ++c) p[c] += w * coef[c] + acc_t(0) * coef[c];
+            } else {
+#pragma omp simd
+              for (int64_t c = 0; c < cn; ++c) p[c] += w * coef[c];
+            }
           }
         }
       }

@@ -1,12 +1,16 @@
 // RoIAlign family, CUDA kernels. The per-sample math is in roi_align_math.h,
 // shared with the CPU kernels; this file only maps threads to outputs.
 //
-//   _roi_align_fwd_kernel     one thread per output element (k, c, ph, pw) or,
-//                             for region_features, per (k, c) over every bin.
+//   _roi_align_fwd_kernel     one thread per output element (k, c, ph, pw).
 //   _roi_align_bwd_kernel     one thread per grad element, atomicAdd into an
 //                             fp32/fp64 buffer (fp32 even for half inputs).
 //   _roi_align_bwd_det_kernel one thread per grad_input element, gathering the
 //                             contributions of every region in ascending order.
+//   _region_*_kernel          region_features, in the CPU's profile formulation
+//                             (axis_profile in roi_align_math.h): per-region axis
+//                             profiles, then the bilinear form per (k, c); the work
+//                             of a thread is bounded by its region's window, never
+//                             by output_size * samples.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
@@ -97,14 +101,10 @@ __device__ __forceinline__ A sum_bins(const T* plane, const Level& lv, const Roi
   return acc;
 }
 
-// Decompose a linear thread index into (k, c, ph, pw); for `mean`, ph = pw = 0.
+// Decompose a linear thread index into (k, c, ph, pw).
 __device__ __forceinline__ void unravel(const Params& p, int64_t i, int64_t& k, int64_t& c,
                                         int& ph, int& pw) {
-  if (p.mean) {
-    c = i % p.C;
-    k = i / p.C;
-    ph = pw = 0;
-  } else if (p.channels_inner) {
+  if (p.channels_inner) {
     c = i % p.C;
     int64_t t = i / p.C;
     pw = static_cast<int>(t % p.PW);
@@ -144,11 +144,7 @@ __global__ void _roi_align_fwd_kernel(const Params p, T* __restrict__ out, const
       v = A(NAN);
     } else {
       const T* plane = static_cast<const T*>(lv.data) + n * lv.sN + c * lv.sC;
-      if (p.mean) {
-        v = sum_bins<T, A>(plane, lv, g, 0, p.PH, 0, p.PW) / (g.count * A(p.PH) * A(p.PW));
-      } else {
-        v = sum_bins<T, A>(plane, lv, g, ph, ph + 1, pw, pw + 1) / g.count;
-      }
+      v = sum_bins<T, A>(plane, lv, g, ph, ph + 1, pw, pw + 1) / g.count;
     }
     out[k * os0 + c * os1 + ph * os2 + pw * os3] = from_acc<T>(v);
   }
@@ -199,11 +195,7 @@ __global__ void _roi_align_bwd_kernel(const Params p, const T* __restrict__ grad
     if (g.nan) continue;  // nor does a non-finite box
     A* plane = const_cast<A*>(static_cast<const A*>(lv.data)) + n * lv.sN + c * lv.sC;
     const A gv = to_acc(grad[k * gs0 + c * gs1 + ph * gs2 + pw * gs3]);
-    if (p.mean) {
-      scatter_bins<A>(plane, lv, g, 0, p.PH, 0, p.PW, gv / (g.count * A(p.PH) * A(p.PW)));
-    } else {
-      scatter_bins<A>(plane, lv, g, ph, ph + 1, pw, pw + 1, gv / g.count);
-    }
+    scatter_bins<A>(plane, lv, g, ph, ph + 1, pw, pw + 1, gv / g.count);
   }
 }
 
@@ -235,6 +227,11 @@ __global__ void _roi_align_bwd_det_kernel(const Params p, const int level,
       c = t % p.C;
       n = t / p.C;
     }
+    // The sample coordinates that can tap (h, w), whatever the weight (tap_window:
+    // pixel 1 is tapped by the clamped samples in [-1, 0) too).
+    double ylo, yhi, xlo, xhi;
+    tap_window(h, ylo, yhi);
+    tap_window(w, xlo, xhi);
     A acc = A(0);
     for (int64_t k = 0; k < p.K; ++k) {
       const T* r = rois + k * 5;
@@ -243,38 +240,191 @@ __global__ void _roi_align_bwd_det_kernel(const Params p, const int level,
       if (!region_index(p, r, k, nk, lk) || lk != level || nk != n) continue;
       const auto g = geometry<T, A>(p, r, lv.scale);
       if (g.nan) continue;
-      const A norm = p.mean ? g.count * A(p.PH) * A(p.PW) : g.count;
-      for (int ph = 0; ph < p.PH; ++ph) {
-        // Only samples within a pixel of h can have a tap on row h.
-        const SampleRange ry = sample_range(g.start_h, g.bin_h, ph, g.grid_h, h - 1.0, h + 1.0);
-        if (ry.begin >= ry.end) continue;
+      // Per-region early-out: the bins with a sample in the window, on each axis.
+      const SampleRange yb = bin_range(g.start_h, g.bin_h, p.PH, g.grid_h, ylo, yhi);
+      if (yb.begin >= yb.end) continue;
+      const SampleRange xb = bin_range(g.start_w, g.bin_w, p.PW, g.grid_w, xlo, xhi);
+      if (xb.begin >= xb.end) continue;
+      for (int ph = yb.begin; ph < yb.end; ++ph) {
+        // Separable: the bin's samples tap (h, w) with total weight sy * sx, and one
+        // of them with weight 0 iff a zero tap on either axis (then 0 * grad is added,
+        // as the atomic kernel does: a NaN/Inf gradient gives NaN).
+        A sy = A(0);
+        unsigned char fy = 0;
+        bin_weight_at(g.start_h, g.bin_h, ph, g.grid_h, lv.H, h, sy, fy);
+        if (!(fy & kTouched)) continue;
         A bin_acc = A(0);
-        for (int iy = ry.begin; iy < ry.end; ++iy) {
-          const auto ty = axis_tap(lv.H, sample_coord(g.start_h, g.bin_h, ph, iy, g.grid_h));
-          if (!ty.inside || (ty.lo != h && ty.hi != h)) continue;
-          for (int pw = 0; pw < p.PW; ++pw) {
-            const SampleRange rx =
-                sample_range(g.start_w, g.bin_w, pw, g.grid_w, w - 1.0, w + 1.0);
-            A wsum = A(0);
-            bool hit = false;  // a tap lands here, whatever its weight (NaN grads propagate)
-            for (int ix = rx.begin; ix < rx.end; ++ix) {
-              const auto tx = axis_tap(lv.W, sample_coord(g.start_w, g.bin_w, pw, ix, g.grid_w));
-              if (!tx.inside || (tx.lo != w && tx.hi != w)) continue;
-              const auto s = combine_taps(ty, tx);
-              hit = true;
-              if (s.y_lo == h && s.x_lo == w) wsum += s.w[0];
-              if (s.y_lo == h && s.x_hi == w) wsum += s.w[1];
-              if (s.y_hi == h && s.x_lo == w) wsum += s.w[2];
-              if (s.y_hi == h && s.x_hi == w) wsum += s.w[3];
-            }
-            if (hit) {
-              const int64_t gi = p.mean ? k * gs0 + c * gs1 : k * gs0 + c * gs1 + ph * gs2 + pw * gs3;
-              bin_acc += wsum * to_acc(grad[gi]);
-            }
-          }
+        for (int pw = xb.begin; pw < xb.end; ++pw) {
+          A sx = A(0);
+          unsigned char fx = 0;
+          bin_weight_at(g.start_w, g.bin_w, pw, g.grid_w, lv.W, w, sx, fx);
+          if (!(fx & kTouched)) continue;
+          const A gv = to_acc(grad[k * gs0 + c * gs1 + ph * gs2 + pw * gs3]);
+          bin_acc += sy * sx * gv + (((fy | fx) & kZeroTap) ? A(0) * gv : A(0));
         }
-        acc += bin_acc / norm;
+        acc += bin_acc / g.count;
       }
+    }
+    A* buf = const_cast<A*>(static_cast<const A*>(lv.data));
+    buf[n * lv.sN + c * lv.sC + h * lv.sH + w * lv.sW] = acc;
+  }
+}
+
+// ---- region_features ---------------------------------------------------------------
+
+// One thread per (k, j): j < H is pixel j of the y profile, j < H + W pixel j - H of
+// the x profile, j == H + W the region's norm, batch index and span.
+template <typename T>
+__global__ void _region_profile_kernel(const Params p, const RegionWork wk, const int64_t total) {
+  using A = typename Acc<T>::type;
+  const T* rois = static_cast<const T*>(p.rois);
+  const Level lv = p.lv[0];
+  const int64_t HW = int64_t(lv.H) + lv.W;
+  A* prof = static_cast<A*>(wk.prof);
+  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < total;
+       i += int64_t(gridDim.x) * blockDim.x) {
+    const int64_t k = i / (HW + 1);
+    const int64_t j = i % (HW + 1);
+    const T* r = rois + k * 5;
+    int64_t n = 0;
+    int l = 0;
+    const bool valid = region_index(p, r, k, n, l);
+    const auto g = geometry<T, A>(p, r, lv.scale);
+    if (j == HW) {
+      static_cast<A*>(wk.norm)[k] = g.count * A(p.PH) * A(p.PW);
+      wk.nidx[k] = valid && !g.nan ? n : -1;
+      int* sp = wk.span + k * 4;
+      axis_span(g.start_h, g.bin_h, p.PH, g.grid_h, lv.H, sp[0], sp[1]);
+      axis_span(g.start_w, g.bin_w, p.PW, g.grid_w, lv.W, sp[2], sp[3]);
+      continue;
+    }
+    A v = A(0);
+    unsigned char f = 0;
+    if (valid && !g.nan) {  // (a non-finite box has no samples anyway)
+      if (j < lv.H) {
+        v = profile_at(g.start_h, g.bin_h, p.PH, g.grid_h, lv.H, static_cast<int>(j), f);
+      } else {
+        v = profile_at(g.start_w, g.bin_w, p.PW, g.grid_w, lv.W, static_cast<int>(j - lv.H), f);
+      }
+    }
+    prof[k * HW + j] = v;
+    wk.flags[k * HW + j] = f;
+  }
+}
+
+// One thread per (k, c), c fastest: the touched window, row by row, summed as the
+// CPU's channels-last kernel does.
+template <typename T>
+__global__ void _region_fwd_kernel(const Params p, const RegionWork wk, T* __restrict__ out,
+                                   const int64_t os0, const int64_t os1, const int64_t total) {
+  using A = typename Acc<T>::type;
+  const Level lv = p.lv[0];
+  const int64_t HW = int64_t(lv.H) + lv.W;
+  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < total;
+       i += int64_t(gridDim.x) * blockDim.x) {
+    const int64_t c = i % p.C;
+    const int64_t k = i / p.C;
+    const int64_t n = wk.nidx[k];
+    A v;
+    if (n < 0) {
+      v = A(NAN);  // an invalid batch index (never read) or a non-finite box
+    } else {
+      const A* py = static_cast<const A*>(wk.prof) + k * HW;
+      const A* px = py + lv.H;
+      const unsigned char* fy = wk.flags + k * HW;
+      const unsigned char* fx = fy + lv.H;
+      const int* sp = wk.span + k * 4;
+      const T* plane = static_cast<const T*>(lv.data) + n * lv.sN + c * lv.sC;
+      A acc = A(0);
+      for (int y = sp[0]; y <= sp[1]; ++y) {
+        if (!(fy[y] & kTouched)) continue;
+        for (int x = sp[2]; x <= sp[3]; ++x) {
+          if (!(fx[x] & kTouched)) continue;
+          const A wgt = py[y] * px[x];  // may be 0: a NaN tap still gives NaN
+          const A val = to_acc(plane[y * lv.sH + x * lv.sW]);
+          acc += ((fy[y] | fx[x]) & kZeroTap) ? wgt * val + A(0) * val : wgt * val;
+        }
+      }
+      v = acc / static_cast<const A*>(wk.norm)[k];
+    }
+    out[k * os0 + c * os1] = from_acc<T>(v);
+  }
+}
+
+// Atomic backward: one thread per (k, y, c), c fastest; a row of atomicAdds.
+template <typename T>
+__global__ void _region_bwd_kernel(const Params p, const RegionWork wk, const T* __restrict__ grad,
+                                   const int64_t gs0, const int64_t gs1, const int64_t total) {
+  using A = typename Acc<T>::type;
+  const Level lv = p.lv[0];
+  const int64_t HW = int64_t(lv.H) + lv.W;
+  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < total;
+       i += int64_t(gridDim.x) * blockDim.x) {
+    const int64_t c = i % p.C;
+    const int64_t t = i / p.C;
+    const int y = static_cast<int>(t % lv.H);
+    const int64_t k = t / lv.H;
+    const int64_t n = wk.nidx[k];
+    if (n < 0) continue;  // no gradient
+    const int* sp = wk.span + k * 4;
+    const unsigned char* fy = wk.flags + k * HW;
+    if (y < sp[0] || y > sp[1] || !(fy[y] & kTouched)) continue;
+    const A* py = static_cast<const A*>(wk.prof) + k * HW;
+    const A* px = py + lv.H;
+    const unsigned char* fx = fy + lv.H;
+    const A coef = to_acc(grad[k * gs0 + c * gs1]) / static_cast<const A*>(wk.norm)[k];
+    const A cy = coef * py[y];
+    const A zc = A(0) * coef;  // NaN iff the gradient is not finite
+    const bool zy = fy[y] & kZeroTap;
+    A* row = const_cast<A*>(static_cast<const A*>(lv.data)) + n * lv.sN + c * lv.sC + y * lv.sH;
+    for (int x = sp[2]; x <= sp[3]; ++x) {
+      if (!(fx[x] & kTouched)) continue;
+      atomicAdd(row + x * lv.sW, cy * px[x] + ((zy || (fx[x] & kZeroTap)) ? zc : A(0)));
+    }
+  }
+}
+
+// Deterministic backward: one thread per grad_input element (n, c, h, w), the
+// regions in ascending order, the CPU's NCHW expression (nvcc may fuse it into an
+// FMA, so equal to the CPU within rounding, not bitwise).
+template <typename T>
+__global__ void _region_bwd_det_kernel(const Params p, const RegionWork wk,
+                                       const T* __restrict__ grad, const int64_t gs0,
+                                       const int64_t gs1, const int64_t total) {
+  using A = typename Acc<T>::type;
+  const Level lv = p.lv[0];
+  const int64_t HW = int64_t(lv.H) + lv.W;
+  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < total;
+       i += int64_t(gridDim.x) * blockDim.x) {
+    int64_t n, c;
+    int h, w;
+    if (p.channels_inner) {
+      c = i % p.C;
+      int64_t t = i / p.C;
+      w = static_cast<int>(t % lv.W);
+      t /= lv.W;
+      h = static_cast<int>(t % lv.H);
+      n = t / lv.H;
+    } else {
+      w = static_cast<int>(i % lv.W);
+      int64_t t = i / lv.W;
+      h = static_cast<int>(t % lv.H);
+      t /= lv.H;
+      c = t % p.C;
+      n = t / p.C;
+    }
+    A acc = A(0);
+    for (int64_t k = 0; k < p.K; ++k) {
+      if (wk.nidx[k] != n) continue;
+      const int* sp = wk.span + k * 4;
+      if (h < sp[0] || h > sp[1] || w < sp[2] || w > sp[3]) continue;
+      const unsigned char fy = wk.flags[k * HW + h];
+      const unsigned char fx = wk.flags[k * HW + lv.H + w];
+      if (!(fy & kTouched) || !(fx & kTouched)) continue;
+      const A* py = static_cast<const A*>(wk.prof) + k * HW;
+      const A coef = to_acc(grad[k * gs0 + c * gs1]) / static_cast<const A*>(wk.norm)[k];
+      const A cy = coef * py[h];
+      acc += cy * py[lv.H + w] + (((fy | fx) & kZeroTap) ? A(0) * coef : A(0));
     }
     A* buf = const_cast<A*>(static_cast<const A*>(lv.data));
     buf[n * lv.sN + c * lv.sC + h * lv.sH + w * lv.sW] = acc;
@@ -299,7 +449,7 @@ cudaError_t dispatch(DType dtype, F&& f) {
   return cudaErrorInvalidValue;
 }
 
-int64_t grad_elements(const Params& p) { return p.mean ? p.K * p.C : p.K * p.C * p.PH * p.PW; }
+int64_t grad_elements(const Params& p) { return p.K * p.C * p.PH * p.PW; }
 
 }  // namespace
 
@@ -336,6 +486,48 @@ cudaError_t launch_backward_deterministic(DType dtype, const Params& p, int leve
     using T = decltype(tag);
     _roi_align_bwd_det_kernel<T><<<blocks_for(total), kThreads, 0, stream>>>(
         p, level, static_cast<const T*>(grad), gs[0], gs[1], gs[2], gs[3], total);
+    return cudaGetLastError();
+  });
+}
+
+cudaError_t launch_region_profiles(DType dtype, const Params& p, const RegionWork& w,
+                                   cudaStream_t stream) {
+  const int64_t total = p.K * (int64_t(p.lv[0].H) + p.lv[0].W + 1);
+  if (total == 0) return cudaSuccess;
+  return dispatch(dtype, [&](auto tag) {
+    using T = decltype(tag);
+    _region_profile_kernel<T><<<blocks_for(total), kThreads, 0, stream>>>(p, w, total);
+    return cudaGetLastError();
+  });
+}
+
+cudaError_t launch_region_forward(DType dtype, const Params& p, const RegionWork& w, void* out,
+                                  const int64_t os[2], cudaStream_t stream) {
+  const int64_t total = p.K * p.C;
+  if (total == 0) return cudaSuccess;
+  return dispatch(dtype, [&](auto tag) {
+    using T = decltype(tag);
+    _region_fwd_kernel<T><<<blocks_for(total), kThreads, 0, stream>>>(
+        p, w, static_cast<T*>(out), os[0], os[1], total);
+    return cudaGetLastError();
+  });
+}
+
+cudaError_t launch_region_backward(DType dtype, const Params& p, const RegionWork& w,
+                                   const void* grad, const int64_t gs[2], bool deterministic,
+                                   cudaStream_t stream) {
+  const int64_t total = deterministic ? p.N * p.C * int64_t(p.lv[0].H) * p.lv[0].W
+                                      : p.K * p.C * int64_t(p.lv[0].H);
+  if (total == 0) return cudaSuccess;
+  return dispatch(dtype, [&](auto tag) {
+    using T = decltype(tag);
+    if (deterministic) {
+      _region_bwd_det_kernel<T><<<blocks_for(total), kThreads, 0, stream>>>(
+          p, w, static_cast<const T*>(grad), gs[0], gs[1], total);
+    } else {
+      _region_bwd_kernel<T><<<blocks_for(total), kThreads, 0, stream>>>(
+          p, w, static_cast<const T*>(grad), gs[0], gs[1], total);
+    }
     return cudaGetLastError();
   });
 }

@@ -30,11 +30,10 @@ struct Params {
   int64_t K, N, C;
   int PH, PW, sampling_ratio;
   bool aligned;
-  bool mean;              // region_features: (K, C) output, average of every bin
   bool channels_inner;    // thread index runs fastest along C (channels-last input)
 };
 
-// out[k, c, ph, pw] (or out[k, c]) with strides os.
+// out[k, c, ph, pw] with strides os (roi_align, multiscale_roi_align).
 cudaError_t launch_forward(DType dtype, const Params& p, void* out, const int64_t os[4],
                            cudaStream_t stream);
 
@@ -49,6 +48,38 @@ cudaError_t launch_backward_atomic(DType dtype, const Params& p, const void* gra
 cudaError_t launch_backward_deterministic(DType dtype, const Params& p, int level,
                                           const void* grad, const int64_t gs[4],
                                           cudaStream_t stream);
+
+// ---- region_features: the profile (bilinear-form) formulation of the CPU ----------
+// Per-region workspace, filled by launch_region_profiles and read by the others:
+//   prof  (K, H + W) accumulation dtype: the y profile then the x profile
+//   flags (K, H + W) kTouched | kZeroTap per pixel (roi_align_math.h)
+//   norm  (K) accumulation dtype: count * PH * PW
+//   nidx  (K) batch index, -1 for an invalid index or a non-finite box (NaN row,
+//         no gradient)
+//   span  (K, 4) int: y0, y1, x0, x1, the pixels any sample can tap (axis_span)
+struct RegionWork {
+  void* prof;
+  unsigned char* flags;
+  void* norm;
+  int64_t* nidx;
+  int* span;
+};
+
+// Uses p.lv[0] (H, W, scale) and p.rois; one thread per (region, pixel of either
+// axis), each gathering only the samples within its tap window (profile_at).
+cudaError_t launch_region_profiles(DType dtype, const Params& p, const RegionWork& w,
+                                   cudaStream_t stream);
+
+// out[k, c] = sum over the touched window of py * px * in / norm; one thread per (k, c).
+cudaError_t launch_region_forward(DType dtype, const Params& p, const RegionWork& w, void* out,
+                                  const int64_t os[2], cudaStream_t stream);
+
+// Backward into the zero-filled accumulation buffer p.lv[0]: atomic (one thread per
+// (k, c, y), a row of atomicAdds) or deterministic (one thread per grad_input element,
+// the regions in ascending order: run-to-run identical).
+cudaError_t launch_region_backward(DType dtype, const Params& p, const RegionWork& w,
+                                   const void* grad, const int64_t gs[2], bool deterministic,
+                                   cudaStream_t stream);
 
 }  // namespace cuda
 }  // namespace roi_align

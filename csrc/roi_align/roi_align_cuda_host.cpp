@@ -56,7 +56,7 @@ void fill_level(cuda::Level& lv, const at::Tensor& t, double scale) {
 }
 
 cuda::Params make_params(const at::Tensor& rois, const at::Tensor* levels, int64_t N, int64_t C,
-                         int64_t PH, int64_t PW, int64_t sr, bool aligned, bool mean,
+                         int64_t PH, int64_t PW, int64_t sr, bool aligned,
                          bool channels_inner) {
   cuda::Params p{};
   p.rois = rois.const_data_ptr();
@@ -68,10 +68,34 @@ cuda::Params make_params(const at::Tensor& rois, const at::Tensor* levels, int64
   p.PW = to_int("pooled_width", PW);
   p.sampling_ratio = to_int("sampling_ratio", sr);
   p.aligned = aligned;
-  p.mean = mean;
   p.channels_inner = channels_inner;
   return p;
 }
+
+at::ScalarType grad_acc_type(at::ScalarType t) {
+  return t == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+// region_features workspace (see cuda::RegionWork), on the map's device: K * (H + W)
+// profile weights and flags, as on the CPU, and a few values per region.
+struct RegionWorkspace {
+  at::Tensor prof, flags, norm, nidx, span;
+  cuda::RegionWork w;
+  RegionWorkspace(const at::Tensor& rois, const at::Tensor& map, at::ScalarType acc) {
+    const int64_t K = rois.size(0), HW = map.size(2) + map.size(3);
+    const auto opts = map.options();
+    prof = at::empty({K, HW}, opts.dtype(acc));
+    flags = at::empty({K, HW}, opts.dtype(at::kByte));
+    norm = at::empty({K}, opts.dtype(acc));
+    nidx = at::empty({K}, opts.dtype(at::kLong));
+    span = at::empty({K, 4}, opts.dtype(at::kInt));
+    w.prof = prof.mutable_data_ptr();
+    w.flags = flags.mutable_data_ptr<uint8_t>();
+    w.norm = norm.mutable_data_ptr();
+    w.nidx = nidx.mutable_data_ptr<int64_t>();
+    w.span = span.mutable_data_ptr<int>();
+  }
+};
 
 at::Tensor forward_cuda(const char* op, at::TensorList features, const at::Tensor& rois,
                         const at::Tensor* levels, at::ArrayRef<double> scales, int64_t PH,
@@ -91,7 +115,7 @@ at::Tensor forward_cuda(const char* op, at::TensorList features, const at::Tenso
   if (out.numel() == 0) return out;
   const at::Tensor r = rois.contiguous();
   const at::Tensor lvl = levels != nullptr ? levels->contiguous() : at::Tensor();
-  auto p = make_params(r, levels != nullptr ? &lvl : nullptr, N, C, PH, PW, sr, aligned, mean,
+  auto p = make_params(r, levels != nullptr ? &lvl : nullptr, N, C, PH, PW, sr, aligned,
                        cl || mean);
   p.L = static_cast<int>(features.size());
   for (int l = 0; l < p.L; ++l) {
@@ -99,11 +123,18 @@ at::Tensor forward_cuda(const char* op, at::TensorList features, const at::Tenso
                 ": input height and width must be positive, got ", features[l].sizes());
     fill_level(p.lv[l], features[l], scales[l]);
   }
-  const int64_t os[4] = {out.stride(0), out.stride(1), mean ? 0 : out.stride(2),
-                         mean ? 0 : out.stride(3)};
+  const auto stream = c10::cuda::getCurrentCUDAStream();
+  if (mean) {
+    RegionWorkspace ws(rois, f0, grad_acc_type(f0.scalar_type()));
+    check_launch(op, cuda::launch_region_profiles(dtype_of(f0.scalar_type()), p, ws.w, stream));
+    const int64_t os[2] = {out.stride(0), out.stride(1)};
+    check_launch(op, cuda::launch_region_forward(dtype_of(f0.scalar_type()), p, ws.w,
+                                                 out.mutable_data_ptr(), os, stream));
+    return out;
+  }
+  const int64_t os[4] = {out.stride(0), out.stride(1), out.stride(2), out.stride(3)};
   const cudaError_t err = cuda::launch_forward(dtype_of(f0.scalar_type()), p,
-                                               out.mutable_data_ptr(), os,
-                                               c10::cuda::getCurrentCUDAStream());
+                                               out.mutable_data_ptr(), os, stream);
   check_launch(op, err);
   return out;
 }
@@ -129,7 +160,7 @@ std::vector<at::Tensor> backward_cuda(const char* op, const at::Tensor& grad,
     check_grad(op, grad, rois, {K, C, PH, PW}, levels, N, L, PH, PW, sr, /*check_data=*/false);
   }
   const c10::cuda::CUDAGuard guard(grad.device());
-  const auto acc_type = grad.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  const auto acc_type = grad_acc_type(grad.scalar_type());
   const auto fmt = channels_last ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
   std::vector<at::Tensor> bufs;
   for (int64_t l = 0; l < L; ++l) {
@@ -143,24 +174,32 @@ std::vector<at::Tensor> backward_cuda(const char* op, const at::Tensor& grad,
   if (K > 0 && C > 0) {
     const at::Tensor r = rois.contiguous();
     const at::Tensor lvl = levels != nullptr ? levels->contiguous() : at::Tensor();
-    auto p = make_params(r, levels != nullptr ? &lvl : nullptr, N, C, PH, PW, sr, aligned, mean,
+    auto p = make_params(r, levels != nullptr ? &lvl : nullptr, N, C, PH, PW, sr, aligned,
                          channels_last);
     p.L = static_cast<int>(L);
     for (int l = 0; l < p.L; ++l) {
       TORCH_CHECK(heights[l] > 0 && widths[l] > 0, op, ": input height and width must be positive");
       fill_level(p.lv[l], bufs[l], scales[l]);
     }
-    const int64_t gs[4] = {grad.stride(0), grad.stride(1), mean ? 0 : grad.stride(2),
-                           mean ? 0 : grad.stride(3)};
     const auto stream = c10::cuda::getCurrentCUDAStream();
     const auto dt = dtype_of(grad.scalar_type());
-    if (at::globalContext().deterministicAlgorithms()) {
+    const bool det = at::globalContext().deterministicAlgorithms();
+    if (mean) {
+      // Profiles (the geometry of the regions on this map), then the bilinear form.
+      RegionWorkspace ws(rois, bufs[0], acc_type);
+      check_launch(op, cuda::launch_region_profiles(dt, p, ws.w, stream));
+      const int64_t gs[2] = {grad.stride(0), grad.stride(1)};
+      check_launch(op, cuda::launch_region_backward(dt, p, ws.w, grad.const_data_ptr(), gs, det,
+                                                    stream));
+    } else if (det) {
+      const int64_t gs[4] = {grad.stride(0), grad.stride(1), grad.stride(2), grad.stride(3)};
       for (int l = 0; l < p.L; ++l) {
         const cudaError_t err =
             cuda::launch_backward_deterministic(dt, p, l, grad.const_data_ptr(), gs, stream);
         check_launch(op, err);
       }
     } else {
+      const int64_t gs[4] = {grad.stride(0), grad.stride(1), grad.stride(2), grad.stride(3)};
       const cudaError_t err = cuda::launch_backward_atomic(dt, p, grad.const_data_ptr(), gs, stream);
       check_launch(op, err);
     }

@@ -169,7 +169,10 @@ HOST_DEVICE_INLINE AxisTap<T> axis_tap(int size, T coord) {
     return t;
   }
   if (coord <= T(0)) coord = T(0);
-  int lo = static_cast<int>(coord);
+  // Compare in T before converting: for a float map with size near 2^31,
+  // static_cast<T>(size) rounds up to 2^31, a sample there is inside, and
+  // static_cast<int>(2^31) would be undefined (INT_MIN on x86).
+  int lo = coord >= static_cast<T>(size - 1) ? size - 1 : static_cast<int>(coord);
   int hi;
   if (lo >= size - 1) {
     hi = lo = size - 1;
@@ -217,33 +220,166 @@ HOST_DEVICE_INLINE T blend4(const Taps2D<T>& s, T v00, T v01, T v10, T v11) {
   return s.w[0] * v00 + s.w[1] * v01 + s.w[2] * v10 + s.w[3] * v11;
 }
 
-// Total bilinear weight that every sample of every bin puts on each pixel along
-// one axis: profile[p] += w for each tap (p, w) of each inside sample. Because
-// the samples of a region form a Cartesian grid and a sample counts only when
-// inside on both axes, the sum over all samples of w_y * w_x * in[y, x] equals
-// sum_y profile_y[y] * sum_x profile_x[x] * in[y, x]: region_features is a
-// bilinear form with two 1-D profiles. `profile` has `size` zeroed entries;
+// ---- per-pixel gathers (CPU region_features, CUDA region_features and the CUDA
+// deterministic backward all go through these) -----------------------------------
+
+// Coordinates [lo, hi] of every sample that taps pixel p along an axis, whatever
+// the weight (a weight of 0 too, so that 0 * Inf gives NaN as in torchvision):
+// a sample c in [-1, 0] is clamped to 0 and taps pixels 0 and 1 (weights 1, 0);
+// c in (0, size - 1) taps floor(c) and floor(c) + 1; c in [size - 1, size] taps
+// size - 1 only. So pixel p is tapped by c in [p - 1, p + 1), and pixel 1 also by
+// c in [-1, 0): the window starts at -1 for p <= 1.
+HOST_DEVICE_INLINE void tap_window(int p, double& lo, double& hi) {
+  lo = p <= 1 ? -1.0 : static_cast<double>(p) - 1.0;
+  hi = static_cast<double>(p) + 1.0;
+}
+
+// Margin of the double-precision bounds below on the float sample coordinates
+// (see sample_range): eight ulps of the largest magnitude involved.
+template <typename T>
+HOST_DEVICE_INLINE double coord_error(T start, T bin, int pooled) {
+  const double eps = sizeof(T) >= 8 ? 2.220446049250313e-16 : 1.1920928955078125e-07;
+  const double m = fabs(static_cast<double>(start)) +
+                   fabs(static_cast<double>(pooled) * static_cast<double>(bin)) +
+                   fabs(static_cast<double>(bin));
+  return 8.0 * eps * m;
+}
+
+// Bins [begin, end) whose samples can lie in [lo, hi]: a superset (bin b's
+// samples lie between start + b * bin and start + (b + 1) * bin, up to rounding;
+// one bin of margin on each side), so that sample_range and axis_tap stay
+// authoritative. A zero bin puts every sample at `start`: all bins or none.
+template <typename T>
+HOST_DEVICE_INLINE SampleRange bin_range(T start, T bin, int pooled, int grid, double lo,
+                                         double hi) {
+  SampleRange r{0, 0};
+  if (grid <= 0 || pooled <= 0) return r;
+  const double err = coord_error(start, bin, pooled);
+  const double s = static_cast<double>(start);
+  const double d = static_cast<double>(bin);
+  if (!(d != 0.0)) {
+    if (s >= lo - err - 1.0 && s <= hi + err + 1.0) r.end = pooled;
+    return r;
+  }
+  double ta = (lo - err - s) / d;
+  double tb = (hi + err - s) / d;
+  if (!(ta == ta) || !(tb == tb)) {  // cannot happen for a finite geometry
+    r.end = pooled;
+    return r;
+  }
+  if (ta > tb) {  // a negative bin: coordinates decrease with b
+    const double t = ta;
+    ta = tb;
+    tb = t;
+  }
+  // bin b can meet [ta, tb] (in bin units) when b + 1 >= ta and b <= tb.
+  const double P = static_cast<double>(pooled);
+  if (tb < -1.0 || ta > P) return r;
+  r.begin = ta > 1.0 ? static_cast<int>(floor(ta)) - 1 : 0;
+  r.end = tb < P - 2.0 ? static_cast<int>(floor(tb)) + 2 : pooled;
+  if (r.begin > r.end) r.begin = r.end;
+  return r;
+}
+
+// Pixels [first, last] of an axis that any sample of the region can tap: the
+// samples lie between start and start + pooled * bin (up to rounding), and a sample
+// c taps pixels within [floor(c), floor(c) + 1], clamped to the map (c <= 0 taps
+// 0 and 1). first > last when there is none.
+template <typename T>
+HOST_DEVICE_INLINE void axis_span(T start, T bin, int pooled, int grid, int size, int& first,
+                                  int& last) {
+  first = 0;
+  last = -1;
+  if (grid <= 0 || pooled <= 0 || size <= 0) return;
+  const double err = coord_error(start, bin, pooled);
+  const double a = static_cast<double>(start);
+  const double b = a + static_cast<double>(pooled) * static_cast<double>(bin);
+  double cmin = (a < b ? a : b) - err;
+  double cmax = (a < b ? b : a) + err;
+  if (!(cmin == cmin) || !(cmax == cmax)) {  // cannot happen for a finite geometry
+    last = size - 1;
+    return;
+  }
+  if (cmax < -1.0 || cmin > static_cast<double>(size)) return;
+  const double S = static_cast<double>(size);
+  cmin = cmin < -2.0 ? -2.0 : cmin;
+  cmax = cmax > S + 1.0 ? S + 1.0 : cmax;
+  const int f = static_cast<int>(floor(cmin)) - 1;
+  const int l = static_cast<int>(ceil(cmax)) + 1;
+  first = f < 0 ? 0 : f;
+  last = l > size - 1 ? size - 1 : l;
+}
+
+// Flags of a pixel in an axis profile.
+constexpr unsigned char kTouched = 1;  // a tap of an inside sample, whatever its weight
+constexpr unsigned char kZeroTap = 2;  // ... and one of those taps has weight exactly 0
+
+// The taps on pixel p of the samples of bin b along one axis, in sample order:
+// adds their weights to w and sets kTouched / kZeroTap in `flags`.
+template <typename T>
+HOST_DEVICE_INLINE void bin_weight_at(T start, T bin, int b, int grid, int size, int p, T& w,
+                                      unsigned char& flags) {
+  double lo, hi;
+  tap_window(p, lo, hi);
+  const SampleRange r = sample_range(start, bin, b, grid, lo, hi);
+  for (int i = r.begin; i < r.end; ++i) {
+    const AxisTap<T> t = axis_tap(size, sample_coord(start, bin, b, i, grid));
+    if (!t.inside) continue;
+    if (t.lo == p) {
+      w += t.w_lo;
+      flags |= t.w_lo == T(0) ? (kTouched | kZeroTap) : kTouched;
+    }
+    if (t.hi == p) {
+      w += t.w_hi;
+      flags |= t.w_hi == T(0) ? (kTouched | kZeroTap) : kTouched;
+    }
+  }
+}
+
+// Total bilinear weight that every sample of every bin puts on pixel p along one
+// axis: profile[p] = sum of w over the taps (p, w) of the inside samples, added in
+// bin and sample order. Because the samples of a region form a Cartesian grid and a
+// sample counts only when inside on both axes, the sum over all samples of
+// w_y * w_x * in[y, x] equals sum_y profile_y[y] * sum_x profile_x[x] * in[y, x]:
+// region_features is a bilinear form with two 1-D profiles.
+//
+// Non-finite values: torchvision multiplies every tap, so a NaN on a touched pixel,
+// or an Inf on a pixel that some sample taps with weight 0 (0 * Inf = NaN, even
+// when other samples give it a positive weight), gives NaN. A 2-D sample taps
+// (y, x) with weight w_y * w_x = 0 iff one of its axis taps has weight 0; with a
+// Cartesian grid of samples, such a sample exists iff
+//   (zero_y[y] && touched_x[x]) || (touched_y[y] && zero_x[x]),
+// and the kernels add 0 * in[y, x] (0 * grad in the backward) exactly there.
+//
+// Cost: the samples within the tap window of p (bin_range, sample_range), so one
+// thread per pixel (CUDA) or a loop over axis_span (CPU) visits each sample a few
+// times, not pooled * grid times per pixel.
+template <typename T>
+HOST_DEVICE_INLINE T profile_at(T start, T bin, int pooled, int grid, int size, int p,
+                                unsigned char& flags) {
+  double lo, hi;
+  tap_window(p, lo, hi);
+  const SampleRange bins = bin_range(start, bin, pooled, grid, lo, hi);
+  T w = T(0);
+  flags = 0;
+  for (int b = bins.begin; b < bins.end; ++b) bin_weight_at(start, bin, b, grid, size, p, w, flags);
+  return w;
+}
+
+// The whole profile of one axis (size zeroed entries in `profile` and `flags`);
 // [first, last] receives the touched range (first > last when none).
-// touched[p] (size zeroed entries) is set for every pixel that is a tap of an
-// inside sample, whatever its weight: the pixels of the window that torchvision's
-// multiply-add reads, so that a NaN there (times a weight of 0, too) gives NaN and a
-// NaN on any other pixel of the window is never read.
 template <typename T>
 HOST_DEVICE_INLINE void axis_profile(T start, T bin, int pooled, int grid, int size, T* profile,
-                                     unsigned char* touched, int& first, int& last) {
+                                     unsigned char* flags, int& first, int& last) {
+  int a, z;
+  axis_span(start, bin, pooled, grid, size, a, z);
   first = size;
   last = -1;
-  for (int b = 0; b < pooled; ++b) {
-    const SampleRange r = sample_range(start, bin, b, grid, -1.0, static_cast<double>(size));
-    for (int i = r.begin; i < r.end; ++i) {
-      const AxisTap<T> t = axis_tap(size, sample_coord(start, bin, b, i, grid));
-      if (!t.inside) continue;
-      profile[t.lo] += t.w_lo;
-      profile[t.hi] += t.w_hi;
-      touched[t.lo] = 1;
-      touched[t.hi] = 1;
-      first = t.lo < first ? t.lo : first;
-      last = t.hi > last ? t.hi : last;
+  for (int p = a; p <= z; ++p) {
+    profile[p] = profile_at(start, bin, pooled, grid, size, p, flags[p]);
+    if (flags[p] & kTouched) {
+      first = p < first ? p : first;
+      last = p;
     }
   }
 }

@@ -373,8 +373,15 @@ def region_features(input: Tensor, boxes: BoxesLike, output_size, spatial_scale:
 
     Special values, batch-index rule and determinism: as :func:`roi_align` (NaN
     exactly where ``roi_align(...).mean((2, 3))`` is NaN: only the taps of samples
-    on the map are read, on both layouts). Not bitwise equal to torchvision: the
-    sum runs in another order (a bilinear form, see the README's design notes).
+    on the map are read, on both layouts and backends, and an Inf that some sample
+    weights by 0 gives NaN as torchvision's ``0 * Inf`` does, also when other samples
+    weight that pixel positively; the same for an Inf gradient in the backward).
+    Not bitwise equal to torchvision: the sum runs in another order (a bilinear
+    form, see the README's design notes). On CUDA both backward kernels use the
+    same per-region profiles; the deterministic one gathers per input element.
+    Cost: building a region's profiles visits each of its samples on the map a few
+    times, O((PH + PW) * grid) per region at most, and the form costs its window
+    per (k, c); nothing scales with PH * PW, on CPU or CUDA.
     On CPU, an input that is neither contiguous nor channels_last (a slice, an
     expanded tensor) is copied once to its suggested dense layout.
     """
