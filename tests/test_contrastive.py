@@ -334,9 +334,14 @@ def test_distributed_gloo_matches_open_clip(tmp_path, world, local_sizes, chunk,
                         assert_close_to_reference(ours[key], ref[key], what=f"rank {r} {kind} {key}")
 
 
+@pytest.mark.parametrize("layout", ["contiguous", "transposed"])
 @pytest.mark.parametrize("backend", BACKENDS, indirect=True)
-def test_opcheck_and_compile(backend):
+def test_opcheck_and_compile(backend, layout):
+    """Fake kernels match the real ops in shape and strides, also for transposed
+    (dense, column-major) features: the gradients come back contiguous."""
     img, txt = features(13, 8, torch.float32)
+    if layout == "transposed":
+        img, txt = img.T.contiguous().T, txt.T.contiguous().T
     img.requires_grad_()
     txt.requires_grad_()
     s = torch.tensor(4.0, requires_grad=True)

@@ -137,7 +137,8 @@ def _co_attention_fwd(q_a: Tensor, k_a: Tensor, v_a: Tensor, q_b: Tensor, k_b: T
 def _(q_a, k_a, v_a, q_b, k_b, v_b, cu_seqlens_a, cu_seqlens_b, max_seqlen_a, max_seqlen_b,
       softmax_scale, dropout_a, dropout_b, seed, offset):
     H = q_a.shape[1]
-    return (torch.empty_like(q_a), torch.empty_like(q_b),
+    # the real op returns contiguous tensors whatever the inputs' layout
+    return (q_a.new_empty(q_a.shape), q_b.new_empty(q_b.shape),
             q_a.new_empty((H, q_a.shape[0]), dtype=torch.float32),
             q_b.new_empty((H, q_b.shape[0]), dtype=torch.float32))
 
@@ -180,7 +181,7 @@ def _co_attention_bwd(grad_a: Tensor, grad_b: Tensor, q_a: Tensor, k_a: Tensor, 
 def _(grad_a, grad_b, q_a, k_a, v_a, q_b, k_b, v_b, out_a, out_b, lse_a, lse_b, cu_seqlens_a,
       cu_seqlens_b, max_seqlen_a, max_seqlen_b, softmax_scale, dropout_a, dropout_b, seed,
       offset):
-    return tuple(torch.empty_like(t) for t in (q_a, k_a, v_a, q_b, k_b, v_b))
+    return tuple(t.new_empty(t.shape) for t in (q_a, k_a, v_a, q_b, k_b, v_b))  # contiguous
 
 
 def _setup_context(ctx, inputs, output):

@@ -576,7 +576,8 @@ def _info_nce_bwd(grad: Tensor, image: Tensor, text: Tensor, scale: Tensor, lse_
 
 @_info_nce_bwd.register_fake
 def _(grad, image, text, scale, lse_r, lse_c, chunk):
-    return torch.empty_like(image), torch.empty_like(text), scale.new_empty(())
+    # the real op returns contiguous gradients whatever the features' layout
+    return image.new_empty(image.shape), text.new_empty(text.shape), scale.new_empty(())
 
 
 def _info_nce_setup(ctx, inputs, output):
@@ -616,7 +617,7 @@ def _siglip_fwd(image: Tensor, text: Tensor, scale: Tensor, bias: Tensor, chunk:
 @_siglip_fwd.register_fake
 def _(image, text, scale, bias, chunk, with_grad):
     if with_grad:
-        return (image.new_empty(()), torch.empty_like(image), torch.empty_like(text),
+        return (image.new_empty(()), image.new_empty(image.shape), text.new_empty(text.shape),
                 scale.new_empty(()), bias.new_empty(()))
     return (image.new_empty(()), image.new_empty((0, image.shape[1])),
             text.new_empty((0, text.shape[1])), scale.new_empty(()), bias.new_empty(()))
