@@ -239,6 +239,26 @@ def test_torch_compile_fullgraph_cpu_path(monkeypatch):
 
 
 @pytest.mark.parametrize("backend", BACKENDS, indirect=True)
+def test_torch_compile_fullgraph_with_dropout(backend):
+    """Dropout under torch.compile(fullgraph=True): the seed draw traces (no graph
+    break), every call gets a fresh mask, and the same torch.manual_seed gives the
+    same result. (Compiled random draws follow inductor's RNG, not eager's, as for
+    torch's own random ops.)"""
+    lengths = [5, 11]
+    cu = cu_of(lengths)
+    q, k, v = make_qkv(lengths, lengths, 2, 1, 16, torch.float32)
+
+    def fn(q, k, v):
+        return mmkernels.varlen_attention(q, k, v, cu, cu, 11, 11, dropout_p=0.3, causal=True)
+
+    compiled = torch.compile(fn, fullgraph=True)
+    torch.manual_seed(5)
+    a, b = compiled(q, k, v), compiled(q, k, v)
+    torch.manual_seed(5)
+    assert torch.equal(a, compiled(q, k, v)) and not torch.equal(a, b)
+
+
+@pytest.mark.parametrize("backend", BACKENDS, indirect=True)
 def test_varlen_self_attention_module(backend):
     torch.manual_seed(0)
     m = mmkernels.nn.VarlenSelfAttention(64, num_heads=4, num_kv_heads=2, causal=True)
@@ -340,6 +360,10 @@ def test_cuda_dropout_and_compile():
     fn = torch.compile(lambda q, k, v: mmkernels.varlen_attention(q, k, v, cu, cu, 100, 100),
                        fullgraph=True)
     torch.testing.assert_close(fn(q, k, v), mmkernels.varlen_attention(q, k, v, cu, cu, 100, 100))
+    # with dropout: Generator.philox_state does not trace, the compiled call draws its seed
+    drop = torch.compile(lambda q, k, v: mmkernels.varlen_attention(q, k, v, cu, cu, 100, 100,
+                                                                    dropout_p=0.2), fullgraph=True)
+    assert not torch.equal(drop(q, k, v), drop(q, k, v))
 
 
 @pytest.mark.cuda
@@ -643,3 +667,29 @@ def test_cuda_deterministic_run_to_run(deterministic, dropout_p):
         runs.append([out, q.grad, k.grad, v.grad])
     for x, y in zip(*runs):
         assert torch.equal(x, y)
+
+
+def test_philox_arguments_are_never_specialised():
+    """The dropout seed and counter change every call: a kernel specialised on them
+    (== 1 or % 16) would recompile at random training steps (found in review). Checked
+    on the compiled (non-interpreted) JIT functions, in a subprocess."""
+    import subprocess
+    import sys
+    import textwrap
+
+    code = textwrap.dedent("""
+        from mmkernels.triton import attention, co_attention, varlen_attention
+        kernels = [attention._dropout_mask_kernel] + [
+            getattr(m, n) for m in (varlen_attention, co_attention) for n in dir(m)
+            if n.endswith("_kernel")]
+        for k in kernels:
+            names = {p.name for p in k.params}
+            skipped = {p.name for p in k.params if p.do_not_specialize}
+            assert set(attention.PHILOX_ARGS) <= names, (k.fn.__name__, names)
+            assert set(attention.PHILOX_ARGS) <= skipped, (k.fn.__name__, skipped)
+        print(len(kernels))
+    """)
+    env = dict(__import__("os").environ, TRITON_INTERPRET="0")
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+    assert res.returncode == 0, res.stderr
+    assert int(res.stdout) == 7

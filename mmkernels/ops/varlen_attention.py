@@ -140,14 +140,17 @@ def philox_state(device: torch.device, increment: int,
     ``Generator.philox_state(increment)``, PyTorch's own protocol: reproducible
     under ``torch.manual_seed``, and the offset advances per call, so no two calls
     (nor PyTorch's own random kernels) share a Philox counter. CPU tensors (the
-    interpreter and the CPU path; torch's CPU generator is not Philox): a fresh
-    64-bit seed drawn from the CPU default generator, offset 0 (reproducible under
-    ``torch.manual_seed``; two calls collide only if two 64-bit draws do).
+    interpreter and the CPU path; torch's CPU generator is not Philox), and any device
+    under ``torch.compile``: a fresh 64-bit seed drawn from the CPU default generator,
+    offset 0 (reproducible under ``torch.manual_seed``; two calls collide only if two
+    64-bit draws do).
     ``dropout_seed`` (testing hook): that seed, offset 0.
     """
     if dropout_seed is not None:
         return _int64_bits(int(dropout_seed)), 0
-    if device.type == "cuda":
+    # Dynamo cannot trace Generator.philox_state: under torch.compile the seed is a
+    # fresh 64-bit draw (offset 0), as on CPU, which traces without a graph break.
+    if device.type == "cuda" and not torch.compiler.is_compiling():
         if torch.cuda.is_current_stream_capturing():
             raise RuntimeError("dropout_p > 0 is not supported under CUDA graph capture (the "
                                "Philox seed and offset would be baked into the graph); "
@@ -812,8 +815,11 @@ def attention_spec(kernel, block_d: int, cfg: AttnConfig, causal: bool, blocks: 
     strides and the pointers are multiples of 16. Pointers: lse/delta float32,
     cu/bid/reach int32, the rest `dtype`; sizes int32; scale/p float32. ints16: the
     integer arguments (head dim, max_seqlen_k, seed, group) are multiples of 16 too, as
-    Triton specialises such launches separately (head dims 64/80/128 always are)."""
+    Triton specialises such launches separately (head dims 64/80/128 always are), except
+    the Philox arguments, which the kernels never specialise (PHILOX_ARGS)."""
     import inspect
+
+    from mmkernels.triton.attention import PHILOX_ARGS
 
     names = list(inspect.signature(kernel.fn).parameters)
     consts = {"CAUSAL": causal, "HAS_BLOCKS": blocks, "HAS_DROPOUT": dropout,
@@ -838,7 +844,7 @@ def attention_spec(kernel, block_d: int, cfg: AttnConfig, causal: bool, blocks: 
             sig[n] = "fp32"
         else:
             sig[n] = "i32"
-            if n.startswith("stride_") or ints16:
+            if n.startswith("stride_") or (ints16 and n not in PHILOX_ARGS):
                 attrs[(i,)] = [["tt.divisibility", 16]]
     tag = ("causal+blocks" if blocks else "causal" if causal else "full")
     tag += "+dropout" if dropout else ""

@@ -42,6 +42,12 @@ LOG2E: tl.constexpr = tl.constexpr(1.4426950408889634)
 LN2: tl.constexpr = tl.constexpr(0.6931471805599453)
 
 
+#: Philox arguments of every kernel that draws dropout. They change on every call (the
+#: offset advances), so they are never specialised: a launch with a counter that
+#: happens to be a multiple of 16 (or 1) must not compile a new kernel variant.
+PHILOX_ARGS = ("seed_lo", "seed_hi", "ctr_lo", "ctr_hi")
+
+
 @triton.jit
 def _seq_bounds(cu_ptr, b):
     """(start, length) of sequence b from cu_seqlens."""
@@ -313,7 +319,7 @@ def _attn_bwd_dq_tile(q_base, k_base, v_base, do_base, dq_base, lse_base, delta_
     _store_tokens(dq_base, rows, row_ok, stride_dqt, offs_d, d_ok, stride_dqd, dq)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=PHILOX_ARGS)
 def _dropout_mask_kernel(mask_ptr, rows_ptr, n_rows, n_cols, stride_mh, stride_mr, dropout_p,
                          seed_lo, seed_hi, ctr_lo, ctr_hi, stream0,
                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,

@@ -18,6 +18,7 @@ import triton
 import triton.language as tl
 
 from mmkernels.triton.attention import (
+    PHILOX_ARGS,
     _attn_bwd_dkdv_tile,
     _attn_bwd_dq_tile,
     _attn_fwd_tile,
@@ -33,7 +34,7 @@ def _pair(cu_a_ptr, cu_b_ptr, b, dh, num_heads):
     return dh // num_heads, (dh % num_heads).to(tl.int64), a0, len_a, b0, len_b
 
 
-@triton.jit
+@triton.jit(do_not_specialize=PHILOX_ARGS)
 def _co_attn_fwd_kernel(qa_ptr, ka_ptr, va_ptr, qb_ptr, kb_ptr, vb_ptr, oa_ptr, ob_ptr,
                         lsea_ptr, lseb_ptr, cu_a_ptr, cu_b_ptr,
                         stride_at, stride_ah, stride_ad, stride_bt, stride_bh, stride_bd,
@@ -75,7 +76,7 @@ def _co_attn_fwd_kernel(qa_ptr, ka_ptr, va_ptr, qb_ptr, kb_ptr, vb_ptr, oa_ptr, 
                            False, False, HAS_DROPOUT, BLOCK_M, BLOCK_N, BLOCK_D)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=PHILOX_ARGS)
 def _co_attn_bwd_dkdv_kernel(qa_ptr, ka_ptr, va_ptr, qb_ptr, kb_ptr, vb_ptr, doa_ptr, dob_ptr,
                              lsea_ptr, lseb_ptr, deltaa_ptr, deltab_ptr, dka_ptr, dva_ptr,
                              dkb_ptr, dvb_ptr, cu_a_ptr, cu_b_ptr,
@@ -125,7 +126,7 @@ def _co_attn_bwd_dkdv_kernel(qa_ptr, ka_ptr, va_ptr, qb_ptr, kb_ptr, vb_ptr, doa
                                 False, False, HAS_DROPOUT, BLOCK_M, BLOCK_N, BLOCK_D)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=PHILOX_ARGS)
 def _co_attn_bwd_dq_kernel(qa_ptr, ka_ptr, va_ptr, qb_ptr, kb_ptr, vb_ptr, doa_ptr, dob_ptr,
                            lsea_ptr, lseb_ptr, deltaa_ptr, deltab_ptr, dqa_ptr, dqb_ptr,
                            cu_a_ptr, cu_b_ptr,

@@ -9,6 +9,7 @@ import triton
 import triton.language as tl
 
 from mmkernels.triton.attention import (
+    PHILOX_ARGS,
     _attn_bwd_dkdv_tile,
     _attn_bwd_dq_tile,
     _attn_fwd_tile,
@@ -16,7 +17,7 @@ from mmkernels.triton.attention import (
 )
 
 
-@triton.jit
+@triton.jit(do_not_specialize=PHILOX_ARGS)
 def _varlen_attn_fwd_kernel(q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, cu_q_ptr, cu_k_ptr, bid_ptr,
                             reach_ptr, stride_qt, stride_qh, stride_qd, stride_kt, stride_kh,
                             stride_kd, stride_vt, stride_vh, stride_vd, stride_ot, stride_oh,
@@ -47,7 +48,7 @@ def _varlen_attn_fwd_kernel(q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, cu_q_ptr, cu_k_
                        CAUSAL, HAS_BLOCKS, HAS_DROPOUT, BLOCK_M, BLOCK_N, BLOCK_D)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=PHILOX_ARGS)
 def _varlen_attn_bwd_dkdv_kernel(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dk_ptr, dv_ptr,
                                  cu_q_ptr, cu_k_ptr, bid_ptr, reach_back_ptr,
                                  stride_qt, stride_qh, stride_qd, stride_kt, stride_kh,
@@ -82,7 +83,7 @@ def _varlen_attn_bwd_dkdv_kernel(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr
                             CAUSAL, HAS_BLOCKS, HAS_DROPOUT, BLOCK_M, BLOCK_N, BLOCK_D)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=PHILOX_ARGS)
 def _varlen_attn_bwd_dq_kernel(q_ptr, k_ptr, v_ptr, do_ptr, dq_ptr, lse_ptr, delta_ptr,
                                cu_q_ptr, cu_k_ptr, bid_ptr, reach_ptr,
                                stride_qt, stride_qh, stride_qd, stride_kt, stride_kh, stride_kd,
