@@ -52,7 +52,9 @@ CONFIGS: dict[str, dict[int, list[AttnConfig]]] = {
             128: [_C(128, 64, 8, 3), _C(128, 64, 8, 2)],
             256: [_C(32, 32, 4, 2)]},
     "dkdv": {64: [_C(32, 32, 4, 1)],
-             128: [_C(32, 64, 8, 1), _C(16, 32, 4, 1)],
+             # (16, 32, 4, 1) left D128: 8 bytes of stack on sm_90 with dropout once
+             # the Philox arguments stopped being specialised
+             128: [_C(32, 64, 8, 1)],
              256: [_C(32, 32, 8, 1), _C(16, 32, 4, 1)]},
     "dq": {64: [_C(64, 32, 8, 2), _C(64, 32, 4, 2)],
            128: [_C(64, 32, 8, 2)],
