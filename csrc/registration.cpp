@@ -63,6 +63,18 @@ TORCH_LIBRARY(mmkernels, m) {
   m.def("contrastive_grad_panel_(Tensor(a!) S, Tensor row_shift, Tensor? col_shift) -> ()");
   // returns sum softplus(L + bias) (0-dim, L's dtype); with_grad: L <- w * sigmoid(L + bias).
   m.def("siglip_panel_(Tensor(a!) L, float bias, float grad_weight, bool with_grad) -> Tensor");
+
+  // ---- attention dropout (csrc/attention/dropout_cpu.cpp) ----------------------------
+  // Philox4x32-10 uniforms of the dropout stream (mmkernels/reference.py dropout_uniform):
+  // (num_streams, len(rows), len(cols)) for streams stream0.., packed query rows `rows`,
+  // key columns `cols` (1-D int32/int64); seed and offset are 64-bit words as int64 bit
+  // patterns. dropout_keep: uniform >= float32(dropout_p), bool.
+  m.def(
+      "dropout_uniform(int seed, int offset, int stream0, int num_streams, Tensor rows, "
+      "Tensor cols) -> Tensor");
+  m.def(
+      "dropout_keep(int seed, int offset, int stream0, int num_streams, Tensor rows, "
+      "Tensor cols, float dropout_p) -> Tensor");
 }
 
 // Importable as a Python module (mmkernels._C); loading it runs the registrations.

@@ -9,6 +9,7 @@ in seconds, and they are differentiable with ordinary autograd.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import Tensor
@@ -309,19 +310,71 @@ def dropout_keep(seed: int, offset: int, stream: int, rows: Tensor, cols: Tensor
     return u >= torch.tensor(dropout_p, dtype=torch.float32)
 
 
+def dropout_keep_heads(seed: int, offset: int, stream0: int, num_heads: int, rows: Tensor,
+                       cols: Tensor, dropout_p: float) -> Tensor:
+    """(num_heads, len(rows), len(cols)) bool keep-mask of streams stream0 .. stream0 + H - 1
+    (:func:`dropout_keep` per head), on rows' device."""
+    if num_heads == 0:
+        return torch.zeros(0, rows.numel(), cols.numel(), dtype=torch.bool, device=rows.device)
+    return torch.stack([dropout_keep(seed, offset, stream0 + h, rows, cols, dropout_p)
+                        for h in range(num_heads)])
+
+
+#: generate(seed, offset, stream0, num_heads, rows, cols, dropout_p) -> (H, R, C) bool
+KeepGenerator = Callable[[int, int, int, int, Tensor, Tensor, float], Tensor]
+
+
+class DropoutMasks:
+    """The keep-masks of one call, generated lazily: ``block(b, r0, r1)`` is the
+    (H, r1 - r0, Lk_b) bool mask of query rows r0 .. r1 of sequence b (relative to the
+    sequence, clipped to it), built on `device` when asked for, so that a caller walking
+    row chunks holds O(H * chunk * Lk) of mask at a time, never the whole batch.
+    ``masks[b]`` is sequence b's whole (H, Lq_b, Lk_b) mask, as in the list form of
+    :func:`dropout_keep_masks`. ``generate`` computes a block (default: the pure-torch
+    :func:`dropout_keep_heads`; the CPU path passes the C++ op, bit-identical)."""
+
+    def __init__(self, seed: int, offset: int, cu_seqlens_q: Tensor, cu_seqlens_k: Tensor,
+                 num_heads: int, dropout_p: float, stream0: int = 0, device=None,
+                 generate: KeepGenerator | None = None):
+        self.seed, self.offset, self.stream0 = seed, offset, stream0
+        self.num_heads, self.dropout_p = num_heads, dropout_p
+        self.cq, self.ck = cu_seqlens_q.tolist(), cu_seqlens_k.tolist()
+        self.device = torch.device(device) if device is not None else torch.device("cpu")
+        self.generate = generate if generate is not None else dropout_keep_heads
+
+    def __len__(self) -> int:
+        return len(self.cq) - 1
+
+    def block(self, b: int, r0: int, r1: int) -> Tensor:
+        q0, lq = self.cq[b], self.cq[b + 1] - self.cq[b]
+        r1 = max(0, min(r1, lq))
+        r0 = max(0, min(r0, r1))
+        rows = torch.arange(q0 + r0, q0 + r1, device=self.device)
+        cols = torch.arange(self.ck[b + 1] - self.ck[b], device=self.device)
+        return self.generate(self.seed, self.offset, self.stream0, self.num_heads, rows, cols,
+                             self.dropout_p)
+
+    def __getitem__(self, b: int) -> Tensor:
+        return self.block(b, 0, self.cq[b + 1] - self.cq[b])
+
+
+def keep_block(keep_masks: DropoutMasks | Sequence[Tensor], b: int, r0: int, r1: int) -> Tensor:
+    """Rows r0 .. r1 of sequence b's keep-mask, from a :class:`DropoutMasks` (generated
+    now) or a list of (H, Lq_b, Lk_b) masks (sliced)."""
+    if isinstance(keep_masks, DropoutMasks):
+        return keep_masks.block(b, r0, r1)
+    return keep_masks[b][:, r0:r1]
+
+
 def dropout_keep_masks(seed: int, offset: int, cu_seqlens_q: Tensor, cu_seqlens_k: Tensor,
-                       num_heads: int, dropout_p: float, stream0: int = 0) -> list[Tensor]:
+                       num_heads: int, dropout_p: float, stream0: int = 0,
+                       generate: KeepGenerator | None = None) -> list[Tensor]:
     """One (H, Lq_b, Lk_b) bool keep-mask per sequence, for heads (streams)
-    stream0 .. stream0 + H - 1 (co-attention: stream0 = 0 for A->B, H for B->A)."""
-    cq, ck = cu_seqlens_q.tolist(), cu_seqlens_k.tolist()
-    masks = []
-    for b in range(len(cq) - 1):
-        rows = torch.arange(cq[b], cq[b + 1])
-        cols = torch.arange(ck[b + 1] - ck[b])
-        masks.append(torch.stack([dropout_keep(seed, offset, stream0 + h, rows, cols, dropout_p)
-                                  for h in range(num_heads)])
-                     if num_heads else torch.zeros(0, len(rows), len(cols), dtype=torch.bool))
-    return masks
+    stream0 .. stream0 + H - 1 (co-attention: stream0 = 0 for A->B, H for B->A), all
+    built now (:class:`DropoutMasks` builds them lazily)."""
+    masks = DropoutMasks(seed, offset, cu_seqlens_q, cu_seqlens_k, num_heads, dropout_p, stream0,
+                         generate=generate)
+    return [masks[b] for b in range(len(masks))]
 
 
 def attention_visibility(seqlen_q: int, seqlen_k: int, causal: bool, bid_q: Tensor | None = None,
@@ -356,7 +409,7 @@ def attention(q: Tensor, k: Tensor, v: Tensor, scale: float, visible: Tensor,
     p = torch.exp(s - torch.where(finite, lse, torch.zeros_like(lse))[..., None])
     p = p.masked_fill(~visible, 0.0)
     if keep is not None and dropout_p > 0:
-        p = p * keep / (1.0 - dropout_p)
+        p = p * keep.to(p.device) / (1.0 - dropout_p)
     out = torch.matmul(p, vh).transpose(0, 1)
     return out, lse.float()
 
@@ -382,6 +435,8 @@ def attention_backward(q: Tensor, k: Tensor, v: Tensor, scale: float, visible: T
     lse = torch.logsumexp(s, dim=-1)
     lse = torch.where(torch.isfinite(lse), lse, torch.zeros_like(lse))
     p = torch.exp(s - lse[..., None]).masked_fill(~visible, 0.0)
+    if keep is not None:
+        keep = keep.to(p.device)
     pd = p * keep / (1.0 - dropout_p) if keep is not None and dropout_p > 0 else p
     out = torch.matmul(pd, vh)
     dv = torch.matmul(pd.transpose(1, 2), doh)
@@ -401,13 +456,15 @@ def attention_backward(q: Tensor, k: Tensor, v: Tensor, scale: float, visible: T
 def varlen_attention(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_seqlens_k: Tensor,
                      softmax_scale: float | None = None, causal: bool = False,
                      block_ids: Tensor | None = None, dropout_p: float = 0.0,
-                     keep_masks: list[Tensor] | None = None, chunk_size: int | None = None,
+                     keep_masks: DropoutMasks | Sequence[Tensor] | None = None,
+                     chunk_size: int | None = None,
                      compute_dtype: torch.dtype | None = None) -> tuple[Tensor, Tensor]:
     """Per-sequence reference for packed attention (never pads to the batch max).
 
     q (total_q, H, D); k, v (total_k, H_kv, D); cu_seqlens (batch + 1,) int. keep_masks:
-    one (H, Lq_b, Lk_b) bool mask per sequence when dropout_p > 0. chunk_size bounds the
-    query rows processed at once (memory O(chunk * Lk * H)). compute_dtype: upcast for
+    when dropout_p > 0, one (H, Lq_b, Lk_b) bool mask per sequence, or a lazy
+    :class:`DropoutMasks` (generated one row chunk at a time). chunk_size bounds the
+    query rows processed at once (memory O(chunk * Lk * H), masks included). compute_dtype: upcast for
     the math (the CPU path uses float32 for half inputs). Returns out (total_q, H, D) in
     q's dtype and lse (H, total_q) float32.
     """
@@ -423,11 +480,11 @@ def varlen_attention(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_s
         bq = block_ids[q0:q1] if block_ids is not None else None
         bk = block_ids[k0:k1] if block_ids is not None else None
         vis = attention_visibility(q1 - q0, k1 - k0, causal, bq, bk, device=q.device)
-        keep = keep_masks[b] if keep_masks is not None else None
         step = chunk_size or max(q1 - q0, 1)
         for r in range(0, q1 - q0, step):
-            o, l = attention(qs[r:r + step], ks, vs, scale, vis[r:r + step],
-                             None if keep is None else keep[:, r:r + step], dropout_p)
+            keep = (keep_block(keep_masks, b, r, r + step)
+                    if keep_masks is not None and dropout_p > 0 else None)
+            o, l = attention(qs[r:r + step], ks, vs, scale, vis[r:r + step], keep, dropout_p)
             outs.append(o.to(q.dtype))
             lses.append(l)
     H = q.shape[1]
@@ -438,7 +495,8 @@ def varlen_attention(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_s
 
 def co_attention(q_a: Tensor, k_a: Tensor, v_a: Tensor, q_b: Tensor, k_b: Tensor, v_b: Tensor,
                  cu_seqlens_a: Tensor, cu_seqlens_b: Tensor, softmax_scale: float | None = None,
-                 keep_a: list[Tensor] | None = None, keep_b: list[Tensor] | None = None,
+                 keep_a: DropoutMasks | Sequence[Tensor] | None = None,
+                 keep_b: DropoutMasks | Sequence[Tensor] | None = None,
                  dropout_p: tuple[float, float] = (0.0, 0.0)) -> tuple[Tensor, Tensor]:
     """The two directions of co-attention computed separately, per sample:
     out_a = attention(q_a, k_b, v_b), out_b = attention(q_b, k_a, v_a)."""

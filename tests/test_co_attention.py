@@ -381,6 +381,21 @@ def test_reference_backend_honours_dropout(backend, monkeypatch):
         assert_close_to_reference(k, r.double(), what="kernel vs reference backend")
 
 
+@pytest.mark.cuda
+def test_cuda_reference_backend_honours_dropout(monkeypatch):
+    """MMKERNELS_BACKEND=reference with CUDA tensors and dropout: masks on q's device
+    (before: built on the CPU, and P * keep raised), the kernels' masks."""
+    la, lb, H = [9, 0, 23], [30, 5, 12], 2
+    ts = [torch.randn(sum(l), H, 32, device="cuda") for l in (la, la, la, lb, lb, lb)]
+    cua, cub = cu_of(la).cuda(), cu_of(lb).cuda()
+    kern = mmkernels.co_attention(*ts, cua, cub, 23, 30, dropout_p=0.3, dropout_seed=11)
+    monkeypatch.setenv("MMKERNELS_BACKEND", "reference")
+    ref = mmkernels.co_attention(*ts, cua, cub, 23, 30, dropout_p=0.3, dropout_seed=11)
+    for r, k in zip(ref, kern):
+        assert r.device.type == "cuda"
+        assert_close_to_reference(k, r.double(), what="kernel vs reference backend (cuda)")
+
+
 @pytest.mark.parametrize("mode", ["reference", "triton", "cpu"])
 def test_dropout_keep_rate_and_scaling(mode, monkeypatch):
     """Uniform attention (q = 0) over V = 1: each output is kept / (L (1 - p)), an

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import mmkernels
-from mmkernels import reference
+from mmkernels import _extension, reference
 from mmkernels.ops import varlen_attention as va
 from mmkernels.testing import assert_close_to_reference
 from mmkernels.triton import interpreting
@@ -528,6 +528,199 @@ def test_triton_and_reference_masks_are_bit_identical(seed, offset, stream):
     other = va._triton_keep(seed, offset, stream, rows, 40, 0.3, 1, torch.device("cpu"),
                            carry_by_compare=True)
     assert torch.equal(other[0], want)
+
+
+# ---------------------------------------------------------------------------------
+# the C++ CPU dropout op (csrc/attention/dropout_cpu.cpp) and lazy masks
+# ---------------------------------------------------------------------------------
+
+needs_dropout_op = pytest.mark.skipif(not _extension.has_kernel("dropout_keep", "cpu"),
+                                      reason="mmkernels._C without the dropout ops")
+
+
+def _op_uniform(seed, offset, stream0, num_streams, rows, cols):
+    return torch.ops.mmkernels.dropout_uniform(va._as_int64(seed), va._as_int64(offset),
+                                               va._as_int64(stream0), num_streams, rows, cols)
+
+
+@needs_dropout_op
+def test_dropout_op_matches_reference_bitwise():
+    """mmkernels::dropout_uniform / dropout_keep == reference.dropout_uniform /
+    dropout_keep bit for bit: random 64-bit seeds (>= 2^63 passed as negative int64),
+    offsets whose counter base crosses 2^32 (carry into word 1) and 2^64 (wrap), streams
+    wrapping past 2^32 - 1, rows near and past 2^32, int32 and int64 indices, scattered
+    and negative columns."""
+    import random
+    rng = random.Random(10)
+    seeds = [0, 1, 2**63, 2**63 + 12345, 2**64 - 1, -5] + [rng.getrandbits(64) for _ in range(6)]
+    offsets = [0, 4 * 77, 4 * (2**32 - 3), 4 * (2**32 - 200) + 3, 2**63 + 8, 2**64 - 4,
+               4 * (2**62 - 100)] + [rng.getrandbits(64) for _ in range(3)]
+    streams = [0, 5, 2**31 + 1, 2**32 - 2]
+    rows64 = torch.tensor([0, 1, 17, 2**31 - 1, 2**31, 2**32 - 2, 2**32 - 1, 2**32, 2**32 + 7,
+                           123456789])
+    col_sets = [torch.arange(300), torch.tensor([0, 5, 2**31, 2**32 - 1, 2**32 + 9, 2**40, -1,
+                                                 -(2**40), 2**63 - 1])]
+    for i, seed in enumerate(seeds):
+        offset, stream0 = offsets[i % len(offsets)], streams[i % len(streams)]
+        for cols in col_sets:
+            rows = rows64 if i % 2 else (rows64 & 0x7FFFFFFF).to(torch.int32)
+            got = _op_uniform(seed, offset, stream0, 3, rows, cols)
+            for h in range(3):
+                want = reference.dropout_uniform(seed, offset, stream0 + h, rows, cols)
+                assert torch.equal(got[h].view(torch.int32), want.view(torch.int32)), (
+                    seed, offset, stream0, h)
+            p = (0.0, 0.1, 0.5, 0.9)[i % 4]
+            keep = torch.ops.mmkernels.dropout_keep(va._as_int64(seed), va._as_int64(offset),
+                                                    va._as_int64(stream0), 3, rows, cols, p)
+            assert torch.equal(keep, reference.dropout_keep_heads(seed, offset, stream0, 3, rows,
+                                                                  cols, p))
+    # every offset and seed once more on a (rows x 300) block across the carry
+    for seed in seeds[:4]:
+        for offset in offsets:
+            got = _op_uniform(seed, offset, 7, 1, rows64, torch.arange(300))[0]
+            want = reference.dropout_uniform(seed, offset, 7, rows64, torch.arange(300))
+            assert torch.equal(got.view(torch.int32), want.view(torch.int32)), (seed, offset)
+
+
+@needs_dropout_op
+def test_dropout_op_random123_known_answers():
+    """The C++ op's first Philox word is Random123's kat_vectors answer, mapped to a
+    uniform as tl.rand does (counter words 0-1 = offset / 4 + column, 2 = stream,
+    3 = row, key = seed)."""
+    def unit(word):
+        x = torch.tensor([word], dtype=torch.int64)
+        x = torch.where(x >= 2**31, 0xFFFFFFFF - x, x)
+        return x.to(torch.float32) * torch.tensor(4.6566127342e-10, dtype=torch.float32)
+
+    # (seed, offset, column, stream, row) -> Philox4x32-10 x0
+    cases = [(0, 0, 0, 0, 0, 0x6627E8D5),
+             (2**64 - 1, 0, -1, 0xFFFFFFFF, 0xFFFFFFFF, 0x408F276D),           # all ones
+             (2**64 - 1, 4 * (2**32 - 1), 2**64 - 2**32, 0xFFFFFFFF, 0xFFFFFFFF,  # via the offset
+              0x408F276D),
+             (0x299F31D0_A4093822, 0, 0x85A308D3_243F6A88, 0x13198A2E, 0x03707344, 0xD16CFE09)]
+    for seed, offset, col, stream, row, word in cases:
+        col = va._as_int64(col)
+        got = _op_uniform(seed, offset, stream, 1, torch.tensor([row]), torch.tensor([col]))
+        assert torch.equal(got.view(1).view(torch.int32), unit(word).view(torch.int32)), hex(word)
+        want = reference.dropout_uniform(seed, offset, stream, torch.tensor([row]),
+                                         torch.tensor([col]))
+        assert torch.equal(got.view(1), want.view(1))
+
+
+@needs_dropout_op
+def test_dropout_op_opcheck_threads_and_errors():
+    rows = torch.tensor([0, 3, 2**32 - 1, 9])
+    cols = torch.arange(37)
+    for args in ((1234, 4 * 5, 2, 3, rows, cols), (-1, -4, 0, 2, rows.int(), cols[:0]),
+                 (7, 0, 0, 0, rows, cols)):
+        torch.library.opcheck(torch.ops.mmkernels.dropout_uniform.default, args)
+        torch.library.opcheck(torch.ops.mmkernels.dropout_keep.default, (*args, 0.25))
+    old = torch.get_num_threads()
+    big = (99, 4 * (2**32 - 7), 0, 4, torch.arange(300), torch.arange(300))
+    try:
+        torch.set_num_threads(1)
+        one = torch.ops.mmkernels.dropout_uniform(*big)
+        torch.set_num_threads(2)
+        two = torch.ops.mmkernels.dropout_uniform(*big)
+    finally:
+        torch.set_num_threads(old)
+    assert torch.equal(one.view(torch.int32), two.view(torch.int32))
+    with pytest.raises(RuntimeError, match="rows"):
+        torch.ops.mmkernels.dropout_keep(1, 0, 0, 1, rows.float(), cols, 0.5)
+    with pytest.raises(RuntimeError, match="cols"):
+        torch.ops.mmkernels.dropout_keep(1, 0, 0, 1, rows, cols[None], 0.5)
+    with pytest.raises(RuntimeError, match="num_streams"):
+        torch.ops.mmkernels.dropout_keep(1, 0, 0, -1, rows, cols, 0.5)
+
+
+@pytest.mark.parametrize("fallback", [False, True], ids=["op", "torch"])
+def test_cpu_dropout_masks_generated_per_row_chunk(monkeypatch, fallback):
+    """Before: the CPU forward and backward built every sequence's (H, Lq, Lk) mask
+    before the row-chunk loop (memory O(H * total_q * Lk), ~96 bytes of int64
+    temporaries per element); now each (sequence, row chunk) generates its block just
+    before it is used: at most H * CPU_CHUNK_ROWS rows of mask exist at a time, with
+    the C++ op or with the pure-torch generator."""
+    monkeypatch.setattr(va, "_uses_triton", lambda device: False)
+    monkeypatch.setattr(va, "CPU_CHUNK_ROWS", 8)
+    events = []
+    if fallback:  # the pure-torch generator (what the old code always ran)
+        has = _extension.has_kernel
+        monkeypatch.setattr(_extension, "has_kernel",
+                            lambda op, dev: False if op == "dropout_keep" else has(op, dev))
+        orig_keep = reference.dropout_keep
+
+        def logged_keep(*args):
+            out = orig_keep(*args)
+            events.append(("mask", out.shape[0]))  # one head's rows
+            return out
+        monkeypatch.setattr(reference, "dropout_keep", logged_keep)
+    else:
+        orig_heads = va._keep_heads
+
+        def logged_heads(*args):
+            out = orig_heads(*args)
+            events.append(("mask", out.shape[0] * out.shape[1]))
+            return out
+        monkeypatch.setattr(va, "_keep_heads", logged_heads)
+    for name in ("attention", "attention_backward"):
+        orig = getattr(reference, name)
+
+        def logged_attn(*args, _orig=orig, _name=name, **kw):
+            events.append((_name, args[0].shape[0]))
+            return _orig(*args, **kw)
+        monkeypatch.setattr(reference, name, logged_attn)
+    H, lengths = 3, [30, 21]
+    cu = cu_of(lengths)
+    q, k, v = make_qkv(lengths, lengths, H, H, 16, torch.float32)
+    q.requires_grad_()
+    out = mmkernels.varlen_attention(q, k, v, cu, cu, 30, 30, dropout_p=0.3, dropout_seed=5)
+    out.sum().backward()
+    last_fwd = max(i for i, e in enumerate(events) if e[0] == "attention")
+    for phase, start in (("attention", 0), ("attention_backward", last_fwd + 1)):
+        chunks = [i for i, e in enumerate(events) if e[0] == phase]
+        assert len(chunks) == 4 + 3  # ceil(30 / 8) + ceil(21 / 8) row chunks
+        for a, b in zip([start - 1] + chunks, chunks):
+            # between two row chunks: the next chunk's mask only (H heads x <= 8 rows)
+            rows = sum(n for kind, n in events[a + 1:b] if kind == "mask")
+            assert rows == H * events[b][1], (phase, rows, events[a + 1:b + 1])
+
+
+def test_reference_attention_moves_the_mask_to_q_device():
+    """Before: reference.attention / attention_backward multiplied P by a keep-mask
+    built on the CPU whatever q's device (MMKERNELS_BACKEND=reference with CUDA tensors
+    and dropout crashed); meta tensors stand in for CUDA here. DropoutMasks builds its
+    blocks on the device it is given."""
+    q = torch.randn(5, 2, 8, device="meta")
+    k = v = torch.randn(7, 2, 8, device="meta")
+    vis = torch.ones(5, 7, dtype=torch.bool, device="meta")
+    keep = torch.ones(2, 5, 7, dtype=torch.bool)
+    out, _ = reference.attention(q, k, v, 0.3, vis, keep, 0.2)
+    grads = reference.attention_backward(q, k, v, 0.3, vis, torch.randn_like(q), keep, 0.2)
+    assert out.device.type == "meta" and all(g.device.type == "meta" for g in grads)
+    masks = reference.DropoutMasks(3, 0, cu_of([5, 2]), cu_of([7, 4]), 2, 0.2, device="meta")
+    assert masks.block(0, 2, 99).shape == (2, 3, 7) and masks[1].device.type == "meta"
+    cpu = reference.DropoutMasks(3, 0, cu_of([5, 2]), cu_of([7, 4]), 2, 0.2)
+    eager = reference.dropout_keep_masks(3, 0, cu_of([5, 2]), cu_of([7, 4]), 2, 0.2)
+    assert torch.equal(cpu.block(0, 1, 4), eager[0][:, 1:4]) and torch.equal(cpu[1], eager[1])
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+def test_cuda_reference_backend_with_dropout(monkeypatch, causal):
+    """MMKERNELS_BACKEND=reference with CUDA tensors and dropout: the masks are built on
+    q's device (before: a CPU mask times a CUDA P raised), and they are the kernels'."""
+    lengths = [37, 0, 64]
+    cu = cu_of(lengths, "cuda")
+    q, k, v = make_qkv(lengths, lengths, 4, 2, 64, torch.float32, "cuda")
+    kern = mmkernels.varlen_attention(q, k, v, cu, cu, 64, 64, causal=causal, dropout_p=0.25,
+                                      dropout_seed=21)
+    monkeypatch.setenv("MMKERNELS_BACKEND", "reference")
+    qr = q.clone().requires_grad_()
+    ref = mmkernels.varlen_attention(qr, k, v, cu, cu, 64, 64, causal=causal, dropout_p=0.25,
+                                     dropout_seed=21)
+    ref.sum().backward()
+    assert ref.device.type == "cuda" and qr.grad.device.type == "cuda"
+    assert_close_to_reference(kern, ref.double(), what="kernel vs reference backend (cuda)")
 
 
 @pytest.mark.parametrize("backend", BACKENDS, indirect=True)

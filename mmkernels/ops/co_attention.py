@@ -266,11 +266,11 @@ def co_attention(q_a: Tensor, k_a: Tensor, v_a: Tensor, q_b: Tensor, k_b: Tensor
         H = q_a.shape[1]
         keep_a = keep_b = None
         if p_a > 0:
-            keep_a = reference.dropout_keep_masks(seed, offset, cu_seqlens_a, cu_seqlens_b, H,
-                                                  p_a, 0)
+            keep_a = va._lazy_keep_masks(seed, offset, cu_seqlens_a, cu_seqlens_b, H, p_a, 0,
+                                         q_a.device)
         if p_b > 0:
-            keep_b = reference.dropout_keep_masks(seed, offset, cu_seqlens_b, cu_seqlens_a, H,
-                                                  p_b, H)
+            keep_b = va._lazy_keep_masks(seed, offset, cu_seqlens_b, cu_seqlens_a, H, p_b, H,
+                                         q_a.device)
         return reference.co_attention(q_a, k_a, v_a, q_b, k_b, v_b, cu_seqlens_a, cu_seqlens_b,
                                       scale, keep_a, keep_b, (p_a, p_b))
     out_a, out_b, _, _ = _co_attention_fwd(q_a, k_a, v_a, q_b, k_b, v_b, cu_seqlens_a,

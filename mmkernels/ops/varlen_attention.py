@@ -383,11 +383,44 @@ def _cpu_bwd_fused(do, q, k, v, out, lse, cu_q, cu_k, block_ids, scale, causal):
             dv.to(v.dtype).contiguous())
 
 
+def _as_int64(x: int) -> int:
+    """A 64-bit word (Python int, taken modulo 2^64) as the int64 with its bits."""
+    x &= (1 << 64) - 1
+    return x - (1 << 64) if x >= 1 << 63 else x
+
+
+def _keep_heads(seed: int, offset: int, stream0: int, num_heads: int, rows: Tensor, cols: Tensor,
+                dropout_p: float) -> Tensor:
+    """:func:`mmkernels.reference.dropout_keep_heads` (bit for bit), on the C++ CPU op
+    mmkernels::dropout_keep for CPU tensors when the extension has it (~300x faster than
+    the int64 torch ops), else the pure-torch definition (CUDA tensors included)."""
+    if rows.device.type == "cpu" and _extension.has_kernel("dropout_keep", "cpu"):
+        return torch.ops.mmkernels.dropout_keep(_as_int64(seed), _as_int64(offset),
+                                                _as_int64(stream0), num_heads, rows, cols,
+                                                float(dropout_p))
+    return reference.dropout_keep_heads(seed, offset, stream0, num_heads, rows, cols, dropout_p)
+
+
+def _lazy_keep_masks(seed, offset, cu_q, cu_k, num_heads, dropout_p, stream0=0, device=None):
+    """The call's keep-masks, generated per (sequence, row chunk) when asked for."""
+    return reference.DropoutMasks(seed, offset, cu_q, cu_k, num_heads, dropout_p, stream0,
+                                  device=device, generate=_keep_heads)
+
+
+if _extension.is_available():
+    @torch.library.register_fake("mmkernels::dropout_uniform")
+    def _dropout_uniform_fake(seed, offset, stream0, num_streams, rows, cols):
+        return rows.new_empty((num_streams, rows.shape[0], cols.shape[0]), dtype=torch.float32)
+
+    @torch.library.register_fake("mmkernels::dropout_keep")
+    def _dropout_keep_fake(seed, offset, stream0, num_streams, rows, cols, dropout_p):
+        return rows.new_empty((num_streams, rows.shape[0], cols.shape[0]), dtype=torch.bool)
+
+
 def _cpu_fwd(q, k, v, cu_q, cu_k, block_ids, scale, causal, dropout_p, seed, offset, stream0=0):
     keep = None
-    if dropout_p > 0:
-        keep = reference.dropout_keep_masks(seed, offset, cu_q, cu_k, q.shape[1], dropout_p,
-                                            stream0)
+    if dropout_p > 0:  # masks per (sequence, row chunk): memory O(H * CPU_CHUNK_ROWS * Lk)
+        keep = _lazy_keep_masks(seed, offset, cu_q, cu_k, q.shape[1], dropout_p, stream0)
     compute = torch.float32 if q.dtype in (torch.float16, torch.bfloat16) else None
     return reference.varlen_attention(q, k, v, cu_q, cu_k, scale, causal, block_ids, dropout_p,
                                       keep, CPU_CHUNK_ROWS, compute)
@@ -397,8 +430,8 @@ def _cpu_bwd(do, q, k, v, cu_q, cu_k, block_ids, scale, causal, dropout_p, seed,
              stream0=0):
     """Per sequence and row chunk, recompute P and apply the explicit backward."""
     cq, ck = cu_q.tolist(), cu_k.tolist()
-    keep = (reference.dropout_keep_masks(seed, offset, cu_q, cu_k, q.shape[1], dropout_p,
-                                         stream0) if dropout_p > 0 else None)
+    keep = (_lazy_keep_masks(seed, offset, cu_q, cu_k, q.shape[1], dropout_p, stream0)
+            if dropout_p > 0 else None)
     compute = torch.float32 if q.dtype in (torch.float16, torch.bfloat16) else q.dtype
     dq = torch.zeros(q.shape, dtype=compute)
     dk = torch.zeros(k.shape, dtype=compute)
@@ -413,7 +446,7 @@ def _cpu_bwd(do, q, k, v, cu_q, cu_k, block_ids, scale, causal, dropout_p, seed,
         vis = reference.attention_visibility(q1 - q0, k1 - k0, causal, bq, bk)
         for r in range(0, q1 - q0, CPU_CHUNK_ROWS):
             rr = slice(q0 + r, min(q0 + r + CPU_CHUNK_ROWS, q1))
-            kp = None if keep is None else keep[b][:, r:r + CPU_CHUNK_ROWS]
+            kp = None if keep is None else keep.block(b, r, r + CPU_CHUNK_ROWS)
             gq, gk, gv = reference.attention_backward(
                 q[rr].to(compute), ks, vs, scale, vis[r:r + CPU_CHUNK_ROWS], do[rr].to(compute),
                 kp, dropout_p)
@@ -722,8 +755,8 @@ def varlen_attention(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_s
     if _extension.backend_override() == "reference":
         keep = None
         if dropout_p > 0:
-            keep = reference.dropout_keep_masks(seed, offset, cu_seqlens_q, cu_seqlens_k,
-                                                q.shape[1], dropout_p)
+            keep = _lazy_keep_masks(seed, offset, cu_seqlens_q, cu_seqlens_k, q.shape[1],
+                                    dropout_p, device=q.device)
         out, lse = reference.varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, scale, causal,
                                               block_ids, dropout_p, keep)
     else:
@@ -739,11 +772,11 @@ def dropout_keep_rows(seed: int, offset: int, stream: int, rows: Tensor, num_col
     column j) of dropout stream `stream` under Philox state (seed, offset), drawn by the
     kernels' own :func:`mmkernels.triton.attention._dropout_keep` when `device` runs
     Triton (CUDA, or the interpreter), else by :func:`mmkernels.reference.dropout_keep`
-    (the two agree bit for bit)."""
+    (on the C++ op mmkernels::dropout_keep when built; all agree bit for bit)."""
     device = torch.device(device) if device is not None else rows.device
     if not _uses_triton(device):
-        return reference.dropout_keep(seed, offset, stream, rows.cpu(), torch.arange(num_cols),
-                                      dropout_p)
+        return _keep_heads(seed, offset, stream, 1, rows.cpu(), torch.arange(num_cols),
+                           dropout_p)[0]
     return _triton_keep(seed, offset, stream, rows, num_cols, dropout_p, 1, device)[0]
 
 
@@ -769,11 +802,13 @@ def dropout_keep_mask(seed: int, cu_seqlens_q: Tensor, cu_seqlens_k: Tensor, num
     used (offset 0), one (H, seqlen_q, seqlen_k) bool tensor per sequence, on the CPU
     (for a per-sequence reference). ``stream0`` selects the direction in co-attention
     (0 for A->B, H for B->A). On a Triton device the kernels' mask function computes
-    it, elsewhere :func:`mmkernels.reference.dropout_keep_masks`."""
+    it, elsewhere :func:`mmkernels.reference.dropout_keep_masks` (on the C++ op when
+    built)."""
     device = torch.device(device)
     if not _uses_triton(device):
         return reference.dropout_keep_masks(seed, offset, cu_seqlens_q.cpu(),
-                                            cu_seqlens_k.cpu(), num_heads, dropout_p, stream0)
+                                            cu_seqlens_k.cpu(), num_heads, dropout_p, stream0,
+                                            generate=_keep_heads)
     cq, ck = cu_seqlens_q.tolist(), cu_seqlens_k.tolist()
     batch = len(cq) - 1
     num_cols = max((ck[b + 1] - ck[b] for b in range(batch)), default=0)
