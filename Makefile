@@ -57,9 +57,11 @@ clean:
 # (halt_on_error; leak checking is off: CPython and torch keep their allocations).
 ASAN_ROOT := build/asan/root
 ASAN_FLAGS := -fsanitize=address,undefined -fno-sanitize-recover=all -fno-omit-frame-pointer -g
-# The tests of the ops with C++ kernels and their fuzz suites; the attention ops and
-# the Triton (interpreter) cases run no C++ of ours, so they are left out.
+# Every op test file, and the fuzz suites of the ops with C++ kernels (the attention
+# ops' only C++ is the CPU dropout-mask op, which their test files cover); the Triton
+# (interpreter) cases run no C++ of ours, so they are left out.
 ASAN_TESTS ?= tests/test_roi_align.py tests/test_token_gather.py tests/test_contrastive.py \
+	tests/test_varlen_attention.py tests/test_co_attention.py \
 	tests/fuzz/test_fuzz_roi_align.py tests/fuzz/test_fuzz_token_gather.py \
 	tests/fuzz/test_fuzz_contrastive.py
 ASAN_SELECT ?= not slow and not triton
