@@ -358,12 +358,23 @@ void region_backward_kernel(at::opmath_type<scalar_t>* gin, bool channels_last, 
           const unsigned char* tx = pr.tx(k);
           const int* r = pr.range.data() + k * 4;
           const acc_t zc = acc_t(0) * coef;  // NaN iff coef is not finite
+          if (zc == acc_t(0)) {
+            // A finite coefficient: untouched pixels have px = 0 and zero-weight taps
+            // add 0, so the flags change nothing and the row is a plain axpy (SIMD).
+            for (int y = r[0]; y <= r[1]; ++y) {
+              if (!(ty[y] & kTouched)) continue;
+              const acc_t cy = coef * py[y];
+              acc_t* row = plane + y * W;
+#pragma omp simd
+              for (int x = r[2]; x <= r[3]; ++x) row[x] += cy * px[x];
+            }
+            continue;
+          }
           for (int y = r[0]; y <= r[1]; ++y) {
             if (!(ty[y] & kTouched)) continue;
             const acc_t cy = coef * py[y];
             const bool zy = ty[y] & kZeroTap;
             acc_t* row = plane + y * W;
-#pragma omp simd
             for (int x = r[2]; x <= r[3]; ++x) {
               row[x] += (tx[x] & kTouched)
                             ? cy * px[x] + ((zy || (tx[x] & kZeroTap)) ? zc : acc_t(0))
