@@ -27,12 +27,21 @@
 
 #include "common/host_device.h"
 
+// Host: always inlined, so that the run-time dispatched AVX2 clones of the panel loops
+// (contrastive_cpu.cpp) inline this math and vectorise it (GCC does not inline a
+// plain `inline` function into a function with another target by default).
+#if defined(__CUDACC__) || defined(__HIPCC__) || !defined(__GNUC__)
+#define MMK_LANE_INLINE HOST_DEVICE_INLINE
+#else
+#define MMK_LANE_INLINE inline __attribute__((always_inline))
+#endif
+
 namespace mmkernels {
 namespace contrastive {
 
 // exp(x): Cody-Waite range reduction x = n ln2 + r, |r| <= ln2 / 2 (+ rounding), a degree-6
 // polynomial for exp(r) (Cephes expf), and 2^n assembled in the exponent bits.
-HOST_DEVICE_INLINE float exp_lanes(float x) {
+MMK_LANE_INLINE float exp_lanes(float x) {
   const float lo = -87.0f, hi = 88.0f;
   float xc = x < lo ? lo : x;
   xc = xc > hi ? hi : xc;
@@ -57,13 +66,13 @@ HOST_DEVICE_INLINE float exp_lanes(float x) {
   return x == x ? out : x;
 }
 
-HOST_DEVICE_INLINE double exp_lanes(double x) { return std::exp(x); }
+MMK_LANE_INLINE double exp_lanes(double x) { return std::exp(x); }
 
 // log(1 + e) for e in [1e-18, 1]: 2 atanh(z) with z = e / (2 + e) in [0, 1/3], as the
 // odd series 2 z (1 + z^2/3 + ... + z^16/17) (truncation < 2e-10 relative at z = 1/3).
 // Every intermediate stays a normal float down to e = 1e-18 (denormal operands cost
 // the CPU a microcode assist each); below that log(1 + e) = e to float precision.
-HOST_DEVICE_INLINE float log1p_small(float e) {
+MMK_LANE_INLINE float log1p_small(float e) {
   const float es = e > 1e-18f ? e : 1e-18f;
   const float z = es / (2.0f + es);
   const float w = z * z;
@@ -78,7 +87,7 @@ HOST_DEVICE_INLINE float log1p_small(float e) {
   return e > 1e-18f ? 2.0f * z * (1.0f + w * p) : e;
 }
 
-HOST_DEVICE_INLINE double log1p_small(double e) { return std::log1p(e); }
+MMK_LANE_INLINE double log1p_small(double e) { return std::log1p(e); }
 
 // SigLIP, one element taken as a negative pair with logit x: the loss
 // -log sigmoid(-x) = softplus(x) = max(x, 0) + log(1 + exp(-|x|)), and its derivative
@@ -94,7 +103,7 @@ struct SoftplusGrad {
 };
 
 template <typename T>
-HOST_DEVICE_INLINE SoftplusGrad<T> softplus_and_sigmoid(T x, T w) {
+MMK_LANE_INLINE SoftplusGrad<T> softplus_and_sigmoid(T x, T w) {
   const T ax = x < T(0) ? -x : x;
   const T e = exp_lanes(-ax);
   const T inv = T(1) / (T(1) + e);
