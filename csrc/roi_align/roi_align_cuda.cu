@@ -121,6 +121,28 @@ __device__ __forceinline__ void unravel(const Params& p, int64_t i, int64_t& k, 
   }
 }
 
+// (n, c, h, w) of flat element i of an (N, C, H, W) gradient buffer: w fastest, or c
+// fastest for channels-last buffers.
+__device__ __forceinline__ void decode_element(int64_t i, int64_t C, int H, int W,
+                                               bool channels_inner, int64_t& n, int64_t& c,
+                                               int& h, int& w) {
+  if (channels_inner) {
+    c = i % C;
+    int64_t t = i / C;
+    w = static_cast<int>(t % W);
+    t /= W;
+    h = static_cast<int>(t % H);
+    n = t / H;
+  } else {
+    w = static_cast<int>(i % W);
+    int64_t t = i / W;
+    h = static_cast<int>(t % H);
+    t /= H;
+    c = t % C;
+    n = t / C;
+  }
+}
+
 template <typename T>
 __global__ void _roi_align_fwd_kernel(const Params p, T* __restrict__ out, const int64_t os0,
                                       const int64_t os1, const int64_t os2, const int64_t os3,
@@ -209,24 +231,9 @@ __global__ void _roi_align_bwd_det_kernel(const Params p, const int level,
   const Level lv = level_at(p, level);
   for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < total;
        i += int64_t(gridDim.x) * blockDim.x) {
-    // (n, c, h, w), w fastest (or c fastest for channels-last buffers).
     int64_t n, c;
     int h, w;
-    if (p.channels_inner) {
-      c = i % p.C;
-      int64_t t = i / p.C;
-      w = static_cast<int>(t % lv.W);
-      t /= lv.W;
-      h = static_cast<int>(t % lv.H);
-      n = t / lv.H;
-    } else {
-      w = static_cast<int>(i % lv.W);
-      int64_t t = i / lv.W;
-      h = static_cast<int>(t % lv.H);
-      t /= lv.H;
-      c = t % p.C;
-      n = t / p.C;
-    }
+    decode_element(i, p.C, lv.H, lv.W, p.channels_inner, n, c, h, w);
     // The sample coordinates that can tap (h, w), whatever the weight (tap_window:
     // pixel 1 is tapped by the clamped samples in [-1, 0) too).
     double ylo, yhi, xlo, xhi;
@@ -398,21 +405,7 @@ __global__ void _region_bwd_det_kernel(const Params p, const RegionWork wk,
        i += int64_t(gridDim.x) * blockDim.x) {
     int64_t n, c;
     int h, w;
-    if (p.channels_inner) {
-      c = i % p.C;
-      int64_t t = i / p.C;
-      w = static_cast<int>(t % lv.W);
-      t /= lv.W;
-      h = static_cast<int>(t % lv.H);
-      n = t / lv.H;
-    } else {
-      w = static_cast<int>(i % lv.W);
-      int64_t t = i / lv.W;
-      h = static_cast<int>(t % lv.H);
-      t /= lv.H;
-      c = t % p.C;
-      n = t / p.C;
-    }
+    decode_element(i, p.C, lv.H, lv.W, p.channels_inner, n, c, h, w);
     A acc = A(0);
     for (int64_t k = 0; k < p.K; ++k) {
       if (wk.nidx[k] != n) continue;
