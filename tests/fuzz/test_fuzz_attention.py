@@ -18,6 +18,7 @@ from unittest import mock
 
 import pytest
 import torch
+from _fuzz import examples
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
@@ -26,11 +27,6 @@ from mmkernels import reference
 from mmkernels.ops import varlen_attention as va
 from mmkernels.testing import assert_close_to_reference
 from mmkernels.triton import interpreting
-
-
-def examples(n: int):
-    """n examples under the ci profile (25), scaled with the loaded profile."""
-    return settings(max_examples=max(1, settings.default.max_examples * n // 25))
 
 
 def backend_ctx(backend: str):
@@ -100,7 +96,7 @@ def dtypes_for(backend):
 # varlen_attention
 # ---------------------------------------------------------------------------------
 
-@examples(12)
+@settings(max_examples=examples(12))
 @given(data=st.data())
 def test_fuzz_varlen_valid(data):
     backend = data.draw(st.sampled_from(BACKENDS), "backend")
@@ -204,7 +200,7 @@ VARLEN_INVALID = {
 }
 
 
-@examples(25)
+@settings(max_examples=examples(25))
 @given(kind=st.sampled_from(sorted(VARLEN_INVALID)), backend=st.sampled_from(BACKENDS))
 def test_fuzz_varlen_invalid(kind, backend):
     over, exc, match = VARLEN_INVALID[kind]
@@ -213,7 +209,7 @@ def test_fuzz_varlen_invalid(kind, backend):
         mmkernels.varlen_attention(**args)
 
 
-@examples(5)
+@settings(max_examples=examples(5))
 @given(T=st.sampled_from([2**24, 2**25 + 3]), H=st.sampled_from([8, 16]),
        D=st.sampled_from([16, 128]))
 def test_fuzz_varlen_past_2_31_elements_on_meta(T, H, D):
@@ -236,7 +232,7 @@ def test_fuzz_varlen_past_2_31_elements_on_meta(T, H, D):
 STREAM_NAMES = ("q_a", "k_a", "v_a", "q_b", "k_b", "v_b")
 
 
-@examples(10)
+@settings(max_examples=examples(10))
 @given(data=st.data())
 def test_fuzz_co_attention_valid(data):
     backend = data.draw(st.sampled_from(BACKENDS), "backend")
@@ -311,7 +307,7 @@ def _co_invalid_cases():
 CO_INVALID = _co_invalid_cases()
 
 
-@examples(40)
+@settings(max_examples=examples(40))
 @given(kind=st.sampled_from(sorted(CO_INVALID)), backend=st.sampled_from(BACKENDS))
 def test_fuzz_co_attention_invalid(kind, backend):
     over, exc, match = CO_INVALID[kind]
@@ -327,7 +323,7 @@ def test_fuzz_co_attention_invalid(kind, backend):
 # modules
 # ---------------------------------------------------------------------------------
 
-@examples(6)
+@settings(max_examples=examples(6))
 @given(data=st.data())
 def test_fuzz_varlen_self_attention_module(data):
     backend = data.draw(st.sampled_from(BACKENDS), "backend")
@@ -355,7 +351,7 @@ def test_fuzz_varlen_self_attention_module(data):
     assert_close_to_reference(y.detach(), ref.detach())
 
 
-@examples(6)
+@settings(max_examples=examples(6))
 @given(data=st.data())
 def test_fuzz_biattention_module(data):
     backend = data.draw(st.sampled_from(BACKENDS), "backend")
@@ -427,7 +423,7 @@ def _module_invalid_cases():
 MODULE_INVALID = _module_invalid_cases()
 
 
-@examples(25)
+@settings(max_examples=examples(25))
 @given(kind=st.sampled_from(sorted(MODULE_INVALID)), backend=st.sampled_from(BACKENDS))
 def test_fuzz_modules_invalid(kind, backend):
     call, exc, match = MODULE_INVALID[kind]
@@ -487,7 +483,7 @@ def _check_non_finite(out, ref, clean_rows):
     assert (~torch.isfinite(out.detach()[bad])).all(), "non-finite reference, finite output"
 
 
-@examples(10)
+@settings(max_examples=examples(10))
 @given(data=st.data())
 def test_fuzz_varlen_non_finite_features(data):
     backend = data.draw(st.sampled_from(BACKENDS), "backend")
@@ -518,7 +514,7 @@ def test_fuzz_varlen_non_finite_features(data):
         assert_close_to_reference(a.grad[clean], b.grad[clean], what=f"d{n} (clean sequences)")
 
 
-@examples(8)
+@settings(max_examples=examples(8))
 @given(data=st.data())
 def test_fuzz_co_attention_non_finite_features(data):
     backend = data.draw(st.sampled_from(BACKENDS), "backend")

@@ -14,6 +14,7 @@ import os
 
 import pytest
 import torch
+from _fuzz import examples
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -21,11 +22,6 @@ import mmkernels
 from mmkernels import reference
 from mmkernels.ops import contrastive as ops
 from mmkernels.testing import assert_close_to_reference
-
-
-def examples(n: int) -> int:
-    """n examples under the ci profile, scaled with the loaded profile (long: 20x)."""
-    return max(1, n * settings().max_examples // 25)
 
 
 @contextlib.contextmanager

@@ -16,6 +16,7 @@ import math
 import pytest
 import torch
 import torchvision
+from _fuzz import examples
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch._subclasses.fake_tensor import FakeTensorMode
@@ -27,11 +28,6 @@ from mmkernels.testing import LOWP_DTYPES, assert_close_to_reference
 
 pytestmark = pytest.mark.skipif(not _extension.is_available(),
                                 reason="mmkernels._C is not built")
-
-def examples(factor: float) -> int:
-    """max_examples relative to the loaded profile (tests/conftest.py: "ci" 25, "long" 500)."""
-    return max(1, int(settings.default.max_examples * factor))
-
 
 DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
 LAYOUTS = ["contiguous", "channels_last", "sliced", "permuted-storage", "expanded-N",
@@ -134,7 +130,7 @@ def _grad_or_zeros(out, x, g):
     return torch.autograd.grad(out, x, g)[0]
 
 
-@settings(max_examples=examples(8))
+@settings(max_examples=examples(200))
 @given(data=st.data(),
        op=st.sampled_from(["roi_align", "region_features", "nn.RoIAlign", "nn.RegionFeatures"]),
        dtype=st.sampled_from(DTYPES), layout=st.sampled_from(LAYOUTS),
@@ -191,7 +187,7 @@ def test_fuzz_valid_inputs_match_reference(data, op, dtype, layout, n, c, h, w, 
     _compare(gx, gref, geager, "none", f"{fn} {dtype} {layout} grad_input")
 
 
-@settings(max_examples=examples(2))
+@settings(max_examples=examples(50))
 @given(data=st.data(), num_levels=st.integers(1, 4), dtype=st.sampled_from([torch.float32,
                                                                            torch.float64]),
        layout=st.sampled_from(["contiguous", "channels_last", "sliced"]),
@@ -316,7 +312,7 @@ def _invalid_cases():
 INVALID = _invalid_cases()
 
 
-@settings(max_examples=examples(4))
+@settings(max_examples=examples(100))
 @given(case=st.sampled_from(range(len(INVALID))))
 def test_fuzz_invalid_inputs_raise_naming_the_argument(case):
     name, call, exc, match = INVALID[case]
@@ -332,7 +328,7 @@ def test_invalid_cases_each_raise(case):
         call()
 
 
-@settings(max_examples=examples(1))
+@settings(max_examples=examples(25))
 @given(op=st.sampled_from(["roi_align", "region_features"]),
        n=st.sampled_from([1, 2 ** 11]), c=st.sampled_from([2 ** 8, 2 ** 12]),
        hw=st.sampled_from([(2 ** 10, 2 ** 10), (1, 2 ** 30), (2 ** 16, 1)]),

@@ -14,6 +14,7 @@ import math
 
 import pytest
 import torch
+from _fuzz import examples
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -80,11 +81,6 @@ def check(out, ref_same_dtype, ref64, what):
     assert_close_to_reference(out, ref64, eager_lowp=eager, what=what)
 
 
-def examples(factor: float) -> int:
-    """max_examples relative to the loaded hypothesis profile (ci: 25, long: 500)."""
-    return max(1, int(settings().max_examples * factor))
-
-
 def check_input_grad(out, ref, x, seed):
     """The gradient reaching x through out equals the reference's, bitwise."""
     if out.numel():
@@ -103,7 +99,7 @@ seeds = st.integers(0, 2**31 - 1)
 # valid inputs
 # ---------------------------------------------------------------------------------
 
-@settings(max_examples=examples(8))
+@settings(max_examples=examples(200))
 @given(B=dims, N=st.integers(0, 40), D=dims, dtype=dtypes, layout=st.sampled_from(ROW_LAYOUTS),
        ratio=st.one_of(st.sampled_from([0.0, 0.5, 0.75, 0.999999]),
                        st.floats(0.0, 1.0, exclude_max=True)),
@@ -129,7 +125,7 @@ def test_fuzz_random_masking_valid(B, N, D, dtype, layout, ratio, noise_dtype, n
     check_input_grad(kept, r_kept, x, seed)
 
 
-@settings(max_examples=examples(8))
+@settings(max_examples=examples(200))
 @given(B=dims, N=st.integers(0, 30), keep_frac=st.floats(0.0, 1.0), D=dims, dtype=dtypes,
        layout=st.sampled_from(ROW_LAYOUTS), ids_layout=st.sampled_from(INDEX_LAYOUTS),
        token_shape=st.sampled_from(["D", "11D", "strided"]), specials=st.booleans(),
@@ -163,7 +159,7 @@ def test_fuzz_restore_tokens_valid(B, N, keep_frac, D, dtype, layout, ids_layout
         assert_close_to_reference(gt, exact, eager_lowp=eager, what="grad mask_token")
 
 
-@settings(max_examples=examples(8))
+@settings(max_examples=examples(200))
 @given(B=dims, N=st.integers(0, 30), D=dims, dtype=dtypes, layout=st.sampled_from(ROW_LAYOUTS),
        mask_layout=st.sampled_from(INDEX_LAYOUTS), density=st.sampled_from([0.0, 0.3, 1.0]),
        pad=st.one_of(st.none(), st.integers(0, 5)), specials=st.booleans(), seed=seeds)
@@ -184,7 +180,7 @@ def test_fuzz_masked_select_rows_valid(B, N, D, dtype, layout, mask_layout, dens
     check_input_grad(rows, r_rows, x, seed)
 
 
-@settings(max_examples=examples(8))
+@settings(max_examples=examples(200))
 @given(B=dims, L=st.integers(0, 30), D=dims, dtype=dtypes, layout=st.sampled_from(ROW_LAYOUTS),
        mask_layout=st.sampled_from(INDEX_LAYOUTS), density=st.sampled_from([0.0, 0.3, 1.0]),
        feats_form=st.sampled_from(["flat", "per-image", "transposed", "other-dtype"]),
@@ -247,7 +243,7 @@ def test_fuzz_past_int32_expanded_inputs():
     assert torch.equal(rows[:2], base[:, 0]) and index.tolist() == [5, 2 * N - 1, -1]
 
 
-@settings(max_examples=examples(0.4))
+@settings(max_examples=examples(10))
 @given(scale=st.integers(31, 40))
 def test_fuzz_past_int32_meta_shapes(scale):
     ops = torch.ops.mmkernels
@@ -270,7 +266,7 @@ def test_fuzz_past_int32_meta_shapes(scale):
 # invalid inputs: the documented exception, naming the argument
 # ---------------------------------------------------------------------------------
 
-@settings(max_examples=examples(4))
+@settings(max_examples=examples(100))
 @given(kind=st.sampled_from(["ratio-range", "ratio-nan", "ratio-type", "x-dims", "x-dtype",
                              "x-type", "noise-shape", "noise-dtype", "noise-type",
                              "noise-device"]),
@@ -304,7 +300,7 @@ def test_fuzz_random_masking_invalid(kind, bad_ratio, B, N, D):
         mmkernels.random_masking(x, ratio, noise=noise)
 
 
-@settings(max_examples=examples(4))
+@settings(max_examples=examples(100))
 @given(kind=st.sampled_from(["ids-high", "ids-negative", "ids-dtype", "ids-shape", "ids-batch",
                              "ids-short", "ids-device", "token-size", "token-dtype", "x-dims",
                              "not-permutation-backward"]),
@@ -347,7 +343,7 @@ def test_fuzz_restore_tokens_invalid(kind, B, N, D, seed):
         mmkernels.restore_tokens(x_kept, ids, token)
 
 
-@settings(max_examples=examples(4))
+@settings(max_examples=examples(100))
 @given(kind=st.sampled_from(["mask-shape", "mask-dtype", "mask-type", "x-dims",
                              "max-rows-negative", "max-rows-type", "max-rows-overflow"]),
        B=st.integers(1, 3), N=st.integers(1, 8), D=st.integers(1, 4))
@@ -373,7 +369,7 @@ def test_fuzz_masked_select_rows_invalid(kind, B, N, D):
         mmkernels.masked_select_rows(x, mask, max_rows)
 
 
-@settings(max_examples=examples(4))
+@settings(max_examples=examples(100))
 @given(kind=st.sampled_from(["count", "count-raw", "feats-dim", "feats-rank", "mask-shape",
                              "mask-dtype", "check-type"]),
        B=st.integers(1, 3), L=st.integers(1, 12), D=st.integers(1, 4),
