@@ -81,6 +81,16 @@ def check(out, ref_same_dtype, ref64, what):
     assert_close_to_reference(out, ref64, eager_lowp=eager, what=what)
 
 
+def random_mask(B, N, density, layout, seed):
+    """(mask, the same values in ``layout``): a (B, N) bool mask of the given density
+    ("expanded": every row equal to the first, as an expanded mask would be)."""
+    gen = torch.Generator().manual_seed(seed)
+    mask = torch.rand(B, N, generator=gen) < density
+    if layout == "expanded" and B:
+        mask = mask[:1].expand(B, N).contiguous()
+    return mask, index_layout(mask, layout)
+
+
 def check_input_grad(out, ref, x, seed):
     """The gradient reaching x through out equals the reference's, bitwise."""
     if out.numel():
@@ -166,11 +176,7 @@ def test_fuzz_restore_tokens_valid(B, N, keep_frac, D, dtype, layout, ids_layout
 def test_fuzz_masked_select_rows_valid(B, N, D, dtype, layout, mask_layout, density, pad,
                                        specials, seed):
     x = make_rows(B, N, D, dtype, layout, seed, specials).requires_grad_()
-    gen = torch.Generator().manual_seed(seed + 1)
-    mask = torch.rand(B, N, generator=gen) < density
-    if mask_layout == "expanded" and B:
-        mask = mask[:1].expand(B, N).contiguous()
-    mask_odd = index_layout(mask, mask_layout)
+    mask, mask_odd = random_mask(B, N, density, mask_layout, seed + 1)
     max_rows = None if pad is None else int(mask.sum()) + pad
     rows, index = mmkernels.masked_select_rows(x, mask_odd, max_rows)
     r_rows, r_index = reference.masked_select_rows(x, mask, max_rows)
@@ -189,11 +195,7 @@ def test_fuzz_masked_select_rows_valid(B, N, D, dtype, layout, mask_layout, dens
 def test_fuzz_scatter_image_features_valid(B, L, D, dtype, layout, mask_layout, density,
                                            feats_form, surplus, check_count, specials, seed):
     embeds = make_rows(B, L, D, dtype, layout, seed, specials).requires_grad_()
-    gen = torch.Generator().manual_seed(seed + 1)
-    mask = torch.rand(B, L, generator=gen) < density
-    if mask_layout == "expanded" and B:
-        mask = mask[:1].expand(B, L).contiguous()
-    mask_odd = index_layout(mask, mask_layout)
+    mask, mask_odd = random_mask(B, L, density, mask_layout, seed + 1)
     n = int(mask.sum())
     T = n if check_count else max(n + surplus, 0)
     f64 = _values((T, D), seed + 2, specials)
