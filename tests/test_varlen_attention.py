@@ -195,14 +195,19 @@ def test_nan_propagates_within_its_sequence(backend):
     assert torch.isnan(out[:5]).any() and not torch.isnan(out[5:]).any()
 
 
-def test_softmax_scale_and_gradcheck_cpu(monkeypatch):
+@pytest.mark.parametrize("lengths, kwargs", [
+    ([3, 4], dict(softmax_scale=0.3)),
+    # dropout with a fixed seed: the backward regenerates the forward's mask
+    ([3, 5], dict(dropout_p=0.4, dropout_seed=2024)),
+], ids=["softmax_scale", "dropout-fixed-seed"])
+def test_gradcheck_cpu(monkeypatch, lengths, kwargs):
+    """float64 gradcheck of the CPU path."""
     monkeypatch.setattr(va, "_uses_triton", lambda device: False)
-    lengths = [3, 4]
     cu = cu_of(lengths)
     q, k, v = [t.requires_grad_() for t in make_qkv(lengths, lengths, 2, 1, 8, torch.float64)]
     assert torch.autograd.gradcheck(
-        lambda a, b, c: mmkernels.varlen_attention(a, b, c, cu, cu, 4, 4, causal=True,
-                                                   softmax_scale=0.3), (q, k, v))
+        lambda a, b, c: mmkernels.varlen_attention(a, b, c, cu, cu, max(lengths), max(lengths),
+                                                   causal=True, **kwargs), (q, k, v))
 
 
 # ---------------------------------------------------------------------------------
@@ -738,17 +743,6 @@ def test_reference_backend_uses_the_kernels_mask(backend, monkeypatch):
     plain = mmkernels.varlen_attention(q, k, v, cu, cu, 29, 29, causal=True)
     assert not torch.equal(ref, plain)
     assert_close_to_reference(kern, ref.double(), what="kernel vs reference backend")
-
-
-def test_dropout_gradcheck_with_fixed_seed_cpu(monkeypatch):
-    """The backward regenerates the forward's mask (float64, CPU path)."""
-    monkeypatch.setattr(va, "_uses_triton", lambda device: False)
-    lengths = [3, 5]
-    cu = cu_of(lengths)
-    q, k, v = [t.requires_grad_() for t in make_qkv(lengths, lengths, 2, 1, 8, torch.float64)]
-    assert torch.autograd.gradcheck(
-        lambda a, b, c: mmkernels.varlen_attention(a, b, c, cu, cu, 5, 5, causal=True,
-                                                   dropout_p=0.4, dropout_seed=2024), (q, k, v))
 
 
 @pytest.mark.parametrize("backend", BACKENDS, indirect=True)
