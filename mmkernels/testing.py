@@ -65,3 +65,10 @@ def assert_close_to_reference(out: Tensor, ref64: Tensor, *, eager_lowp: Tensor 
     atol, rtol = TOLERANCES[out.dtype]
     torch.testing.assert_close(out.double(), ref64.double(), atol=atol, rtol=rtol,
                                equal_nan=True, msg=lambda m: f"{what} ({out.dtype}): {m}")
+
+
+#: Eager vs patched training (the convergence tests): the loss at every step within
+#: ``loss_rtol`` relative, every final parameter within ``param_atol``, and the two
+#: trained models' held-out logits within ``logits_atol`` + ``logits_rtol`` * |eager|
+#: (the parameters may differ by ``param_atol``, so their logits may too). All fp32.
+CONVERGENCE = {"loss_rtol": 1e-5, "param_atol": 1e-4, "logits_atol": 1e-4, "logits_rtol": 1e-4}
