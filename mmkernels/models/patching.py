@@ -58,7 +58,7 @@ for _pair in ((layers.PaddedSelfAttention, layers.FusedPaddedSelfAttention),
     register(*_pair)
 
 
-def _swap(model: nn.Module, table: dict[type, type], what: str) -> list[Replacement]:
+def _swap(model: nn.Module, table: dict[type, type]) -> list[Replacement]:
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
     done = []
@@ -84,13 +84,13 @@ def patch(model: nn.Module) -> list[Replacement]:
         opt = torch.optim.AdamW(model.parameters())
         mmkernels.models.patch(model)     # opt keeps working: same parameters
     """
-    return _swap(model, _FUSED, "patch")
+    return _swap(model, _FUSED)
 
 
 def unpatch(model: nn.Module) -> list[Replacement]:
     """Undo :func:`patch`: every fused module of ``model`` gets its eager class back.
     Returns what was restored."""
-    return _swap(model, _EAGER, "unpatch")
+    return _swap(model, _EAGER)
 
 
 def is_patched(model: nn.Module) -> bool:
