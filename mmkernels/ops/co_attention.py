@@ -21,7 +21,7 @@ from torch import Tensor
 
 from mmkernels import _extension, reference
 from mmkernels.ops import varlen_attention as va
-from mmkernels.triton import KernelSpec, interpreting
+from mmkernels.triton import KernelSpec, interpreter_tiles
 
 __all__ = ["co_attention"]
 
@@ -36,7 +36,7 @@ CONFIGS["fwd"][128] = [va.AttnConfig(128, 32, 8, 2)]
 
 
 def _pick(kind: str, block_d: int) -> va.AttnConfig:
-    return va.INTERPRET_CONFIG if interpreting() else CONFIGS[kind][max(block_d, 64)][0]
+    return va.INTERPRET_CONFIG if interpreter_tiles() else CONFIGS[kind][max(block_d, 64)][0]
 
 
 def _stream_layout(*tensors: Tensor) -> list[Tensor]:

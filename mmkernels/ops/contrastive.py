@@ -44,7 +44,7 @@ from torch import Tensor
 
 from mmkernels import _extension, reference
 from mmkernels.ops import varlen_attention as va
-from mmkernels.triton import KernelSpec, interpreting
+from mmkernels.triton import KernelSpec, interpreter_tiles, interpreting
 
 __all__ = ["info_nce", "sigmoid_contrastive"]
 
@@ -102,7 +102,10 @@ def _operand_class(precision: str, dtype: torch.dtype) -> str:
 
 
 def _config(kind: str, dtype: torch.dtype) -> ContrastiveConfig:
-    if interpreting():
+    """The launch configuration of kernel `kind` ("fwd", "bwd") for this dtype, or
+    INTERPRET_CONFIGS under the interpreter (outside
+    :func:`mmkernels.triton.production_tiles`)."""
+    if interpreter_tiles():
         return INTERPRET_CONFIGS[kind]
     return CONFIGS[kind][_operand_class(_precision(dtype), dtype)][0]
 

@@ -24,7 +24,7 @@ import torch
 from torch import Tensor
 
 from mmkernels import _extension, reference
-from mmkernels.triton import KernelSpec, interpreting
+from mmkernels.triton import KernelSpec, interpreter_tiles, interpreting
 
 __all__ = ["varlen_attention", "dropout_keep_mask"]
 
@@ -60,7 +60,8 @@ CONFIGS: dict[str, dict[int, list[AttnConfig]]] = {
            128: [_C(64, 32, 8, 2)],
            256: [_C(32, 32, 8, 1), _C(16, 32, 4, 1)]},
 }
-INTERPRET_CONFIG = AttnConfig(16, 16, 4, 1)  # CPU interpreter: small tiles, ragged tails
+# CPU interpreter: small tiles, ragged tails (mmkernels.triton.production_tiles() overrides)
+INTERPRET_CONFIG = AttnConfig(16, 16, 4, 1)
 
 
 def block_d_for(head_dim: int) -> int:
@@ -76,7 +77,10 @@ def prune_configs(kind: str, block_d: int) -> list[AttnConfig]:
 
 
 def pick_config(kind: str, block_d: int) -> AttnConfig:
-    if interpreting():
+    """The launch configuration of kernel `kind` for a padded head dim: the first
+    pruned entry, or INTERPRET_CONFIG under the interpreter (outside
+    :func:`mmkernels.triton.production_tiles`)."""
+    if interpreter_tiles():
         return INTERPRET_CONFIG
     return prune_configs(kind, block_d)[0]
 

@@ -6,13 +6,41 @@ the static report (``python -m mmkernels.tools.kernel_report``).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
+
+_production_depth = 0  # open production_tiles() contexts (process-wide)
 
 
 def interpreting() -> bool:
     """True when Triton runs kernels in its CPU interpreter (TRITON_INTERPRET=1)."""
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def interpreter_tiles() -> bool:
+    """True when launches should take the interpreter's small tiles
+    (``INTERPRET_CONFIG`` / ``INTERPRET_CONFIGS``): under the interpreter, outside
+    :func:`production_tiles`. Every launch-config choice consults this, not
+    :func:`interpreting`."""
+    return interpreting() and _production_depth == 0
+
+
+@contextlib.contextmanager
+def production_tiles():
+    """Within this context, launches use the production (GPU) launch configs even
+    under the interpreter: the tiles a GPU runs, so that the FLOP/traffic audit
+    (``python -m mmkernels.tools.kernel_audit``) counts what a GPU executes. Results
+    agree with the small tiles' up to fp32 accumulation order (tested against
+    mmkernels.reference in tests/test_kernel_audit.py). num_warps / num_stages are
+    passed but ignored by the interpreter. Nests. It is process-wide, not per thread,
+    so that a backward run by another thread (the autograd engine's) sees it too."""
+    global _production_depth
+    _production_depth += 1
+    try:
+        yield
+    finally:
+        _production_depth -= 1
 
 
 @dataclasses.dataclass
