@@ -10,7 +10,7 @@ export MAX_JOBS ?= 2
 TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
 PYTEST_ARGS ?=
 
-.PHONY: install deps build test bench bench-pytest report kernel-report clean
+.PHONY: install deps build test bench bench-pytest report kernel-report audit clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -47,6 +47,13 @@ kernel-report: install
 	$(PY) -m mmkernels.tools.kernel_report
 
 report: kernel-report
+
+# FLOP/traffic audit: every Triton kernel in the interpreter with its production tiles;
+# prints the table and marks the budgets exceeded (AUDIT_ARGS=--check exits 1 on them,
+# AUDIT_ARGS="--json audit.json" also writes JSON).
+AUDIT_ARGS ?=
+audit: install
+	TRITON_INTERPRET=1 $(PY) -m mmkernels.tools.kernel_audit $(AUDIT_ARGS)
 
 clean:
 	rm -rf build mmkernels/_C*.so *.egg-info $(VENV)/.stamp-install
