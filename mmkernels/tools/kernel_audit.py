@@ -472,12 +472,12 @@ def format_table(result: AuditResult, kernels: bool = True) -> str:
         "Kernel lines: launches, programs, MMA GFLOP, MB loaded / stored, tl.dot shapes "
         "M x N x K (the tiles that ran). L: sequence lengths.",
         "",
-        f"{'op':<20}{'case':<36}{'mode':<5}{'GFLOP':>9}{'exec/min':>9}{'MB req':>9}"
+        f"{'op':<20}{'case':<38}{'mode':<5}{'GFLOP':>9}{'exec/min':>9}{'MB req':>9}"
         f"{'MB io':>8}{'req/io':>7}{'FLOP/B':>8}{'roof us':>9}{'floor us':>9}",
     ]
     for m in result.measurements:
         lines.append(
-            f"{m.op:<20}{m.case[:35]:<36}{m.mode:<5}{m.flops / 1e9:>9.3f}{m.ratio:>9.3f}"
+            f"{m.op:<20}{m.case[:37]:<38}{m.mode:<5}{m.flops / 1e9:>9.3f}{m.ratio:>9.3f}"
             f"{m.bytes * mb:>9.2f}{m.io_bytes * mb:>8.2f}{ratio(m.bytes, m.io_bytes):>7.1f}"
             f"{m.intensity:>8.1f}{m.roof_s() * 1e6:>9.2f}{m.floor_s() * 1e6:>9.2f}")
         if not kernels:
