@@ -158,7 +158,7 @@ class LlavaConfig:
         pixels (196 image tokens, 12 layers of width 768, features from layer -2, so 11
         layers built) and a Qwen2-0.5B-shaped language model (24 layers of width 896,
         14 heads / 2 kv heads of dim 64, SwiGLU 4864, vocab 151936, rope theta 1e6),
-        about 0.6 B parameters."""
+        0.71 B parameters (the untied lm_head adds 136 M to Qwen2-0.5B)."""
         base = dict(image_size=224, patch_size=16, vision_hidden_size=768, vision_layers=12,
                     vision_heads=12, vision_intermediate_size=3072, vision_feature_layer=-2,
                     vocab_size=151936, hidden_size=896, num_layers=24, num_heads=14,
