@@ -13,7 +13,7 @@ from mmkernels.data import IGNORE_INDEX, VLMPackingCollator, image_block_ids
 from mmkernels.models import patch
 from mmkernels.models.llava import Llava, LlavaConfig
 from mmkernels.testing import TOLERANCES
-from tests.models._llava_data import random_samples
+from mmkernels.models.llava import synthetic_samples as random_samples
 
 ATOL, RTOL = TOLERANCES[torch.float32]
 X = IGNORE_INDEX

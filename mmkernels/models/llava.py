@@ -55,7 +55,7 @@ from mmkernels.data.packing import IGNORE_INDEX, VLMPackingCollator, image_block
 from mmkernels.models import layers
 
 __all__ = ["LlavaConfig", "Llava", "LlavaOutput", "VisionTower", "LanguageModel",
-           "packed_lm_loss", "rotary_cos_sin"]
+           "packed_lm_loss", "rotary_cos_sin", "synthetic_samples", "synthetic_pack"]
 
 
 @dataclasses.dataclass
@@ -496,3 +496,47 @@ class Llava(nn.Module):
         if labels is not None:
             loss = packed_lm_loss(logits, _flat(labels, "labels", T).long(), cu)
         return LlavaOutput(loss, logits[None])
+
+
+#: images per sample of :func:`synthetic_samples`' default pack: one, none (text only), two
+IMAGES_PER_SAMPLE = (1, 0, 2)
+
+
+def synthetic_samples(config: LlavaConfig, seed: int, images=IMAGES_PER_SAMPLE,
+                      prompt: bool = True) -> list[dict]:
+    """Learnable synthetic samples (tests and the demo), one per entry of ``images``.
+
+    Each: ``input_ids`` (list of int) with the image placeholders (one per image) inside
+    a short random prompt, then an answer whose every token is the previous one + 1
+    (modulo the text vocabulary: the ids below ``image_token_id``);
+    ``prompt_length`` covering the prompt (when ``prompt``); ``pixel_values``
+    (n_images, num_channels, image_size, image_size) float32 when it has images.
+    """
+    g = torch.Generator().manual_seed(seed)
+    text_vocab = config.image_token_id
+
+    def randint(lo, hi):
+        return int(torch.randint(lo, hi, (1,), generator=g))
+
+    samples = []
+    for n_images in images:
+        prompt_ids = [randint(0, text_vocab) for _ in range(randint(1, 3))]
+        for _ in range(n_images):
+            prompt_ids.insert(randint(0, len(prompt_ids) + 1), config.image_token_id)
+        start = randint(0, text_vocab)
+        answer = [(start + i) % text_vocab for i in range(randint(3, 7))]
+        sample = {"input_ids": prompt_ids + answer}
+        if prompt:
+            sample["prompt_length"] = len(prompt_ids)
+        if n_images:
+            sample["pixel_values"] = torch.randn(n_images, config.num_channels,
+                                                 config.image_size, config.image_size, generator=g)
+        samples.append(sample)
+    return samples
+
+
+def synthetic_pack(config: LlavaConfig, seed: int, images=IMAGES_PER_SAMPLE,
+                   **collator_kwargs) -> dict:
+    """The collated pack of :func:`synthetic_samples` (prompt tokens ignored by default)."""
+    collator_kwargs.setdefault("ignore_prompt", True)
+    return config.collator(**collator_kwargs)(synthetic_samples(config, seed, images))
