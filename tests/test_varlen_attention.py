@@ -244,6 +244,29 @@ def test_torch_compile_fullgraph_cpu_path(monkeypatch):
 
 
 @pytest.mark.parametrize("backend", BACKENDS, indirect=True)
+def test_torch_compile_fullgraph_data_dependent_token_count(backend):
+    """Tokens packed by masked_select_rows: under torch.compile their count is a
+    data-dependent size. The input checks must neither guard on it nor put it in an
+    assertion message (regression: both broke FusedPaddedSelfAttention's graph when it
+    had a key_padding_mask)."""
+    mask = torch.tensor([[True] * 5 + [False] * 3, [True] * 8])
+    x = torch.randn(2, 8, 3 * 2 * 16)
+
+    def fn(x, mask):
+        rows, _ = mmkernels.masked_select_rows(x, mask)
+        q, k, v = rows.view(-1, 6, 16).split(2, dim=1)
+        zero = torch.zeros(1, dtype=torch.int32)
+        cu = torch.cat([zero, mask.sum(1, dtype=torch.int32).cumsum(0, dtype=torch.int32)])
+        return mmkernels.varlen_attention(q, k, v, cu, cu, 8, 8)
+
+    with torch._dynamo.config.patch(capture_dynamic_output_shape_ops=True):
+        torch._dynamo.reset()
+        out = torch.compile(fn, fullgraph=True, backend="aot_eager")(x, mask)
+    torch._dynamo.reset()
+    torch.testing.assert_close(out, fn(x, mask))
+
+
+@pytest.mark.parametrize("backend", BACKENDS, indirect=True)
 def test_torch_compile_fullgraph_with_dropout(backend):
     """Dropout under torch.compile(fullgraph=True): the seed draw traces (no graph
     break), every call gets a fresh mask, and the same torch.manual_seed gives the

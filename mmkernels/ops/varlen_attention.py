@@ -22,6 +22,7 @@ import math
 
 import torch
 from torch import Tensor
+from torch.fx.experimental.symbolic_shapes import guard_or_false
 
 from mmkernels import _extension, reference
 from mmkernels.triton import KernelSpec, interpreter_tiles, interpreting
@@ -569,7 +570,9 @@ def check_tensor(t, name: str) -> None:
     if t.dtype not in _DTYPES:
         raise TypeError(f"{name} dtype must be float16, bfloat16 or float32 (float64 on the "
                         f"CPU path), got {t.dtype}")
-    if t.shape[0] > MAX_TOKENS:
+    # guard_or_false: under torch.compile the token count may be data-dependent (rows
+    # packed by masked_select_rows); such a size is not checked rather than a graph break.
+    if guard_or_false(t.shape[0] > MAX_TOKENS):
         raise ValueError(f"{name} has {t.shape[0]} tokens; int32 cu_seqlens address at most "
                          f"{MAX_TOKENS}")
 
@@ -592,10 +595,13 @@ def check_cu_seqlens(cu: Tensor, total: int, max_seqlen: int, name: str, max_nam
     if isinstance(max_seqlen, bool) or not isinstance(max_seqlen, int) or max_seqlen < 0:
         raise TypeError(f"{max_name} must be a non-negative int, got {max_seqlen!r}")
     lengths = cu.diff()
+    # (under torch.compile the total may be a data-dependent SymInt, which a message
+    # passed to _assert_async cannot hold)
+    count = "" if torch.compiler.is_compiling() else f" ({total})"
     conds = [
         (cu[0] == 0, f"{name}[0] must be 0"),
         (cu[-1] == total,
-         f"{name}[-1] must equal the number of packed tokens of {tensor_name} ({total})"),
+         f"{name}[-1] must equal the number of packed tokens of {tensor_name}{count}"),
         ((lengths >= 0).all(), f"{name} must be non-decreasing"),
         # (clamped: an int32 tensor compared with 2^40 would wrap the bound)
         ((lengths <= min(max_seqlen, MAX_TOKENS)).all(),
