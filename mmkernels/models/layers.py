@@ -220,7 +220,9 @@ class RegionPooling(nn.Module):
 
     forward(features (N, C, H, W), rois (K, 5) float [batch_index, x1, y1, x2, y2])
     -> (K, C), features' dtype. As Faster R-CNN's pooled region features that ViLBERT
-    takes (``roi_align(...).mean((2, 3))``, materialising (K, C, PH, PW)).
+    takes (``roi_align(...).mean((2, 3))``, materialising (K, C, PH, PW)), with
+    torchvision's RoIAlign when torchvision is installed, else
+    :func:`mmkernels.reference.region_features` (same numbers).
     """
 
     def __init__(self, output_size=(7, 7), spatial_scale: float = 1.0, sampling_ratio: int = 2,
@@ -233,8 +235,13 @@ class RegionPooling(nn.Module):
         self.aligned = bool(aligned)
 
     def forward(self, features: Tensor, rois: Tensor) -> Tensor:
-        return reference.region_features(features, rois, self.output_size, self.spatial_scale,
-                                         self.sampling_ratio, self.aligned)
+        try:  # what a ViLBERT pipeline runs (detectron2 / torchvision RoIAlign)
+            from torchvision.ops import roi_align as tv_roi_align
+        except ImportError:  # plain PyTorch: the same numbers, slower
+            return reference.region_features(features, rois, self.output_size,
+                                             self.spatial_scale, self.sampling_ratio, self.aligned)
+        return tv_roi_align(features, rois, self.output_size, self.spatial_scale,
+                            self.sampling_ratio, self.aligned).mean((2, 3))
 
     def extra_repr(self) -> str:
         return (f"output_size={self.output_size}, spatial_scale={self.spatial_scale}, "
