@@ -71,8 +71,13 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
-import transformers
 from torch import Tensor, nn
+
+try:
+    import transformers
+except ImportError as e:  # the optional extra
+    raise ImportError("mmkernels.integrations.transformers needs Hugging Face transformers: "
+                      "pip install 'mmkernels[hf]'") from e
 from transformers import AttentionInterface
 from transformers.masking_utils import AttentionMaskInterface, flash_attention_mask
 from transformers.utils.deprecation import deprecate_kwarg
@@ -95,8 +100,11 @@ MIN_TRANSFORMERS = "5.24"
 # flash-attention varlen kwargs describing the packed text batch (transformers' names)
 _FLASH_VARLEN_KWARGS = ("cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k")
 
-# the config field behind each unsupported attention kwarg, for the error messages
+# the config field behind each unsupported attention kwarg, and implementations that
+# support it, for the error messages
 _CONFIG_FIELD = {"sliding_window": "sliding_window", "softcap": "attn_logit_softcapping"}
+_SUPPORTED_BY = {"sliding_window": "'sdpa', 'eager' or 'flash_attention_2'",
+                 "softcap": "'eager', 'flex_attention' or 'flash_attention_2'"}
 
 
 def _version_tuple(v: str) -> tuple[int, ...]:
@@ -123,8 +131,8 @@ def _unsupported(module: nn.Module, kwarg: str, value, why: str) -> ValueError:
     return ValueError(
         f"attn_implementation='{NAME}' does not implement {kwarg} yet ({why}): "
         f"{type(module).__name__} passed {kwarg}={value!r}, from {owner}.{_CONFIG_FIELD[kwarg]} "
-        f"(config.{_CONFIG_FIELD[kwarg]}). It is never ignored; use attn_implementation='sdpa' or "
-        "'flash_attention_2' for this model")
+        f"(config.{_CONFIG_FIELD[kwarg]}). It is never ignored; use attn_implementation="
+        f"{_SUPPORTED_BY[kwarg]} for this model")
 
 
 def _check_kwargs(module: nn.Module, softcap, kwargs: dict) -> None:
