@@ -26,6 +26,7 @@ SigmoidContrastiveLoss      FusedSigmoidContrastiveLoss       sigmoid_contrastiv
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -116,35 +117,66 @@ class PaddedSelfAttention(nn.Module):
         return f"causal={self.causal}, dropout={self.dropout}"
 
 
-class FusedPaddedSelfAttention(PaddedSelfAttention):
-    """:class:`PaddedSelfAttention` with :func:`mmkernels.varlen_attention`.
+def padded_varlen_attention(q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Tensor | None = None,
+                            **varlen_kwargs) -> Tensor:
+    """:func:`mmkernels.varlen_attention` over a padded batch, without work on padding.
 
-    Without a padding mask the batch is viewed as B packed sequences of length L (no
-    copy). With one, only the real tokens are gathered (one
-    :func:`mmkernels.masked_select_rows` of q, k and v together), attended, and scattered
-    back (zeros at padded positions): no work on padding.
+    q: (B, L_q, H, D); k, v: (B, L_k, H_kv, D) with L_q <= L_k: the queries are the last
+    L_q key positions (a decoding step over a cache when L_q < L_k; ``causal`` is then
+    bottom-right aligned, as flash-attn). key_padding_mask: optional (B, L_k) bool, True
+    at real tokens; the query rows take its last L_q columns (left padding, as Hugging
+    Face's flash-attention path assumes). ``varlen_kwargs`` go to varlen_attention
+    (``softmax_scale``, ``causal``, ``dropout_p``).
+
+    Without a mask the batch is viewed as B packed sequences (no copy when the layout
+    allows). With one, only the real rows are gathered (one
+    :func:`mmkernels.masked_select_rows` of q, k and v together when L_q == L_k),
+    attended and scattered back. Returns (B, L_q, H, D) in q's dtype, zeros at padded
+    query positions.
     """
+    B, Lq, H, D = q.shape
+    Lk, Hkv = k.shape[1], k.shape[2]
+    if Lq > Lk:
+        raise ValueError(f"q has {Lq} positions but k only {Lk}: the queries must be the last "
+                         "L_q of the L_k key positions")
+    step = functools.partial(torch.arange, dtype=torch.int32, device=q.device)
+    if key_padding_mask is None:
+        out = varlen_attention(q.reshape(B * Lq, H, D), k.reshape(B * Lk, Hkv, D),
+                               v.reshape(B * Lk, Hkv, D), step(0, (B + 1) * Lq, Lq),
+                               step(0, (B + 1) * Lk, Lk), Lq, Lk, **varlen_kwargs)
+        return out.view(B, Lq, H, D)
+    zero = torch.zeros(1, dtype=torch.int32, device=q.device)
+    q_mask = key_padding_mask[:, Lk - Lq:]
+    cu_k = torch.cat([zero, key_padding_mask.sum(1, dtype=torch.int32).cumsum(0, dtype=torch.int32)])
+    if Lq == Lk:
+        qkv = torch.cat([q, k, v], dim=2).reshape(B, Lq, (H + 2 * Hkv) * D)
+        rows, index = masked_select_rows(qkv, key_padding_mask)
+        qs, ks, vs = rows.view(-1, H + 2 * Hkv, D).split([H, Hkv, Hkv], dim=1)
+        cu_q = cu_k
+    else:
+        q_rows, index = masked_select_rows(q.reshape(B, Lq, H * D), q_mask)
+        kv_rows, _ = masked_select_rows(torch.cat([k, v], dim=2).reshape(B, Lk, 2 * Hkv * D),
+                                        key_padding_mask)
+        qs = q_rows.view(-1, H, D)
+        ks, vs = kv_rows.view(-1, 2 * Hkv, D).split([Hkv, Hkv], dim=1)
+        cu_q = torch.cat([zero, q_mask.sum(1, dtype=torch.int32).cumsum(0, dtype=torch.int32)])
+    out = varlen_attention(qs, ks, vs, cu_q, cu_k, Lq, Lk, **varlen_kwargs)
+    full = torch.ops.mmkernels._scatter_rows(out.reshape(-1, H * D), index, B * Lq)
+    return full.view(B, Lq, H, D)
+
+
+class FusedPaddedSelfAttention(PaddedSelfAttention):
+    """:class:`PaddedSelfAttention` with :func:`mmkernels.varlen_attention`
+    (:func:`padded_varlen_attention`: without a padding mask the batch is B packed
+    sequences of length L, no copy; with one, only the real tokens are gathered,
+    attended and scattered back, zeros at padded positions: no work on padding)."""
 
     def forward(self, q: Tensor, k: Tensor, v: Tensor,
                 key_padding_mask: Tensor | None = None) -> Tensor:
         _check_heads(q, k, v, 4)
-        B, L, H, D = q.shape
-        Hkv = k.shape[2]
-        kw = {"softmax_scale": self._scale(D), "causal": self.causal, "dropout_p": self._p()}
-        if key_padding_mask is None:
-            cu = torch.arange(0, (B + 1) * L, L, dtype=torch.int32, device=q.device)
-            out = varlen_attention(q.reshape(B * L, H, D), k.reshape(B * L, Hkv, D),
-                                   v.reshape(B * L, Hkv, D), cu, cu, L, L, **kw)
-            return out.view(B, L, H, D)
-        qkv = torch.cat([q, k, v], dim=2).reshape(B, L, (H + 2 * Hkv) * D)
-        rows, index = masked_select_rows(qkv, key_padding_mask)
-        rows = rows.view(-1, H + 2 * Hkv, D)
-        qs, ks, vs = rows.split([H, Hkv, Hkv], dim=1)
-        zero = torch.zeros(1, dtype=torch.int32, device=q.device)
-        cu = torch.cat([zero, key_padding_mask.sum(1, dtype=torch.int32).cumsum(0, dtype=torch.int32)])
-        out = varlen_attention(qs, ks, vs, cu, cu, L, L, **kw)
-        full = torch.ops.mmkernels._scatter_rows(out.reshape(-1, H * D), index, B * L)
-        return full.view(B, L, H, D)
+        return padded_varlen_attention(q, k, v, key_padding_mask,
+                                       softmax_scale=self._scale(q.shape[-1]), causal=self.causal,
+                                       dropout_p=self._p())
 
 
 def segment_ids(cu_seqlens: Tensor, total: int) -> Tensor:

@@ -59,13 +59,16 @@ def train(model: nn.Module, make_batch: Callable[[int], object],
     return run
 
 
-def eager_and_patched(make_model: Callable[[], nn.Module]) -> tuple[nn.Module, nn.Module]:
+def eager_and_patched(make_model: Callable[[], nn.Module],
+                      apply: Callable[[nn.Module], object] = patch) -> tuple[nn.Module, nn.Module]:
     """Two copies of one freshly built model (same initial parameters): the eager one and
-    a patched one."""
+    a patched one (``apply(copy)``: :func:`mmkernels.models.patch`, or e.g.
+    :func:`mmkernels.integrations.transformers.apply_to_clip`; it must report changes)."""
     eager = make_model()
     fused = copy.deepcopy(eager)
-    if not patch(fused):
-        raise ValueError("patch() replaced nothing: the model uses no registered eager module")
+    if not apply(fused):
+        raise ValueError(f"{getattr(apply, '__name__', apply)}() changed nothing: the model uses "
+                         "no module it knows")
     return eager, fused
 
 

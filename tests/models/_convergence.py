@@ -35,11 +35,14 @@ def executed_ops(fn: Callable[[], object]) -> set[str]:
 def check_convergence(make_model: Callable[[], nn.Module], make_batch: Callable[[int], object],
                       loss_fn: Callable[[nn.Module, object], torch.Tensor],
                       logits_fn: Callable[[nn.Module, object], torch.Tensor], heldout: object,
-                      expect_ops: Iterable[str], *, steps: int = 20, lr: float = 1e-3) -> dict:
+                      expect_ops: Iterable[str], *, steps: int = 20, lr: float = 1e-3,
+                      apply: Callable[[nn.Module], object] = patch) -> dict:
     """Train eager then patched for ``steps`` identical steps and check the
     CONVERGENCE table; the patched run must execute every op in ``expect_ops``
-    (profiler names such as ``mmkernels::varlen_attention_fwd``). Returns the figures."""
-    eager, fused = eager_and_patched(make_model)
+    (profiler names such as ``mmkernels::varlen_attention_fwd``). ``apply`` patches the
+    copy in place (default :func:`mmkernels.models.patch`; the Hugging Face tests pass
+    ``apply_to_clip`` / ``apply_to_llava``). Returns the figures."""
+    eager, fused = eager_and_patched(make_model, apply)
     run_e = train(eager, make_batch, loss_fn, steps, lr)
     ran: dict = {}
 
@@ -67,19 +70,22 @@ def check_convergence(make_model: Callable[[], nn.Module], make_batch: Callable[
             "losses": (run_e.losses, run_f.losses)}
 
 
-def check_round_trip(model: nn.Module, run: Callable[[nn.Module], torch.Tensor]) -> None:
-    """patch then unpatch leaves a model that behaves bit-identically (forward and
-    gradients), with the same parameter objects and state_dict."""
+def check_round_trip(model: nn.Module, run: Callable[[nn.Module], torch.Tensor],
+                     apply: Callable[[nn.Module], list] = patch,
+                     undo: Callable[[nn.Module], list] = unpatch) -> None:
+    """patch then unpatch (or ``apply`` then ``undo``, each returning records with a
+    ``name``) leaves a model that behaves bit-identically (forward and gradients), with
+    the same parameter objects, module classes and state_dict."""
     params = [id(p) for p in model.parameters()]
     state = {k: v.clone() for k, v in model.state_dict().items()}
     classes = [type(m) for m in model.modules()]
     torch.manual_seed(0)
     before, grads_before = _out_and_grads(model, run)
-    replaced = patch(model)
-    assert replaced, "patch() replaced nothing"
+    replaced = apply(model)
+    assert replaced, f"{apply.__name__}() replaced nothing"
     assert [id(p) for p in model.parameters()] == params
     assert model.state_dict().keys() == state.keys()
-    restored = unpatch(model)
+    restored = undo(model)
     assert sorted(r.name for r in restored) == sorted(r.name for r in replaced)
     assert [type(m) for m in model.modules()] == classes
     torch.manual_seed(0)

@@ -1,0 +1,564 @@
+"""Hugging Face transformers integration: attn_implementation="mmkernels",
+apply_to_clip / apply_to_llava / revert, on tiny random models built here (nothing is
+downloaded). Skipped when transformers (>= the [hf] extra's minimum) is missing."""
+
+from __future__ import annotations
+
+import copy
+import os
+import socket
+import subprocess
+import sys
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers", minversion="5.24")
+
+from models._convergence import (  # noqa: E402
+    check_convergence,
+    check_round_trip,
+    executed_ops,
+)
+from transformers import (  # noqa: E402
+    AttentionInterface,
+    CLIPConfig,
+    CLIPModel,
+    CLIPVisionConfig,
+    Gemma2Config,
+    Gemma2Model,
+    LlamaConfig,
+    LlamaModel,
+    LlavaConfig,
+    LlavaForConditionalGeneration,
+    MistralConfig,
+    MistralModel,
+    SiglipConfig,
+    SiglipModel,
+)
+from transformers.masking_utils import AttentionMaskInterface, create_causal_mask  # noqa: E402
+
+import mmkernels.integrations.transformers as mmhf  # noqa: E402
+from mmkernels.models.layers import _eager_attention  # noqa: E402
+from mmkernels.testing import CONVERGENCE  # noqa: E402
+
+VARLEN = ("mmkernels::varlen_attention_fwd", "mmkernels::varlen_attention_bwd")
+WORKER = os.path.join(os.path.dirname(__file__), "_dist_worker.py")
+
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """One intra-op thread: these tiny models spend more time in thread hand-offs than in
+    compute, 50x more on a shared, oversubscribed CPU (eager and patched alike)."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
+# ---------------------------------------------------------------------------------
+# tiny models and batches
+# ---------------------------------------------------------------------------------
+
+TOWER = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2)
+TEXT = dict(TOWER, vocab_size=64, max_position_embeddings=16)
+VISION = dict(TOWER, image_size=16, patch_size=8)
+EOS = 63  # CLIP text: the pooled token is each sequence's first EOS
+
+
+def tiny_clip(attn: str = "eager", siglip: bool = False, **text) -> CLIPModel | SiglipModel:
+    torch.manual_seed(0)
+    if siglip:
+        cfg = SiglipConfig(text_config=dict(TEXT, **text), vision_config=VISION)
+        model = SiglipModel(cfg)
+    else:
+        cfg = CLIPConfig(text_config=dict(TEXT, eos_token_id=EOS, bos_token_id=0, pad_token_id=1, **text),
+                         vision_config=VISION, projection_dim=16)
+        model = CLIPModel(cfg)
+    model.set_attn_implementation(attn)
+    return model
+
+
+def freeze_key_biases(model: torch.nn.Module) -> torch.nn.Module:
+    """Freeze every attention key bias. Its gradient is exactly zero in exact arithmetic
+    (a softmax is invariant to adding one constant to a query's scores), so what any
+    implementation computes for it is float noise (~1e-9), which Adam turns into
+    updates of ~lr per step with random signs: no two implementations can agree on it
+    (eager vs sdpa neither). Frozen, both runs keep it at its initial value."""
+    for name, p in model.named_parameters():
+        if name.endswith("k_proj.bias"):
+            p.requires_grad_(False)
+    return model
+
+
+def clip_for_training() -> CLIPModel:
+    return freeze_key_biases(tiny_clip())
+
+
+def clip_batch(step: int, B: int = 3, L: int = 10) -> dict:
+    """Padded text (lengths 5..L, EOS last, attention_mask) and images."""
+    g = torch.Generator().manual_seed(1000 + step)
+    ids = torch.randint(2, EOS, (B, L), generator=g)
+    lengths = torch.randint(5, L + 1, (B,), generator=g)
+    lengths[0] = L
+    mask = torch.arange(L)[None, :] < lengths[:, None]
+    ids[torch.arange(B), lengths - 1] = EOS
+    ids = ids.masked_fill(~mask, 1)
+    return dict(input_ids=ids, attention_mask=mask.long(),
+                pixel_values=torch.randn(B, 3, 16, 16, generator=g), return_loss=True)
+
+
+def clip_loss(model, batch):
+    return model(**batch).loss
+
+
+def clip_logits(model, batch):
+    return model(**batch).logits_per_image
+
+
+IMAGE_TOKEN, IMAGE_TOKENS = 63, 4  # 16 px / 8 px patches = 4 tokens per image (CLS dropped)
+
+
+def tiny_llava(attn: str = "eager") -> LlavaForConditionalGeneration:
+    torch.manual_seed(0)
+    cfg = LlavaConfig(
+        vision_config=CLIPVisionConfig(**VISION),
+        text_config=LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=64),
+        image_token_index=IMAGE_TOKEN, image_seq_length=IMAGE_TOKENS,
+        vision_feature_layer=-1)  # the last layer: every vision parameter trains
+    model = LlavaForConditionalGeneration(cfg)
+    model.set_attn_implementation(attn)
+    return model
+
+
+def pack(samples: list[torch.Tensor]) -> dict:
+    """Hugging Face's padding-free packing (DataCollatorWithFlattening(
+    return_flash_attn_kwargs=True)): input_ids (1, T), position_ids restarting at 0 per
+    sample, labels with -100 at each sample's first token and at image tokens,
+    cu_seq_lens_q/k (S + 1,) int32, max_length_q/k ints. The lead switches this to
+    mmkernels.data's collator when merging."""
+    lens = [len(s) for s in samples]
+    ids = torch.cat(samples)
+    labels = ids.masked_fill(ids == IMAGE_TOKEN, -100)
+    cu = torch.tensor([0, *torch.tensor(lens).cumsum(0).tolist()], dtype=torch.int32)
+    labels[cu[:-1].long()] = -100
+    return dict(input_ids=ids[None], labels=labels[None],
+                position_ids=torch.cat([torch.arange(n) for n in lens])[None],
+                cu_seq_lens_q=cu, cu_seq_lens_k=cu.clone(), max_length_q=max(lens),
+                max_length_k=max(lens))
+
+
+def llava_for_training() -> LlavaForConditionalGeneration:
+    return freeze_key_biases(tiny_llava())
+
+
+def llava_batch(step: int, lens=(9, 12)) -> dict:
+    """Packed samples, each: a token, one image's tokens, then counting text (a
+    learnable next-token rule) from a random start."""
+    g = torch.Generator().manual_seed(2000 + step)
+    samples = []
+    for n in lens:
+        start = torch.randint(1, IMAGE_TOKEN, (1,), generator=g)
+        s = (start + torch.arange(n)) % (IMAGE_TOKEN - 1) + 1
+        s[1:1 + IMAGE_TOKENS] = IMAGE_TOKEN
+        samples.append(s)
+    batch = pack(samples)
+    batch.update(pixel_values=torch.randn(len(lens), 3, 16, 16, generator=g), use_cache=False)
+    return batch
+
+
+def llava_loss(model, batch):
+    return model(**batch).loss
+
+
+def llava_logits(model, batch):
+    return model(**batch).logits
+
+
+def report(name: str, figures: dict) -> None:
+    print(f"{name}: max loss rel diff {figures['loss_rel']:.2e}, max param diff "
+          f"{figures['param_abs']:.2e}, ops {figures['ops']}")
+
+
+# ---------------------------------------------------------------------------------
+# registration
+# ---------------------------------------------------------------------------------
+
+
+def test_registered_with_attention_and_mask_interfaces():
+    assert AttentionInterface._global_mapping[mmhf.NAME] is mmhf.attention_forward
+    assert mmhf.NAME in AttentionMaskInterface._global_mapping
+    cfg = LlamaConfig(hidden_size=32, num_attention_heads=2, num_hidden_layers=1, vocab_size=8)
+    cfg._attn_implementation = mmhf.NAME
+    x = torch.zeros(2, 5, 32)
+    # no padding: no mask (causality is the kernel's); padding: the 2-D mask is kept
+    assert create_causal_mask(cfg, x, torch.ones(2, 5, dtype=torch.long), None) is None
+    padded = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]])
+    got = create_causal_mask(cfg, x, padded, None)
+    assert got.dtype == torch.bool and torch.equal(got, padded.bool())
+
+
+def test_from_pretrained_and_set_attn_implementation(tmp_path):
+    eager = tiny_clip()
+    eager.save_pretrained(tmp_path)
+    loaded = CLIPModel.from_pretrained(tmp_path, attn_implementation=mmhf.NAME)
+    switched = tiny_clip()
+    switched.set_attn_implementation(mmhf.NAME)
+    batch = clip_batch(0)
+    with torch.no_grad():
+        ref = eager(**batch)
+        for model in (loaded, switched):
+            for cfg in (model.config, model.config.text_config, model.config.vision_config):
+                assert cfg._attn_implementation == mmhf.NAME
+            ran = {}
+            names = executed_ops(lambda m=model, ran=ran: ran.update(out=m(**batch)))
+            assert "mmkernels::varlen_attention_fwd" in names
+            torch.testing.assert_close(ran["out"].logits_per_image, ref.logits_per_image,
+                                       atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(ran["out"].loss, ref.loss, atol=1e-6, rtol=1e-6)
+
+
+# ---------------------------------------------------------------------------------
+# convergence (Liger-Kernel style), profiler, round trip
+# ---------------------------------------------------------------------------------
+
+
+def test_clip_convergence():
+    """20 AdamW steps of HF CLIP (eager attention, HF loss) vs the same 20 steps after
+    apply_to_clip (padded text through masked_select_rows + varlen, images as dense
+    varlen, the loss from info_nce)."""
+    figures = check_convergence(clip_for_training, clip_batch, clip_loss, clip_logits, clip_batch(99),
+                                (*VARLEN, "mmkernels::masked_select_rows",
+                                 "mmkernels::info_nce_fwd", "mmkernels::info_nce_bwd"),
+                                apply=mmhf.apply_to_clip)
+    report("HF CLIP", figures)
+
+
+def test_llava_packed_convergence():
+    """20 steps of HF LLaVA on packed batches: eager (HF's packed mask from
+    position_ids) vs apply_to_llava (varlen from cu_seq_lens, scatter_image_features)."""
+    figures = check_convergence(llava_for_training, llava_batch, llava_loss, llava_logits,
+                                llava_batch(99, lens=(11, 6, 8)),
+                                (*VARLEN, "mmkernels::scatter_image_features"),
+                                apply=mmhf.apply_to_llava)
+    report("HF LLaVA packed", figures)
+
+
+def _applied_then_run(apply, run):
+    """apply, then run the patched model once (the round trip must also undo whatever a
+    patched forward leaves behind)."""
+    def go(model):
+        changes = apply(model)
+        with torch.no_grad():
+            run(model)
+        return changes
+    go.__name__ = apply.__name__
+    return go
+
+
+@pytest.mark.parametrize("kind", ["clip", "siglip", "llava"])
+def test_revert_is_exact(kind):
+    if kind == "llava":
+        model, apply = tiny_llava(attn="sdpa"), mmhf.apply_to_llava
+        batch = llava_batch(5)
+        run = lambda m: m(**batch).logits  # noqa: E731
+    else:
+        model, apply = tiny_clip(attn="sdpa", siglip=kind == "siglip"), mmhf.apply_to_clip
+        batch = clip_batch(5)
+        run = lambda m: torch.stack([m(**batch).loss, m(**batch).logits_per_image.sum()])  # noqa: E731
+    with torch.no_grad():
+        run(model)  # transformers installs its output-capturing hooks on a first forward
+    configs = [c._attn_implementation for _, c in mmhf._configs(model)]
+    dicts = {n: dict(m.__dict__) for n, m in model.named_modules()}
+    check_round_trip(model, run, apply=_applied_then_run(apply, run), undo=mmhf.revert)
+    assert [c._attn_implementation for _, c in mmhf._configs(model)] == configs == ["sdpa"] * len(configs)
+    for n, m in model.named_modules():  # the same attributes, the same objects
+        assert m.__dict__.keys() == dicts[n].keys(), n
+        assert all(m.__dict__[k] is v for k, v in dicts[n].items() if k != "_parameters"), n
+    with pytest.raises(ValueError, match="no mmkernels integration"):
+        mmhf.revert(model)
+
+
+def test_revert_restores_an_instance_forward():
+    """A forward already set on the instance (as accelerate's hooks do) comes back."""
+    model = tiny_clip()
+    own = model.forward
+    model.forward = own
+    changes = mmhf.apply_to_clip(model)
+    assert [c.name for c in changes][-1] == "model.forward"
+    assert model.forward is not own
+    mmhf.revert(model)
+    assert model.__dict__["forward"] is own
+
+
+def test_applied_model_can_be_copied_and_reverted_alone():
+    model = tiny_clip(attn="sdpa")
+    mmhf.apply_to_clip(model)
+    twin = copy.deepcopy(model)
+    restored = mmhf.revert(twin)
+    assert {c.name for c in restored} >= {"config._attn_implementation", "model.forward"}
+    assert "forward" not in twin.__dict__ and twin.config.text_config._attn_implementation == "sdpa"
+    assert model.__dict__["forward"].__self__ is model  # the original keeps its patch
+    assert model.config.text_config._attn_implementation == mmhf.NAME
+
+
+# ---------------------------------------------------------------------------------
+# batch layouts
+# ---------------------------------------------------------------------------------
+
+
+def test_padded_clip_text_equals_eager():
+    """Right-padded text with an attention mask (the causal CLIP text tower): the real
+    positions and the pooled output equal eager attention's."""
+    eager = tiny_clip()
+    fused = copy.deepcopy(eager)
+    mmhf.apply_to_clip(fused)
+    batch = clip_batch(3)
+    real = batch["attention_mask"].bool()
+    assert not real.all()
+    with torch.no_grad():
+        e = eager.text_model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+        f = fused.text_model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+    torch.testing.assert_close(f.last_hidden_state[real], e.last_hidden_state[real], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(f.pooler_output, e.pooler_output, atol=1e-5, rtol=1e-5)
+
+
+def tiny_llama(attn: str, **kw) -> LlamaModel:
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64, **kw)
+    model = LlamaModel(cfg).eval()
+    model.set_attn_implementation(attn)
+    return model
+
+
+def test_padded_llama_left_padding_and_gqa_equals_eager():
+    eager, fused = tiny_llama("eager"), tiny_llama(mmhf.NAME)
+    ids = torch.randint(0, 64, (3, 9))
+    mask = torch.ones(3, 9, dtype=torch.long)
+    mask[1, :4] = 0  # left padding
+    mask[2, :1] = 0
+    with torch.no_grad():
+        e = eager(input_ids=ids, attention_mask=mask).last_hidden_state
+        f = fused(input_ids=ids, attention_mask=mask).last_hidden_state
+    torch.testing.assert_close(f[mask.bool()], e[mask.bool()], atol=1e-5, rtol=1e-5)
+
+
+def test_packed_via_position_ids_only():
+    """(1, T) input_ids with position_ids restarting per sample and no flash kwargs:
+    the same as the flash-kwargs run and as eager (HF's packed mask, which HF builds only
+    without a cache: use_cache=False, as in training)."""
+    eager, fused = tiny_llama("eager"), tiny_llama(mmhf.NAME)
+    batch = pack([torch.randint(0, 64, (n,)) for n in (5, 8, 3)])
+    common = dict(input_ids=batch["input_ids"], use_cache=False)
+    with torch.no_grad():
+        e = eager(**common, position_ids=batch["position_ids"]).last_hidden_state
+        by_pos = fused(**common, position_ids=batch["position_ids"]).last_hidden_state
+        flash = {k: batch[k] for k in mmhf._FLASH_VARLEN_KWARGS}
+        by_cu = fused(**common, position_ids=batch["position_ids"], **flash).last_hidden_state
+        # without position_ids the batch is one sequence: packing must change the result
+        whole = fused(**common).last_hidden_state
+    torch.testing.assert_close(by_pos, e, atol=1e-5, rtol=1e-5)
+    assert torch.equal(by_pos, by_cu)
+    assert not torch.allclose(whole, e, atol=1e-3)
+
+
+def test_decoding_with_cache_equals_eager():
+    """Generation-style calls: a prefill then two tokens over the KV cache (L_q < L_k,
+    bottom-right causal), without padding and with a left-padded row."""
+    eager, fused = tiny_llama("eager"), tiny_llama(mmhf.NAME)
+    ids = torch.randint(0, 64, (2, 8))
+    for mask in (None, torch.tensor([[0, 0, 0, 1, 1, 1, 1, 1], [1] * 8])):
+        outs = []
+        with torch.no_grad():
+            for m in (eager, fused):
+                pre = m(input_ids=ids[:, :6], use_cache=True,
+                        attention_mask=None if mask is None else mask[:, :6])
+                outs.append(m(input_ids=ids[:, 6:], cache=pre.cache, use_cache=True,
+                              attention_mask=mask).last_hidden_state)
+        torch.testing.assert_close(outs[1], outs[0], atol=1e-5, rtol=1e-5)
+
+
+def test_packing_kwargs_do_not_reach_the_vision_tower():
+    """HF LLaVA forwards **kwargs (the text's cu_seq_lens) to the vision tower: with only
+    set_attn_implementation that is a clear error; apply_to_llava keeps them to the LM."""
+    model = tiny_llava(attn=mmhf.NAME)
+    batch = llava_batch(1)
+    with pytest.raises(ValueError, match="apply_to_llava"):
+        model(**batch)
+    mmhf.apply_to_llava(model)
+    eager = tiny_llava()
+    with torch.no_grad():
+        torch.testing.assert_close(model(**batch).logits, eager(**batch).logits, atol=1e-5, rtol=1e-5)
+
+
+# ---------------------------------------------------------------------------------
+# kwargs: honoured or raising
+# ---------------------------------------------------------------------------------
+
+
+class _Module(torch.nn.Module):
+    def __init__(self, is_causal: bool, config=None):
+        super().__init__()
+        self.is_causal, self.config = is_causal, config
+
+
+def _reference(query, key, value, scale, causal):
+    L = query.shape[2]
+    visible = torch.ones(L, L, dtype=torch.bool)
+    if causal:
+        visible = visible.tril()
+    return _eager_attention(query, key, value, visible, scale, 0.0).transpose(1, 2)
+
+
+@pytest.mark.parametrize("module_causal", [False, True], ids=["module-bidirectional", "module-causal"])
+@pytest.mark.parametrize("is_causal", [None, False, True], ids=["kw-none", "kw-false", "kw-true"])
+def test_scaling_and_is_causal_are_honoured(module_causal, is_causal):
+    q, k, v = torch.randn(2, 4, 6, 8), torch.randn(2, 2, 6, 8), torch.randn(2, 2, 6, 8)
+    out, weights = mmhf.attention_forward(_Module(module_causal), q, k, v, None, scaling=0.3,
+                                          is_causal=is_causal)
+    assert weights is None and out.shape == (2, 6, 4, 8)
+    causal = module_causal if is_causal is None else is_causal
+    torch.testing.assert_close(out, _reference(q, k, v, 0.3, causal), atol=1e-5, rtol=1e-5)
+
+
+def test_dropout_is_passed_and_zero_in_eval(monkeypatch):
+    """CLIP passes dropout=config.attention_dropout in training and 0.0 in eval: eval
+    equals eager; training hands the probability to varlen_attention."""
+    eager = tiny_clip(attention_dropout=0.5).eval()
+    fused = copy.deepcopy(eager)
+    mmhf.apply_to_clip(fused)
+    batch = clip_batch(2)
+    with torch.no_grad():
+        torch.testing.assert_close(fused(**batch).logits_per_image, eager(**batch).logits_per_image,
+                                   atol=1e-5, rtol=1e-5)
+    seen = []
+    import mmkernels.models.layers as layers
+
+    real = layers.varlen_attention
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs["dropout_p"])
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(layers, "varlen_attention", spy)
+    fused.train()
+    fused.text_model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+    assert seen == [0.5, 0.5]  # two text layers, config.attention_dropout
+
+
+def test_sliding_window_raises_naming_the_config_field():
+    cfg = dict(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+               num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=64)
+    torch.manual_seed(0)
+    model = MistralModel(MistralConfig(sliding_window=4, **cfg)).eval()
+    model.set_attn_implementation(mmhf.NAME)
+    with pytest.raises(ValueError, match=r"config\.sliding_window") as err, torch.no_grad():
+        model(input_ids=torch.randint(0, 64, (1, 8)))
+    assert "MistralConfig.sliding_window" in str(err.value) and "=4" in str(err.value)
+    # a window no sequence exceeds masks nothing: computed exactly, as eager
+    eager = copy.deepcopy(model)
+    eager.set_attn_implementation("eager")
+    ids = torch.randint(0, 64, (2, 4))
+    with torch.no_grad():
+        torch.testing.assert_close(model(input_ids=ids).last_hidden_state,
+                                   eager(input_ids=ids).last_hidden_state, atol=1e-5, rtol=1e-5)
+    # a packed batch: the bound is the longest sequence, not the packed length
+    batch = pack([torch.randint(0, 64, (n,)) for n in (4, 3)])
+    flash = {k: batch[k] for k in mmhf._FLASH_VARLEN_KWARGS}
+    with torch.no_grad():
+        model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], **flash)
+
+
+def test_softcap_raises_naming_the_config_field():
+    torch.manual_seed(0)
+    cfg = Gemma2Config(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                       num_attention_heads=2, num_key_value_heads=1, head_dim=16,
+                       max_position_embeddings=64, attn_logit_softcapping=50.0)
+    model = Gemma2Model(cfg).eval()
+    model.set_attn_implementation(mmhf.NAME)
+    with pytest.raises(ValueError, match=r"config\.attn_logit_softcapping") as err, torch.no_grad():
+        model(input_ids=torch.randint(0, 64, (1, 5)), use_cache=False)
+    assert "Gemma2Config.attn_logit_softcapping" in str(err.value) and "=50.0" in str(err.value)
+    q = torch.randn(1, 2, 3, 8)
+    with pytest.raises(ValueError, match="softcap"):
+        mmhf.attention_forward(_Module(True), q, q, q, None, softcap=30.0)
+    out, _ = mmhf.attention_forward(_Module(True), q, q, q, None, softcap=0.0)  # 0: no capping
+    torch.testing.assert_close(out, _reference(q, q, q, 8 ** -0.5, True), atol=1e-5, rtol=1e-5)
+
+
+def test_unsupported_inputs_raise():
+    q = torch.randn(1, 2, 3, 8)
+    with pytest.raises(ValueError, match="4-D mask"):
+        mmhf.attention_forward(_Module(False), q, q, q, torch.zeros(1, 1, 3, 3))
+    with pytest.raises(ValueError, match="s_aux"):
+        mmhf.attention_forward(_Module(False), q, q, q, None, s_aux=torch.zeros(2))
+    with pytest.raises(TypeError, match="CLIPModel or SiglipModel"):
+        mmhf.apply_to_clip(torch.nn.Linear(2, 2))
+    with pytest.raises(TypeError, match="LlavaForConditionalGeneration"):
+        mmhf.apply_to_llava(tiny_clip())
+    model = tiny_clip()
+    mmhf.apply_to_clip(model)
+    with pytest.raises(ValueError, match="already applied"):
+        mmhf.apply_to_clip(model)
+
+
+# ---------------------------------------------------------------------------------
+# losses
+# ---------------------------------------------------------------------------------
+
+
+def test_siglip_loss_uses_sigmoid_contrastive():
+    eager = tiny_clip(siglip=True)
+    fused = copy.deepcopy(eager)
+    mmhf.apply_to_clip(fused)
+    batch = dict(clip_batch(4), attention_mask=None)  # SigLIP pools the last token: no padding mask
+    le = eager(**batch).loss
+    ran = {}
+    names = executed_ops(lambda: ran.update(loss=fused(**batch).loss))
+    assert "mmkernels::sigmoid_contrastive_fwd" in names
+    assert not any("info_nce" in n for n in names)
+    torch.testing.assert_close(ran["loss"], le, atol=1e-6, rtol=1e-5)
+    le.backward()
+    ran["loss"].backward()
+    for (n, pe), pf in zip(eager.named_parameters(), fused.parameters()):
+        torch.testing.assert_close(pf.grad, pe.grad, atol=1e-5, rtol=1e-4, msg=n)
+    # return_dict=False: the loss leads the tuple, as transformers'; return_loss may
+    # come positionally (input_ids, pixel_values, attention_mask, position_ids, return_loss)
+    with torch.no_grad():
+        tup = fused(**batch, return_dict=False)
+        positional = fused(batch["input_ids"], batch["pixel_values"], None, None, True).loss
+    assert isinstance(tup, tuple) and torch.equal(tup[0], ran["loss"].detach())
+    assert torch.equal(positional, ran["loss"].detach())
+
+
+def test_distributed_loss_two_processes(tmp_path):
+    """2 gloo ranks, each with half the batch: apply_to_clip(process_group=WORLD) gives
+    losses whose mean is the eager global-batch loss and, averaged over the ranks, its
+    gradients (CLIP and SigLIP). Without a group the loss stays local, as HF's."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([root, os.path.join(root, "tests"),
+                                                       os.environ.get("PYTHONPATH", "")]))
+    procs = [subprocess.Popen([sys.executable, WORKER, str(r), "2", str(port), str(tmp_path)], env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+             for r in range(2)]
+    outs = [p.communicate(timeout=600)[0] for p in procs]
+    for r, (p, out) in enumerate(zip(procs, outs)):
+        assert p.returncode == 0, f"rank {r} failed:\n{out}"
+    res = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
+    for kind in ("clip", "siglip"):
+        ref = res[0][kind]["global"]
+        mean = sum(r[kind]["loss"] for r in res) / 2
+        assert abs(mean - ref["loss"]) <= CONVERGENCE["loss_rtol"] * abs(ref["loss"]), kind
+        for r in res:
+            for n, g in r[kind]["grads"].items():
+                torch.testing.assert_close(g, ref["grads"][n], atol=1e-5, rtol=1e-4,
+                                           msg=lambda m, n=n, k=kind: f"{k} {n}: {m}")
+            local = r[kind]["local"]
+            assert abs(local["ours"] - local["hf"]) <= 1e-5 * abs(local["hf"]), kind
+            assert abs(local["ours"] - r[kind]["loss"]) > 1e-4  # distributed != local
