@@ -12,8 +12,8 @@ import torch
 from mmkernels.data import IGNORE_INDEX, VLMPackingCollator, image_block_ids
 from mmkernels.models import patch
 from mmkernels.models.llava import Llava, LlavaConfig
-from mmkernels.testing import TOLERANCES
 from mmkernels.models.llava import synthetic_samples as random_samples
+from mmkernels.testing import TOLERANCES
 
 ATOL, RTOL = TOLERANCES[torch.float32]
 X = IGNORE_INDEX

@@ -39,6 +39,7 @@ from transformers import (  # noqa: E402
 from transformers.masking_utils import AttentionMaskInterface, create_causal_mask  # noqa: E402
 
 import mmkernels.integrations.transformers as mmhf  # noqa: E402
+from mmkernels.data import VLMPackingCollator  # noqa: E402
 from mmkernels.models.layers import _eager_attention  # noqa: E402
 from mmkernels.testing import CONVERGENCE  # noqa: E402
 
@@ -133,21 +134,21 @@ def tiny_llava(attn: str = "eager") -> LlavaForConditionalGeneration:
     return model
 
 
-def pack(samples: list[torch.Tensor]) -> dict:
-    """Hugging Face's padding-free packing (DataCollatorWithFlattening(
-    return_flash_attn_kwargs=True)): input_ids (1, T), position_ids restarting at 0 per
-    sample, labels with -100 at each sample's first token and at image tokens,
-    cu_seq_lens_q/k (S + 1,) int32, max_length_q/k ints. The lead switches this to
-    mmkernels.data's collator when merging."""
-    lens = [len(s) for s in samples]
-    ids = torch.cat(samples)
-    labels = ids.masked_fill(ids == IMAGE_TOKEN, -100)
-    cu = torch.tensor([0, *torch.tensor(lens).cumsum(0).tolist()], dtype=torch.int32)
-    labels[cu[:-1].long()] = -100
-    return dict(input_ids=ids[None], labels=labels[None],
-                position_ids=torch.cat([torch.arange(n) for n in lens])[None],
-                cu_seq_lens_q=cu, cu_seq_lens_k=cu.clone(), max_length_q=max(lens),
-                max_length_k=max(lens))
+def pack(samples: list[torch.Tensor], images: torch.Tensor | None = None) -> dict:
+    """Padding-free packing with mmkernels.data's collator, in the layout of HF's
+    DataCollatorWithFlattening(return_flash_attn_kwargs=True): input_ids (1, T),
+    position_ids restarting at 0 per sample, labels with -100 at each sample's first
+    token and at image tokens, cu_seq_lens_q/k (S + 1,) int32, max_length_q/k ints;
+    ``images`` (one per sample that has image tokens, in order) as pixel_values. The
+    samples hold the expanded placeholders, as HF's LLaVA processor makes them."""
+    collate = VLMPackingCollator(IMAGE_TOKEN, IMAGE_TOKENS, expanded=True)
+    items, i = [], 0
+    for s in samples:
+        item = {"input_ids": s}
+        if images is not None and bool((s == IMAGE_TOKEN).any()):
+            item["pixel_values"], i = images[i:i + 1], i + 1
+        items.append(item)
+    return collate(items)
 
 
 def llava_for_training() -> LlavaForConditionalGeneration:
@@ -164,8 +165,8 @@ def llava_batch(step: int, lens=(9, 12)) -> dict:
         s = (start + torch.arange(n)) % (IMAGE_TOKEN - 1) + 1
         s[1:1 + IMAGE_TOKENS] = IMAGE_TOKEN
         samples.append(s)
-    batch = pack(samples)
-    batch.update(pixel_values=torch.randn(len(lens), 3, 16, 16, generator=g), use_cache=False)
+    batch = pack(samples, torch.randn(len(lens), 3, 16, 16, generator=g))
+    batch.update(use_cache=False)
     return batch
 
 

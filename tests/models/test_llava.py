@@ -11,9 +11,9 @@ import torch
 
 from mmkernels.models import layers, patch
 from mmkernels.models.llava import Llava, LlavaConfig, packed_lm_loss
+from mmkernels.models.llava import synthetic_pack as make_pack
 from mmkernels.testing import CONVERGENCE
 from tests.models._convergence import check_convergence, check_ddp, check_round_trip
-from mmkernels.models.llava import synthetic_pack as make_pack
 
 #: what the patched model runs (profiler names, found by profiling one patched step)
 EXPECT_OPS = ("mmkernels::varlen_attention_fwd", "mmkernels::varlen_attention_bwd",
