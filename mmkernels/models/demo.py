@@ -43,10 +43,11 @@ def _to(batch: dict, device: torch.device) -> dict:
     return {k: v.to(device) if isinstance(v, Tensor) else v for k, v in batch.items()}
 
 
-def _vilbert(batch_size: int, device: torch.device) -> DemoCase:
+def _vilbert(batch_size: int, device: torch.device, size: str) -> DemoCase:
     from mmkernels.models import vilbert
 
-    cfg = vilbert.ViLBertConfig.small()
+    cfg = (vilbert.ViLBertConfig.small() if size == "small"
+           else vilbert.ViLBertConfig().without_dropout())
     batches = [vilbert.synthetic_batch(cfg, batch_size, seed=s) for s in range(8)]
     return DemoCase("vilbert", lambda: vilbert.ViLBertForPreTraining(cfg),
                     lambda step: _to(batches[step % len(batches)], device),
@@ -55,21 +56,22 @@ def _vilbert(batch_size: int, device: torch.device) -> DemoCase:
                     "regions + ITM)")
 
 
-def _clip(batch_size: int, device: torch.device) -> DemoCase:
+def _clip(batch_size: int, device: torch.device, size: str) -> DemoCase:
     from mmkernels.models import clip
 
-    cfg = clip.CLIPConfig.small()
-    batches = [clip.synthetic_batch(cfg, batch_size, seed=s) for s in range(8)]
+    cfg = clip.CLIPConfig.small() if size == "small" else clip.CLIPConfig()
+    batches = [{k: v for k, v in clip.synthetic_batch(cfg, batch_size, seed=s).items()
+                if k != "classes"} for s in range(8)]  # (the class ids are for evaluation)
     return DemoCase("clip", lambda: clip.CLIP(cfg),
                     lambda step: _to(batches[step % len(batches)], device),
                     lambda model, batch: model(**batch).loss, 1e-3,
                     f"CLIP small ({batch_size} pairs per step, FLIP masking, InfoNCE)")
 
 
-def _llava(batch_size: int, device: torch.device) -> DemoCase:
+def _llava(batch_size: int, device: torch.device, size: str) -> DemoCase:
     from mmkernels.models import llava
 
-    cfg = llava.LlavaConfig.small()
+    cfg = llava.LlavaConfig.small() if size == "small" else llava.LlavaConfig()
     images = tuple(i % 3 for i in range(batch_size))  # 0, 1 or 2 images per sample
     packs = [llava.synthetic_pack(cfg, seed=s, images=images) for s in range(8)]
     return DemoCase("llava", lambda: llava.Llava(cfg),
@@ -79,6 +81,7 @@ def _llava(batch_size: int, device: torch.device) -> DemoCase:
 
 
 CASES = {"vilbert": _vilbert, "clip": _clip, "llava": _llava}
+SIZES = ("small", "tiny")  # small: the demo; tiny: the test configs (a smoke run)
 DEFAULT_BATCH = {"vilbert": 16, "clip": 64, "llava": 8}
 
 
@@ -101,14 +104,17 @@ def _plot(path: str, title: str, eager: list[float], fused: list[float]) -> None
 
 
 def run(name: str, steps: int = 300, batch_size: int | None = None,
-        device: str = "cpu", out: str = ".", seed: int = 0, quiet: bool = False) -> dict:
+        device: str = "cpu", out: str = ".", seed: int = 0, quiet: bool = False,
+        size: str = "small") -> dict:
     """Train eager then patched; returns the figures (and writes ``demo_<name>.png``)."""
     if name not in CASES:
         raise ValueError(f"model must be one of {sorted(CASES)}, got {name!r}")
+    if size not in SIZES:
+        raise ValueError(f"size must be one of {SIZES}, got {size!r}")
     if steps < 1:
         raise ValueError(f"steps must be >= 1, got {steps}")
     dev = torch.device(device)
-    case = CASES[name](batch_size or DEFAULT_BATCH[name], dev)
+    case = CASES[name](batch_size or DEFAULT_BATCH[name], dev, size)
     torch.manual_seed(seed)
     eager = case.make_model().to(dev)
     fused = copy.deepcopy(eager)
@@ -154,6 +160,7 @@ def main(argv: list[str] | None = None) -> int:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", choices=sorted(CASES), required=True)
     p.add_argument("--steps", type=int, default=300)
+    p.add_argument("--size", choices=SIZES, default="small")
     p.add_argument("--batch-size", type=int, default=None)
     p.add_argument("--device", default="cpu")
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
@@ -161,7 +168,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    r = run(args.model, args.steps, args.batch_size, args.device, args.out)
+    r = run(args.model, args.steps, args.batch_size, args.device, args.out, size=args.size)
     mib = 2.0 ** 20
     print(f"{r['describe']}, {r['steps']} steps, {args.device}, {torch.get_num_threads()} threads")
     print(f"  eager   loss {r['eager_loss'][0]:.4f} -> {r['eager_loss'][1]:.4f}   "
