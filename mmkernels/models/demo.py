@@ -5,7 +5,9 @@
 
 Both runs start from the same initial parameters and see the same synthetic batches
 (:mod:`mmkernels.models.training` reseeds every step). The demo prints both loss
-curves' end points, the speed ratio (eager time / patched time over all steps) and
+curves' end points, the speed ratio (eager time / patched time over all steps; the
+two models train in lockstep, step i eager then step i patched, so that a change in
+the machine's load affects both alike) and
 the peak-memory ratio of one training step (eager / patched, the benchmark harness's
 measure), and saves a PNG of the two curves. Runs on the CPU by default (the C++ and
 CPU kernels; ``--device cuda`` for a GPU). No download, no dataset.
@@ -17,6 +19,7 @@ import argparse
 import copy
 import os
 import sys
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -24,7 +27,7 @@ import torch
 from torch import Tensor, nn
 
 from mmkernels.models.patching import patch
-from mmkernels.models.training import make_optimizer, peak_memory, train
+from mmkernels.models.training import TrainRun, make_optimizer, peak_memory, train_step
 
 
 @dataclass
@@ -130,17 +133,22 @@ def run(name: str, steps: int = 300, batch_size: int | None = None,
     for m in (eager, fused):
         m.zero_grad(set_to_none=True)
 
-    def progress(tag):
-        def f(step, loss):
-            if not quiet and (step % max(steps // 10, 1) == 0 or step == steps - 1):
-                print(f"  {tag:8s} step {step:4d}/{steps}  loss {loss:.4f}", file=sys.stderr)
-        return f
-
-    runs = {}
-    for tag, model in (("eager", eager), ("patched", fused)):
-        opt = make_optimizer(model, case.lr)
-        runs[tag] = train(model, case.make_batch, case.loss_fn, steps, case.lr, seed=seed,
-                          optimizer=opt, on_step=progress(tag))
+    # lockstep: step i eager, then step i patched, each timed on its own, so that a
+    # change in the machine's load during the run affects both alike
+    models = {"eager": eager, "patched": fused}
+    runs = {tag: TrainRun() for tag in models}
+    opts = {tag: make_optimizer(m, case.lr) for tag, m in models.items()}
+    for m in models.values():
+        m.train()
+    for step in range(steps):
+        batch = case.make_batch(step)
+        for tag, model in models.items():
+            t0 = time.perf_counter()
+            runs[tag].losses.append(train_step(model, batch, case.loss_fn, opts[tag], seed + step))
+            runs[tag].seconds += time.perf_counter() - t0
+        if not quiet and (step % max(steps // 10, 1) == 0 or step == steps - 1):
+            print(f"  step {step:4d}/{steps}  loss eager {runs['eager'].losses[-1]:.4f}  "
+                  f"patched {runs['patched'].losses[-1]:.4f}", file=sys.stderr)
     e, f = runs["eager"], runs["patched"]
     rel = max(abs(a - b) / max(abs(a), 1e-30) for a, b in zip(e.losses, f.losses, strict=True))
     png = os.path.join(out, f"demo_{name}.png")

@@ -46,17 +46,22 @@ def train(model: nn.Module, make_batch: Callable[[int], object],
     run = TrainRun()
     t0 = time.perf_counter()
     for step in range(steps):
-        batch = make_batch(step)
-        torch.manual_seed(seed + step)
-        loss = loss_fn(model, batch)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        run.losses.append(float(loss.detach()))
+        run.losses.append(train_step(model, make_batch(step), loss_fn, opt, seed + step))
         if on_step is not None:
             on_step(step, run.losses[-1])
     run.seconds = time.perf_counter() - t0
     return run
+
+
+def train_step(model: nn.Module, batch: object, loss_fn: Callable[[nn.Module, object], Tensor],
+               optimizer: torch.optim.Optimizer, seed: int) -> float:
+    """One optimizer step on ``batch`` after ``torch.manual_seed(seed)``; returns the loss."""
+    torch.manual_seed(seed)
+    loss = loss_fn(model, batch)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    return float(loss.detach())
 
 
 def eager_and_patched(make_model: Callable[[], nn.Module],
