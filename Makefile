@@ -18,7 +18,8 @@ $(PY):
 # Python dependencies (torch first: the extension builds against it, without isolation).
 $(VENV)/.stamp-deps: pyproject.toml | $(PY)
 	$(PIP) install --quiet $(TORCH_SPEC) "setuptools>=64" wheel ninja
-	$(PIP) install --quiet pytest pytest-benchmark open-clip-torch expecttest numpy hypothesis
+	$(PIP) install --quiet pytest pytest-benchmark open-clip-torch expecttest numpy hypothesis \
+		"transformers==5.24.0" matplotlib
 	touch $@
 
 # The package itself, editable, built against the installed torch.
