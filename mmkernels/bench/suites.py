@@ -55,6 +55,7 @@ _MODULES = {
     "attention": "mmkernels.bench.attention",
     "co_attention": "mmkernels.bench.co_attention",
     "contrastive": "mmkernels.bench.contrastive",
+    "models": "mmkernels.bench.models",
 }
 
 

@@ -1,0 +1,90 @@
+"""Reference-model benchmarks: one training step (loss forward, and forward+backward)
+of each reference model, eager against patched (issue 11).
+
+On CUDA the realistic configurations run (``ViLBertConfig.base()``: BERT-base text,
+6 co-attention layers, 36 regions of 2048-d pooled from a 14x14 map; ``CLIPConfig.base()``:
+ViT-B/16 at 224 with FLIP 50% masking, 77-token text; ``LlavaConfig.base()``: ViT-B/16
+tower and a Qwen2-0.5B-shaped LM, 4 samples packed per row). On the CPU the demo
+configurations (``small()``) run, so that the main job stays within minutes on 2 cores;
+the case descriptions say which.
+
+Correctness line: the loss of each provider against the eager model run in float64.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch import Tensor, nn
+
+from mmkernels.bench.suites import Case, Suite
+from mmkernels.models.patching import patch
+
+#: batch per model and device kind
+_BATCH = {("vilbert", "cuda"): 32, ("vilbert", "cpu"): 16, ("clip", "cuda"): 128,
+          ("clip", "cpu"): 64, ("llava", "cuda"): 4, ("llava", "cpu"): 8}
+
+
+def _tensors(batch: dict, device: torch.device) -> tuple[list[str], tuple]:
+    keys = [k for k, v in batch.items() if isinstance(v, Tensor)]
+    return keys, tuple(batch[k].to(device) for k in keys)
+
+
+def _model_case(name: str, description: str, make_model, batch: dict, device: torch.device
+                ) -> Case:
+    torch.manual_seed(0)
+    eager = make_model().to(device).train()
+    fused = copy.deepcopy(eager)
+    patch(fused)
+    keys, values = _tensors(batch, device)
+    extra = {k: v for k, v in batch.items() if not isinstance(v, Tensor)}
+
+    def provider(model: nn.Module):
+        def run(*tensors):
+            torch.manual_seed(0)  # the same masking noise for both providers
+            return model(**dict(zip(keys, tensors, strict=True)), **extra).loss
+        return run
+
+    def check() -> dict[str, float]:
+        ref = copy.deepcopy(eager).double()
+        args = tuple(v.double() if v.is_floating_point() else v for v in values)
+        with torch.no_grad():
+            exact = float(provider(ref)(*args))
+            return {p: abs(float(provider(m)(*values)) - exact)
+                    for p, m in (("patched", fused), ("eager", eager))}
+
+    return Case(name, description, lambda: values,
+                {"patched": provider(fused), "eager": provider(eager)}, baseline="eager",
+                modes=("forward", "forward+backward"), memory_mode="forward+backward",
+                check=check, repeats=5, warmup=1)
+
+
+def suite(device: torch.device) -> Suite:
+    from mmkernels.models import clip, llava, vilbert
+
+    kind = "cuda" if device.type == "cuda" else "cpu"
+    size = "base" if kind == "cuda" else "small"
+    cases = []
+
+    cfg_v = getattr(vilbert.ViLBertConfig, size)().without_dropout()
+    bv = _BATCH[("vilbert", kind)]
+    cases.append(_model_case(
+        "vilbert_step", f"ViLBERT {size}, {bv} image-caption pairs, MLM + regions + ITM, fp32",
+        lambda: vilbert.ViLBertForPreTraining(cfg_v),
+        vilbert.synthetic_batch(cfg_v, bv, seed=0), device))
+
+    cfg_c = getattr(clip.CLIPConfig, size)()
+    bc = _BATCH[("clip", kind)]
+    batch_c = {k: v for k, v in clip.synthetic_batch(cfg_c, bc, seed=0).items() if k != "classes"}
+    cases.append(_model_case(
+        "clip_step", f"CLIP {size}, {bc} pairs, FLIP masking, InfoNCE, fp32",
+        lambda: clip.CLIP(cfg_c), batch_c, device))
+
+    cfg_l = getattr(llava.LlavaConfig, size)()
+    bl = _BATCH[("llava", kind)]
+    pack = llava.synthetic_pack(cfg_l, seed=0, images=tuple(i % 3 for i in range(bl)))
+    cases.append(_model_case(
+        "llava_step", f"LLaVA {size}, {bl} samples packed ({pack['input_ids'].shape[1]} tokens), "
+        "fp32", lambda: llava.Llava(cfg_l), pack, device))
+    return Suite("models", cases)
