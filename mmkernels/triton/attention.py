@@ -9,8 +9,17 @@ Visibility of key j to query i (0-based within their sequences):
   * causal=False: every key;
   * causal=True: j <= i + (seqlen_k - seqlen_q) (bottom-right aligned, as flash-attn),
     or, with block ids, the two tokens share a non-zero block id (an image's patches
-    see each other both ways while text stays causal).
-A query with no visible key outputs zeros and lse = -inf.
+    see each other both ways while text stays causal);
+  * HAS_WINDOW (sliding window, flash-attn's window_size = (left, right)): also
+    i + off - left <= j <= i + off + right, off = seqlen_k - seqlen_q; the launcher
+    replaces an unbounded side by a bound that never binds (and right by 0 with
+    causal). Image blocks are added on top of the windowed causal mask.
+A query with no visible key outputs zeros and lse = -inf. Key tiles outside a tile's
+[first, last] visible key (from the causal/window bounds and the block reach tables)
+are never loaded.
+
+Scores: S = scale * q k^T, or with HAS_SOFTCAP, S = softcap * tanh(scale * q k^T /
+softcap) (Gemma-2); the backward multiplies dS by the cap's derivative 1 - (S/softcap)^2.
 
 Forward (one program per (q tile, sequence, head)): the q tile stays in SRAM for the
 whole key loop; scores are kept in the log2 domain with the online softmax (running
@@ -94,16 +103,39 @@ def _dropout_keep(seed_lo, seed_hi, ctr_lo, ctr_hi, stream, rows_global, cols, d
 
 
 @triton.jit
-def _visible(rows, cols, seqlen_q, seqlen_k, bq, bk, CAUSAL: tl.constexpr,
-             HAS_BLOCKS: tl.constexpr):
-    """(BLOCK_M, BLOCK_N) bool: in range and visible under the causal/block rule."""
+def _visible(rows, cols, seqlen_q, seqlen_k, bq, bk, win_left, win_right, CAUSAL: tl.constexpr,
+             HAS_BLOCKS: tl.constexpr, HAS_WINDOW: tl.constexpr):
+    """(BLOCK_M, BLOCK_N) bool: in range and visible under the causal/window/block rule."""
     ok = (rows[:, None] < seqlen_q) & (cols[None, :] < seqlen_k)
-    if CAUSAL:
-        vis = cols[None, :] <= rows[:, None] + (seqlen_k - seqlen_q)
-        if HAS_BLOCKS:
-            vis = vis | ((bq[:, None] == bk[None, :]) & (bq[:, None] != 0))
-        ok = ok & vis
+    if CAUSAL or HAS_WINDOW:
+        diff = cols[None, :] - rows[:, None] - (seqlen_k - seqlen_q)  # j - (i + off)
+        if CAUSAL:
+            vis = diff <= 0
+            if HAS_WINDOW:
+                vis = vis & (diff >= -win_left)
+            if HAS_BLOCKS:
+                vis = vis | ((bq[:, None] == bk[None, :]) & (bq[:, None] != 0))
+            ok = ok & vis
+        else:
+            ok = ok & (diff >= -win_left) & (diff <= win_right)
     return ok
+
+
+@triton.jit
+def _tanh(x):
+    """tanh(x) = 1 - 2 / (exp(2x) + 1): exact limits +-1 at +-inf, one exp2."""
+    return 1.0 - 2.0 / (tl.math.exp2(x * (2.0 * LOG2E)) + 1.0)
+
+
+@triton.jit
+def _scores(qk, sm_scale, softcap, HAS_SOFTCAP: tl.constexpr):
+    """(log2-domain scores S * log2(e), tanh of the capped scores (or qk when
+    HAS_SOFTCAP is off; unused then)) from the raw products qk = q k^T."""
+    if HAS_SOFTCAP:
+        t = _tanh(qk * (sm_scale / softcap))
+        return t * (softcap * LOG2E), t
+    else:
+        return qk * (sm_scale * LOG2E), qk
 
 
 @triton.jit
@@ -129,21 +161,64 @@ def _store_tokens(base, idx, idx_ok, stride_t, offs_d, d_ok, stride_d, value):
 
 
 @triton.jit
-def _key_range(rows, row_ok, start_m, seqlen_q, seqlen_k, bq_base, reach_base,
-               CAUSAL: tl.constexpr, HAS_BLOCKS: tl.constexpr, BLOCK_M: tl.constexpr):
-    """Keys [0, hi) a q tile can see (causal: up to the last key any of its rows sees,
-    from the reach table with image blocks), and the rows' block ids (zeros without)."""
+def _key_range(rows, row_ok, start_m, seqlen_q, seqlen_k, bq_base, reach_base, reach_back_base,
+               win_left, win_right, CAUSAL: tl.constexpr, HAS_BLOCKS: tl.constexpr,
+               HAS_WINDOW: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Keys [lo, hi) a q tile can see, lo a multiple of BLOCK_N (causal: up to the last
+    key any of its rows sees, from the reach table with image blocks; a window: from
+    the first key of its first row's window, or of an image block of its rows), and
+    the rows' block ids (zeros without)."""
+    lo = 0
     hi = seqlen_k
     bq = tl.zeros([BLOCK_M], dtype=tl.int32)
+    off = seqlen_k - seqlen_q
     if CAUSAL:
         if HAS_BLOCKS:
             reach = tl.load(reach_base + rows, mask=row_ok, other=-1)
             hi = tl.minimum(tl.max(reach, 0) + 1, seqlen_k)
             bq = tl.load(bq_base + rows, mask=row_ok, other=0)
         else:
-            hi = tl.minimum((start_m + 1) * BLOCK_M + (seqlen_k - seqlen_q), seqlen_k)
-        hi = tl.maximum(hi, 0)
-    return hi, bq
+            hi = tl.minimum((start_m + 1) * BLOCK_M + off, seqlen_k)
+    elif HAS_WINDOW:
+        hi = tl.minimum((start_m + 1) * BLOCK_M + off + win_right, seqlen_k)
+    if HAS_WINDOW:
+        lo = start_m * BLOCK_M + off - win_left
+        if CAUSAL and HAS_BLOCKS:
+            first = tl.load(reach_back_base + rows, mask=row_ok, other=2147483647)
+            lo = tl.minimum(lo, tl.min(first, 0))
+        lo = (tl.maximum(lo, 0) // BLOCK_N) * BLOCK_N
+    hi = tl.maximum(hi, 0)
+    return lo, hi, bq
+
+
+@triton.jit
+def _query_range(cols, col_ok, start_n, seqlen_q, seqlen_k, bk_base, reach_base,
+                 reach_back_base, win_left, win_right, CAUSAL: tl.constexpr,
+                 HAS_BLOCKS: tl.constexpr, HAS_WINDOW: tl.constexpr, BLOCK_M: tl.constexpr,
+                 BLOCK_N: tl.constexpr):
+    """Queries [lo, hi) that can see a key tile, lo a multiple of BLOCK_M (the mirror of
+    :func:`_key_range`), and the keys' block ids (zeros without)."""
+    lo = 0
+    hi = seqlen_q
+    bk = tl.zeros([BLOCK_N], dtype=tl.int32)
+    off = seqlen_k - seqlen_q
+    if CAUSAL:
+        if HAS_BLOCKS:
+            first = tl.load(reach_back_base + cols, mask=col_ok, other=2147483647)
+            lo = tl.min(first, 0)
+            bk = tl.load(bk_base + cols, mask=col_ok, other=0)
+        else:
+            lo = start_n * BLOCK_N - off
+    elif HAS_WINDOW:
+        lo = start_n * BLOCK_N - off - win_right
+    if HAS_WINDOW:
+        hi = (start_n + 1) * BLOCK_N - off + win_left
+        if CAUSAL and HAS_BLOCKS:
+            reach = tl.load(reach_base + cols, mask=col_ok, other=-1)
+            hi = tl.maximum(hi, tl.max(reach, 0) + 1)
+        hi = tl.maximum(tl.minimum(hi, seqlen_q), 0)
+    lo = (tl.maximum(lo, 0) // BLOCK_M) * BLOCK_M
+    return lo, hi, bk
 
 
 @triton.jit
@@ -152,11 +227,14 @@ def _attn_fwd_tile(q_base, k_base, v_base, o_base, lse_base, bq_base, bk_base, r
                    stride_ot, stride_od, seqlen_q, seqlen_k, start_m, head_dim, sm_scale,
                    dropout_p, seed_lo, seed_hi, ctr_lo, ctr_hi, stream, q_global0,
                    CAUSAL: tl.constexpr, HAS_BLOCKS: tl.constexpr, HAS_DROPOUT: tl.constexpr,
-                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+                   reach_back_base=None, softcap=0.0, win_left=0, win_right=0,
+                   HAS_WINDOW: tl.constexpr = False, HAS_SOFTCAP: tl.constexpr = False):
     """Output rows [start_m*BLOCK_M, +BLOCK_M) of one (sequence, head).
 
     The *_base pointers point at this sequence's first token and this head; the
-    dropout stream of this head is `stream`.
+    dropout stream of this head is `stream`. reach_back_base (blocks with a window),
+    softcap, win_left/right: see the module docstring.
     """
     rows = start_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
@@ -164,21 +242,22 @@ def _attn_fwd_tile(q_base, k_base, v_base, o_base, lse_base, bq_base, bk_base, r
     row_ok = rows < seqlen_q
     d_ok = offs_d < head_dim
     q = _load_tokens(q_base, rows, row_ok, stride_qt, offs_d, d_ok, stride_qd)
-    qk_scale = sm_scale * LOG2E
-    hi, bq = _key_range(rows, row_ok, start_m, seqlen_q, seqlen_k, bq_base, reach_base,
-                        CAUSAL, HAS_BLOCKS, BLOCK_M)
+    lo, hi, bq = _key_range(rows, row_ok, start_m, seqlen_q, seqlen_k, bq_base, reach_base,
+                            reach_back_base, win_left, win_right, CAUSAL, HAS_BLOCKS,
+                            HAS_WINDOW, BLOCK_M, BLOCK_N)
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    for start_n in range(0, hi, BLOCK_N):
+    for start_n in range(lo, hi, BLOCK_N):
         cols = start_n + offs_n
         col_ok = cols < seqlen_k
         kt = _load_tokens_t(k_base, cols, col_ok, stride_kt, offs_d, d_ok, stride_kd)
-        s = tl.dot(q, kt, input_precision="ieee") * qk_scale
+        s, _t = _scores(tl.dot(q, kt, input_precision="ieee"), sm_scale, softcap, HAS_SOFTCAP)
         bk = bq
         if HAS_BLOCKS:
             bk = tl.load(bk_base + cols, mask=col_ok, other=0)
-        ok = _visible(rows, cols, seqlen_q, seqlen_k, bq, bk, CAUSAL, HAS_BLOCKS)
+        ok = _visible(rows, cols, seqlen_q, seqlen_k, bq, bk, win_left, win_right, CAUSAL,
+                      HAS_BLOCKS, HAS_WINDOW)
         s = tl.where(ok, s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -210,7 +289,9 @@ def _attn_bwd_dkdv_tile(q_seq, k_base, v_base, do_seq, lse_seq, delta_seq, dk_ba
                         seed_lo, seed_hi, ctr_lo, ctr_hi, stream0, q_global0, kv_head, group,
                         CAUSAL: tl.constexpr, HAS_BLOCKS: tl.constexpr,
                         HAS_DROPOUT: tl.constexpr, BLOCK_M: tl.constexpr,
-                        BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+                        BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+                        reach_base=None, softcap=0.0, win_left=0, win_right=0,
+                        HAS_WINDOW: tl.constexpr = False, HAS_SOFTCAP: tl.constexpr = False):
     """dK, dV for key rows [start_n*BLOCK_N, +BLOCK_N) of one (sequence, kv head).
 
     q_seq/do_seq/lse_seq/delta_seq point at the sequence start (head 0); the loop
@@ -226,24 +307,16 @@ def _attn_bwd_dkdv_tile(q_seq, k_base, v_base, do_seq, lse_seq, delta_seq, dk_ba
     v = _load_tokens(v_base, cols, col_ok, stride_vt, offs_d, d_ok, stride_vd)
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
-    qk_scale = sm_scale * LOG2E
-    # Query range: from the first query that sees any key of the tile.
-    lo = 0
-    bk = tl.zeros([BLOCK_N], dtype=tl.int32)
-    if CAUSAL:
-        if HAS_BLOCKS:
-            first = tl.load(reach_back_base + cols, mask=col_ok, other=2147483647)
-            lo = tl.maximum(tl.min(first, 0), 0)
-            bk = tl.load(bk_base + cols, mask=col_ok, other=0)
-        else:
-            lo = tl.maximum(start_n * BLOCK_N - (seqlen_k - seqlen_q), 0)
-        lo = (lo // BLOCK_M) * BLOCK_M
+    # Query range: from the first to the last query that sees any key of the tile.
+    lo, hi, bk = _query_range(cols, col_ok, start_n, seqlen_q, seqlen_k, bk_base, reach_base,
+                              reach_back_base, win_left, win_right, CAUSAL, HAS_BLOCKS,
+                              HAS_WINDOW, BLOCK_M, BLOCK_N)
     for g in range(group):
         h = kv_head * group + g
         h64 = h.to(tl.int64)
         q_h = q_seq + h64 * stride_qh
         do_h = do_seq + h64 * stride_doh
-        for start_m in range(lo, seqlen_q, BLOCK_M):
+        for start_m in range(lo, hi, BLOCK_M):
             rows = start_m + offs_m
             row_ok = rows < seqlen_q
             q = _load_tokens(q_h, rows, row_ok, stride_qt, offs_d, d_ok, stride_qd)
@@ -254,19 +327,24 @@ def _attn_bwd_dkdv_tile(q_seq, k_base, v_base, do_seq, lse_seq, delta_seq, dk_ba
             bq = bk
             if HAS_BLOCKS:
                 bq = tl.load(bq_base + rows, mask=row_ok, other=0)
-            s = tl.dot(q, tl.trans(k), input_precision="ieee") * qk_scale
-            ok = _visible(rows, cols, seqlen_q, seqlen_k, bq, bk, CAUSAL, HAS_BLOCKS)
+            s, t = _scores(tl.dot(q, tl.trans(k), input_precision="ieee"), sm_scale, softcap,
+                           HAS_SOFTCAP)
+            ok = _visible(rows, cols, seqlen_q, seqlen_k, bq, bk, win_left, win_right, CAUSAL,
+                          HAS_BLOCKS, HAS_WINDOW)
             p = tl.where(ok, tl.math.exp2(s - lse2[:, None]), 0.0)
             dp = tl.dot(do, tl.trans(v), input_precision="ieee")
             if HAS_DROPOUT:
                 keep = _dropout_keep(seed_lo, seed_hi, ctr_lo, ctr_hi, stream0 + h,
-                                     q_global0 + rows, cols, dropout_p, CARRY_BY_COMPARE=True)
+                                     q_global0 + rows, cols, dropout_p,
+                                     CARRY_BY_COMPARE=True)
                 p_drop = tl.where(keep, p / (1.0 - dropout_p), 0.0)
                 dp = tl.where(keep, dp / (1.0 - dropout_p), 0.0)
             else:
                 p_drop = p
             dv += tl.dot(tl.trans(p_drop.to(do.dtype)), do, input_precision="ieee")
             ds = p * (dp - delta[:, None])
+            if HAS_SOFTCAP:
+                ds = ds * (1.0 - t * t)
             dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision="ieee")
     dk = dk * sm_scale
     _store_tokens(dk_base, cols, col_ok, stride_dkt, offs_d, d_ok, stride_dkd, dk)
@@ -281,7 +359,9 @@ def _attn_bwd_dq_tile(q_base, k_base, v_base, do_base, dq_base, lse_base, delta_
                       seqlen_q, seqlen_k, start_m, head_dim, sm_scale, dropout_p,
                       seed_lo, seed_hi, ctr_lo, ctr_hi, stream, q_global0,
                       CAUSAL: tl.constexpr, HAS_BLOCKS: tl.constexpr, HAS_DROPOUT: tl.constexpr,
-                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+                      reach_back_base=None, softcap=0.0, win_left=0, win_right=0,
+                      HAS_WINDOW: tl.constexpr = False, HAS_SOFTCAP: tl.constexpr = False):
     """dQ for query rows [start_m*BLOCK_M, +BLOCK_M) of one (sequence, head)."""
     rows = start_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
@@ -293,11 +373,11 @@ def _attn_bwd_dq_tile(q_base, k_base, v_base, do_base, dq_base, lse_base, delta_
     lse = tl.load(lse_base + rows, mask=row_ok, other=0.0)
     delta = tl.load(delta_base + rows, mask=row_ok, other=0.0)
     lse2 = tl.where(lse == float("-inf"), 0.0, lse * LOG2E)
-    qk_scale = sm_scale * LOG2E
-    hi, bq = _key_range(rows, row_ok, start_m, seqlen_q, seqlen_k, bq_base, reach_base,
-                        CAUSAL, HAS_BLOCKS, BLOCK_M)
+    lo, hi, bq = _key_range(rows, row_ok, start_m, seqlen_q, seqlen_k, bq_base, reach_base,
+                            reach_back_base, win_left, win_right, CAUSAL, HAS_BLOCKS,
+                            HAS_WINDOW, BLOCK_M, BLOCK_N)
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    for start_n in range(0, hi, BLOCK_N):
+    for start_n in range(lo, hi, BLOCK_N):
         cols = start_n + offs_n
         col_ok = cols < seqlen_k
         kt = _load_tokens_t(k_base, cols, col_ok, stride_kt, offs_d, d_ok, stride_kd)
@@ -305,8 +385,9 @@ def _attn_bwd_dq_tile(q_base, k_base, v_base, do_base, dq_base, lse_base, delta_
         bk = bq
         if HAS_BLOCKS:
             bk = tl.load(bk_base + cols, mask=col_ok, other=0)
-        s = tl.dot(q, kt, input_precision="ieee") * qk_scale
-        ok = _visible(rows, cols, seqlen_q, seqlen_k, bq, bk, CAUSAL, HAS_BLOCKS)
+        s, t = _scores(tl.dot(q, kt, input_precision="ieee"), sm_scale, softcap, HAS_SOFTCAP)
+        ok = _visible(rows, cols, seqlen_q, seqlen_k, bq, bk, win_left, win_right, CAUSAL,
+                      HAS_BLOCKS, HAS_WINDOW)
         p = tl.where(ok, tl.math.exp2(s - lse2[:, None]), 0.0)
         dp = tl.dot(do, vt, input_precision="ieee")
         if HAS_DROPOUT:
@@ -314,6 +395,8 @@ def _attn_bwd_dq_tile(q_base, k_base, v_base, do_base, dq_base, lse_base, delta_
                                  cols, dropout_p)
             dp = tl.where(keep, dp / (1.0 - dropout_p), 0.0)
         ds = p * (dp - delta[:, None])
+        if HAS_SOFTCAP:
+            ds = ds * (1.0 - t * t)
         dq += tl.dot(ds.to(kt.dtype), tl.trans(kt), input_precision="ieee")
     dq = dq * sm_scale
     _store_tokens(dq_base, rows, row_ok, stride_dqt, offs_d, d_ok, stride_dqd, dq)
