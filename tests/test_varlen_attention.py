@@ -930,13 +930,59 @@ def _fwd_bwd(lengths, dtype, dropout_p, threads=None, H=4, H_kv=2, D=24):
 @pytest.mark.parametrize("backend", BACKENDS, indirect=True)
 @pytest.mark.parametrize("dropout_p", [0.0, 0.3], ids=["no-dropout", "dropout"])
 def test_deterministic_algorithms_run_to_run_bitwise(backend, deterministic, dropout_p):
-    """dK/dV per key tile (Triton) or per sequence (CPU), no atomics: bit-identical
-    reruns under use_deterministic_algorithms(True); with dropout, the default state
-    drawn after torch.manual_seed gives the same mask."""
+    """Under use_deterministic_algorithms(True) the Triton backward takes its
+    deterministic path (dK/dV per key tile, dQ in a second kernel, no atomics), the
+    CPU path its explicit backward: bit-identical reruns; with dropout, the default
+    state drawn after torch.manual_seed gives the same mask."""
     a = _fwd_bwd([19, 0, 40], torch.float32, dropout_p)
     b = _fwd_bwd([19, 0, 40], torch.float32, dropout_p)
     for x, y in zip(a, b):
         assert torch.equal(x, y)
+
+
+@pytest.mark.skipif(not interpreting(), reason="the Triton path on CPU tensors (interpreter)")
+@pytest.mark.parametrize("mode", ["default", "deterministic-arg", "deterministic-mode"])
+def test_backward_path_selection(monkeypatch, mode):
+    """The one-pass backward (kernel kind "bwd": dK/dV and atomic dQ) by default; the
+    two-kernel deterministic path ("dkdv" then "dq") with deterministic=True or under
+    torch.use_deterministic_algorithms(True). Both against the float64 reference."""
+    kinds = []
+    pick = va.pick_config
+    monkeypatch.setattr(va, "pick_config", lambda kind, d: kinds.append(kind) or pick(kind, d))
+    lengths = [19, 0, 40]
+    cu = cu_of(lengths)
+    bid = torch.zeros(59, dtype=torch.int32)
+    bid[3:11] = 1
+    q, k, v = [t.requires_grad_() for t in make_qkv(lengths, lengths, 4, 2, 24, torch.float32)]
+    old = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(mode == "deterministic-mode")
+    try:
+        out = mmkernels.varlen_attention(q, k, v, cu, cu, 40, 40, causal=True, block_ids=bid,
+                                         deterministic=mode == "deterministic-arg")
+        g = torch.randn_like(out)
+        out.backward(g)
+    finally:
+        torch.use_deterministic_algorithms(old)
+    assert kinds[1:] == (["bwd"] if mode == "default" else ["dkdv", "dq"])
+    q64, k64, v64 = [t.detach().double().requires_grad_() for t in (q, k, v)]
+    ref, _ = reference.varlen_attention(q64, k64, v64, cu, cu, None, True, bid)
+    ref.backward(g.double())
+    for got, want, name in ((q.grad, q64.grad, "dq"), (k.grad, k64.grad, "dk"),
+                            (v.grad, v64.grad, "dv")):
+        assert_close_to_reference(got, want, what=name)
+
+
+@pytest.mark.skipif(not interpreting(), reason="the Triton path on CPU tensors (interpreter)")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+def test_delta_prekernel(dtype):
+    """delta = rowsum(dO * O) by the Triton pre-kernel, from operands in their dtype and
+    strides (here non-contiguous, D not a power of two), against float64."""
+    out = torch.randn(37, 80, 3, dtype=dtype).transpose(1, 2)  # (37, 3, 80), strided
+    do = torch.randn(37, 3, 80, dtype=dtype)
+    got = va.attention_delta(out, do)
+    want = (out.double() * do.double()).sum(-1).transpose(0, 1)
+    assert got.shape == (3, 37) and got.dtype == torch.float32
+    assert_close_to_reference(got, want, what="delta")
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16], ids=str)

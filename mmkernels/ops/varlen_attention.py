@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import math
 
 import torch
@@ -51,9 +52,13 @@ CONFIGS: dict[str, dict[int, list[AttnConfig]]] = {
     "fwd": {64: [_C(128, 64, 8, 3), _C(64, 64, 4, 3)],
             128: [_C(128, 64, 8, 3), _C(128, 64, 8, 2)],
             256: [_C(32, 32, 4, 2)]},
-    # D64 (32, 32, 4, 1): 8 bytes of stack on sm_90 in the causal+blocks+window+softcap
-    # +dropout variant; 8 warps fit every variant
-    "dkdv": {64: [_C(32, 32, 8, 1)],
+    # one-pass backward (dK/dV + atomic dQ). Kernel report (sm_80/sm_90): D128 clean;
+    # D64 and D256 still spill 8-48 bytes in some variants (D64 (32, 64, 4, 1) and
+    # (64, 64, 8, 1) spilled more). Open: issue 12 section 3 (tiles, stages, autotune).
+    "bwd": {64: [_C(32, 32, 4, 1)],
+            128: [_C(32, 64, 8, 1)],
+            256: [_C(32, 32, 8, 1)]},
+    "dkdv": {64: [_C(32, 32, 4, 1)],
              # (16, 32, 4, 1) left D128: 8 bytes of stack on sm_90 with dropout once
              # the Philox arguments stopped being specialised
              128: [_C(32, 64, 8, 1)],
@@ -240,8 +245,40 @@ def _triton_fwd(q, k, v, cu_q, cu_k, block_ids, max_q, max_k, scale, causal, dro
     return out, lse
 
 
+def delta_block_t(block_d: int) -> int:
+    """Tokens per program of the delta pre-kernel: 8192 elements per operand tile."""
+    return max(16, 8192 // block_d)
+
+
+def attention_delta(out: Tensor, do: Tensor) -> Tensor:
+    """delta = rowsum(dO * O): (H, total) float32 from out, do (total, H, D) in their own
+    dtype and strides, by :func:`mmkernels.triton.attention._attn_bwd_delta_kernel`
+    (no float32 copies of O or dO)."""
+    from mmkernels.triton.attention import _attn_bwd_delta_kernel
+
+    total, H, D = out.shape
+    delta = torch.empty(H, total, dtype=torch.float32, device=out.device)
+    if delta.numel():
+        block_d = block_d_for(D)
+        block_t = delta_block_t(block_d)
+        with _guard(out.device):
+            _attn_bwd_delta_kernel[(triton_cdiv(total, block_t), H)](
+                out, do, delta, total, D, *out.stride(), *do.stride(), delta.stride(0),
+                BLOCK_T=block_t, BLOCK_D=block_d, num_warps=4)
+    return delta
+
+
+def deterministic_backward(deterministic: bool) -> bool:
+    """The deterministic backward runs when asked for (``deterministic=True``) or under
+    ``torch.use_deterministic_algorithms(True)`` (read when the backward runs)."""
+    return bool(deterministic) or torch.are_deterministic_algorithms_enabled()
+
+
 def _triton_bwd(do, q, k, v, out, lse, cu_q, cu_k, block_ids, max_q, max_k, scale, causal,
-                dropout_p, seed, offset, window=(-1, -1), softcap=0.0):
+                dropout_p, seed, offset, window=(-1, -1), softcap=0.0, deterministic=False):
+    """One pass (default): dK, dV and, with atomics into a float32 buffer, dQ in one
+    kernel. Deterministic: dK/dV, then dQ in a second kernel (no atomics; it
+    recomputes S and dP: 7 GEMMs per tile pair instead of 5)."""
     from mmkernels.triton.varlen_attention import (
         _varlen_attn_bwd_dkdv_kernel,
         _varlen_attn_bwd_dq_kernel,
@@ -251,13 +288,21 @@ def _triton_bwd(do, q, k, v, out, lse, cu_q, cu_k, block_ids, max_q, max_k, scal
     total_k, H_kv, _ = k.shape
     batch = cu_q.numel() - 1
     cu_q, cu_k, lse = cu_q.contiguous(), cu_k.contiguous(), lse.contiguous()
-    dq = torch.zeros_like(q, memory_format=torch.contiguous_format)
-    dk = torch.zeros_like(k, memory_format=torch.contiguous_format)
-    dv = torch.zeros_like(v, memory_format=torch.contiguous_format)
     if batch == 0 or total_q == 0 or total_k == 0:
-        return dq, dk, dv
-    # preprocess: delta_i = rowsum(dO_i * O_i), (H, total_q) float32
-    delta = (do.float() * out.float()).sum(-1).transpose(0, 1).contiguous()
+        return (torch.zeros_like(q, memory_format=torch.contiguous_format),
+                torch.zeros_like(k, memory_format=torch.contiguous_format),
+                torch.zeros_like(v, memory_format=torch.contiguous_format))
+    # every key row belongs to a launched key tile, which stores its dK/dV rows (zeros
+    # where no query sees it): no zero-fill
+    dk = torch.empty_like(k, memory_format=torch.contiguous_format)
+    dv = torch.empty_like(v, memory_format=torch.contiguous_format)
+    one_pass = not deterministic_backward(deterministic)
+    if one_pass:  # accumulated with atomics: starts at zero
+        dq_acc = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
+    else:
+        dq = torch.empty_like(q, memory_format=torch.contiguous_format)
+        dq_acc = lse  # unused placeholder (float32)
+    delta = attention_delta(out, do)
     has_blocks = causal and block_ids is not None
     has_window, left, right = _window_args(window, causal, total_q, total_k)
     if has_blocks:
@@ -268,25 +313,26 @@ def _triton_bwd(do, q, k, v, out, lse, cu_q, cu_k, block_ids, max_q, max_k, scal
     block_d = block_d_for(D)
     flags = dict(CAUSAL=causal, HAS_BLOCKS=has_blocks, HAS_DROPOUT=dropout_p > 0,
                  HAS_WINDOW=has_window, HAS_SOFTCAP=softcap > 0, BLOCK_D=block_d)
+    dqa_strides = dq_acc.stride() if one_pass else (0, 0, 1)
     with _guard(q.device):
-        if max_k > 0:
-            cfg = pick_config("dkdv", block_d)
-            _varlen_attn_bwd_dkdv_kernel[(triton_cdiv(max_k, cfg.block_n), batch, H_kv)](
-                q, k, v, do, lse, delta, dk, dv, cu_q, cu_k, bid, reach, reach_back,
-                *q.stride(), *k.stride(), *v.stride(), *do.stride(), lse.stride(0),
-                *dk.stride(), *dv.stride(), scale, dropout_p, *_philox_args(seed, offset), D,
-                H // H_kv, float(softcap), left, right,
-                BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, num_warps=cfg.num_warps,
-                num_stages=cfg.num_stages, **flags)
-        if max_q > 0:
-            cfg = pick_config("dq", block_d)
-            _varlen_attn_bwd_dq_kernel[(triton_cdiv(max_q, cfg.block_m), batch, H)](
-                q, k, v, do, dq, lse, delta, cu_q, cu_k, bid, reach, reach_back,
-                *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dq.stride(),
-                lse.stride(0), scale, dropout_p, *_philox_args(seed, offset), D, H // H_kv,
-                float(softcap), left, right,
-                BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, num_warps=cfg.num_warps,
-                num_stages=cfg.num_stages, **flags)
+        cfg = pick_config("bwd" if one_pass else "dkdv", block_d)
+        _varlen_attn_bwd_dkdv_kernel[(triton_cdiv(max_k, cfg.block_n), batch, H_kv)](
+            q, k, v, do, lse, delta, dk, dv, dq_acc, cu_q, cu_k, bid, reach, reach_back,
+            *q.stride(), *k.stride(), *v.stride(), *do.stride(), lse.stride(0),
+            *dk.stride(), *dv.stride(), *dqa_strides, scale, dropout_p,
+            *_philox_args(seed, offset), D, H // H_kv, float(softcap), left, right,
+            ATOMIC_DQ=one_pass, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
+            num_warps=cfg.num_warps, num_stages=cfg.num_stages, **flags)
+        if one_pass:
+            return (dq_acc if q.dtype == torch.float32 else dq_acc.to(q.dtype)), dk, dv
+        cfg = pick_config("dq", block_d)
+        _varlen_attn_bwd_dq_kernel[(triton_cdiv(max_q, cfg.block_m), batch, H)](
+            q, k, v, do, dq, lse, delta, cu_q, cu_k, bid, reach, reach_back,
+            *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dq.stride(),
+            lse.stride(0), scale, dropout_p, *_philox_args(seed, offset), D, H // H_kv,
+            float(softcap), left, right,
+            BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, num_warps=cfg.num_warps,
+            num_stages=cfg.num_stages, **flags)
     return dq, dk, dv
 
 
@@ -548,7 +594,7 @@ def _varlen_attention_bwd(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out
     if _uses_triton(q.device):
         return _triton_bwd(grad_out, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, block_ids,
                            max_seqlen_q, max_seqlen_k, softmax_scale, causal, dropout_p, seed,
-                           offset, window, softcap)
+                           offset, window, softcap, deterministic)
     if _use_fused_cpu(q, k, dropout_p, backward=True, softcap=softcap):
         return _cpu_bwd_fused(grad_out, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, block_ids,
                               softmax_scale, causal, window)
@@ -789,9 +835,13 @@ def varlen_attention(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_s
         softcap: > 0 caps the scaled scores, S = softcap * tanh(S / softcap) (Gemma-2,
             PaliGemma-2), in the forward and the backward; 0 disables it.
         alibi_slopes: not supported (must be None).
-        deterministic: the backward is deterministic (no atomics) when this is True or
-            ``torch.use_deterministic_algorithms(True)`` is on; today every backward
-            of this op is deterministic.
+        deterministic: selects the deterministic backward (also taken under
+            ``torch.use_deterministic_algorithms(True)``). The default backward (Triton)
+            is FA2's one pass: dK/dV per key tile and dQ added with float32 atomics, so
+            dQ may differ in its last bits from run to run. The deterministic one
+            computes dQ in a second kernel without atomics, recomputing S and dP: 7
+            GEMMs per tile pair instead of 5 (1.4x the MMA work of the backward), and
+            no float32 dQ buffer. The CPU path is deterministic either way.
         return_attn_probs: not supported (must be False): the kernels never form the
             probabilities. Use ``return_lse=True`` for the log-sum-exp.
         block_ids: optional (total_q,) int32; requires cu_seqlens_q == cu_seqlens_k. With
@@ -810,7 +860,7 @@ def varlen_attention(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_s
         no visible key (causal with seqlen_q > seqlen_k, a window, an empty key
         sequence) outputs zeros and lse = -inf (flash-attn also writes zeros; its lse
         there is +inf).
-        Gradients flow to q, k and v.
+        Gradients flow to q, k and v (see ``deterministic``).
 
     Raises:
         TypeError / ValueError naming the offending argument (shapes, dtypes, devices,
@@ -938,6 +988,7 @@ def dropout_keep_mask(seed: int, cu_seqlens_q: Tensor, cu_seqlens_k: Tensor, num
 
 def kernel_specs() -> list[KernelSpec]:
     """Every (kernel, head-dim bucket, config) the package can launch, in bf16."""
+    from mmkernels.triton.attention import _attn_bwd_delta_kernel
     from mmkernels.triton.varlen_attention import (
         _varlen_attn_bwd_dkdv_kernel,
         _varlen_attn_bwd_dq_kernel,
@@ -945,35 +996,46 @@ def kernel_specs() -> list[KernelSpec]:
     )
 
     specs = []
-    for kernel, kind in ((_varlen_attn_fwd_kernel, "fwd"), (_varlen_attn_bwd_dkdv_kernel, "dkdv"),
+    for kernel, kind in ((_varlen_attn_fwd_kernel, "fwd"), (_varlen_attn_bwd_dkdv_kernel, "bwd"),
+                         (_varlen_attn_bwd_dkdv_kernel, "dkdv"),
                          (_varlen_attn_bwd_dq_kernel, "dq")):
         for block_d in (64, 128, 256):
             for cfg in prune_configs(kind, block_d):
+                one = functools.partial(attention_spec, atomic_dq=kind == "bwd")
                 # the lightest and the heaviest variants of each configuration (causal:
                 # blocks + window + softcap + dropout; non-causal: both window sides +
                 # softcap + dropout), with generic sizes and with sizes that are
                 # multiples of 16
                 for ints16 in (False, True):
-                    specs.append(attention_spec(kernel, block_d, cfg, False, False, "bf16",
-                                                ints16=ints16))
-                    specs.append(attention_spec(kernel, block_d, cfg, True, True, "bf16",
-                                                dropout=True, ints16=ints16, window=True,
-                                                softcap=True))
-                    specs.append(attention_spec(kernel, block_d, cfg, False, False, "bf16",
-                                                dropout=True, ints16=ints16, window=True,
-                                                softcap=True))
+                    specs.append(one(kernel, block_d, cfg, False, False, "bf16", ints16=ints16))
+                    specs.append(one(kernel, block_d, cfg, True, True, "bf16", dropout=True,
+                                     ints16=ints16, window=True, softcap=True))
+                    specs.append(one(kernel, block_d, cfg, False, False, "bf16", dropout=True,
+                                     ints16=ints16, window=True, softcap=True))
+    for block_d in (64, 128, 256):
+        sig = {"o_ptr": "*bf16", "do_ptr": "*bf16", "delta_ptr": "*fp32", "n_tokens": "i32",
+               "head_dim": "i32", "stride_ot": "i32", "stride_oh": "i32", "stride_od": "constexpr",
+               "stride_dot": "i32", "stride_doh": "i32", "stride_dod": "constexpr",
+               "stride_lh": "i32", "BLOCK_T": "constexpr", "BLOCK_D": "constexpr"}
+        consts = {"stride_od": 1, "stride_dod": 1, "BLOCK_T": delta_block_t(block_d),
+                  "BLOCK_D": block_d}
+        specs.append(KernelSpec("_attn_bwd_delta_kernel", _attn_bwd_delta_kernel, sig, consts,
+                                {"num_warps": 4, "num_stages": 1}, f"D{block_d}",
+                                needs_mma=False,
+                                attrs={(i,): [["tt.divisibility", 16]] for i in range(3)}))
     return specs
 
 
 def attention_spec(kernel, block_d: int, cfg: AttnConfig, causal: bool, blocks: bool,
                    dtype: str, dropout: bool = False, ints16: bool = False, window: bool = False,
-                   softcap: bool = False) -> KernelSpec:
+                   softcap: bool = False, atomic_dq: bool = False) -> KernelSpec:
     """A KernelSpec for an attention kernel, specialised as a real launch on contiguous
     (total, heads, D) tensors is: the head-dim strides (stride_*d) are 1, the other
     strides and the pointers are multiples of 16. Pointers: lse/delta float32,
     cu/bid/reach int32, the rest `dtype`; sizes and window bounds int32;
-    scale/p/softcap float32. window / softcap: the HAS_WINDOW / HAS_SOFTCAP variants
-    (kernels without those constexprs ignore them). ints16: the
+    scale/p/softcap float32, dq_acc float32. window / softcap / atomic_dq: the
+    HAS_WINDOW / HAS_SOFTCAP / ATOMIC_DQ variants (kernels without those constexprs
+    ignore them). ints16: the
     integer arguments (head dim, max_seqlen_k, seed, group) are multiples of 16 too, as
     Triton specialises such launches separately (head dims 64/80/128 always are), except
     the Philox arguments, which the kernels never specialise (PHILOX_ARGS)."""
@@ -983,7 +1045,7 @@ def attention_spec(kernel, block_d: int, cfg: AttnConfig, causal: bool, blocks: 
 
     names = list(inspect.signature(kernel.fn).parameters)
     consts = {"CAUSAL": causal, "HAS_BLOCKS": blocks, "HAS_DROPOUT": dropout,
-              "HAS_WINDOW": window, "HAS_SOFTCAP": softcap,
+              "HAS_WINDOW": window, "HAS_SOFTCAP": softcap, "ATOMIC_DQ": atomic_dq,
               "BLOCK_M": cfg.block_m, "BLOCK_N": cfg.block_n, "BLOCK_D": block_d}
     consts = {k: v for k, v in consts.items() if k in names}
     sig, attrs = {}, {}
@@ -994,7 +1056,7 @@ def attention_spec(kernel, block_d: int, cfg: AttnConfig, causal: bool, blocks: 
             sig[n] = "constexpr"
             consts[n] = 1
         elif n.endswith("_ptr"):
-            if n.startswith(("lse", "delta")):
+            if n.startswith(("lse", "delta", "dq_acc")):
                 sig[n] = "*fp32"
             elif n.startswith(("cu", "bid", "reach")):
                 sig[n] = "*i32"
@@ -1011,6 +1073,7 @@ def attention_spec(kernel, block_d: int, cfg: AttnConfig, causal: bool, blocks: 
     tag += "+window" if window and "HAS_WINDOW" in consts else ""
     tag += "+softcap" if softcap and "HAS_SOFTCAP" in consts else ""
     tag += "+dropout" if dropout else ""
+    tag += " one-pass" if atomic_dq and "ATOMIC_DQ" in consts else ""
     tag += f" D{block_d} {cfg}" + (" ints%16" if ints16 else "")
     return KernelSpec(kernel.fn.__name__, kernel, sig, consts,
                       {"num_warps": cfg.num_warps, "num_stages": cfg.num_stages}, tag,

@@ -26,12 +26,17 @@ whole key loop; scores are kept in the log2 domain with the online softmax (runn
 max m, running sum l) and exp2. Key tiles past the tile's reach (the last key any of
 its queries can see) are never loaded: fully masked blocks are skipped.
 
-Backward (FA2): delta = rowsum(dO * O) (preprocess), then
+Backward (FA2): delta = rowsum(dO * O) (:func:`_attn_bwd_delta_kernel`, reading O and
+dO in their dtype), then
   * dK/dV: one program per (key tile, sequence, kv head); it loops over the query heads
-    of its group and over the query tiles that can see it (from the tile's first
-    visible query), recomputing P = exp2(S - lse). No atomics: deterministic.
-  * dQ: one program per (q tile, sequence, head), looping over the key tiles like the
-    forward.
+    of its group and over the query tiles that can see it (from the tile's first to
+    its last visible query), recomputing P = exp2(S - lse). With ATOMIC_DQ (the
+    default, one pass: five GEMMs per tile pair, as FA2) it also adds dS K * scale to
+    an fp32 dQ buffer with atomics: the order of those adds varies from run to run.
+  * deterministic path (ATOMIC_DQ off): dK/dV as above, then dQ in a second kernel,
+    one program per (q tile, sequence, head), looping over the key tiles like the
+    forward: it recomputes S and dP (seven GEMMs per tile pair, 1.4x the one pass's
+    MMA work) but no atomics, so every run is bit-identical.
 Dropout keeps an element with probability 1 - p, decided by Philox4x32-10 keyed by
 the call's 64-bit seed, with the counter (offset // 4 + j as 64 bits, stream,
 q_global): see :func:`_dropout_keep` and :func:`mmkernels.reference.dropout_uniform`,
@@ -123,8 +128,10 @@ def _visible(rows, cols, seqlen_q, seqlen_k, bq, bk, win_left, win_right, CAUSAL
 
 @triton.jit
 def _tanh(x):
-    """tanh(x) = 1 - 2 / (exp(2x) + 1): exact limits +-1 at +-inf, one exp2."""
-    return 1.0 - 2.0 / (tl.math.exp2(x * (2.0 * LOG2E)) + 1.0)
+    """tanh(x) = 1 - 2 / (exp(2x) + 1): exact limits +-1 at +-inf, one exp2 and one
+    fast (2-ulp) division: an IEEE division per element costs registers that the
+    heaviest variants do not have (kernel report)."""
+    return 1.0 - tl.math.fdiv(2.0, tl.math.exp2(x * (2.0 * LOG2E)) + 1.0, ieee_rounding=False)
 
 
 @triton.jit
@@ -291,12 +298,15 @@ def _attn_bwd_dkdv_tile(q_seq, k_base, v_base, do_seq, lse_seq, delta_seq, dk_ba
                         HAS_DROPOUT: tl.constexpr, BLOCK_M: tl.constexpr,
                         BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
                         reach_base=None, softcap=0.0, win_left=0, win_right=0,
-                        HAS_WINDOW: tl.constexpr = False, HAS_SOFTCAP: tl.constexpr = False):
+                        HAS_WINDOW: tl.constexpr = False, HAS_SOFTCAP: tl.constexpr = False,
+                        dq_seq=None, stride_dqt=0, stride_dqh=0, stride_dqd=0,
+                        ATOMIC_DQ: tl.constexpr = False):
     """dK, dV for key rows [start_n*BLOCK_N, +BLOCK_N) of one (sequence, kv head).
 
     q_seq/do_seq/lse_seq/delta_seq point at the sequence start (head 0); the loop
     covers the `group` query heads that share this kv head (query head h draws
-    dropout stream stream0 + h).
+    dropout stream stream0 + h). ATOMIC_DQ: also add this tile's dQ contributions
+    to the float32 buffer dq_seq (sequence start, head 0) with atomics.
     """
     cols = start_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_m = tl.arange(0, BLOCK_M)
@@ -316,6 +326,8 @@ def _attn_bwd_dkdv_tile(q_seq, k_base, v_base, do_seq, lse_seq, delta_seq, dk_ba
         h64 = h.to(tl.int64)
         q_h = q_seq + h64 * stride_qh
         do_h = do_seq + h64 * stride_doh
+        if ATOMIC_DQ:
+            dq_h = dq_seq + h64 * stride_dqh
         for start_m in range(lo, hi, BLOCK_M):
             rows = start_m + offs_m
             row_ok = rows < seqlen_q
@@ -346,6 +358,11 @@ def _attn_bwd_dkdv_tile(q_seq, k_base, v_base, do_seq, lse_seq, delta_seq, dk_ba
             if HAS_SOFTCAP:
                 ds = ds * (1.0 - t * t)
             dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision="ieee")
+            if ATOMIC_DQ:
+                dq = tl.dot(ds.to(k.dtype), k, input_precision="ieee") * sm_scale
+                tl.atomic_add(dq_h + rows[:, None].to(tl.int64) * stride_dqt
+                              + offs_d[None, :] * stride_dqd, dq,
+                              mask=row_ok[:, None] & d_ok[None, :], sem="relaxed")
     dk = dk * sm_scale
     _store_tokens(dk_base, cols, col_ok, stride_dkt, offs_d, d_ok, stride_dkd, dk)
     _store_tokens(dv_base, cols, col_ok, stride_dvt, offs_d, d_ok, stride_dvd, dv)
@@ -400,6 +417,27 @@ def _attn_bwd_dq_tile(q_base, k_base, v_base, do_base, dq_base, lse_base, delta_
         dq += tl.dot(ds.to(kt.dtype), tl.trans(kt), input_precision="ieee")
     dq = dq * sm_scale
     _store_tokens(dq_base, rows, row_ok, stride_dqt, offs_d, d_ok, stride_dqd, dq)
+
+
+@triton.jit
+def _attn_bwd_delta_kernel(o_ptr, do_ptr, delta_ptr, n_tokens, head_dim, stride_ot, stride_oh,
+                           stride_od, stride_dot, stride_doh, stride_dod, stride_lh,
+                           BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Backward preprocess: delta[h, t] = sum_d dO[t, h, d] * O[t, h, d] (float32), for
+    tokens [pid*BLOCK_T, +BLOCK_T) of head program_id(1). O and dO (total, H, D) are
+    read in their dtype and multiplied in float32 in registers: no (total, H, D)
+    float32 temporaries. Every delta element is written (no zero-fill needed)."""
+    pid = tl.program_id(0)
+    h = tl.program_id(1).to(tl.int64)
+    idx = pid * BLOCK_T + tl.arange(0, BLOCK_T)
+    idx_ok = idx < n_tokens
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < head_dim
+    o = _load_tokens(o_ptr + h * stride_oh, idx, idx_ok, stride_ot, offs_d, d_ok, stride_od)
+    do = _load_tokens(do_ptr + h * stride_doh, idx, idx_ok, stride_dot, offs_d, d_ok,
+                      stride_dod)
+    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
+    tl.store(delta_ptr + h * stride_lh + idx, delta, mask=idx_ok)
 
 
 @triton.jit(do_not_specialize=PHILOX_ARGS)
