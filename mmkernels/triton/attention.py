@@ -275,12 +275,17 @@ def _attn_fwd_tile(q_base, k_base, v_base, o_base, lse_base, bq_base, bk_base, r
         if HAS_DROPOUT:
             keep = _dropout_keep(seed_lo, seed_hi, ctr_lo, ctr_hi, stream, q_global0 + rows,
                                  cols, dropout_p)
-            p = tl.where(keep, p / (1.0 - dropout_p), 0.0)
+            p = tl.where(keep, p, 0.0)  # 1 / (1 - p) is applied to the output
         v = _load_tokens(v_base, cols, col_ok, stride_vt, offs_d, d_ok, stride_vd)
         acc += tl.dot(p.to(v.dtype), v, input_precision="ieee")
         m_i = m_new
     l_safe = tl.where(l_i == 0.0, 1.0, l_i)
-    out = acc / l_safe[:, None]
+    if HAS_DROPOUT:
+        # kept probabilities scale by 1 / (1 - p): folded into the row sums, not per
+        # element (p = 0, e.g. co-attention's undropped direction, divides by l exactly)
+        out = acc / (l_safe * (1.0 - dropout_p))[:, None]
+    else:
+        out = acc / l_safe[:, None]
     lse = tl.where(l_i == 0.0, float("-inf"), (m_i + tl.math.log2(l_safe)) * LN2)
     _store_tokens(o_base, rows, row_ok, stride_ot, offs_d, d_ok, stride_od, out)
     tl.store(lse_base + rows, lse, mask=row_ok)
@@ -313,6 +318,7 @@ def _attn_bwd_dkdv_tile(q_seq, k_base, v_base, do_seq, lse_seq, delta_seq, dk_ba
     offs_d = tl.arange(0, BLOCK_D)
     col_ok = cols < seqlen_k
     d_ok = offs_d < head_dim
+    drop_scale = 1.0 / (1.0 - dropout_p)  # a scalar: no per-element division
     k = _load_tokens(k_base, cols, col_ok, stride_kt, offs_d, d_ok, stride_kd)
     v = _load_tokens(v_base, cols, col_ok, stride_vt, offs_d, d_ok, stride_vd)
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
@@ -344,19 +350,21 @@ def _attn_bwd_dkdv_tile(q_seq, k_base, v_base, do_seq, lse_seq, delta_seq, dk_ba
             ok = _visible(rows, cols, seqlen_q, seqlen_k, bq, bk, win_left, win_right, CAUSAL,
                           HAS_BLOCKS, HAS_WINDOW)
             p = tl.where(ok, tl.math.exp2(s - lse2[:, None]), 0.0)
-            dp = tl.dot(do, tl.trans(v), input_precision="ieee")
             if HAS_DROPOUT:
                 keep = _dropout_keep(seed_lo, seed_hi, ctr_lo, ctr_hi, stream0 + h,
                                      q_global0 + rows, cols, dropout_p,
                                      CARRY_BY_COMPARE=True)
-                p_drop = tl.where(keep, p / (1.0 - dropout_p), 0.0)
-                dp = tl.where(keep, dp / (1.0 - dropout_p), 0.0)
+                # dv is scaled by 1 / (1 - p) once, at the end
+                dv += tl.dot(tl.trans(tl.where(keep, p, 0.0).to(do.dtype)), do,
+                             input_precision="ieee")
             else:
-                p_drop = p
-            dv += tl.dot(tl.trans(p_drop.to(do.dtype)), do, input_precision="ieee")
+                dv += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision="ieee")
+            if HAS_SOFTCAP:  # fold the cap's derivative into P: one tile live, not two
+                p = p * (1.0 - t * t)
+            dp = tl.dot(do, tl.trans(v), input_precision="ieee")
+            if HAS_DROPOUT:
+                dp = tl.where(keep, dp * drop_scale, 0.0)
             ds = p * (dp - delta[:, None])
-            if HAS_SOFTCAP:
-                ds = ds * (1.0 - t * t)
             dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision="ieee")
             if ATOMIC_DQ:
                 dq = tl.dot(ds.to(k.dtype), k, input_precision="ieee") * sm_scale
@@ -364,6 +372,8 @@ def _attn_bwd_dkdv_tile(q_seq, k_base, v_base, do_seq, lse_seq, delta_seq, dk_ba
                               + offs_d[None, :] * stride_dqd, dq,
                               mask=row_ok[:, None] & d_ok[None, :], sem="relaxed")
     dk = dk * sm_scale
+    if HAS_DROPOUT:
+        dv = dv * drop_scale
     _store_tokens(dk_base, cols, col_ok, stride_dkt, offs_d, d_ok, stride_dkd, dk)
     _store_tokens(dv_base, cols, col_ok, stride_dvt, offs_d, d_ok, stride_dvd, dv)
 
@@ -385,6 +395,7 @@ def _attn_bwd_dq_tile(q_base, k_base, v_base, do_base, dq_base, lse_base, delta_
     offs_d = tl.arange(0, BLOCK_D)
     row_ok = rows < seqlen_q
     d_ok = offs_d < head_dim
+    drop_scale = 1.0 / (1.0 - dropout_p)  # a scalar: no per-element division
     q = _load_tokens(q_base, rows, row_ok, stride_qt, offs_d, d_ok, stride_qd)
     do = _load_tokens(do_base, rows, row_ok, stride_dot, offs_d, d_ok, stride_dod)
     lse = tl.load(lse_base + rows, mask=row_ok, other=0.0)
@@ -402,16 +413,18 @@ def _attn_bwd_dq_tile(q_base, k_base, v_base, do_base, dq_base, lse_base, delta_
         bk = bq
         if HAS_BLOCKS:
             bk = tl.load(bk_base + cols, mask=col_ok, other=0)
-        s, t = _scores(tl.dot(q, kt, input_precision="ieee"), sm_scale, softcap, HAS_SOFTCAP)
-        ok = _visible(rows, cols, seqlen_q, seqlen_k, bq, bk, win_left, win_right, CAUSAL,
-                      HAS_BLOCKS, HAS_WINDOW)
-        p = tl.where(ok, tl.math.exp2(s - lse2[:, None]), 0.0)
+        # dP (and its dropout mask) first: only dP - delta is live while S, its cap and P
+        # are computed and folded into dS (kernel report: fewer registers)
         dp = tl.dot(do, vt, input_precision="ieee")
         if HAS_DROPOUT:
             keep = _dropout_keep(seed_lo, seed_hi, ctr_lo, ctr_hi, stream, q_global0 + rows,
                                  cols, dropout_p)
-            dp = tl.where(keep, dp / (1.0 - dropout_p), 0.0)
-        ds = p * (dp - delta[:, None])
+            dp = tl.where(keep, dp * drop_scale, 0.0)
+        dp = dp - delta[:, None]
+        s, t = _scores(tl.dot(q, kt, input_precision="ieee"), sm_scale, softcap, HAS_SOFTCAP)
+        ok = _visible(rows, cols, seqlen_q, seqlen_k, bq, bk, win_left, win_right, CAUSAL,
+                      HAS_BLOCKS, HAS_WINDOW)
+        ds = tl.where(ok, tl.math.exp2(s - lse2[:, None]) * dp, 0.0)
         if HAS_SOFTCAP:
             ds = ds * (1.0 - t * t)
         dq += tl.dot(ds.to(kt.dtype), tl.trans(kt), input_precision="ieee")
