@@ -378,32 +378,56 @@ def dropout_keep_masks(seed: int, offset: int, cu_seqlens_q: Tensor, cu_seqlens_
 
 
 def attention_visibility(seqlen_q: int, seqlen_k: int, causal: bool, bid_q: Tensor | None = None,
-                         bid_k: Tensor | None = None, device=None) -> Tensor:
-    """(Lq, Lk) bool: key j visible to query i. Causal is bottom-right aligned (flash-attn);
-    with block ids, tokens sharing a non-zero id see each other both ways."""
+                         bid_k: Tensor | None = None, device=None,
+                         window_size: tuple[int, int] = (-1, -1)) -> Tensor:
+    """(Lq, Lk) bool: key j visible to query i.
+
+    With off = Lk - Lq (bottom-right alignment, as flash-attn):
+      * causal: j <= i + off;
+      * window_size = (left, right), -1 = unbounded (flash-attn's sliding window):
+        i + off - left <= j <= i + off + right (with causal, right is 0: callers pass
+        it so);
+      * block ids (causal only): tokens sharing a non-zero id see each other both
+        ways, on top of the windowed causal mask (an image's patches always see their
+        whole image, also where it reaches outside the window).
+    """
     i = torch.arange(seqlen_q, device=device)[:, None]
     j = torch.arange(seqlen_k, device=device)[None, :]
-    if not causal:
-        return torch.ones(seqlen_q, seqlen_k, dtype=torch.bool, device=device)
-    vis = j <= i + (seqlen_k - seqlen_q)
-    if bid_q is not None:
+    left, right = window_size
+    vis = torch.ones(seqlen_q, seqlen_k, dtype=torch.bool, device=device)
+    off = seqlen_k - seqlen_q
+    if causal:
+        vis = vis & (j <= i + off)
+    if left >= 0:
+        vis = vis & (j >= i + off - left)
+    if right >= 0:
+        vis = vis & (j <= i + off + right)
+    if causal and bid_q is not None:
         vis = vis | ((bid_q[:, None] == bid_k[None, :]) & (bid_q[:, None] != 0))
     return vis
 
 
+def capped_scores(s: Tensor, softcap: float) -> Tensor:
+    """Tanh soft-capping (Gemma-2): softcap * tanh(s / softcap) of the scaled scores
+    s = scale * q k^T; s unchanged for softcap == 0."""
+    return softcap * torch.tanh(s / softcap) if softcap > 0 else s
+
+
 def attention(q: Tensor, k: Tensor, v: Tensor, scale: float, visible: Tensor,
-              keep: Tensor | None = None, dropout_p: float = 0.0) -> tuple[Tensor, Tensor]:
+              keep: Tensor | None = None, dropout_p: float = 0.0,
+              softcap: float = 0.0) -> tuple[Tensor, Tensor]:
     """Softmax attention of one sequence, computed in q's dtype.
 
     q (Lq, H, D), k/v (Lk, H_kv, D), visible (Lq, Lk) bool, keep (H, Lq, Lk) bool or
-    None. Returns out (Lq, H, D) and lse (H, Lq) float32; rows without a visible key
-    give zeros and lse = -inf.
+    None. Scores S = :func:`capped_scores` (scale * q k^T, softcap). Returns out
+    (Lq, H, D) and lse (H, Lq) float32; rows without a visible key give zeros and
+    lse = -inf.
     """
     H, H_kv = q.shape[1], k.shape[1]
     kh = k.repeat_interleave(H // H_kv, dim=1).transpose(0, 1)   # (H, Lk, D)
     vh = v.repeat_interleave(H // H_kv, dim=1).transpose(0, 1)
     s = torch.matmul(q.transpose(0, 1), kh.transpose(1, 2)) * scale  # (H, Lq, Lk)
-    s = s.masked_fill(~visible, float("-inf"))
+    s = capped_scores(s, softcap).masked_fill(~visible, float("-inf"))
     lse = torch.logsumexp(s, dim=-1)
     finite = torch.isfinite(lse)
     p = torch.exp(s - torch.where(finite, lse, torch.zeros_like(lse))[..., None])
@@ -415,14 +439,16 @@ def attention(q: Tensor, k: Tensor, v: Tensor, scale: float, visible: Tensor,
 
 
 def attention_backward(q: Tensor, k: Tensor, v: Tensor, scale: float, visible: Tensor,
-                       grad_out: Tensor, keep: Tensor | None = None, dropout_p: float = 0.0
-                       ) -> tuple[Tensor, Tensor, Tensor]:
+                       grad_out: Tensor, keep: Tensor | None = None, dropout_p: float = 0.0,
+                       softcap: float = 0.0) -> tuple[Tensor, Tensor, Tensor]:
     """Explicit backward of :func:`attention` (recomputes P; used where autograd is
     unavailable, e.g. inside a custom op's kernel).
 
     With P = softmax(S), P_d = P * keep / (1 - p), O = P_d V:
     dV = P_d^T dO, dP = (dO V^T) * keep / (1 - p), dS = P * (dP - rowsum(dO * O)),
     dQ = dS K * scale, dK = dS^T Q * scale; K/V gradients are summed over each head group.
+    With softcap > 0, S = softcap * tanh(scale * q k^T / softcap), and dS is multiplied
+    by the derivative of the cap, 1 - (S / softcap)^2, before the dQ/dK products.
     """
     H, H_kv = q.shape[1], k.shape[1]
     group = H // H_kv
@@ -430,7 +456,8 @@ def attention_backward(q: Tensor, k: Tensor, v: Tensor, scale: float, visible: T
     vh = v.repeat_interleave(group, dim=1).transpose(0, 1)
     qh = q.transpose(0, 1)                                    # (H, Lq, D)
     doh = grad_out.transpose(0, 1)
-    s = torch.matmul(qh, kh.transpose(1, 2)) * scale
+    s = capped_scores(torch.matmul(qh, kh.transpose(1, 2)) * scale, softcap)
+    dcap = 1.0 - (s / softcap).square() if softcap > 0 else None
     s = s.masked_fill(~visible, float("-inf"))
     lse = torch.logsumexp(s, dim=-1)
     lse = torch.where(torch.isfinite(lse), lse, torch.zeros_like(lse))
@@ -445,6 +472,8 @@ def attention_backward(q: Tensor, k: Tensor, v: Tensor, scale: float, visible: T
         dp = dp * keep / (1.0 - dropout_p)
     delta = (doh * out).sum(-1, keepdim=True)
     ds = p * (dp - delta)
+    if dcap is not None:
+        ds = ds * dcap
     dq = torch.matmul(ds, kh) * scale
     dk = torch.matmul(ds.transpose(1, 2), qh) * scale
     Lk, D = k.shape[0], k.shape[2]
@@ -458,7 +487,9 @@ def varlen_attention(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_s
                      block_ids: Tensor | None = None, dropout_p: float = 0.0,
                      keep_masks: DropoutMasks | Sequence[Tensor] | None = None,
                      chunk_size: int | None = None,
-                     compute_dtype: torch.dtype | None = None) -> tuple[Tensor, Tensor]:
+                     compute_dtype: torch.dtype | None = None,
+                     window_size: tuple[int, int] = (-1, -1),
+                     softcap: float = 0.0) -> tuple[Tensor, Tensor]:
     """Per-sequence reference for packed attention (never pads to the batch max).
 
     q (total_q, H, D); k, v (total_k, H_kv, D); cu_seqlens (batch + 1,) int. keep_masks:
@@ -466,7 +497,8 @@ def varlen_attention(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_s
     :class:`DropoutMasks` (generated one row chunk at a time). chunk_size bounds the
     query rows processed at once (memory O(chunk * Lk * H), masks included). compute_dtype: upcast for
     the math (the CPU path uses float32 for half inputs). Returns out (total_q, H, D) in
-    q's dtype and lse (H, total_q) float32.
+    q's dtype and lse (H, total_q) float32. window_size, softcap: see
+    :func:`attention_visibility` and :func:`capped_scores` (with causal, pass right = 0).
     """
     scale = softmax_scale if softmax_scale is not None else q.shape[-1] ** -0.5
     cq = cu_seqlens_q.tolist()
@@ -479,12 +511,14 @@ def varlen_attention(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_s
             qs, ks, vs = qs.to(compute_dtype), ks.to(compute_dtype), vs.to(compute_dtype)
         bq = block_ids[q0:q1] if block_ids is not None else None
         bk = block_ids[k0:k1] if block_ids is not None else None
-        vis = attention_visibility(q1 - q0, k1 - k0, causal, bq, bk, device=q.device)
+        vis = attention_visibility(q1 - q0, k1 - k0, causal, bq, bk, device=q.device,
+                                   window_size=window_size)
         step = chunk_size or max(q1 - q0, 1)
         for r in range(0, q1 - q0, step):
             keep = (keep_block(keep_masks, b, r, r + step)
                     if keep_masks is not None and dropout_p > 0 else None)
-            o, l = attention(qs[r:r + step], ks, vs, scale, vis[r:r + step], keep, dropout_p)
+            o, l = attention(qs[r:r + step], ks, vs, scale, vis[r:r + step], keep, dropout_p,
+                             softcap)
             outs.append(o.to(q.dtype))
             lses.append(l)
     H = q.shape[1]

@@ -126,12 +126,14 @@ def test_audit_counts_the_production_tiles():
     16 x 16 tiles outside production_tiles())."""
     with production_tiles():
         f, b = ka.run_varlen("t", [130], 1, 64)
-        fwd, dkdv, dq = (va.pick_config(kind, 64) for kind in ("fwd", "dkdv", "dq"))
+        fwd, bwd = (va.pick_config(kind, 64) for kind in ("fwd", "bwd"))
         cf, cb = cops._config("fwd", torch.float16), cops._config("bwd", torch.float16)
         info = ka.run_contrastive("info_nce", 130, 128)
     assert (fwd.block_m, fwd.block_n, 64) in _dims(f.counts, "_varlen_attn_fwd_kernel")
-    assert (dkdv.block_n, 64, dkdv.block_m) in _dims(b.counts, "_varlen_attn_bwd_dkdv_kernel")
-    assert (dq.block_m, dq.block_n, 64) in _dims(b.counts, "_varlen_attn_bwd_dq_kernel")
+    # the one-pass backward: dK/dV (N x D x M) and the atomic dQ (M x D x N) in one kernel
+    one_pass = _dims(b.counts, "_varlen_attn_bwd_dkdv_kernel")
+    assert {(bwd.block_n, 64, bwd.block_m), (bwd.block_m, 64, bwd.block_n)} <= one_pass
+    assert "_varlen_attn_bwd_dq_kernel" not in b.counts.kernels
     assert _dims(info[0].counts, "_contrastive_fwd_kernel") == {(cf.block_m, cf.block_n, cf.block_k)}
     assert (cb.block_m, cb.block_d, cb.block_n) in _dims(info[1].counts, "_contrastive_bwd_kernel")
     small = ka.run_varlen("t", [40], 1, 64, backward=False)[0]

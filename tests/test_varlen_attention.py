@@ -38,7 +38,7 @@ def make_qkv(lq, lk, H, H_kv, D, dtype, device="cpu"):
 
 
 def run_and_compare(lq, lk, H, H_kv, D, dtype, causal=False, block_ids=None, dropout_p=0.0,
-                    device="cpu", scale=None):
+                    device="cpu", scale=None, window=(-1, -1), softcap=0.0):
     cq, ck = cu_of(lq, device), cu_of(lk, device)
     q, k, v = make_qkv(lq, lk, H, H_kv, D, dtype, device)
     q.requires_grad_()
@@ -48,7 +48,8 @@ def run_and_compare(lq, lk, H, H_kv, D, dtype, causal=False, block_ids=None, dro
     out, lse = mmkernels.varlen_attention(q, k, v, cq, ck, max(lq), max(lk), causal=causal,
                                           block_ids=block_ids, dropout_p=dropout_p,
                                           return_lse=True, dropout_seed=seed,
-                                          softmax_scale=scale)
+                                          softmax_scale=scale, window_size=window,
+                                          softcap=softcap)
     keep = None
     if dropout_p > 0:
         keep = va.dropout_keep_mask(seed, cq, ck, H, dropout_p, device=q.device)
@@ -56,7 +57,8 @@ def run_and_compare(lq, lk, H, H_kv, D, dtype, causal=False, block_ids=None, dro
     q64, k64, v64 = [t.detach().cpu().double().requires_grad_() for t in (q, k, v)]
     bid = block_ids.cpu() if block_ids is not None else None
     ref, ref_lse = reference.varlen_attention(q64, k64, v64, cq.cpu(), ck.cpu(), scale, causal,
-                                              bid, dropout_p, keep)
+                                              bid, dropout_p, keep, window_size=window,
+                                              softcap=softcap)
     g = torch.randn_like(ref)
     out.backward(g.to(dtype=dtype, device=device))
     ref.backward(g)
@@ -64,7 +66,7 @@ def run_and_compare(lq, lk, H, H_kv, D, dtype, causal=False, block_ids=None, dro
     if dtype in (torch.float16, torch.bfloat16):
         ql, kl, vl = [t.detach().cpu().requires_grad_() for t in (q, k, v)]
         eo, _ = reference.varlen_attention(ql, kl, vl, cq.cpu(), ck.cpu(), scale, causal, bid,
-                                           dropout_p, keep)
+                                           dropout_p, keep, window_size=window, softcap=softcap)
         eo.backward(g.to(dtype))
         eager = [eo, ql.grad, kl.grad, vl.grad]
     assert_close_to_reference(out.cpu(), ref, eager_lowp=eager[0], what="out")
@@ -208,6 +210,104 @@ def test_gradcheck_cpu(monkeypatch, lengths, kwargs):
     assert torch.autograd.gradcheck(
         lambda a, b, c: mmkernels.varlen_attention(a, b, c, cu, cu, max(lengths), max(lengths),
                                                    causal=True, **kwargs), (q, k, v))
+
+
+# ---------------------------------------------------------------------------------
+# the flash-attn API: sliding window, softcap, positional order, tensor max_seqlen
+# ---------------------------------------------------------------------------------
+
+WINDOWS = [((5, -1), "left5"), ((-1, 4), "right4"), ((6, 3), "left6-right3"), ((1, 0), "narrow")]
+
+
+@pytest.mark.parametrize("backend", BACKENDS, indirect=True)
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+@pytest.mark.parametrize("window", [w for w, _ in WINDOWS], ids=[i for _, i in WINDOWS])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+def test_sliding_window(backend, dtype, window, causal):
+    """window_size against the float64 reference, forward and backward, with lengths
+    of several 16-row tiles (tiles outside the window are skipped) and seqlen_q !=
+    seqlen_k (the window is bottom-right aligned, as flash-attn's)."""
+    run_and_compare([7, 0, 45, 20], [7, 0, 45, 50], H=4, H_kv=2, D=32, dtype=dtype,
+                    causal=causal, window=window)
+
+
+@pytest.mark.parametrize("backend", BACKENDS, indirect=True)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+def test_window_causal_blocks_gqa(backend, dtype):
+    """A window combined with causal, image blocks and GQA: block visibility is added on
+    top of the windowed causal mask (a block longer than the window sees itself whole)."""
+    lengths = [40, 33]
+    bid = torch.zeros(73, dtype=torch.int32)
+    bid[3:30] = 1      # longer than the window
+    bid[45:52] = 2
+    run_and_compare(lengths, lengths, H=6, H_kv=2, D=32, dtype=dtype, causal=True,
+                    block_ids=bid, window=(4, 0))
+
+
+def test_window_block_semantics():
+    """The documented rule on a tiny case: causal + window (1, 0) + one image block."""
+    bid = torch.tensor([0, 1, 1, 1, 0, 0], dtype=torch.int32)
+    vis = reference.attention_visibility(6, 6, True, bid, bid, window_size=(1, -1))
+    want = torch.tensor([[1, 0, 0, 0, 0, 0],
+                         [1, 1, 1, 1, 0, 0],
+                         [0, 1, 1, 1, 0, 0],
+                         [0, 1, 1, 1, 0, 0],
+                         [0, 0, 0, 1, 1, 0],
+                         [0, 0, 0, 0, 1, 1]], dtype=torch.bool)
+    assert torch.equal(vis, want)
+
+
+@pytest.mark.parametrize("backend", BACKENDS, indirect=True)
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+def test_softcap(backend, dtype, causal):
+    """softcap: scale 1 makes the scores large (|S| up to ~20 at D=32), so the cap at 5
+    changes the attention; forward and backward (the cap's derivative) against the
+    float64 reference."""
+    run_and_compare([7, 0, 40, 21], [7, 0, 40, 33], H=4, H_kv=2, D=32, dtype=dtype,
+                    causal=causal, scale=1.0, softcap=5.0)
+
+
+@pytest.mark.parametrize("backend", BACKENDS, indirect=True)
+def test_softcap_window_dropout(backend):
+    """softcap with dropout (the regenerated mask) and a window, GQA."""
+    run_and_compare([19, 33], [19, 33], H=4, H_kv=1, D=32, dtype=torch.float32, causal=True,
+                    scale=1.0, softcap=3.0, dropout_p=0.3, window=(8, 0))
+
+
+@pytest.mark.parametrize("kwargs", [dict(softcap=2.0, softmax_scale=0.9),
+                                    dict(window_size=(2, 1)),
+                                    dict(window_size=(1, -1), causal=True, softcap=1.5)],
+                         ids=["softcap", "window", "window-causal-softcap"])
+def test_gradcheck_cpu_softcap_window(monkeypatch, kwargs):
+    """float64 gradcheck of the CPU path with softcap and a window."""
+    monkeypatch.setattr(va, "_uses_triton", lambda device: False)
+    lengths = [3, 5]
+    cu = cu_of(lengths)
+    q, k, v = [t.requires_grad_() for t in make_qkv(lengths, lengths, 2, 1, 8, torch.float64)]
+    assert torch.autograd.gradcheck(
+        lambda a, b, c: mmkernels.varlen_attention(a, b, c, cu, cu, 5, 5, **kwargs), (q, k, v))
+
+
+@pytest.mark.parametrize("backend", BACKENDS, indirect=True)
+def test_flash_attn_positional_order_and_tensor_max_seqlen(backend):
+    """flash_attn_varlen_func's positional order (q, k, v, cu_q, cu_k, max_q, max_k,
+    dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes,
+    deterministic, return_attn_probs), and 0-dim Tensor max_seqlens giving the same
+    result as ints."""
+    lengths = [9, 20]
+    cu = cu_of(lengths)
+    q, k, v = make_qkv(lengths, lengths, 4, 2, 16, torch.float32)
+    want = mmkernels.varlen_attention(q, k, v, cu, cu, 20, 20, softmax_scale=0.3, causal=True,
+                                      window_size=(4, 0), softcap=2.0)
+    got = mmkernels.varlen_attention(q, k, v, cu, cu, 20, 20, 0.0, 0.3, True, (4, 0), 2.0, None,
+                                     True, False)
+    assert torch.equal(got, want)
+    m = torch.tensor(20, dtype=torch.int32)
+    got = mmkernels.varlen_attention(q, k, v, cu, cu, m, m, 0.0, 0.3, True, (4, 0), 2.0)
+    torch.testing.assert_close(got, want, atol=0, rtol=0)
+    with pytest.raises(ValueError, match="max_seqlen_k"):
+        mmkernels.varlen_attention(q, k, v, cu, cu, m, torch.tensor(19))
 
 
 # ---------------------------------------------------------------------------------
@@ -420,6 +520,10 @@ def test_tile_shapes_with_blocks(tiles, monkeypatch):
     run_and_compare(lengths, lengths, H=2, H_kv=1, D=32, dtype=torch.float32, causal=True,
                     block_ids=bid)
     run_and_compare([45, 20], [30, 70], H=2, H_kv=2, D=32, dtype=torch.float32, causal=True)
+    # window bounds rounded to tiles on both axes (forward key range, dK/dV query range)
+    run_and_compare(lengths, lengths, H=2, H_kv=1, D=32, dtype=torch.float32, causal=True,
+                    block_ids=bid, window=(9, 0))
+    run_and_compare([45, 20], [30, 70], H=2, H_kv=2, D=32, dtype=torch.float32, window=(7, 20))
 
 
 # ---------------------------------------------------------------------------------
@@ -448,6 +552,18 @@ BAD_NAMED = [
      ValueError, "block_ids"),
     ("dropout-nan", _bad(dropout_p=float("nan")), ValueError, "dropout_p"),
     ("dropout-negative", _bad(dropout_p=-0.1), ValueError, "dropout_p"),
+    ("window-not-pair", _bad(window_size=3), TypeError, "window_size"),
+    ("window-three", _bad(window_size=(1, 2, 3)), TypeError, "window_size"),
+    ("window-float", _bad(window_size=(1.5, 0)), TypeError, "window_size"),
+    ("window-bool", _bad(window_size=(True, 0)), TypeError, "window_size"),
+    ("window-below-minus-one", _bad(window_size=(-2, 0)), ValueError, "window_size"),
+    ("softcap-negative", _bad(softcap=-1.0), ValueError, "softcap"),
+    ("softcap-inf", _bad(softcap=float("inf")), ValueError, "softcap"),
+    ("softcap-str", _bad(softcap="big"), TypeError, "softcap"),
+    ("alibi", _bad(alibi_slopes=torch.ones(4)), NotImplementedError, "alibi_slopes"),
+    ("return-attn-probs", _bad(return_attn_probs=True), NotImplementedError, "return_attn_probs"),
+    ("max-seqlen-float-tensor", _bad(max_seqlen_q=torch.tensor(7.0)), TypeError, "max_seqlen_q"),
+    ("max-seqlen-1d-tensor", _bad(max_seqlen_k=torch.tensor([7])), TypeError, "max_seqlen_k"),
 ]
 
 
@@ -837,13 +953,59 @@ def _fwd_bwd(lengths, dtype, dropout_p, threads=None, H=4, H_kv=2, D=24):
 @pytest.mark.parametrize("backend", BACKENDS, indirect=True)
 @pytest.mark.parametrize("dropout_p", [0.0, 0.3], ids=["no-dropout", "dropout"])
 def test_deterministic_algorithms_run_to_run_bitwise(backend, deterministic, dropout_p):
-    """dK/dV per key tile (Triton) or per sequence (CPU), no atomics: bit-identical
-    reruns under use_deterministic_algorithms(True); with dropout, the default state
-    drawn after torch.manual_seed gives the same mask."""
+    """Under use_deterministic_algorithms(True) the Triton backward takes its
+    deterministic path (dK/dV per key tile, dQ in a second kernel, no atomics), the
+    CPU path its explicit backward: bit-identical reruns; with dropout, the default
+    state drawn after torch.manual_seed gives the same mask."""
     a = _fwd_bwd([19, 0, 40], torch.float32, dropout_p)
     b = _fwd_bwd([19, 0, 40], torch.float32, dropout_p)
     for x, y in zip(a, b):
         assert torch.equal(x, y)
+
+
+@pytest.mark.skipif(not interpreting(), reason="the Triton path on CPU tensors (interpreter)")
+@pytest.mark.parametrize("mode", ["default", "deterministic-arg", "deterministic-mode"])
+def test_backward_path_selection(monkeypatch, mode):
+    """The one-pass backward (kernel kind "bwd": dK/dV and atomic dQ) by default; the
+    two-kernel deterministic path ("dkdv" then "dq") with deterministic=True or under
+    torch.use_deterministic_algorithms(True). Both against the float64 reference."""
+    kinds = []
+    pick = va.pick_config
+    monkeypatch.setattr(va, "pick_config", lambda kind, d: kinds.append(kind) or pick(kind, d))
+    lengths = [19, 0, 40]
+    cu = cu_of(lengths)
+    bid = torch.zeros(59, dtype=torch.int32)
+    bid[3:11] = 1
+    q, k, v = [t.requires_grad_() for t in make_qkv(lengths, lengths, 4, 2, 24, torch.float32)]
+    old = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(mode == "deterministic-mode")
+    try:
+        out = mmkernels.varlen_attention(q, k, v, cu, cu, 40, 40, causal=True, block_ids=bid,
+                                         deterministic=mode == "deterministic-arg")
+        g = torch.randn_like(out)
+        out.backward(g)
+    finally:
+        torch.use_deterministic_algorithms(old)
+    assert kinds[1:] == (["bwd"] if mode == "default" else ["dkdv", "dq"])
+    q64, k64, v64 = [t.detach().double().requires_grad_() for t in (q, k, v)]
+    ref, _ = reference.varlen_attention(q64, k64, v64, cu, cu, None, True, bid)
+    ref.backward(g.double())
+    for got, want, name in ((q.grad, q64.grad, "dq"), (k.grad, k64.grad, "dk"),
+                            (v.grad, v64.grad, "dv")):
+        assert_close_to_reference(got, want, what=name)
+
+
+@pytest.mark.skipif(not interpreting(), reason="the Triton path on CPU tensors (interpreter)")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+def test_delta_prekernel(dtype):
+    """delta = rowsum(dO * O) by the Triton pre-kernel, from operands in their dtype and
+    strides (here non-contiguous, D not a power of two), against float64."""
+    out = torch.randn(37, 80, 3, dtype=dtype).transpose(1, 2)  # (37, 3, 80), strided
+    do = torch.randn(37, 3, 80, dtype=dtype)
+    got = va.attention_delta(out, do)
+    want = (out.double() * do.double()).sum(-1).transpose(0, 1)
+    assert got.shape == (3, 37) and got.dtype == torch.float32
+    assert_close_to_reference(got, want, what="delta")
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16], ids=str)

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import math
 
 import torch
@@ -45,14 +46,29 @@ class AttnConfig:
 
 # Launch configurations per kernel and padded head dim, best first. Every entry was
 # compiled for sm_80 and sm_90 in its lightest (full) and heaviest (causal + image
-# blocks + dropout) variants and kept only without spills; `python -m mmkernels.tools.kernel_report`
-# re-checks all of them in CI.
+# blocks + window + softcap + dropout; non-causal window + softcap + dropout) variants
+# and kept only without spills; `python -m mmkernels.tools.kernel_report` re-checks all
+# of them in CI. ptxas spills a few bytes of cold values to reach a register count it
+# prefers (128 or 168 at 4 warps, 80 at 8) even in light variants: a configuration can
+# spill where a heavier one does not, so only the report decides.
 _C = AttnConfig
 CONFIGS: dict[str, dict[int, list[AttnConfig]]] = {
+    # D128: M128-N64 spilled 8-24 bytes on sm_80 with image blocks + window + softcap
+    # (with or without dropout); M128-N32, as co-attention's D128 forward and FA2's
+    # hdim-128 forward with dropout, fits every variant.
     "fwd": {64: [_C(128, 64, 8, 3), _C(64, 64, 4, 3)],
-            128: [_C(128, 64, 8, 3), _C(128, 64, 8, 2)],
+            128: [_C(128, 32, 8, 3), _C(128, 32, 8, 2)],
             256: [_C(32, 32, 4, 2)]},
-    "dkdv": {64: [_C(32, 32, 4, 1)],
+    # one-pass backward (dK/dV + atomic dQ). D64: N64 halves the dQ atomics of
+    # M32-N32-w4 (which spilled 8-40 bytes: cold values at 128/168 registers);
+    # M64-N32-w8 and M32-N64-w4 spilled. D256: M32-N32-w8 spilled 16 bytes on sm_80 in
+    # the heavy variants, M16-N32-w8 fits (252 registers at most).
+    "bwd": {64: [_C(32, 64, 8, 1)],
+            128: [_C(32, 64, 8, 1)],
+            256: [_C(16, 32, 8, 1)]},
+    # D64: M32-N32 (4 or 8 warps), M32-N64-w8 and M16-N32-w4 spilled 8-40 bytes in
+    # some variant; M64-N32-w8 fits (197 registers at most).
+    "dkdv": {64: [_C(64, 32, 8, 1)],
              # (16, 32, 4, 1) left D128: 8 bytes of stack on sm_90 with dropout once
              # the Philox arguments stopped being specialised
              128: [_C(32, 64, 8, 1)],
@@ -191,8 +207,21 @@ def dropout_increment(max_seqlen_k: int) -> int:
 # ---------------------------------------------------------------------------------
 
 
+def _window_args(window: tuple[int, int], causal: bool, total_q: int, total_k: int
+                 ) -> tuple[bool, int, int]:
+    """(HAS_WINDOW, left, right) for the kernels: an unbounded side (-1) becomes a bound
+    that never binds (left >= seqlen_k - 1, right >= seqlen_q - 1; the packed token
+    counts bound both), so the kernels test both sides with int32 arithmetic; with
+    causal only the left side counts (right is 0)."""
+    left, right = window
+    has = left >= 0 or (right >= 0 and not causal)
+    left = total_k if left < 0 else min(left, total_k)
+    right = 0 if causal else (total_q if right < 0 else min(right, total_q))
+    return has, left, right
+
+
 def _triton_fwd(q, k, v, cu_q, cu_k, block_ids, max_q, max_k, scale, causal, dropout_p, seed,
-                offset):
+                offset, window=(-1, -1), softcap=0.0):
     from mmkernels.triton.varlen_attention import _varlen_attn_fwd_kernel
 
     total_q, H, D = q.shape
@@ -205,27 +234,61 @@ def _triton_fwd(q, k, v, cu_q, cu_k, block_ids, max_q, max_k, scale, causal, dro
         out.zero_()
         return out, lse
     has_blocks = causal and block_ids is not None
+    has_window, left, right = _window_args(window, causal, total_q, k.shape[0])
     if has_blocks:
         bid = block_ids.to(torch.int32).contiguous()
-        reach, _ = block_tables(bid, cu_q, total_q)
+        reach, reach_back = block_tables(bid, cu_q, total_q)
     else:
-        bid = reach = cu_q  # unused placeholders
+        bid = reach = reach_back = cu_q  # unused placeholders
     block_d = block_d_for(D)
     cfg = pick_config("fwd", block_d)
     grid = (triton_cdiv(max_q, cfg.block_m), batch, H)
     with _guard(q.device):
         _varlen_attn_fwd_kernel[grid](
-            q, k, v, out, lse, cu_q, cu_k, bid, reach,
+            q, k, v, out, lse, cu_q, cu_k, bid, reach, reach_back,
             *q.stride(), *k.stride(), *v.stride(), *out.stride(), lse.stride(0),
-            scale, dropout_p, *_philox_args(seed, offset), D, H // H_kv,
-            CAUSAL=causal, HAS_BLOCKS=has_blocks, HAS_DROPOUT=dropout_p > 0,
-            BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=block_d,
+            scale, dropout_p, *_philox_args(seed, offset), D, H // H_kv, float(softcap), left,
+            right, CAUSAL=causal, HAS_BLOCKS=has_blocks, HAS_DROPOUT=dropout_p > 0,
+            HAS_WINDOW=has_window, HAS_SOFTCAP=softcap > 0, BLOCK_M=cfg.block_m,
+            BLOCK_N=cfg.block_n, BLOCK_D=block_d,
             num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     return out, lse
 
 
+def delta_block_t(block_d: int) -> int:
+    """Tokens per program of the delta pre-kernel: 8192 elements per operand tile."""
+    return max(16, 8192 // block_d)
+
+
+def attention_delta(out: Tensor, do: Tensor) -> Tensor:
+    """delta = rowsum(dO * O): (H, total) float32 from out, do (total, H, D) in their own
+    dtype and strides, by :func:`mmkernels.triton.attention._attn_bwd_delta_kernel`
+    (no float32 copies of O or dO)."""
+    from mmkernels.triton.attention import _attn_bwd_delta_kernel
+
+    total, H, D = out.shape
+    delta = torch.empty(H, total, dtype=torch.float32, device=out.device)
+    if delta.numel():
+        block_d = block_d_for(D)
+        block_t = delta_block_t(block_d)
+        with _guard(out.device):
+            _attn_bwd_delta_kernel[(triton_cdiv(total, block_t), H)](
+                out, do, delta, total, D, *out.stride(), *do.stride(), delta.stride(0),
+                BLOCK_T=block_t, BLOCK_D=block_d, num_warps=4)
+    return delta
+
+
+def deterministic_backward(deterministic: bool) -> bool:
+    """The deterministic backward runs when asked for (``deterministic=True``) or under
+    ``torch.use_deterministic_algorithms(True)`` (read when the backward runs)."""
+    return bool(deterministic) or torch.are_deterministic_algorithms_enabled()
+
+
 def _triton_bwd(do, q, k, v, out, lse, cu_q, cu_k, block_ids, max_q, max_k, scale, causal,
-                dropout_p, seed, offset):
+                dropout_p, seed, offset, window=(-1, -1), softcap=0.0, deterministic=False):
+    """One pass (default): dK, dV and, with atomics into a float32 buffer, dQ in one
+    kernel. Deterministic: dK/dV, then dQ in a second kernel (no atomics; it
+    recomputes S and dP: 7 GEMMs per tile pair instead of 5)."""
     from mmkernels.triton.varlen_attention import (
         _varlen_attn_bwd_dkdv_kernel,
         _varlen_attn_bwd_dq_kernel,
@@ -235,39 +298,51 @@ def _triton_bwd(do, q, k, v, out, lse, cu_q, cu_k, block_ids, max_q, max_k, scal
     total_k, H_kv, _ = k.shape
     batch = cu_q.numel() - 1
     cu_q, cu_k, lse = cu_q.contiguous(), cu_k.contiguous(), lse.contiguous()
-    dq = torch.zeros_like(q, memory_format=torch.contiguous_format)
-    dk = torch.zeros_like(k, memory_format=torch.contiguous_format)
-    dv = torch.zeros_like(v, memory_format=torch.contiguous_format)
     if batch == 0 or total_q == 0 or total_k == 0:
-        return dq, dk, dv
-    # preprocess: delta_i = rowsum(dO_i * O_i), (H, total_q) float32
-    delta = (do.float() * out.float()).sum(-1).transpose(0, 1).contiguous()
+        return (torch.zeros_like(q, memory_format=torch.contiguous_format),
+                torch.zeros_like(k, memory_format=torch.contiguous_format),
+                torch.zeros_like(v, memory_format=torch.contiguous_format))
+    # every key row belongs to a launched key tile, which stores its dK/dV rows (zeros
+    # where no query sees it): no zero-fill
+    dk = torch.empty_like(k, memory_format=torch.contiguous_format)
+    dv = torch.empty_like(v, memory_format=torch.contiguous_format)
+    one_pass = not deterministic_backward(deterministic)
+    if one_pass:  # accumulated with atomics: starts at zero
+        dq_acc = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
+    else:
+        dq = torch.empty_like(q, memory_format=torch.contiguous_format)
+        dq_acc = lse  # unused placeholder (float32)
+    delta = attention_delta(out, do)
     has_blocks = causal and block_ids is not None
+    has_window, left, right = _window_args(window, causal, total_q, total_k)
     if has_blocks:
         bid = block_ids.to(torch.int32).contiguous()
         reach, reach_back = block_tables(bid, cu_q, total_q)
     else:
         bid = reach = reach_back = cu_q
     block_d = block_d_for(D)
-    flags = dict(CAUSAL=causal, HAS_BLOCKS=has_blocks, HAS_DROPOUT=dropout_p > 0, BLOCK_D=block_d)
+    flags = dict(CAUSAL=causal, HAS_BLOCKS=has_blocks, HAS_DROPOUT=dropout_p > 0,
+                 HAS_WINDOW=has_window, HAS_SOFTCAP=softcap > 0, BLOCK_D=block_d)
+    dqa_strides = dq_acc.stride() if one_pass else (0, 0, 1)
     with _guard(q.device):
-        if max_k > 0:
-            cfg = pick_config("dkdv", block_d)
-            _varlen_attn_bwd_dkdv_kernel[(triton_cdiv(max_k, cfg.block_n), batch, H_kv)](
-                q, k, v, do, lse, delta, dk, dv, cu_q, cu_k, bid, reach_back,
-                *q.stride(), *k.stride(), *v.stride(), *do.stride(), lse.stride(0),
-                *dk.stride(), *dv.stride(), scale, dropout_p, *_philox_args(seed, offset), D,
-                H // H_kv,
-                BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, num_warps=cfg.num_warps,
-                num_stages=cfg.num_stages, **flags)
-        if max_q > 0:
-            cfg = pick_config("dq", block_d)
-            _varlen_attn_bwd_dq_kernel[(triton_cdiv(max_q, cfg.block_m), batch, H)](
-                q, k, v, do, dq, lse, delta, cu_q, cu_k, bid, reach,
-                *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dq.stride(),
-                lse.stride(0), scale, dropout_p, *_philox_args(seed, offset), D, H // H_kv,
-                BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, num_warps=cfg.num_warps,
-                num_stages=cfg.num_stages, **flags)
+        cfg = pick_config("bwd" if one_pass else "dkdv", block_d)
+        _varlen_attn_bwd_dkdv_kernel[(triton_cdiv(max_k, cfg.block_n), batch, H_kv)](
+            q, k, v, do, lse, delta, dk, dv, dq_acc, cu_q, cu_k, bid, reach, reach_back,
+            *q.stride(), *k.stride(), *v.stride(), *do.stride(), lse.stride(0),
+            *dk.stride(), *dv.stride(), *dqa_strides, scale, dropout_p,
+            *_philox_args(seed, offset), D, H // H_kv, float(softcap), left, right,
+            ATOMIC_DQ=one_pass, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
+            num_warps=cfg.num_warps, num_stages=cfg.num_stages, **flags)
+        if one_pass:
+            return (dq_acc if q.dtype == torch.float32 else dq_acc.to(q.dtype)), dk, dv
+        cfg = pick_config("dq", block_d)
+        _varlen_attn_bwd_dq_kernel[(triton_cdiv(max_q, cfg.block_m), batch, H)](
+            q, k, v, do, dq, lse, delta, cu_q, cu_k, bid, reach, reach_back,
+            *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dq.stride(),
+            lse.stride(0), scale, dropout_p, *_philox_args(seed, offset), D, H // H_kv,
+            float(softcap), left, right,
+            BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, num_warps=cfg.num_warps,
+            num_stages=cfg.num_stages, **flags)
     return dq, dk, dv
 
 
@@ -283,8 +358,10 @@ def triton_cdiv(a: int, b: int) -> int:
 _FUSED_CPU_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
-def _use_fused_cpu(q: Tensor, k: Tensor, dropout_p: float, backward: bool = False) -> bool:
-    """torch's fused CPU flash-attention kernel serves the CPU path without dropout,
+def _use_fused_cpu(q: Tensor, k: Tensor, dropout_p: float, backward: bool = False,
+                   softcap: float = 0.0) -> bool:
+    """torch's fused CPU flash-attention kernel serves the CPU path without dropout and
+    without softcap (it cannot cap the scores; a window is an additive mask there),
     except:
 
     * for the backward under torch.use_deterministic_algorithms(True): its gradients
@@ -296,16 +373,18 @@ def _use_fused_cpu(q: Tensor, k: Tensor, dropout_p: float, backward: bool = Fals
       fuzz suite). The explicit path propagates them as the reference does. The check
       reads q and k once (O(total * H * D), small next to the attention itself).
     """
-    if dropout_p != 0 or q.dtype not in _FUSED_CPU_DTYPES:
+    if dropout_p != 0 or softcap > 0 or q.dtype not in _FUSED_CPU_DTYPES:
         return False
     if backward and torch.are_deterministic_algorithms_enabled():
         return False
     return bool(torch.isfinite(q).all()) and bool(torch.isfinite(k).all())
 
 
-def _cpu_segments(q, k, v, cu_q, cu_k, block_ids, causal):
+def _cpu_segments(q, k, v, cu_q, cu_k, block_ids, causal, window=(-1, -1)):
     """Yield (sequence slices, row chunk, is_causal, additive mask or None, rows without
-    a visible key) for the fused CPU flash-attention kernel, never padding."""
+    a visible key) for the fused CPU flash-attention kernel, never padding (a window
+    or image blocks: an additive mask per row chunk)."""
+    windowed = tuple(window) != (-1, -1)
     cq, ck = cu_q.tolist(), cu_k.tolist()
     for b in range(len(cq) - 1):
         q0, q1, k0, k1 = cq[b], cq[b + 1], ck[b], ck[b + 1]
@@ -315,15 +394,16 @@ def _cpu_segments(q, k, v, cu_q, cu_k, block_ids, causal):
         if lk == 0:
             yield b, q0, q1, k0, k1, None, None, None
             continue
-        if causal and block_ids is None and lq == lk and lq <= CPU_CHUNK_ROWS:
+        if causal and block_ids is None and not windowed and lq == lk and lq <= CPU_CHUNK_ROWS:
             yield b, q0, q1, k0, k1, True, None, None
             continue
         bq = block_ids[q0:q1] if block_ids is not None else None
         bk = block_ids[k0:k1] if block_ids is not None else None
         for r in range(0, lq, CPU_CHUNK_ROWS):
             r1 = min(r + CPU_CHUNK_ROWS, lq)
-            if causal:
-                vis = reference.attention_visibility(lq, lk, True, bq, bk)[r:r1]
+            if causal or windowed:
+                vis = reference.attention_visibility(lq, lk, causal, bq, bk,
+                                                     window_size=window)[r:r1]
                 mask = torch.zeros(vis.shape, dtype=q.dtype).masked_fill_(~vis, float("-inf"))
                 empty = ~vis.any(1)
             else:
@@ -338,7 +418,7 @@ def _heads_first(t: Tensor, group: int = 1) -> Tensor:
     return t.repeat_interleave(group, dim=0) if group > 1 else t
 
 
-def _cpu_fwd_fused(q, k, v, cu_q, cu_k, block_ids, scale, causal):
+def _cpu_fwd_fused(q, k, v, cu_q, cu_k, block_ids, scale, causal, window=(-1, -1)):
     """CPU forward on torch's fused flash-attention CPU kernel, one (sequence, row
     chunk) at a time."""
     flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
@@ -348,7 +428,7 @@ def _cpu_fwd_fused(q, k, v, cu_q, cu_k, block_ids, scale, causal):
     out = torch.zeros(H, total_q, D, dtype=q.dtype)
     lse = torch.full((H, total_q), float("-inf"), dtype=torch.float32)
     for _b, r0, r1, k0, k1, is_causal, mask, empty in _cpu_segments(q, k, v, cu_q, cu_k,
-                                                                   block_ids, causal):
+                                                                   block_ids, causal, window):
         if is_causal is None:
             continue
         o, l = flash(qh[None, :, r0:r1], kh[None, :, k0:k1], vh[None, :, k0:k1],
@@ -359,7 +439,7 @@ def _cpu_fwd_fused(q, k, v, cu_q, cu_k, block_ids, scale, causal):
     return out.transpose(0, 1).contiguous(), lse
 
 
-def _cpu_bwd_fused(do, q, k, v, out, lse, cu_q, cu_k, block_ids, scale, causal):
+def _cpu_bwd_fused(do, q, k, v, out, lse, cu_q, cu_k, block_ids, scale, causal, window=(-1, -1)):
     flash_bwd = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward
     total_q, H, D = q.shape
     total_k, H_kv = k.shape[0], k.shape[1]
@@ -372,7 +452,7 @@ def _cpu_bwd_fused(do, q, k, v, out, lse, cu_q, cu_k, block_ids, scale, causal):
     dk = torch.zeros(H, total_k, D, dtype=acc)
     dv = torch.zeros(H, total_k, D, dtype=acc)
     for _b, r0, r1, k0, k1, is_causal, mask, _empty in _cpu_segments(q, k, v, cu_q, cu_k,
-                                                                    block_ids, causal):
+                                                                    block_ids, causal, window):
         if is_causal is None:
             continue
         gq, gk, gv = flash_bwd(doh[None, :, r0:r1], qh[None, :, r0:r1], kh[None, :, k0:k1],
@@ -422,17 +502,18 @@ if _extension.is_available():
         return rows.new_empty((num_streams, rows.shape[0], cols.shape[0]), dtype=torch.bool)
 
 
-def _cpu_fwd(q, k, v, cu_q, cu_k, block_ids, scale, causal, dropout_p, seed, offset, stream0=0):
+def _cpu_fwd(q, k, v, cu_q, cu_k, block_ids, scale, causal, dropout_p, seed, offset, stream0=0,
+             window=(-1, -1), softcap=0.0):
     keep = None
     if dropout_p > 0:  # masks per (sequence, row chunk): memory O(H * CPU_CHUNK_ROWS * Lk)
         keep = _lazy_keep_masks(seed, offset, cu_q, cu_k, q.shape[1], dropout_p, stream0)
     compute = torch.float32 if q.dtype in (torch.float16, torch.bfloat16) else None
     return reference.varlen_attention(q, k, v, cu_q, cu_k, scale, causal, block_ids, dropout_p,
-                                      keep, CPU_CHUNK_ROWS, compute)
+                                      keep, CPU_CHUNK_ROWS, compute, window, softcap)
 
 
 def _cpu_bwd(do, q, k, v, cu_q, cu_k, block_ids, scale, causal, dropout_p, seed, offset,
-             stream0=0):
+             stream0=0, window=(-1, -1), softcap=0.0):
     """Per sequence and row chunk, recompute P and apply the explicit backward."""
     cq, ck = cu_q.tolist(), cu_k.tolist()
     keep = (_lazy_keep_masks(seed, offset, cu_q, cu_k, q.shape[1], dropout_p, stream0)
@@ -448,13 +529,13 @@ def _cpu_bwd(do, q, k, v, cu_q, cu_k, block_ids, scale, causal, dropout_p, seed,
         ks, vs = k[k0:k1].to(compute), v[k0:k1].to(compute)
         bq = block_ids[q0:q1] if block_ids is not None else None
         bk = block_ids[k0:k1] if block_ids is not None else None
-        vis = reference.attention_visibility(q1 - q0, k1 - k0, causal, bq, bk)
+        vis = reference.attention_visibility(q1 - q0, k1 - k0, causal, bq, bk, window_size=window)
         for r in range(0, q1 - q0, CPU_CHUNK_ROWS):
             rr = slice(q0 + r, min(q0 + r + CPU_CHUNK_ROWS, q1))
             kp = None if keep is None else keep.block(b, r, r + CPU_CHUNK_ROWS)
             gq, gk, gv = reference.attention_backward(
                 q[rr].to(compute), ks, vs, scale, vis[r:r + CPU_CHUNK_ROWS], do[rr].to(compute),
-                kp, dropout_p)
+                kp, dropout_p, softcap)
             dq[rr] += gq
             dk[k0:k1] += gk
             dv[k0:k1] += gv
@@ -479,22 +560,27 @@ def _runs_triton(device: torch.device) -> bool:
 def _varlen_attention_fwd(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor,
                           cu_seqlens_k: Tensor, block_ids: Tensor | None, max_seqlen_q: int,
                           max_seqlen_k: int, softmax_scale: float, causal: bool,
-                          dropout_p: float, seed: int, offset: int) -> tuple[Tensor, Tensor]:
+                          dropout_p: float, seed: int, offset: int, window_left: int = -1,
+                          window_right: int = -1, softcap: float = 0.0,
+                          deterministic: bool = False) -> tuple[Tensor, Tensor]:
     _check_op_inputs(q, k, v, cu_seqlens_q, cu_seqlens_k, block_ids)
+    window = (window_left, window_right)
     if _uses_triton(q.device):
         return _triton_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, block_ids, max_seqlen_q,
-                           max_seqlen_k, softmax_scale, causal, dropout_p, seed, offset)
-    if _use_fused_cpu(q, k, dropout_p):
+                           max_seqlen_k, softmax_scale, causal, dropout_p, seed, offset, window,
+                           softcap)
+    if _use_fused_cpu(q, k, dropout_p, softcap=softcap):
         return _cpu_fwd_fused(q, k, v, cu_seqlens_q, cu_seqlens_k, block_ids, softmax_scale,
-                              causal)
+                              causal, window)
     out, lse = _cpu_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, block_ids, softmax_scale, causal,
-                        dropout_p, seed, offset)
+                        dropout_p, seed, offset, window=window, softcap=softcap)
     return out.contiguous(), lse.contiguous()
 
 
 @_varlen_attention_fwd.register_fake
 def _(q, k, v, cu_seqlens_q, cu_seqlens_k, block_ids, max_seqlen_q, max_seqlen_k, softmax_scale,
-      causal, dropout_p, seed, offset):
+      causal, dropout_p, seed, offset, window_left=-1, window_right=-1, softcap=0.0,
+      deterministic=False):
     return (torch.empty_like(q, memory_format=torch.contiguous_format),
             q.new_empty((q.shape[1], q.shape[0]), dtype=torch.float32))
 
@@ -504,7 +590,9 @@ def _varlen_attention_bwd(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out
                           lse: Tensor, cu_seqlens_q: Tensor, cu_seqlens_k: Tensor,
                           block_ids: Tensor | None, max_seqlen_q: int, max_seqlen_k: int,
                           softmax_scale: float, causal: bool, dropout_p: float,
-                          seed: int, offset: int) -> tuple[Tensor, Tensor, Tensor]:
+                          seed: int, offset: int, window_left: int = -1, window_right: int = -1,
+                          softcap: float = 0.0, deterministic: bool = False
+                          ) -> tuple[Tensor, Tensor, Tensor]:
     _check_op_inputs(q, k, v, cu_seqlens_q, cu_seqlens_k, block_ids)
     for t, n in ((grad_out, "grad_out"), (out, "out")):
         if t.shape != q.shape:
@@ -512,20 +600,22 @@ def _varlen_attention_bwd(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out
     if lse.shape != (q.shape[1], q.shape[0]):
         raise ValueError(f"lse must have shape (H, total_q) = {(q.shape[1], q.shape[0])}, got "
                          f"{tuple(lse.shape)}")
+    window = (window_left, window_right)
     if _uses_triton(q.device):
         return _triton_bwd(grad_out, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, block_ids,
                            max_seqlen_q, max_seqlen_k, softmax_scale, causal, dropout_p, seed,
-                           offset)
-    if _use_fused_cpu(q, k, dropout_p, backward=True):
+                           offset, window, softcap, deterministic)
+    if _use_fused_cpu(q, k, dropout_p, backward=True, softcap=softcap):
         return _cpu_bwd_fused(grad_out, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, block_ids,
-                              softmax_scale, causal)
+                              softmax_scale, causal, window)
     return _cpu_bwd(grad_out, q, k, v, cu_seqlens_q, cu_seqlens_k, block_ids, softmax_scale,
-                    causal, dropout_p, seed, offset)
+                    causal, dropout_p, seed, offset, window=window, softcap=softcap)
 
 
 @_varlen_attention_bwd.register_fake
 def _(grad_out, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, block_ids, max_seqlen_q,
-      max_seqlen_k, softmax_scale, causal, dropout_p, seed, offset):
+      max_seqlen_k, softmax_scale, causal, dropout_p, seed, offset, window_left=-1,
+      window_right=-1, softcap=0.0, deterministic=False):
     return (torch.empty_like(q, memory_format=torch.contiguous_format),
             torch.empty_like(k, memory_format=torch.contiguous_format),
             torch.empty_like(v, memory_format=torch.contiguous_format))
@@ -533,10 +623,10 @@ def _(grad_out, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, block_ids, max_se
 
 def _setup_context(ctx, inputs, output):
     (q, k, v, cu_q, cu_k, block_ids, max_q, max_k, scale, causal, dropout_p, seed,
-     offset) = inputs
+     offset, *rest) = inputs
     out, lse = output
     ctx.save_for_backward(q, k, v, out, lse, cu_q, cu_k, block_ids)
-    ctx.args = (max_q, max_k, scale, causal, dropout_p, seed, offset)
+    ctx.args = (max_q, max_k, scale, causal, dropout_p, seed, offset, *rest)
     ctx.mark_non_differentiable(lse)
 
 
@@ -544,7 +634,7 @@ def _backward(ctx, grad_out, _grad_lse):
     q, k, v, out, lse, cu_q, cu_k, block_ids = ctx.saved_tensors
     dq, dk, dv = _varlen_attention_bwd(grad_out.contiguous(), q, k, v, out, lse, cu_q, cu_k,
                                        block_ids, *ctx.args)
-    return dq, dk, dv, None, None, None, None, None, None, None, None, None, None
+    return (dq, dk, dv) + (None,) * 14
 
 
 _varlen_attention_fwd.register_autograd(_backward, setup_context=_setup_context)
@@ -592,8 +682,19 @@ def check_cu_seqlens(cu: Tensor, total: int, max_seqlen: int, name: str, max_nam
         raise ValueError(f"{name} must be a 1-D (batch + 1,) tensor, got shape {tuple(cu.shape)}")
     if device is not None and cu.device != device:
         raise ValueError(f"{name} must be on {tensor_name}'s device ({device}), got {cu.device}")
-    if isinstance(max_seqlen, bool) or not isinstance(max_seqlen, int) or max_seqlen < 0:
+    if isinstance(max_seqlen, Tensor):
+        if max_seqlen.dim() != 0 or max_seqlen.dtype.is_floating_point or max_seqlen.is_complex() \
+                or max_seqlen.dtype == torch.bool:
+            raise TypeError(f"{max_name} must be an int or a 0-dim integer Tensor, got a "
+                            f"{max_seqlen.dtype} Tensor of shape {tuple(max_seqlen.shape)}")
+        # compared on cu's device (no host sync on CUDA); clamped as below
+        bound = max_seqlen.to(device=cu.device, dtype=torch.int64).clamp(max=MAX_TOKENS)
+        if bound.device.type == "cpu" and not torch.compiler.is_compiling() and int(bound) < 0:
+            raise TypeError(f"{max_name} must be non-negative, got {int(bound)}")
+    elif isinstance(max_seqlen, bool) or not isinstance(max_seqlen, int) or max_seqlen < 0:
         raise TypeError(f"{max_name} must be a non-negative int, got {max_seqlen!r}")
+    else:
+        bound = min(max_seqlen, MAX_TOKENS)
     lengths = cu.diff()
     # (under torch.compile the total may be a data-dependent SymInt, which a message
     # passed to _assert_async cannot hold)
@@ -604,7 +705,7 @@ def check_cu_seqlens(cu: Tensor, total: int, max_seqlen: int, name: str, max_nam
          f"{name}[-1] must equal the number of packed tokens of {tensor_name}{count}"),
         ((lengths >= 0).all(), f"{name} must be non-decreasing"),
         # (clamped: an int32 tensor compared with 2^40 would wrap the bound)
-        ((lengths <= min(max_seqlen, MAX_TOKENS)).all(),
+        ((lengths <= bound).all(),
          f"{max_name} = {max_seqlen} is smaller than a sequence length in {name}"),
     ]
     if cu.device.type in ("cuda", "meta") or torch.compiler.is_compiling():
@@ -689,12 +790,39 @@ def check_dropout_p(dropout_p, name: str = "dropout_p") -> float:
     return p
 
 
+def check_window_size(window_size, causal: bool) -> tuple[int, int]:
+    """window_size: a (left, right) pair of ints >= -1 (-1: unbounded). Returned as ints,
+    normalised: with causal the right side is the causal bound, returned as -1 (flash-attn
+    forces it to 0, the same mask)."""
+    if (not isinstance(window_size, (tuple, list)) or len(window_size) != 2
+            or any(isinstance(w, bool) or not isinstance(w, int) for w in window_size)):
+        raise TypeError(f"window_size must be a (left, right) pair of ints, got {window_size!r}")
+    left, right = (int(w) for w in window_size)
+    if left < -1 or right < -1:
+        raise ValueError(f"window_size entries must be >= -1 (-1: unbounded), got {window_size!r}")
+    return (left, -1) if causal else (left, right)
+
+
+def check_softcap(softcap) -> float:
+    try:
+        c = float(softcap)
+    except (TypeError, ValueError):
+        raise TypeError(f"softcap must be a float, got {type(softcap).__name__}") from None
+    if not (c >= 0.0 and math.isfinite(c)):
+        raise ValueError(f"softcap must be a finite float >= 0 (0: no capping), got {softcap}")
+    return c
+
+
 def varlen_attention(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_seqlens_k: Tensor,
-                     max_seqlen_q: int, max_seqlen_k: int, *, softmax_scale: float | None = None,
-                     causal: bool = False, block_ids: Tensor | None = None,
-                     dropout_p: float = 0.0, return_lse: bool = False,
+                     max_seqlen_q: int | Tensor, max_seqlen_k: int | Tensor,
+                     dropout_p: float = 0.0, softmax_scale: float | None = None,
+                     causal: bool = False, window_size: tuple[int, int] = (-1, -1),
+                     softcap: float = 0.0, alibi_slopes: Tensor | None = None,
+                     deterministic: bool = False, return_attn_probs: bool = False, *,
+                     block_ids: Tensor | None = None, return_lse: bool = False,
                      dropout_seed: int | None = None):
-    """Attention over packed variable-length sequences (``flash_attn_varlen_func`` layout).
+    """Attention over packed variable-length sequences, ``flash_attn_varlen_func``'s
+    signature and positional order (existing callers switch by changing the import).
 
     Args:
         q: (total_q, H, D); k, v: (total_k, H_kv, D) with H % H_kv == 0 (GQA/MQA).
@@ -703,32 +831,66 @@ def varlen_attention(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_s
         cu_seqlens_q, cu_seqlens_k: (batch + 1,) int32 offsets of the sequences, on q's
             device: 0 first, non-decreasing, total_q (total_k) last; zero lengths are
             allowed.
-        max_seqlen_q, max_seqlen_k: ints >= the longest sequence lengths.
-        softmax_scale: default 1 / sqrt(D).
-        causal: bottom-right aligned causal mask when seqlen_q != seqlen_k, as flash-attn;
-            a query row with no visible key outputs zeros (lse = -inf).
-        block_ids: optional (total_q,) int32; requires cu_seqlens_q == cu_seqlens_k. With
-            causal=True, two tokens of one sequence with the same non-zero id see each
-            other both ways (an image's patches attend bidirectionally, text stays causal).
+        max_seqlen_q, max_seqlen_k: >= the longest sequence lengths: Python ints, or
+            0-dim integer Tensors. A Tensor is never read on the host (no sync, so
+            ``torch.compile`` and CUDA-graph capture need no ``.item()``): the grid is
+            sized from the packed token count instead (extra programs exit at once) and
+            the bound is checked by a device-side assert.
         dropout_p: dropout on the attention probabilities, in [0, 1). Philox4x32-10 with
             a (seed, offset) state as PyTorch's (see :func:`philox_state`); every
             backend (Triton, the CPU path, ``MMKERNELS_BACKEND=reference``) draws the
             same mask for the same state (:func:`mmkernels.reference.dropout_keep`),
             and the backward regenerates it. Use 0 in evaluation.
+        softmax_scale: default 1 / sqrt(D).
+        causal: bottom-right aligned causal mask when seqlen_q != seqlen_k, as flash-attn.
+        window_size: (left, right) sliding-window (local) attention as flash-attn: query i
+            sees keys j with i + off - left <= j <= i + off + right, off = seqlen_k -
+            seqlen_q; -1 leaves a side unbounded. With causal the right side is 0 (as
+            flash-attn). Key tiles outside the window are skipped by the kernels.
+        softcap: > 0 caps the scaled scores, S = softcap * tanh(S / softcap) (Gemma-2,
+            PaliGemma-2), in the forward and the backward; 0 disables it.
+        alibi_slopes: not supported (must be None).
+        deterministic: selects the deterministic backward (also taken under
+            ``torch.use_deterministic_algorithms(True)``). The default backward (Triton)
+            is FA2's one pass: dK/dV per key tile and dQ added with float32 atomics, so
+            dQ may differ in its last bits from run to run. The deterministic one
+            computes dQ in a second kernel without atomics, recomputing S and dP: 7
+            GEMMs per tile pair instead of 5 (1.4x the MMA work of the backward), and
+            no float32 dQ buffer. The CPU path is deterministic either way.
+        return_attn_probs: not supported (must be False): the kernels never form the
+            probabilities. Use ``return_lse=True`` for the log-sum-exp.
+        block_ids: optional (total_q,) int32; requires cu_seqlens_q == cu_seqlens_k. With
+            causal=True, two tokens of one sequence with the same non-zero id see each
+            other both ways (an image's patches attend bidirectionally, text stays
+            causal). With a window, block visibility is added on top of the windowed
+            causal mask: a patch always sees its whole image, also outside the window.
+            Ignored without causal.
         return_lse: also return the log-sum-exp (H, total_q) float32 (not differentiable).
         dropout_seed: testing hook; the Philox seed, with offset 0 (default: the
             state reserved from torch's default generator). :func:`dropout_keep_mask`
             returns the same mask.
 
     Returns:
-        out (total_q, H, D) in q's dtype; with return_lse, (out, lse).
-        Gradients flow to q, k and v (deterministic: no atomics).
+        out (total_q, H, D) in q's dtype; with return_lse, (out, lse). A query row with
+        no visible key (causal with seqlen_q > seqlen_k, a window, an empty key
+        sequence) outputs zeros and lse = -inf (flash-attn also writes zeros; its lse
+        there is +inf).
+        Gradients flow to q, k and v (see ``deterministic``).
 
     Raises:
         TypeError / ValueError naming the offending argument (shapes, dtypes, devices,
-        offsets; on CUDA the offset checks are device-side asserts, without a sync).
+        offsets, window_size, softcap; on CUDA the offset checks are device-side
+        asserts, without a sync); NotImplementedError for alibi_slopes and
+        return_attn_probs.
     """
     _check_qkv(q, k, v)
+    if alibi_slopes is not None:
+        raise NotImplementedError("alibi_slopes is not supported by mmkernels.varlen_attention "
+                                  "(pass None)")
+    if return_attn_probs:
+        raise NotImplementedError("return_attn_probs=True is not supported: the kernels never "
+                                  "form the attention probabilities (return_lse=True returns "
+                                  "the log-sum-exp)")
     check_cu_seqlens(cu_seqlens_q, q.shape[0], max_seqlen_q, "cu_seqlens_q", "max_seqlen_q",
                      "q", q.device)
     check_cu_seqlens(cu_seqlens_k, k.shape[0], max_seqlen_k, "cu_seqlens_k", "max_seqlen_k",
@@ -755,10 +917,15 @@ def varlen_attention(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_s
             raise ValueError("block_ids requires seqlen_q == seqlen_k for every sequence "
                              "(cu_seqlens_q == cu_seqlens_k)")
     dropout_p = check_dropout_p(dropout_p)
+    causal = bool(causal)
+    window = check_window_size(window_size, causal)
+    softcap = check_softcap(softcap)
+    deterministic = bool(deterministic)
     scale = float(softmax_scale) if softmax_scale is not None else 1.0 / math.sqrt(q.shape[2])
     # a sequence is never longer than its packed tensor: bounds the grid however large
-    # the caller's max_seqlen is
-    max_q, max_k = min(max_seqlen_q, q.shape[0]), min(max_seqlen_k, k.shape[0])
+    # the caller's max_seqlen is (a Tensor max_seqlen is never read: the count bounds it)
+    max_q = q.shape[0] if isinstance(max_seqlen_q, Tensor) else min(max_seqlen_q, q.shape[0])
+    max_k = k.shape[0] if isinstance(max_seqlen_k, Tensor) else min(max_seqlen_k, k.shape[0])
     seed = offset = 0
     if dropout_p > 0:
         seed, offset = philox_state(q.device, dropout_increment(max_k), dropout_seed)
@@ -768,11 +935,13 @@ def varlen_attention(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_s
             keep = _lazy_keep_masks(seed, offset, cu_seqlens_q, cu_seqlens_k, q.shape[1],
                                     dropout_p, device=q.device)
         out, lse = reference.varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, scale, causal,
-                                              block_ids, dropout_p, keep)
+                                              block_ids, dropout_p, keep, window_size=window,
+                                              softcap=softcap)
     else:
         out, lse = _varlen_attention_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, block_ids,
-                                         int(max_q), int(max_k), scale, bool(causal),
-                                         dropout_p, seed, offset)
+                                         int(max_q), int(max_k), scale, causal, dropout_p,
+                                         seed, offset, window[0], window[1], softcap,
+                                         deterministic)
     return (out, lse) if return_lse else out
 
 
@@ -834,6 +1003,7 @@ def dropout_keep_mask(seed: int, cu_seqlens_q: Tensor, cu_seqlens_k: Tensor, num
 
 def kernel_specs() -> list[KernelSpec]:
     """Every (kernel, head-dim bucket, config) the package can launch, in bf16."""
+    from mmkernels.triton.attention import _attn_bwd_delta_kernel
     from mmkernels.triton.varlen_attention import (
         _varlen_attn_bwd_dkdv_kernel,
         _varlen_attn_bwd_dq_kernel,
@@ -841,26 +1011,46 @@ def kernel_specs() -> list[KernelSpec]:
     )
 
     specs = []
-    for kernel, kind in ((_varlen_attn_fwd_kernel, "fwd"), (_varlen_attn_bwd_dkdv_kernel, "dkdv"),
+    for kernel, kind in ((_varlen_attn_fwd_kernel, "fwd"), (_varlen_attn_bwd_dkdv_kernel, "bwd"),
+                         (_varlen_attn_bwd_dkdv_kernel, "dkdv"),
                          (_varlen_attn_bwd_dq_kernel, "dq")):
         for block_d in (64, 128, 256):
             for cfg in prune_configs(kind, block_d):
-                # the lightest and the heaviest variant of each configuration, with
-                # generic sizes and with sizes that are multiples of 16
+                one = functools.partial(attention_spec, atomic_dq=kind == "bwd")
+                # the lightest and the heaviest variants of each configuration (causal:
+                # blocks + window + softcap + dropout; non-causal: both window sides +
+                # softcap + dropout), with generic sizes and with sizes that are
+                # multiples of 16
                 for ints16 in (False, True):
-                    specs.append(attention_spec(kernel, block_d, cfg, False, False, "bf16",
-                                                ints16=ints16))
-                    specs.append(attention_spec(kernel, block_d, cfg, True, True, "bf16",
-                                                dropout=True, ints16=ints16))
+                    specs.append(one(kernel, block_d, cfg, False, False, "bf16", ints16=ints16))
+                    specs.append(one(kernel, block_d, cfg, True, True, "bf16", dropout=True,
+                                     ints16=ints16, window=True, softcap=True))
+                    specs.append(one(kernel, block_d, cfg, False, False, "bf16", dropout=True,
+                                     ints16=ints16, window=True, softcap=True))
+    for block_d in (64, 128, 256):
+        sig = {"o_ptr": "*bf16", "do_ptr": "*bf16", "delta_ptr": "*fp32", "n_tokens": "i32",
+               "head_dim": "i32", "stride_ot": "i32", "stride_oh": "i32", "stride_od": "constexpr",
+               "stride_dot": "i32", "stride_doh": "i32", "stride_dod": "constexpr",
+               "stride_lh": "i32", "BLOCK_T": "constexpr", "BLOCK_D": "constexpr"}
+        consts = {"stride_od": 1, "stride_dod": 1, "BLOCK_T": delta_block_t(block_d),
+                  "BLOCK_D": block_d}
+        specs.append(KernelSpec("_attn_bwd_delta_kernel", _attn_bwd_delta_kernel, sig, consts,
+                                {"num_warps": 4, "num_stages": 1}, f"D{block_d}",
+                                needs_mma=False,
+                                attrs={(i,): [["tt.divisibility", 16]] for i in range(3)}))
     return specs
 
 
 def attention_spec(kernel, block_d: int, cfg: AttnConfig, causal: bool, blocks: bool,
-                   dtype: str, dropout: bool = False, ints16: bool = False) -> KernelSpec:
+                   dtype: str, dropout: bool = False, ints16: bool = False, window: bool = False,
+                   softcap: bool = False, atomic_dq: bool = False) -> KernelSpec:
     """A KernelSpec for an attention kernel, specialised as a real launch on contiguous
     (total, heads, D) tensors is: the head-dim strides (stride_*d) are 1, the other
     strides and the pointers are multiples of 16. Pointers: lse/delta float32,
-    cu/bid/reach int32, the rest `dtype`; sizes int32; scale/p float32. ints16: the
+    cu/bid/reach int32, the rest `dtype`; sizes and window bounds int32;
+    scale/p/softcap float32, dq_acc float32. window / softcap / atomic_dq: the
+    HAS_WINDOW / HAS_SOFTCAP / ATOMIC_DQ variants (kernels without those constexprs
+    ignore them). ints16: the
     integer arguments (head dim, max_seqlen_k, seed, group) are multiples of 16 too, as
     Triton specialises such launches separately (head dims 64/80/128 always are), except
     the Philox arguments, which the kernels never specialise (PHILOX_ARGS)."""
@@ -870,6 +1060,7 @@ def attention_spec(kernel, block_d: int, cfg: AttnConfig, causal: bool, blocks: 
 
     names = list(inspect.signature(kernel.fn).parameters)
     consts = {"CAUSAL": causal, "HAS_BLOCKS": blocks, "HAS_DROPOUT": dropout,
+              "HAS_WINDOW": window, "HAS_SOFTCAP": softcap, "ATOMIC_DQ": atomic_dq,
               "BLOCK_M": cfg.block_m, "BLOCK_N": cfg.block_n, "BLOCK_D": block_d}
     consts = {k: v for k, v in consts.items() if k in names}
     sig, attrs = {}, {}
@@ -880,21 +1071,24 @@ def attention_spec(kernel, block_d: int, cfg: AttnConfig, causal: bool, blocks: 
             sig[n] = "constexpr"
             consts[n] = 1
         elif n.endswith("_ptr"):
-            if n.startswith(("lse", "delta")):
+            if n.startswith(("lse", "delta", "dq_acc")):
                 sig[n] = "*fp32"
             elif n.startswith(("cu", "bid", "reach")):
                 sig[n] = "*i32"
             else:
                 sig[n] = f"*{dtype}"
             attrs[(i,)] = [["tt.divisibility", 16]]
-        elif n in ("sm_scale", "dropout_p"):
+        elif n in ("sm_scale", "dropout_p", "softcap"):
             sig[n] = "fp32"
         else:
             sig[n] = "i32"
             if n.startswith("stride_") or (ints16 and n not in PHILOX_ARGS):
                 attrs[(i,)] = [["tt.divisibility", 16]]
     tag = ("causal+blocks" if blocks else "causal" if causal else "full")
+    tag += "+window" if window and "HAS_WINDOW" in consts else ""
+    tag += "+softcap" if softcap and "HAS_SOFTCAP" in consts else ""
     tag += "+dropout" if dropout else ""
+    tag += " one-pass" if atomic_dq and "ATOMIC_DQ" in consts else ""
     tag += f" D{block_d} {cfg}" + (" ints%16" if ints16 else "")
     return KernelSpec(kernel.fn.__name__, kernel, sig, consts,
                       {"num_warps": cfg.num_warps, "num_stages": cfg.num_stages}, tag,

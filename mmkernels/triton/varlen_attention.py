@@ -19,12 +19,13 @@ from mmkernels.triton.attention import (
 
 @triton.jit(do_not_specialize=PHILOX_ARGS)
 def _varlen_attn_fwd_kernel(q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, cu_q_ptr, cu_k_ptr, bid_ptr,
-                            reach_ptr, stride_qt, stride_qh, stride_qd, stride_kt, stride_kh,
+                            reach_ptr, reach_back_ptr, stride_qt, stride_qh, stride_qd, stride_kt, stride_kh,
                             stride_kd, stride_vt, stride_vh, stride_vd, stride_ot, stride_oh,
                             stride_od, stride_lh, sm_scale, dropout_p, seed_lo, seed_hi,
-                            ctr_lo, ctr_hi, head_dim, group,
+                            ctr_lo, ctr_hi, head_dim, group, softcap, win_left, win_right,
                             CAUSAL: tl.constexpr, HAS_BLOCKS: tl.constexpr,
-                            HAS_DROPOUT: tl.constexpr, BLOCK_M: tl.constexpr,
+                            HAS_DROPOUT: tl.constexpr, HAS_WINDOW: tl.constexpr,
+                            HAS_SOFTCAP: tl.constexpr, BLOCK_M: tl.constexpr,
                             BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
     start_m = tl.program_id(0)
     b = tl.program_id(1)
@@ -45,21 +46,28 @@ def _varlen_attn_fwd_kernel(q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, cu_q_ptr, cu_k_
                        stride_qt, stride_qd, stride_kt, stride_kd, stride_vt, stride_vd,
                        stride_ot, stride_od, seqlen_q, seqlen_k, start_m, head_dim, sm_scale,
                        dropout_p, seed_lo, seed_hi, ctr_lo, ctr_hi, h, q_start,
-                       CAUSAL, HAS_BLOCKS, HAS_DROPOUT, BLOCK_M, BLOCK_N, BLOCK_D)
+                       CAUSAL, HAS_BLOCKS, HAS_DROPOUT, BLOCK_M, BLOCK_N, BLOCK_D,
+                       reach_back_ptr + q64, softcap, win_left, win_right, HAS_WINDOW,
+                       HAS_SOFTCAP)
 
 
 @triton.jit(do_not_specialize=PHILOX_ARGS)
 def _varlen_attn_bwd_dkdv_kernel(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dk_ptr, dv_ptr,
-                                 cu_q_ptr, cu_k_ptr, bid_ptr, reach_back_ptr,
+                                 dq_acc_ptr, cu_q_ptr, cu_k_ptr, bid_ptr, reach_ptr, reach_back_ptr,
                                  stride_qt, stride_qh, stride_qd, stride_kt, stride_kh,
                                  stride_kd, stride_vt, stride_vh, stride_vd, stride_dot,
                                  stride_doh, stride_dod, stride_lh, stride_dkt, stride_dkh,
-                                 stride_dkd, stride_dvt, stride_dvh, stride_dvd,
-                                 sm_scale, dropout_p, seed_lo, seed_hi, ctr_lo, ctr_hi,
-                                 head_dim, group,
+                                 stride_dkd, stride_dvt, stride_dvh, stride_dvd, stride_dqat,
+                                 stride_dqah, stride_dqad, sm_scale, dropout_p, seed_lo, seed_hi,
+                                 ctr_lo, ctr_hi,
+                                 head_dim, group, softcap, win_left, win_right,
                                  CAUSAL: tl.constexpr, HAS_BLOCKS: tl.constexpr,
-                                 HAS_DROPOUT: tl.constexpr, BLOCK_M: tl.constexpr,
-                                 BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+                                 HAS_DROPOUT: tl.constexpr, HAS_WINDOW: tl.constexpr,
+                                 HAS_SOFTCAP: tl.constexpr, ATOMIC_DQ: tl.constexpr,
+                                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                                 BLOCK_D: tl.constexpr):
+    """dK, dV per key tile; with ATOMIC_DQ also dQ (atomics into the float32 dq_acc):
+    the one-pass backward. Without, the deterministic path's first kernel."""
     start_n = tl.program_id(0)
     b = tl.program_id(1)
     kvh = tl.program_id(2)
@@ -80,19 +88,23 @@ def _varlen_attn_bwd_dkdv_kernel(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr
                             stride_dkt, stride_dkd, stride_dvt, stride_dvd,
                             seqlen_q, seqlen_k, start_n, head_dim, sm_scale, dropout_p,
                             seed_lo, seed_hi, ctr_lo, ctr_hi, 0, q_start, kvh, group,
-                            CAUSAL, HAS_BLOCKS, HAS_DROPOUT, BLOCK_M, BLOCK_N, BLOCK_D)
+                            CAUSAL, HAS_BLOCKS, HAS_DROPOUT, BLOCK_M, BLOCK_N, BLOCK_D,
+                            reach_ptr + k64, softcap, win_left, win_right, HAS_WINDOW,
+                            HAS_SOFTCAP, dq_acc_ptr + q64 * stride_dqat, stride_dqat,
+                            stride_dqah, stride_dqad, ATOMIC_DQ)
 
 
 @triton.jit(do_not_specialize=PHILOX_ARGS)
 def _varlen_attn_bwd_dq_kernel(q_ptr, k_ptr, v_ptr, do_ptr, dq_ptr, lse_ptr, delta_ptr,
-                               cu_q_ptr, cu_k_ptr, bid_ptr, reach_ptr,
+                               cu_q_ptr, cu_k_ptr, bid_ptr, reach_ptr, reach_back_ptr,
                                stride_qt, stride_qh, stride_qd, stride_kt, stride_kh, stride_kd,
                                stride_vt, stride_vh, stride_vd, stride_dot, stride_doh,
                                stride_dod, stride_dqt, stride_dqh, stride_dqd, stride_lh,
                                sm_scale, dropout_p, seed_lo, seed_hi, ctr_lo, ctr_hi, head_dim,
-                               group,
+                               group, softcap, win_left, win_right,
                                CAUSAL: tl.constexpr, HAS_BLOCKS: tl.constexpr,
-                               HAS_DROPOUT: tl.constexpr, BLOCK_M: tl.constexpr,
+                               HAS_DROPOUT: tl.constexpr, HAS_WINDOW: tl.constexpr,
+                               HAS_SOFTCAP: tl.constexpr, BLOCK_M: tl.constexpr,
                                BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
     start_m = tl.program_id(0)
     b = tl.program_id(1)
@@ -116,4 +128,6 @@ def _varlen_attn_bwd_dq_kernel(q_ptr, k_ptr, v_ptr, do_ptr, dq_ptr, lse_ptr, del
                           stride_dot, stride_dod, stride_dqt, stride_dqd,
                           seqlen_q, seqlen_k, start_m, head_dim, sm_scale, dropout_p,
                           seed_lo, seed_hi, ctr_lo, ctr_hi, h, q_start,
-                          CAUSAL, HAS_BLOCKS, HAS_DROPOUT, BLOCK_M, BLOCK_N, BLOCK_D)
+                          CAUSAL, HAS_BLOCKS, HAS_DROPOUT, BLOCK_M, BLOCK_N, BLOCK_D,
+                          reach_back_ptr + q64, softcap, win_left, win_right, HAS_WINDOW,
+                          HAS_SOFTCAP)
