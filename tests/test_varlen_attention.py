@@ -1,6 +1,7 @@
 """varlen_attention: Triton kernels (under TRITON_INTERPRET=1 on CPU tensors, or on a
 GPU) and the CPU path, against a float64 per-sequence reference."""
 
+import itertools
 import math
 
 import pytest
@@ -90,6 +91,21 @@ def run_and_compare(lq, lk, H, H_kv, D, dtype, causal=False, block_ids=None, dro
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
 def test_forward_backward(backend, dtype, D, causal):
     run_and_compare([7, 0, 21, 33], [7, 0, 21, 33], H=4, H_kv=2, D=D, dtype=dtype, causal=causal)
+
+
+@pytest.mark.parametrize("backend", BACKENDS, indirect=True)
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+def test_runs_of_equal_length_sequences(backend, dtype, causal):
+    # the CPU path attends a run of consecutive equal-length sequences (a ViT batch)
+    # in one batched call: runs broken by another length, an empty sequence, and
+    # unequal q/k lengths (which run one at a time, causal ones with a mask)
+    lq = [5, 5, 5, 9, 9, 0, 5, 5, 3, 3]
+    lk = [5, 5, 5, 9, 9, 0, 5, 5, 4, 4]
+    run_and_compare(lq, lk, H=4, H_kv=2, D=16, dtype=dtype, causal=causal)
+    cq, ck = (torch.tensor([0, *itertools.accumulate(lens)]) for lens in (lq, lk))
+    sizes = [n for n, *_ in va._cpu_segments(*[torch.zeros(0)] * 3, cq, ck, None, causal)]
+    assert sizes == ([3, 2, 2, 2] if not causal else [3, 2, 2, 1, 1])
 
 
 @pytest.mark.parametrize("backend", BACKENDS, indirect=True)

@@ -381,21 +381,35 @@ def _use_fused_cpu(q: Tensor, k: Tensor, dropout_p: float, backward: bool = Fals
 
 
 def _cpu_segments(q, k, v, cu_q, cu_k, block_ids, causal, window=(-1, -1)):
-    """Yield (sequence slices, row chunk, is_causal, additive mask or None, rows without
-    a visible key) for the fused CPU flash-attention kernel, never padding (a window
-    or image blocks: an additive mask per row chunk)."""
+    """Yield (n, first query row, end query row, first key row, end key row, is_causal,
+    additive mask or None, rows without a visible key) for the fused CPU
+    flash-attention kernel, never padding. n > 1: n consecutive sequences of the same
+    lengths with no mask (a batch of equal-length images, ViT-style), attended in one
+    call as a batch of n; otherwise one sequence (n = 1), or a row chunk of one (a
+    window or image blocks: an additive mask per row chunk)."""
     windowed = tuple(window) != (-1, -1)
     cq, ck = cu_q.tolist(), cu_k.tolist()
+    run = None  # [n, q0, k0, lq, lk, is_causal]: pending equal-length unmasked sequences
     for b in range(len(cq) - 1):
         q0, q1, k0, k1 = cq[b], cq[b + 1], ck[b], ck[b + 1]
         lq, lk = q1 - q0, k1 - k0
         if lq == 0:
             continue
-        if lk == 0:
-            yield b, q0, q1, k0, k1, None, None, None
+        plain = lk > 0 and lq <= CPU_CHUNK_ROWS and not windowed and (
+            not causal or (block_ids is None and lq == lk))
+        if run is not None and not (plain and run[3:] == [lq, lk, causal]
+                                    and q0 == run[1] + run[0] * lq
+                                    and k0 == run[2] + run[0] * lk):
+            n, r0, c0, rl, cl, is_causal = run
+            yield n, r0, r0 + n * rl, c0, c0 + n * cl, is_causal, None, None
+            run = None
+        if plain:
+            if run is None:
+                run = [0, q0, k0, lq, lk, causal]
+            run[0] += 1
             continue
-        if causal and block_ids is None and not windowed and lq == lk and lq <= CPU_CHUNK_ROWS:
-            yield b, q0, q1, k0, k1, True, None, None
+        if lk == 0:
+            yield 1, q0, q1, k0, k1, None, None, None
             continue
         bq = block_ids[q0:q1] if block_ids is not None else None
         bk = block_ids[k0:k1] if block_ids is not None else None
@@ -408,7 +422,10 @@ def _cpu_segments(q, k, v, cu_q, cu_k, block_ids, causal, window=(-1, -1)):
                 empty = ~vis.any(1)
             else:
                 mask, empty = None, None
-            yield b, q0 + r, q0 + r1, k0, k1, False, mask, empty
+            yield 1, q0 + r, q0 + r1, k0, k1, False, mask, empty
+    if run is not None:
+        n, r0, c0, rl, cl, is_causal = run
+        yield n, r0, r0 + n * rl, c0, c0 + n * cl, is_causal, None, None
 
 
 def _heads_first(t: Tensor, group: int = 1) -> Tensor:
@@ -418,24 +435,37 @@ def _heads_first(t: Tensor, group: int = 1) -> Tensor:
     return t.repeat_interleave(group, dim=0) if group > 1 else t
 
 
+def _batched(t: Tensor, r0: int, r1: int, n: int) -> Tensor:
+    """Rows [r0, r1) of a heads-first (H, total, D) tensor as a batch of n equal
+    sequences (n, H, (r1 - r0) / n, D) (a view)."""
+    H, _, D = t.shape
+    return t[:, r0:r1].view(H, n, (r1 - r0) // n, D).transpose(0, 1)
+
+
+def _unbatched(t: Tensor) -> Tensor:
+    """(n, H, L, ...) -> (H, n * L, ...): the inverse of :func:`_batched`."""
+    return t.transpose(0, 1).reshape(t.shape[1], t.shape[0] * t.shape[2], *t.shape[3:])
+
+
 def _cpu_fwd_fused(q, k, v, cu_q, cu_k, block_ids, scale, causal, window=(-1, -1)):
-    """CPU forward on torch's fused flash-attention CPU kernel, one (sequence, row
-    chunk) at a time."""
+    """CPU forward on torch's fused flash-attention CPU kernel: one call per run of
+    equal-length unmasked sequences, or per (sequence, row chunk) with a mask."""
     flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
     total_q, H, D = q.shape
     group = H // k.shape[1]
     qh, kh, vh = _heads_first(q), _heads_first(k, group), _heads_first(v, group)
     out = torch.zeros(H, total_q, D, dtype=q.dtype)
     lse = torch.full((H, total_q), float("-inf"), dtype=torch.float32)
-    for _b, r0, r1, k0, k1, is_causal, mask, empty in _cpu_segments(q, k, v, cu_q, cu_k,
-                                                                   block_ids, causal, window):
+    for n, r0, r1, k0, k1, is_causal, mask, empty in _cpu_segments(q, k, v, cu_q, cu_k,
+                                                                  block_ids, causal, window):
         if is_causal is None:
             continue
-        o, l = flash(qh[None, :, r0:r1], kh[None, :, k0:k1], vh[None, :, k0:k1],
+        o, l = flash(_batched(qh, r0, r1, n), _batched(kh, k0, k1, n), _batched(vh, k0, k1, n),
                      is_causal=is_causal, attn_mask=None if mask is None else mask[None, None],
                      scale=scale)
-        out[:, r0:r1] = o[0]
-        lse[:, r0:r1] = l[0] if empty is None else l[0].masked_fill(empty[None], float("-inf"))
+        out[:, r0:r1] = _unbatched(o)
+        l = _unbatched(l)
+        lse[:, r0:r1] = l if empty is None else l.masked_fill(empty[None], float("-inf"))
     return out.transpose(0, 1).contiguous(), lse
 
 
@@ -446,22 +476,23 @@ def _cpu_bwd_fused(do, q, k, v, out, lse, cu_q, cu_k, block_ids, scale, causal, 
     group = H // H_kv
     qh, kh, vh = _heads_first(q), _heads_first(k, group), _heads_first(v, group)
     doh, oh = _heads_first(do), _heads_first(out)
-    lse0 = torch.where(torch.isfinite(lse), lse, torch.zeros_like(lse))
+    lse0 = torch.where(torch.isfinite(lse), lse, torch.zeros_like(lse))[..., None]
     dq = torch.zeros(H, total_q, D, dtype=q.dtype)
     acc = torch.float32 if q.dtype != torch.float32 else q.dtype
     dk = torch.zeros(H, total_k, D, dtype=acc)
     dv = torch.zeros(H, total_k, D, dtype=acc)
-    for _b, r0, r1, k0, k1, is_causal, mask, _empty in _cpu_segments(q, k, v, cu_q, cu_k,
-                                                                    block_ids, causal, window):
+    for n, r0, r1, k0, k1, is_causal, mask, _empty in _cpu_segments(q, k, v, cu_q, cu_k,
+                                                                   block_ids, causal, window):
         if is_causal is None:
             continue
-        gq, gk, gv = flash_bwd(doh[None, :, r0:r1], qh[None, :, r0:r1], kh[None, :, k0:k1],
-                               vh[None, :, k0:k1], oh[None, :, r0:r1], lse0[None, :, r0:r1],
+        gq, gk, gv = flash_bwd(_batched(doh, r0, r1, n), _batched(qh, r0, r1, n),
+                               _batched(kh, k0, k1, n), _batched(vh, k0, k1, n),
+                               _batched(oh, r0, r1, n), _batched(lse0, r0, r1, n)[..., 0],
                                0.0, is_causal,
                                attn_mask=None if mask is None else mask[None, None], scale=scale)
-        dq[:, r0:r1] = gq[0]
-        dk[:, k0:k1] += gk[0]
-        dv[:, k0:k1] += gv[0]
+        dq[:, r0:r1] = _unbatched(gq)
+        dk[:, k0:k1] += _unbatched(gk)
+        dv[:, k0:k1] += _unbatched(gv)
     dk = dk.view(H_kv, group, total_k, D).sum(1).transpose(0, 1)
     dv = dv.view(H_kv, group, total_k, D).sum(1).transpose(0, 1)
     return (dq.transpose(0, 1).contiguous(), dk.to(k.dtype).contiguous(),
