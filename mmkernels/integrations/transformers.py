@@ -37,21 +37,18 @@ Keyword arguments transformers passes to attention functions:
   * honoured: ``dropout`` (-> ``dropout_p``; the modules pass 0 in eval mode; the
     Philox mask differs from eager's torch RNG draws), ``scaling`` (-> softmax scale;
     None means 1/sqrt(D)), ``is_causal`` (None: the module's ``is_causal``, as
-    flash-attention; bottom-right aligned when L_q != L_k), ``attention_mask`` (2-D
-    padding mask or None), ``position_ids``, ``cu_seq_lens_q``, ``cu_seq_lens_k``,
-    ``max_length_q``, ``max_length_k``, ``deterministic`` (always true: no atomics);
-    grouped-query attention (k/v with fewer heads) runs natively, without repeating
-    k and v.
-  * raise ``ValueError`` naming the model's config field (never ignored):
-    ``sliding_window`` (``config.sliding_window``) whenever a sequence may be longer
-    than the window (the longest key sequence bound: ``max_length_k``, or the padded
-    length L_k), i.e. whenever the window could mask a key: a window no sequence
-    exceeds masks nothing and is computed exactly; ``softcap``
-    (``config.attn_logit_softcapping``) when not None or 0. Both wait for the
-    attention issue (``mmkernels.varlen_attention`` has no window or softcap yet).
-    Also raising: ``s_aux`` (learned attention sinks), the paged-cache kwargs
-    (``block_table``, ``k_cache``, ``v_cache``), a 4-D ``attention_mask`` (a custom
-    mask the varlen kernel cannot express), value heads of another size than q's.
+    flash-attention; bottom-right aligned when L_q != L_k), ``sliding_window`` (->
+    ``window_size=(w - 1, w - 1)``: query i sees keys j with i - j < w, transformers'
+    mask and its flash path; Mistral, Qwen2, Gemma-2 local layers), ``softcap`` (->
+    tanh soft-capping of the scores, Gemma-2's ``attn_logit_softcapping``; None or 0:
+    none), ``attention_mask`` (2-D padding mask or None), ``position_ids``,
+    ``cu_seq_lens_q``, ``cu_seq_lens_k``, ``max_length_q``, ``max_length_k``,
+    ``deterministic``; grouped-query attention (k/v with fewer heads) runs natively,
+    without repeating k and v.
+  * raise ``ValueError`` (never ignored): ``s_aux`` (learned attention sinks), the
+    paged-cache kwargs (``block_table``, ``k_cache``, ``v_cache``), a 4-D
+    ``attention_mask`` (a custom mask the varlen kernel cannot express), value heads
+    of another size than q's, packing kwargs on a batch of more than one row.
   * ignored because they do not change the result: ``output_attentions`` (attention
     weights are returned as None, as with sdpa and flash-attention), ``cache_position``,
     ``use_cache`` and other bookkeeping kwargs.
@@ -100,13 +97,6 @@ MIN_TRANSFORMERS = "5.24"
 # flash-attention varlen kwargs describing the packed text batch (transformers' names)
 _FLASH_VARLEN_KWARGS = ("cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k")
 
-# the config field behind each unsupported attention kwarg, and implementations that
-# support it, for the error messages
-_CONFIG_FIELD = {"sliding_window": "sliding_window", "softcap": "attn_logit_softcapping"}
-_SUPPORTED_BY = {"sliding_window": "'sdpa', 'eager' or 'flash_attention_2'",
-                 "softcap": "'eager', 'flex_attention' or 'flash_attention_2'"}
-
-
 def _version_tuple(v: str) -> tuple[int, ...]:
     parts = []
     for p in v.split(".")[:2]:
@@ -125,19 +115,7 @@ if _version_tuple(transformers.__version__) < _version_tuple(MIN_TRANSFORMERS):
 # ---------------------------------------------------------------------------------
 
 
-def _unsupported(module: nn.Module, kwarg: str, value, why: str) -> ValueError:
-    config = getattr(module, "config", None)
-    owner = type(config).__name__ if config is not None else "the model's config"
-    return ValueError(
-        f"attn_implementation='{NAME}' does not implement {kwarg} yet ({why}): "
-        f"{type(module).__name__} passed {kwarg}={value!r}, from {owner}.{_CONFIG_FIELD[kwarg]} "
-        f"(config.{_CONFIG_FIELD[kwarg]}). It is never ignored; use attn_implementation="
-        f"{_SUPPORTED_BY[kwarg]} for this model")
-
-
-def _check_kwargs(module: nn.Module, softcap, kwargs: dict) -> None:
-    if softcap is not None and softcap != 0:
-        raise _unsupported(module, "softcap", softcap, "logit soft-capping")
+def _check_kwargs(module: nn.Module, kwargs: dict) -> None:
     if kwargs.get("s_aux") is not None:
         raise ValueError(f"attn_implementation='{NAME}' does not implement learned attention sinks "
                          f"(s_aux, passed by {type(module).__name__}); use 'eager' or 'sdpa'")
@@ -147,14 +125,16 @@ def _check_kwargs(module: nn.Module, softcap, kwargs: dict) -> None:
                          f"(got {', '.join(paged)}); use 'paged|eager' or a flash implementation")
 
 
-def _check_window(module: nn.Module, sliding_window, max_seqlen_k: int) -> None:
-    """A window that no key sequence exceeds masks nothing (query i sees keys j with
-    i - j < sliding_window, as transformers' masks and flash-attention's
-    (w - 1, w - 1)); any other raises."""
-    if sliding_window is not None and max_seqlen_k > sliding_window:
-        raise _unsupported(module, "sliding_window", sliding_window,
-                           f"sliding-window attention; sequences here may hold up to {max_seqlen_k} "
-                           f"keys, more than the window of {sliding_window}")
+def _window(sliding_window) -> tuple[int, int]:
+    """transformers' sliding window as flash-attention's ``window_size``: query i sees
+    keys j with i - j < sliding_window (``(w - 1, w - 1)``, as transformers' flash path;
+    the right bound is the causal one in causal models)."""
+    if sliding_window is None:
+        return (-1, -1)
+    w = int(sliding_window)
+    if w < 1:
+        raise ValueError(f"sliding_window must be a positive int, got {sliding_window!r}")
+    return (w - 1, w - 1)
 
 
 def _as_int(x) -> int:
@@ -195,14 +175,15 @@ def attention_forward(module: nn.Module, query: Tensor, key: Tensor, value: Tens
     Returns:
         (attn_output (B, L_q, H, D) in query's dtype, None).
     """
-    _check_kwargs(module, softcap, kwargs)
+    _check_kwargs(module, kwargs)
     B, H, Lq, D = query.shape
     Hkv, Lk = key.shape[1], key.shape[2]
     if value.shape[-1] != D:
         raise ValueError(f"attn_implementation='{NAME}' needs value heads of q's size {D}, got "
                          f"{value.shape[-1]} ({type(module).__name__})")
     causal = bool(is_causal if is_causal is not None else getattr(module, "is_causal", False))
-    run = {"softmax_scale": scaling, "causal": causal, "dropout_p": float(dropout)}
+    run = {"softmax_scale": scaling, "causal": causal, "dropout_p": float(dropout),
+           "window_size": _window(sliding_window), "softcap": float(softcap or 0.0)}
     q, k, v = query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2)  # (B, L, H, D)
     if attention_mask is not None:
         if attention_mask.dim() != 2 or tuple(attention_mask.shape) != (B, Lk):
@@ -210,7 +191,6 @@ def attention_forward(module: nn.Module, query: Tensor, key: Tensor, value: Tens
                              f"padding mask or None, got attention_mask of shape "
                              f"{tuple(attention_mask.shape)} (a custom 4-D mask cannot be expressed "
                              "by the varlen kernel; use 'eager' or 'sdpa')")
-        _check_window(module, sliding_window, Lk)
         out = padded_varlen_attention(q, k, v, attention_mask.bool(), **run)
         return out, None
     flash = [kwargs.get(n) for n in _FLASH_VARLEN_KWARGS]
@@ -230,10 +210,8 @@ def attention_forward(module: nn.Module, query: Tensor, key: Tensor, value: Tens
         if found is not None:
             packed = (found[0], found[0], found[1], found[1])
     if packed is None:
-        _check_window(module, sliding_window, Lk)
         return padded_varlen_attention(q, k, v, None, **run), None
     cu_q, cu_k, max_q, max_k = packed
-    _check_window(module, sliding_window, max_k)
     out = varlen_attention(q.reshape(-1, H, D), k.reshape(-1, Hkv, D), v.reshape(-1, Hkv, D),
                            cu_q, cu_k, max_q, max_k, **run)
     return out.view(B, Lq, H, D), None

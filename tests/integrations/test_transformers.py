@@ -450,44 +450,106 @@ def test_dropout_is_passed_and_zero_in_eval(monkeypatch):
     assert seen == [0.5, 0.5]  # two text layers, config.attention_dropout
 
 
-def test_sliding_window_raises_naming_the_config_field():
-    cfg = dict(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-               num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=64)
-    torch.manual_seed(0)
-    model = MistralModel(MistralConfig(sliding_window=4, **cfg)).eval()
+def _both(model):
+    """The model with our attention, and a copy with transformers' eager attention."""
     model.set_attn_implementation(mmhf.NAME)
-    with pytest.raises(ValueError, match=r"config\.sliding_window") as err, torch.no_grad():
-        model(input_ids=torch.randint(0, 64, (1, 8)))
-    assert "MistralConfig.sliding_window" in str(err.value) and "=4" in str(err.value)
-    # a window no sequence exceeds masks nothing: computed exactly, as eager
     eager = copy.deepcopy(model)
     eager.set_attn_implementation("eager")
-    ids = torch.randint(0, 64, (2, 4))
+    return model, eager
+
+
+def test_sliding_window_is_honoured():
+    """Mistral with a window shorter than the sequences equals transformers' eager
+    attention (its mask: i - j < sliding_window), padded, unpadded and packed (the
+    window's gradients: tests/test_varlen_attention.py against the float64 reference)."""
+    cfg = dict(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+               num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=64)
+    torch.manual_seed(0)
+    model, eager = _both(MistralModel(MistralConfig(sliding_window=3, **cfg)).eval())
+    ids = torch.randint(0, 64, (2, 9))
+    mask = torch.ones(2, 9, dtype=torch.long)
+    mask[1, :3] = 0  # left padding
+    for kw in ({}, {"attention_mask": mask}):
+        got = model(input_ids=ids, use_cache=False, **kw).last_hidden_state
+        want = eager(input_ids=ids, use_cache=False, **kw).last_hidden_state
+        rows = slice(None) if not kw else mask.bool()
+        torch.testing.assert_close(got[rows], want[rows], atol=1e-5, rtol=1e-5)
+    # the window really masks: without it the outputs differ
+    wide, _ = _both(MistralModel(MistralConfig(sliding_window=None, **cfg)).eval())
+    wide.load_state_dict(model.state_dict())
     with torch.no_grad():
-        torch.testing.assert_close(model(input_ids=ids).last_hidden_state,
-                                   eager(input_ids=ids).last_hidden_state, atol=1e-5, rtol=1e-5)
-    # a packed batch: the bound is the longest sequence, not the packed length
-    batch = pack([torch.randint(0, 64, (n,)) for n in (4, 3)])
+        assert not torch.allclose(wide(input_ids=ids).last_hidden_state,
+                                  model(input_ids=ids).last_hidden_state, atol=1e-3)
+    # packed: the window applies inside each sample
+    batch = pack([torch.randint(0, 64, (n,)) for n in (7, 5)])
     flash = {k: batch[k] for k in mmhf._FLASH_VARLEN_KWARGS}
     with torch.no_grad():
-        model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], **flash)
+        got = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"],
+                    use_cache=False, **flash).last_hidden_state[0]
+        for s, (a, b) in enumerate(((0, 7), (7, 12))):
+            alone = eager(input_ids=batch["input_ids"][:, a:b], use_cache=False).last_hidden_state[0]
+            torch.testing.assert_close(got[a:b], alone, atol=1e-5, rtol=1e-5, msg=f"sample {s}")
 
 
-def test_softcap_raises_naming_the_config_field():
+def _ref64_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None,
+                     sliding_window=None, softcap=None, is_causal=None, **kwargs):
+    """A float64 reference attention for transformers (no padding): causal, the sliding
+    window (i - j < w) and tanh soft-capping, all in the inputs' dtype. transformers'
+    own eager attention runs its softmax in float32 even for a float64 model, which
+    Gemma-2's final norm amplifies in the gradients (measured: 10% on some weights), so
+    the gradients are checked against this instead."""
+    L = query.shape[2]
+    i = torch.arange(L)[:, None]
+    j = torch.arange(L)[None, :]
+    visible = j <= i
+    if sliding_window is not None:
+        visible &= i - j < sliding_window
+    rep = query.shape[1] // key.shape[1]
+    k, v = key.repeat_interleave(rep, 1), value.repeat_interleave(rep, 1)
+    scores = query @ k.transpose(-1, -2) * scaling
+    if softcap:
+        scores = softcap * torch.tanh(scores / softcap)
+    probs = torch.softmax(scores.masked_fill(~visible, float("-inf")), -1)
+    return (probs @ v).transpose(1, 2), None
+
+
+def test_softcap_is_honoured(monkeypatch):
+    """Gemma-2 (attn_logit_softcapping, GQA, sliding-window layers): the forward equals
+    transformers' eager attention; in float64 on the CPU path the forward and every
+    gradient equal a float64 reference attention; the capping really acts."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface
+
     torch.manual_seed(0)
-    cfg = Gemma2Config(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+    cfg = Gemma2Config(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                        num_attention_heads=2, num_key_value_heads=1, head_dim=16,
-                       max_position_embeddings=64, attn_logit_softcapping=50.0)
-    model = Gemma2Model(cfg).eval()
-    model.set_attn_implementation(mmhf.NAME)
-    with pytest.raises(ValueError, match=r"config\.attn_logit_softcapping") as err, torch.no_grad():
-        model(input_ids=torch.randint(0, 64, (1, 5)), use_cache=False)
-    assert "Gemma2Config.attn_logit_softcapping" in str(err.value) and "=50.0" in str(err.value)
-    q = torch.randn(1, 2, 3, 8)
-    with pytest.raises(ValueError, match="softcap"):
-        mmhf.attention_forward(_Module(True), q, q, q, None, softcap=30.0)
-    out, _ = mmhf.attention_forward(_Module(True), q, q, q, None, softcap=0.0)  # 0: no capping
-    torch.testing.assert_close(out, _reference(q, q, q, 8 ** -0.5, True), atol=1e-5, rtol=1e-5)
+                       max_position_embeddings=64, attn_logit_softcapping=1.5, sliding_window=4,
+                       query_pre_attn_scalar=16)
+    model, eager = _both(Gemma2Model(cfg).eval())
+    ids = torch.randint(1, 64, (2, 7))
+    with torch.no_grad():
+        torch.testing.assert_close(model(input_ids=ids, use_cache=False).last_hidden_state,
+                                   eager(input_ids=ids, use_cache=False).last_hidden_state,
+                                   atol=1e-5, rtol=1e-5)
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)  # float64: the CPU path
+    AttentionInterface.register("ref64", _ref64_attention)
+    AttentionMaskInterface.register("ref64", mmhf.flash_attention_mask)
+    ours64 = model.double()
+    ref64 = copy.deepcopy(ours64)
+    ref64.set_attn_implementation("ref64")
+    outs = []
+    for m in (ours64, ref64):
+        out = m(input_ids=ids, use_cache=False).last_hidden_state
+        out.square().sum().backward()
+        outs.append(out.detach())
+    torch.testing.assert_close(outs[0], outs[1], atol=1e-10, rtol=1e-10)
+    for (n, p), (_, pr) in zip(ours64.named_parameters(), ref64.named_parameters(), strict=True):
+        torch.testing.assert_close(p.grad, pr.grad, atol=1e-10, rtol=1e-10, msg=n)
+    q = torch.randn(1, 2, 3, 8) * 4
+    capped, _ = mmhf.attention_forward(_Module(True), q, q, q, None, softcap=0.5)
+    plain, _ = mmhf.attention_forward(_Module(True), q, q, q, None, softcap=0.0)  # 0: none
+    torch.testing.assert_close(plain, _reference(q, q, q, 8 ** -0.5, True), atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(capped, plain, atol=1e-3)
 
 
 def test_unsupported_inputs_raise():
