@@ -9,6 +9,11 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest  # noqa: E402
+
+# Under pytest-xdist (`make test` runs one worker per core) each worker gets an equal
+# share of the cores: oversubscribed OpenMP threads make small ops 10-100x slower.
+if os.environ.get("PYTEST_XDIST_WORKER_COUNT"):
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"])))
 from hypothesis import HealthCheck, settings  # noqa: E402
 
 # Fuzzing profiles (tests/fuzz/). "ci" is the default and keeps the whole fuzz suite
