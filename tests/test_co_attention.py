@@ -8,6 +8,7 @@ import torch
 
 import mmkernels
 from mmkernels import reference
+from mmkernels.ops import co_attention as co_ops
 from mmkernels.ops import varlen_attention as va
 from mmkernels.testing import assert_close_to_reference
 from mmkernels.triton import interpreting
@@ -247,6 +248,7 @@ def test_k_a_with_3_tokens_while_cu_seqlens_a_ends_at_7_raises(backend):
     regression fails this test instead of killing the session)."""
     code = f"""
 import torch, mmkernels
+from mmkernels.ops import co_attention as co_ops
 from mmkernels.ops import varlen_attention as va
 if {backend!r} == "cpu":
     va._uses_triton = lambda device: False
@@ -443,6 +445,25 @@ def _co_fwd_bwd(dropout_p, threads=None, la=(9, 0, 70), lb=(40, 5, 0)):
 def test_deterministic_algorithms_run_to_run_bitwise(backend, deterministic, dropout_p):
     for x, y in zip(_co_fwd_bwd(dropout_p), _co_fwd_bwd(dropout_p)):
         assert torch.equal(x, y)
+
+
+@pytest.mark.skipif(not interpreting(), reason="the Triton path on CPU tensors (interpreter)")
+@pytest.mark.parametrize("mode", ["default", "deterministic-mode"])
+def test_backward_path_selection(monkeypatch, mode):
+    """The one-pass backward (kernel kind "bwd": dK/dV and atomic dQ of both streams in
+    one launch) by default; the two-kernel deterministic path ("dkdv" then "dq") under
+    torch.use_deterministic_algorithms(True). Both against the float64 reference, with
+    an empty sample in each stream."""
+    kinds = []
+    pick = co_ops._pick
+    monkeypatch.setattr(co_ops, "_pick", lambda kind, d: kinds.append(kind) or pick(kind, d))
+    old = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(mode == "deterministic-mode")
+    try:
+        run_and_compare([19, 0, 40], [7, 33, 0], H=2, D=24, dtype=torch.float32)
+    finally:
+        torch.use_deterministic_algorithms(old)
+    assert kinds == (["fwd", "bwd"] if mode == "default" else ["fwd", "dkdv", "dq"])
 
 
 @pytest.mark.parametrize("dropout_p", [0.0, (0.2, 0.1)], ids=["no-dropout", "dropout"])

@@ -12,6 +12,7 @@ import triton.language as tl
 
 import mmkernels
 from mmkernels import reference
+from mmkernels.ops import co_attention as co_ops
 from mmkernels.ops import contrastive as cops
 from mmkernels.ops import varlen_attention as va
 from mmkernels.testing import assert_close_to_reference
@@ -129,11 +130,16 @@ def test_audit_counts_the_production_tiles():
         fwd, bwd = (va.pick_config(kind, 64) for kind in ("fwd", "bwd"))
         cf, cb = cops._config("fwd", torch.float16), cops._config("bwd", torch.float16)
         info = ka.run_contrastive("info_nce", 130, 128)
+        co_bwd = ka.run_co_attention("t", [130], [40], 1, 64)[1]
+        co_cfg = co_ops._pick("bwd", 64)
     assert (fwd.block_m, fwd.block_n, 64) in _dims(f.counts, "_varlen_attn_fwd_kernel")
     # the one-pass backward: dK/dV (N x D x M) and the atomic dQ (M x D x N) in one kernel
     one_pass = _dims(b.counts, "_varlen_attn_bwd_dkdv_kernel")
     assert {(bwd.block_n, 64, bwd.block_m), (bwd.block_m, 64, bwd.block_n)} <= one_pass
     assert "_varlen_attn_bwd_dq_kernel" not in b.counts.kernels
+    co_one_pass = _dims(co_bwd.counts, "_co_attn_bwd_dkdv_kernel")
+    assert {(co_cfg.block_n, 64, co_cfg.block_m), (co_cfg.block_m, 64, co_cfg.block_n)} <= co_one_pass
+    assert "_co_attn_bwd_dq_kernel" not in co_bwd.counts.kernels
     assert _dims(info[0].counts, "_contrastive_fwd_kernel") == {(cf.block_m, cf.block_n, cf.block_k)}
     assert (cb.block_m, cb.block_d, cb.block_n) in _dims(info[1].counts, "_contrastive_bwd_kernel")
     small = ka.run_varlen("t", [40], 1, 64, backward=False)[0]
@@ -254,7 +260,9 @@ def test_json_output(tmp_path, capsys):
                       "h100_floor_s", "kernels", "torch_flops", "torch_ops"}
     assert m["flops"]["executed"] == m["flops"]["triton_mma"] + m["flops"]["torch"] > 0
     assert m["bytes"]["requested"] == m["bytes"]["loaded"] + m["bytes"]["stored"]
-    assert {k["name"] for k in m["kernels"]} == {"_co_attn_bwd_dkdv_kernel", "_co_attn_bwd_dq_kernel"}
+    # the one-pass backward: the delta pre-kernel and dK/dV with atomic dQ, no dQ kernel
+    assert {k["name"] for k in m["kernels"]} == {"_co_attn_bwd_delta_kernel",
+                                                 "_co_attn_bwd_dkdv_kernel"}
     assert set(m["kernels"][0]) >= {"mma_flops", "bytes_loaded", "bytes_stored", "atomic_bytes",
                                     "dot_shapes", "launches", "programs"}
     (b,) = data["budgets"]

@@ -33,6 +33,14 @@ CONFIGS["dq"][128] = [va.AttnConfig(32, 64, 8, 1)]
 # multiples of 16 (64 B of stack, 3 or 2 stages); M128-N32 keeps the q tile and the
 # pipelining without spills (216 registers at most)
 CONFIGS["fwd"][128] = [va.AttnConfig(128, 32, 8, 2)]
+# one-pass backward D64: varlen's M32-N64-w8 spills 16 bytes on sm_80 with dropout
+# (ints%16), M64-N32-w8 16-24 and M64-N64-w8 24-64. M32-N64-w4 fits (249-255
+# registers on sm_80, little headroom) and, against M32-N32-w4 (168 at most), halves
+# the dQ atomics: the audit's backward requests 7.7 MB instead of 13.2
+CONFIGS["bwd"][64] = [va.AttnConfig(32, 64, 4, 1)]
+# the delta pre-kernel (varlen's tiles, both directions inlined): 4 warps spill 8
+# bytes at D64 on sm_80 (255 registers); 8 warps need 80
+DELTA_WARPS = 8
 
 
 def _pick(kind: str, block_d: int) -> va.AttnConfig:
@@ -77,30 +85,58 @@ def _triton_fwd(qa, ka, va_, qb, kb, vb, cu_a, cu_b, max_a, max_b, scale, p_a, p
 
 def _triton_bwd(doa, dob, qa, ka, va_, qb, kb, vb, oa, ob, lse_a, lse_b, cu_a, cu_b, max_a,
                 max_b, scale, p_a, p_b, seed, offset):
-    from mmkernels.triton.co_attention import _co_attn_bwd_dkdv_kernel, _co_attn_bwd_dq_kernel
+    """One pass (default): one launch of the delta pre-kernel, then one of the dK/dV
+    kernel with ATOMIC_DQ (dQ of both streams into float32 buffers with atomics).
+    Deterministic (``torch.use_deterministic_algorithms(True)``): dK/dV without atomics,
+    then the dQ kernel (it recomputes S and dP: 7 GEMMs per tile pair instead of 5).
+    Each kernel covers both directions in one launch."""
+    from mmkernels.triton.co_attention import (
+        _co_attn_bwd_delta_kernel,
+        _co_attn_bwd_dkdv_kernel,
+        _co_attn_bwd_dq_kernel,
+    )
 
-    # dO_a is read with stream A's strides, dO_b with B's (as the gradients written)
-    qa, ka, va_, doa, qb, kb, vb, dob = _stream_layout(qa, ka, va_, doa, qb, kb, vb, dob)
+    # dO_a (O_a) is read with stream A's strides, dO_b (O_b) with B's (as the gradients written)
+    qa, ka, va_, doa, oa, qb, kb, vb, dob, ob = _stream_layout(qa, ka, va_, doa, oa, qb, kb, vb,
+                                                               dob, ob)
     cu_a, cu_b = cu_a.contiguous(), cu_b.contiguous()
     lse_a, lse_b = lse_a.contiguous(), lse_b.contiguous()
     total_a, H, D = qa.shape
+    total_b = qb.shape[0]
     batch = cu_a.numel() - 1
-    grads = [torch.zeros_like(t) for t in (qa, ka, va_, qb, kb, vb)]
     if batch == 0 or max(max_a, max_b) == 0:
-        return tuple(grads)
-    dqa, dka, dva, dqb, dkb, dvb = grads
-    delta_a = (doa.float() * oa.float()).sum(-1).transpose(0, 1).contiguous()
-    delta_b = (dob.float() * ob.float()).sum(-1).transpose(0, 1).contiguous()
+        return tuple(torch.zeros_like(t) for t in (qa, ka, va_, qb, kb, vb))
+    # every key row of either stream belongs to a launched key tile, which stores its
+    # dK/dV rows (zeros where no query sees it): no zero-fill
+    dka, dva, dkb, dvb = (torch.empty_like(t) for t in (ka, va_, kb, vb))
+    one_pass = not va.deterministic_backward(False)
+    if one_pass:  # accumulated with atomics: start at zero
+        dq_acc_a = torch.zeros(qa.shape, dtype=torch.float32, device=qa.device)
+        dq_acc_b = torch.zeros(qb.shape, dtype=torch.float32, device=qa.device)
+    else:
+        dqa, dqb = torch.empty_like(qa), torch.empty_like(qb)
+        dq_acc_a, dq_acc_b = lse_a, lse_b  # unused placeholders (float32)
     block_d = va.block_d_for(D)
+    delta_a = torch.empty(H, total_a, dtype=torch.float32, device=qa.device)
+    delta_b = torch.empty(H, total_b, dtype=torch.float32, device=qa.device)
+    block_t = va.delta_block_t(block_d)
     common = (cu_a, cu_b, *qa.stride(), *qb.stride(), lse_a.stride(0), lse_b.stride(0), scale,
               p_a, p_b, *va._philox_args(seed, offset), D, H)
     with va._guard(qa.device):
-        cfg = _pick("dkdv", block_d)
+        _co_attn_bwd_delta_kernel[(va.triton_cdiv(max(total_a, total_b), block_t), 2 * H)](
+            oa, doa, ob, dob, delta_a, delta_b, total_a, total_b, *qa.stride(), *qb.stride(),
+            delta_a.stride(0), delta_b.stride(0), D, H, BLOCK_T=block_t, BLOCK_D=block_d,
+            num_warps=DELTA_WARPS)
+        cfg = _pick("bwd" if one_pass else "dkdv", block_d)
         _co_attn_bwd_dkdv_kernel[(va.triton_cdiv(max(max_a, max_b), cfg.block_n), batch, 2 * H)](
             qa, ka, va_, qb, kb, vb, doa, dob, lse_a, lse_b, delta_a, delta_b, dka, dva, dkb, dvb,
-            *common, HAS_DROPOUT=(p_a > 0 or p_b > 0), BLOCK_M=cfg.block_m,
-            BLOCK_N=cfg.block_n, BLOCK_D=block_d, num_warps=cfg.num_warps,
-            num_stages=cfg.num_stages)
+            dq_acc_a, dq_acc_b, *common, HAS_DROPOUT=(p_a > 0 or p_b > 0), ATOMIC_DQ=one_pass,
+            BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=block_d,
+            num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+        if one_pass:
+            dqa, dqb = (t if qa.dtype == torch.float32 else t.to(qa.dtype)
+                        for t in (dq_acc_a, dq_acc_b))
+            return dqa, dka, dva, dqb, dkb, dvb
         cfg = _pick("dq", block_d)
         _co_attn_bwd_dq_kernel[(va.triton_cdiv(max(max_a, max_b), cfg.block_m), batch, 2 * H)](
             qa, ka, va_, qb, kb, vb, doa, dob, lse_a, lse_b, delta_a, delta_b, dqa, dqb,
@@ -237,9 +273,18 @@ def co_attention(q_a: Tensor, k_a: Tensor, v_a: Tensor, q_b: Tensor, k_b: Tensor
 
     Returns:
         out_a (total_a, H, D) = attention(q_a, k_b, v_b) and out_b (total_b, H, D) =
-        attention(q_b, k_a, v_a). One kernel launch computes both (and one launch per
-        backward pass computes each of dK/dV and dQ for both); gradients flow to all six
-        inputs, deterministically.
+        attention(q_b, k_a, v_a). One kernel launch computes both; gradients flow to
+        all six inputs.
+
+    Determinism: the forward is deterministic. The default backward (Triton) is FA2's
+    one pass, as :func:`mmkernels.varlen_attention`'s: one launch of the delta
+    pre-kernel and one of the dK/dV kernel, which also adds dQ of both streams into
+    float32 buffers with atomics, so dq_a and dq_b may differ in their last bits from
+    run to run. Under ``torch.use_deterministic_algorithms(True)`` (read when the
+    backward runs) it computes dQ in a second kernel without atomics, recomputing S
+    and dP: 7 GEMMs per tile pair instead of 5 (1.4x the backward's MMA work), and no
+    float32 dQ buffers; each kernel still covers both directions in one launch. The
+    CPU path is deterministic either way.
     """
     _check_streams(q_a, k_a, v_a, q_b, k_b, v_b)
     va.check_cu_seqlens(cu_seqlens_a, q_a.shape[0], max_seqlen_a, "cu_seqlens_a", "max_seqlen_a",
@@ -317,18 +362,35 @@ def _check_op_inputs(q_a, k_a, v_a, q_b, k_b, v_b, cu_a, cu_b) -> None:
 
 def kernel_specs() -> list[KernelSpec]:
     from mmkernels.triton.co_attention import (
+        _co_attn_bwd_delta_kernel,
         _co_attn_bwd_dkdv_kernel,
         _co_attn_bwd_dq_kernel,
         _co_attn_fwd_kernel,
     )
 
     specs = []
-    for kernel, kind in ((_co_attn_fwd_kernel, "fwd"), (_co_attn_bwd_dkdv_kernel, "dkdv"),
-                         (_co_attn_bwd_dq_kernel, "dq")):
+    for kernel, kind in ((_co_attn_fwd_kernel, "fwd"), (_co_attn_bwd_dkdv_kernel, "bwd"),
+                         (_co_attn_bwd_dkdv_kernel, "dkdv"), (_co_attn_bwd_dq_kernel, "dq")):
         for block_d in (64, 128):
             cfg = CONFIGS[kind][block_d][0]
             for dropout in (False, True):
                 for ints16 in (False, True):
                     specs.append(va.attention_spec(kernel, block_d, cfg, False, False, "bf16",
-                                                   dropout=dropout, ints16=ints16))
+                                                   dropout=dropout, ints16=ints16,
+                                                   atomic_dq=kind == "bwd"))
+    for block_d in (64, 128):
+        names = ("oa_ptr", "doa_ptr", "ob_ptr", "dob_ptr", "deltaa_ptr", "deltab_ptr")
+        sig = {n: "*fp32" if n.startswith("delta") else "*bf16" for n in names}
+        sig.update({n: "i32" for n in ("total_a", "total_b", "stride_at", "stride_ah")})
+        sig.update({"stride_ad": "constexpr", "stride_bt": "i32", "stride_bh": "i32",
+                    "stride_bd": "constexpr", "stride_lah": "i32", "stride_lbh": "i32",
+                    "head_dim": "i32", "num_heads": "i32", "BLOCK_T": "constexpr",
+                    "BLOCK_D": "constexpr"})
+        consts = {"stride_ad": 1, "stride_bd": 1, "BLOCK_T": va.delta_block_t(block_d),
+                  "BLOCK_D": block_d}
+        specs.append(KernelSpec("_co_attn_bwd_delta_kernel", _co_attn_bwd_delta_kernel, sig,
+                                consts, {"num_warps": DELTA_WARPS, "num_stages": 1},
+                                f"D{block_d}",
+                                needs_mma=False,
+                                attrs={(i,): [["tt.divisibility", 16]] for i in range(6)}))
     return specs

@@ -433,6 +433,23 @@ def _attn_bwd_dq_tile(q_base, k_base, v_base, do_base, dq_base, lse_base, delta_
 
 
 @triton.jit
+def _attn_bwd_delta_tile(o_base, do_base, delta_base, start_t, n_tokens, head_dim, stride_ot,
+                         stride_od, stride_dot, stride_dod, BLOCK_T: tl.constexpr,
+                         BLOCK_D: tl.constexpr):
+    """delta[t] = sum_d dO[t, d] * O[t, d] (float32) for tokens [start_t*BLOCK_T, +BLOCK_T)
+    of one head (o_base/do_base/delta_base at that head): O and dO are read in their
+    dtype and multiplied in float32 in registers."""
+    idx = start_t * BLOCK_T + tl.arange(0, BLOCK_T)
+    idx_ok = idx < n_tokens
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < head_dim
+    o = _load_tokens(o_base, idx, idx_ok, stride_ot, offs_d, d_ok, stride_od)
+    do = _load_tokens(do_base, idx, idx_ok, stride_dot, offs_d, d_ok, stride_dod)
+    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
+    tl.store(delta_base + idx, delta, mask=idx_ok)
+
+
+@triton.jit
 def _attn_bwd_delta_kernel(o_ptr, do_ptr, delta_ptr, n_tokens, head_dim, stride_ot, stride_oh,
                            stride_od, stride_dot, stride_doh, stride_dod, stride_lh,
                            BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr):
@@ -440,17 +457,10 @@ def _attn_bwd_delta_kernel(o_ptr, do_ptr, delta_ptr, n_tokens, head_dim, stride_
     tokens [pid*BLOCK_T, +BLOCK_T) of head program_id(1). O and dO (total, H, D) are
     read in their dtype and multiplied in float32 in registers: no (total, H, D)
     float32 temporaries. Every delta element is written (no zero-fill needed)."""
-    pid = tl.program_id(0)
     h = tl.program_id(1).to(tl.int64)
-    idx = pid * BLOCK_T + tl.arange(0, BLOCK_T)
-    idx_ok = idx < n_tokens
-    offs_d = tl.arange(0, BLOCK_D)
-    d_ok = offs_d < head_dim
-    o = _load_tokens(o_ptr + h * stride_oh, idx, idx_ok, stride_ot, offs_d, d_ok, stride_od)
-    do = _load_tokens(do_ptr + h * stride_doh, idx, idx_ok, stride_dot, offs_d, d_ok,
-                      stride_dod)
-    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
-    tl.store(delta_ptr + h * stride_lh + idx, delta, mask=idx_ok)
+    _attn_bwd_delta_tile(o_ptr + h * stride_oh, do_ptr + h * stride_doh, delta_ptr + h * stride_lh,
+                         tl.program_id(0), n_tokens, head_dim, stride_ot, stride_od, stride_dot,
+                         stride_dod, BLOCK_T, BLOCK_D)
 
 
 @triton.jit(do_not_specialize=PHILOX_ARGS)
