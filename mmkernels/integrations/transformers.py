@@ -43,8 +43,9 @@ Keyword arguments transformers passes to attention functions:
     tanh soft-capping of the scores, Gemma-2's ``attn_logit_softcapping``; None or 0:
     none), ``attention_mask`` (2-D padding mask or None), ``position_ids``,
     ``cu_seq_lens_q``, ``cu_seq_lens_k``, ``max_length_q``, ``max_length_k``,
-    ``deterministic``; grouped-query attention (k/v with fewer heads) runs natively,
-    without repeating k and v.
+    ``block_ids`` (packed batches only: :class:`mmkernels.data.VLMPackingCollator`'s
+    bidirectional image blocks in causal models), ``deterministic``; grouped-query
+    attention (k/v with fewer heads) runs natively, without repeating k and v.
   * raise ``ValueError`` (never ignored): ``s_aux`` (learned attention sinks), the
     paged-cache kwargs (``block_table``, ``k_cache``, ``v_cache``), a 4-D
     ``attention_mask`` (a custom mask the varlen kernel cannot express), value heads
@@ -183,8 +184,15 @@ def attention_forward(module: nn.Module, query: Tensor, key: Tensor, value: Tens
                          f"{value.shape[-1]} ({type(module).__name__})")
     causal = bool(is_causal if is_causal is not None else getattr(module, "is_causal", False))
     run = {"softmax_scale": scaling, "causal": causal, "dropout_p": float(dropout),
-           "window_size": _window(sliding_window), "softcap": float(softcap or 0.0)}
+           "window_size": _window(sliding_window), "softcap": float(softcap or 0.0),
+           "deterministic": bool(kwargs.get("deterministic") or False)}
+    block_ids = kwargs.get("block_ids")  # mmkernels.data's bidirectional image blocks
     q, k, v = query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2)  # (B, L, H, D)
+    packed_kwargs = all(kwargs.get(n) is not None for n in _FLASH_VARLEN_KWARGS)
+    if block_ids is not None and not (packed_kwargs and attention_mask is None):
+        raise ValueError(f"block_ids (image blocks) need a packed batch with cu_seq_lens_q/k "
+                         f"and max_length_q/k (as mmkernels.data emits them) and no attention_mask; "
+                         f"{type(module).__name__} got neither")
     if attention_mask is not None:
         if attention_mask.dim() != 2 or tuple(attention_mask.shape) != (B, Lk):
             raise ValueError(f"attn_implementation='{NAME}' takes a (batch, kv_length) = ({B}, {Lk}) "
@@ -212,6 +220,8 @@ def attention_forward(module: nn.Module, query: Tensor, key: Tensor, value: Tens
     if packed is None:
         return padded_varlen_attention(q, k, v, None, **run), None
     cu_q, cu_k, max_q, max_k = packed
+    if block_ids is not None and causal:  # (bidirectional attention needs no blocks)
+        run["block_ids"] = block_ids.reshape(-1).to(device=q.device, dtype=torch.int32)
     out = varlen_attention(q.reshape(-1, H, D), k.reshape(-1, Hkv, D), v.reshape(-1, Hkv, D),
                            cu_q, cu_k, max_q, max_k, **run)
     return out.view(B, Lq, H, D), None
@@ -488,7 +498,8 @@ def _llava_model_forward(self, input_ids=None, pixel_values=None, attention_mask
         inputs_embeds = self.get_input_embeddings()(input_ids)
     mm_encoder_outputs = mm_encoder_outputs if mm_encoder_outputs is not None else {}
     if mm_encoder_outputs.get("image") is None and pixel_values is not None:
-        vision_kwargs = {k: v for k, v in kwargs.items() if k not in _FLASH_VARLEN_KWARGS}
+        vision_kwargs = {k: v for k, v in kwargs.items()
+                         if k not in _FLASH_VARLEN_KWARGS and k != "block_ids"}
         mm_encoder_outputs["image"] = self.get_image_features(
             pixel_values=pixel_values, vision_feature_layer=vision_feature_layer,
             vision_feature_select_strategy=vision_feature_select_strategy, image_sizes=image_sizes,

@@ -71,7 +71,8 @@ def _eager_attention(q: Tensor, k: Tensor, v: Tensor, visible: Tensor, scale: fl
     acc = torch.float64 if q.dtype == torch.float64 else torch.float32
     scores = (q.to(acc) @ k.to(acc).transpose(-1, -2)) * scale
     scores = scores.masked_fill(~visible, float("-inf"))
-    probs = torch.softmax(scores, dim=-1).nan_to_num(0.0)  # all-masked rows: 0, not NaN
+    # a row with no visible key gives zeros (not softmax's NaN); a NaN input stays NaN
+    probs = torch.softmax(scores, dim=-1).masked_fill(~visible.any(-1, keepdim=True), 0.0)
     if dropout_p > 0:
         probs = F.dropout(probs, dropout_p)
     return (probs @ v.to(acc)).to(q.dtype)
@@ -121,11 +122,12 @@ def padded_varlen_attention(q: Tensor, k: Tensor, v: Tensor, key_padding_mask: T
                             **varlen_kwargs) -> Tensor:
     """:func:`mmkernels.varlen_attention` over a padded batch, without work on padding.
 
-    q: (B, L_q, H, D); k, v: (B, L_k, H_kv, D) with L_q <= L_k: the queries are the last
-    L_q key positions (a decoding step over a cache when L_q < L_k; ``causal`` is then
-    bottom-right aligned, as flash-attn). key_padding_mask: optional (B, L_k) bool, True
-    at real tokens; the query rows take its last L_q columns (left padding, as Hugging
-    Face's flash-attention path assumes). ``varlen_kwargs`` go to varlen_attention
+    q: (B, L_q, H, D); k, v: (B, L_k, H_kv, D). Causal: L_q <= L_k, the queries are the
+    last L_q key positions (a decoding step over a cache when L_q < L_k, bottom-right
+    aligned, as flash-attn), and the query rows take the padding mask's last L_q columns
+    (left padding, as Hugging Face's flash-attention path assumes). Not causal with
+    L_q != L_k: cross-attention, every query is real and only the keys are masked.
+    key_padding_mask: optional (B, L_k) bool, True at real tokens. ``varlen_kwargs`` go to varlen_attention
     (``softmax_scale``, ``causal``, ``dropout_p``).
 
     Without a mask the batch is viewed as B packed sequences (no copy when the layout
@@ -136,10 +138,23 @@ def padded_varlen_attention(q: Tensor, k: Tensor, v: Tensor, key_padding_mask: T
     """
     B, Lq, H, D = q.shape
     Lk, Hkv = k.shape[1], k.shape[2]
-    if Lq > Lk:
-        raise ValueError(f"q has {Lq} positions but k only {Lk}: the queries must be the last "
-                         "L_q of the L_k key positions")
+    causal = bool(varlen_kwargs.get("causal", False))
+    if causal and Lq > Lk:
+        raise ValueError(f"q has {Lq} positions but k only {Lk}: causal queries must be the "
+                         "last L_q of the L_k key positions")
+    if B == 0 or Lq == 0 or Lk == 0:  # nothing to attend (a row without keys gives zeros)
+        return q.new_zeros(B, Lq, H, D)
     step = functools.partial(torch.arange, dtype=torch.int32, device=q.device)
+    if key_padding_mask is not None and not causal and Lq != Lk:
+        # cross-attention (an encoder's padded keys): every query is real
+        kv_rows, _ = masked_select_rows(torch.cat([k, v], dim=2).reshape(B, Lk, 2 * Hkv * D),
+                                        key_padding_mask)
+        ks, vs = kv_rows.view(-1, 2 * Hkv, D).split([Hkv, Hkv], dim=1)
+        zero = torch.zeros(1, dtype=torch.int32, device=q.device)
+        cu_k = torch.cat([zero, key_padding_mask.sum(1, dtype=torch.int32).cumsum(0, dtype=torch.int32)])
+        out = varlen_attention(q.reshape(B * Lq, H, D), ks, vs, step(0, (B + 1) * Lq, Lq), cu_k,
+                               Lq, Lk, **varlen_kwargs)
+        return out.view(B, Lq, H, D)
     if key_padding_mask is None:
         out = varlen_attention(q.reshape(B * Lq, H, D), k.reshape(B * Lk, Hkv, D),
                                v.reshape(B * Lk, Hkv, D), step(0, (B + 1) * Lq, Lq),

@@ -42,6 +42,9 @@ def register(eager_cls: type, fused_cls: type) -> None:
     if _FUSED.get(eager_cls, fused_cls) is not fused_cls:
         raise ValueError(f"{eager_cls.__name__} is already registered with "
                          f"{_FUSED[eager_cls].__name__}")
+    if _EAGER.get(fused_cls, eager_cls) is not eager_cls:  # unpatch must know one eager class
+        raise ValueError(f"{fused_cls.__name__} is already registered for "
+                         f"{_EAGER[fused_cls].__name__}")
     _FUSED[eager_cls] = fused_cls
     _EAGER[fused_cls] = eager_cls
 

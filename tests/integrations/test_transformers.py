@@ -552,6 +552,54 @@ def test_softcap_is_honoured(monkeypatch):
     assert not torch.allclose(capped, plain, atol=1e-3)
 
 
+def test_padded_cross_attention_equals_eager():
+    """BART's decoder cross-attends to a padded encoder (L_q != L_k, not causal): every
+    decoder query is real, only the encoder keys are masked."""
+    from transformers import BartConfig, BartModel
+
+    torch.manual_seed(0)
+    cfg = BartConfig(vocab_size=64, d_model=32, encoder_layers=1, decoder_layers=1,
+                     encoder_attention_heads=2, decoder_attention_heads=2, encoder_ffn_dim=64,
+                     decoder_ffn_dim=64, max_position_embeddings=64)
+    model, eager = _both(BartModel(cfg).eval())
+    ids = torch.randint(3, 64, (2, 8))
+    mask = torch.ones(2, 8, dtype=torch.long)
+    mask[0, 5:] = 0
+    for dec_len in (4, 11):  # shorter and longer than the encoder
+        dec = torch.randint(3, 64, (2, dec_len))
+        with torch.no_grad():
+            torch.testing.assert_close(
+                model(input_ids=ids, attention_mask=mask, decoder_input_ids=dec).last_hidden_state,
+                eager(input_ids=ids, attention_mask=mask, decoder_input_ids=dec).last_hidden_state,
+                atol=1e-5, rtol=1e-5)
+
+
+def test_collator_block_ids_reach_the_attention():
+    """block_ids from mmkernels.data make each image's tokens one bidirectional block in
+    a causal LM (one layer: exactly the image tokens that gain a later token of their
+    block change); without packing they raise instead of being ignored."""
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                      num_attention_heads=2, num_key_value_heads=1)
+    model = LlamaModel(cfg).eval()
+    model.set_attn_implementation(mmhf.NAME)
+    collate = VLMPackingCollator(63, 3, bidirectional_images=True)
+    image = torch.randn(1, 3, 4, 4)
+    batch = collate([{"input_ids": [1, 63, 5, 6], "pixel_values": image},
+                     {"input_ids": [7, 63, 9], "pixel_values": image}])
+    flash = {k: batch[k] for k in mmhf._FLASH_VARLEN_KWARGS}
+    kw = dict(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False)
+    with torch.no_grad():
+        plain = model(**kw, **flash).last_hidden_state[0]
+        blocks = model(**kw, **flash, block_ids=batch["block_ids"]).last_hidden_state[0]
+    changed = (plain - blocks).abs().amax(-1) > 1e-6
+    bid = batch["block_ids"]
+    last_of_block = torch.cat([bid[1:] != bid[:-1], torch.tensor([True])])
+    assert torch.equal(changed, (bid != 0) & ~last_of_block), (changed, bid)
+    with pytest.raises(ValueError, match="block_ids"):
+        model(input_ids=batch["input_ids"], block_ids=batch["block_ids"], use_cache=False)
+
+
 def test_unsupported_inputs_raise():
     q = torch.randn(1, 2, 3, 8)
     with pytest.raises(ValueError, match="4-D mask"):

@@ -205,3 +205,20 @@ def test_register_checks_its_arguments():
         register(layers.MaskedRowSelect, type("Other", (layers.MaskedRowSelect,), {}))
     with pytest.raises(TypeError, match="model"):
         patch("not a model")
+
+
+def test_review_fixes_zero_length_nan_and_register():
+    # zero-length sequences: the fused core returns the (empty) eager result
+    q = torch.randn(3, 0, 4, 8)
+    assert layers.FusedPaddedSelfAttention()(q, q[:, :, :2], q[:, :, :2]).shape == (3, 0, 4, 8)
+    assert layers.PaddedSelfAttention()(q, q[:, :, :2], q[:, :, :2]).shape == (3, 0, 4, 8)
+    # a NaN input stays NaN in the eager core, as in the fused one (only rows without a
+    # visible key become zeros)
+    x = torch.randn(1, 3, 2, 4)
+    x[0, 1, 0, 0] = float("nan")
+    for cls in (layers.PaddedSelfAttention, layers.FusedPaddedSelfAttention):
+        assert cls()(x, x, x).isnan().any(), cls.__name__
+    # one fused class cannot serve two eager classes (unpatch would pick the wrong one)
+    register(layers.MaskedRowSelect, layers.FusedMaskedRowSelect)  # the same pair again: fine
+    with pytest.raises(ValueError, match="already registered for"):
+        register(nn.Module, layers.FusedMaskedRowSelect)
