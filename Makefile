@@ -9,6 +9,8 @@ PIP := $(PY) -m pip
 export MAX_JOBS ?= 2
 TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
 PYTEST_ARGS ?=
+# test workers (pytest-xdist): one per core; each gets its share of torch's threads
+TEST_WORKERS ?= auto
 
 .PHONY: install deps build test bench bench-pytest report kernel-report audit clean
 
@@ -18,8 +20,8 @@ $(PY):
 # Python dependencies (torch first: the extension builds against it, without isolation).
 $(VENV)/.stamp-deps: pyproject.toml | $(PY)
 	$(PIP) install --quiet $(TORCH_SPEC) "setuptools>=64" wheel ninja
-	$(PIP) install --quiet pytest pytest-benchmark open-clip-torch expecttest numpy hypothesis \
-		"transformers==5.24.0" matplotlib
+	$(PIP) install --quiet pytest pytest-xdist pytest-benchmark open-clip-torch expecttest numpy \
+		hypothesis "transformers==5.24.0" matplotlib
 	touch $@
 
 # The package itself, editable, built against the installed torch.
@@ -36,7 +38,7 @@ build: $(VENV)/.stamp-install
 install: build
 
 test: install
-	$(PY) -m pytest -q $(PYTEST_ARGS)
+	$(PY) -m pytest -q -n $(TEST_WORKERS) $(PYTEST_ARGS)
 
 bench: install
 	$(PY) -m mmkernels.bench
