@@ -61,30 +61,13 @@ def _model_case(name: str, description: str, make_model, batch: dict, device: to
 
 
 def suite(device: torch.device) -> Suite:
-    from mmkernels.models import clip, llava, vilbert
+    from mmkernels.models import demo
 
     kind = "cuda" if device.type == "cuda" else "cpu"
     size = "base" if kind == "cuda" else "small"
     cases = []
-
-    cfg_v = getattr(vilbert.ViLBertConfig, size)().without_dropout()
-    bv = _BATCH[("vilbert", kind)]
-    cases.append(_model_case(
-        "vilbert_step", f"ViLBERT {size}, {bv} image-caption pairs, MLM + regions + ITM, fp32",
-        lambda: vilbert.ViLBertForPreTraining(cfg_v),
-        vilbert.synthetic_batch(cfg_v, bv, seed=0), device))
-
-    cfg_c = getattr(clip.CLIPConfig, size)()
-    bc = _BATCH[("clip", kind)]
-    batch_c = {k: v for k, v in clip.synthetic_batch(cfg_c, bc, seed=0).items() if k != "classes"}
-    cases.append(_model_case(
-        "clip_step", f"CLIP {size}, {bc} pairs, FLIP masking, InfoNCE, fp32",
-        lambda: clip.CLIP(cfg_c), batch_c, device))
-
-    cfg_l = getattr(llava.LlavaConfig, size)()
-    bl = _BATCH[("llava", kind)]
-    pack = llava.synthetic_pack(cfg_l, seed=0, images=tuple(i % 3 for i in range(bl)))
-    cases.append(_model_case(
-        "llava_step", f"LLaVA {size}, {bl} samples packed ({pack['input_ids'].shape[1]} tokens), "
-        "fp32", lambda: llava.Llava(cfg_l), pack, device))
+    for name in ("vilbert", "clip", "llava"):
+        case = demo.CASES[name](_BATCH[(name, kind)], torch.device("cpu"), size)
+        cases.append(_model_case(f"{name}_step", f"{case.describe}, fp32", case.make_model,
+                                 case.make_batch(0), device))
     return Suite("models", cases)

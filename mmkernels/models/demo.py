@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import functools
 import os
 import sys
 import time
@@ -42,49 +43,62 @@ class DemoCase:
     describe: str
 
 
-def _to(batch: dict, device: torch.device) -> dict:
-    return {k: v.to(device) if isinstance(v, Tensor) else v for k, v in batch.items()}
+def _config(cls, size: str):
+    """``cls()`` (the tiny test config) or ``cls.small()`` / ``cls.base()``."""
+    return cls() if size == "tiny" else getattr(cls, size)()
+
+
+def _cycled(make: Callable[[int], dict], device: torch.device) -> Callable[[int], dict]:
+    """make_batch(step): 8 synthetic batches (seeds 0-7) in turn, each built on first
+    use and moved to ``device``."""
+    @functools.cache
+    def batch(seed: int) -> dict:
+        return {k: v.to(device) if isinstance(v, Tensor) else v for k, v in make(seed).items()}
+
+    return lambda step: batch(step % 8)
+
+
+def _loss(model: nn.Module, batch: dict) -> Tensor:
+    return model(**batch).loss
 
 
 def _vilbert(batch_size: int, device: torch.device, size: str) -> DemoCase:
     from mmkernels.models import vilbert
 
-    cfg = (vilbert.ViLBertConfig.small() if size == "small"
-           else vilbert.ViLBertConfig().without_dropout())
-    batches = [vilbert.synthetic_batch(cfg, batch_size, seed=s) for s in range(8)]
+    cfg = _config(vilbert.ViLBertConfig, size).without_dropout()
     return DemoCase("vilbert", lambda: vilbert.ViLBertForPreTraining(cfg),
-                    lambda step: _to(batches[step % len(batches)], device),
-                    lambda model, batch: model(**batch).loss, 1e-3,
-                    f"ViLBERT small ({batch_size} image-caption pairs per step, MLM + masked "
-                    "regions + ITM)")
+                    _cycled(lambda s: vilbert.synthetic_batch(cfg, batch_size, seed=s), device),
+                    _loss, 1e-3, f"ViLBERT {size} ({batch_size} image-caption pairs per step, "
+                    "MLM + masked regions + ITM)")
 
 
 def _clip(batch_size: int, device: torch.device, size: str) -> DemoCase:
     from mmkernels.models import clip
 
-    cfg = clip.CLIPConfig.small() if size == "small" else clip.CLIPConfig()
-    batches = [{k: v for k, v in clip.synthetic_batch(cfg, batch_size, seed=s).items()
-                if k != "classes"} for s in range(8)]  # (the class ids are for evaluation)
-    return DemoCase("clip", lambda: clip.CLIP(cfg),
-                    lambda step: _to(batches[step % len(batches)], device),
-                    lambda model, batch: model(**batch).loss, 1e-3,
-                    f"CLIP small ({batch_size} pairs per step, FLIP masking, InfoNCE)")
+    cfg = _config(clip.CLIPConfig, size)
+
+    def make(seed: int) -> dict:  # (the class ids are for evaluation)
+        return {k: v for k, v in clip.synthetic_batch(cfg, batch_size, seed=seed).items()
+                if k != "classes"}
+
+    return DemoCase("clip", lambda: clip.CLIP(cfg), _cycled(make, device), _loss, 1e-3,
+                    f"CLIP {size} ({batch_size} pairs per step, FLIP masking, InfoNCE)")
 
 
 def _llava(batch_size: int, device: torch.device, size: str) -> DemoCase:
     from mmkernels.models import llava
 
-    cfg = llava.LlavaConfig.small() if size == "small" else llava.LlavaConfig()
+    cfg = _config(llava.LlavaConfig, size)
     images = tuple(i % 3 for i in range(batch_size))  # 0, 1 or 2 images per sample
-    packs = [llava.synthetic_pack(cfg, seed=s, images=images) for s in range(8)]
     return DemoCase("llava", lambda: llava.Llava(cfg),
-                    lambda step: _to(packs[step % len(packs)], device),
-                    lambda model, batch: model(**batch).loss, 1e-3,
-                    f"LLaVA small ({batch_size} samples packed per step, causal varlen)")
+                    _cycled(lambda s: llava.synthetic_pack(cfg, seed=s, images=images), device),
+                    _loss, 1e-3,
+                    f"LLaVA {size} ({batch_size} samples packed per step, causal varlen)")
 
 
 CASES = {"vilbert": _vilbert, "clip": _clip, "llava": _llava}
-SIZES = ("small", "tiny")  # small: the demo; tiny: the test configs (a smoke run)
+# small: the demo; tiny: the test configs (a smoke run); base: realistic (GPU benchmarks)
+SIZES = ("small", "tiny", "base")
 DEFAULT_BATCH = {"vilbert": 16, "clip": 64, "llava": 8}
 
 
