@@ -6,9 +6,6 @@ from __future__ import annotations
 
 import copy
 import os
-import socket
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -19,6 +16,7 @@ from models._convergence import (  # noqa: E402
     check_convergence,
     check_round_trip,
     executed_ops,
+    run_ranks,
 )
 from transformers import (  # noqa: E402
     AttentionInterface,
@@ -649,19 +647,7 @@ def test_distributed_loss_two_processes(tmp_path):
     """2 gloo ranks, each with half the batch: apply_to_clip(process_group=WORLD) gives
     losses whose mean is the eager global-batch loss and, averaged over the ranks, its
     gradients (CLIP and SigLIP). Without a group the loss stays local, as HF's."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([root, os.path.join(root, "tests"),
-                                                       os.environ.get("PYTHONPATH", "")]))
-    procs = [subprocess.Popen([sys.executable, WORKER, str(r), "2", str(port), str(tmp_path)], env=env,
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-             for r in range(2)]
-    outs = [p.communicate(timeout=600)[0] for p in procs]
-    for r, (p, out) in enumerate(zip(procs, outs)):
-        assert p.returncode == 0, f"rank {r} failed:\n{out}"
-    res = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
+    res = run_ranks(WORKER, 2, [str(tmp_path)], tmp_path)
     for kind in ("clip", "siglip"):
         ref = res[0][kind]["global"]
         mean = sum(r[kind]["loss"] for r in res) / 2

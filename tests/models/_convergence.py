@@ -112,24 +112,33 @@ def _out_and_grads(model, run):
     return out.detach().clone(), grads
 
 
-def ddp_gradients(case: str, tmp_path, world: int = 2, timeout: float = 600) -> list[dict]:
-    """Run ``case`` ("path/to/file.py:function", a function returning
-    ``(make_model, make_batch(rank), loss_fn)``) under DDP on ``world`` gloo processes,
-    eager and patched. Returns, per rank, {"eager": {name: grad}, "patched": {...},
-    "loss": {"eager": float, "patched": float}}."""
+def run_ranks(worker: str, world: int, args: list[str], tmp_path, timeout: float = 600
+              ) -> list[dict]:
+    """Run ``worker`` (a script: argv rank, world, port, *args) as ``world`` gloo
+    processes on a free local port; each saves ``tmp_path/rank{r}.pt``, returned in
+    rank order. A rank that fails fails the test with its output."""
     import socket
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    procs = [subprocess.Popen([sys.executable, DDP_WORKER, str(r), str(world), str(port), case,
-                               str(tmp_path)], env=env, stdout=subprocess.PIPE,
-                              stderr=subprocess.STDOUT, text=True) for r in range(world)]
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([REPO, os.path.join(REPO, "tests"),
+                                                       os.environ.get("PYTHONPATH", "")]))
+    procs = [subprocess.Popen([sys.executable, worker, str(r), str(world), str(port), *args],
+                              env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+             for r in range(world)]
     outs = [p.communicate(timeout=timeout)[0] for p in procs]
     for r, (p, out) in enumerate(zip(procs, outs, strict=True)):
         assert p.returncode == 0, f"rank {r} failed:\n{out}"
     return [torch.load(os.path.join(tmp_path, f"rank{r}.pt")) for r in range(world)]
+
+
+def ddp_gradients(case: str, tmp_path, world: int = 2, timeout: float = 600) -> list[dict]:
+    """Run ``case`` ("path/to/file.py:function", a function returning
+    ``(make_model, make_batch(rank), loss_fn)``) under DDP on ``world`` gloo processes,
+    eager and patched. Returns, per rank, {"eager": {name: grad}, "patched": {...},
+    "loss": {"eager": float, "patched": float}}."""
+    return run_ranks(DDP_WORKER, world, [case, str(tmp_path)], tmp_path, timeout)
 
 
 def check_ddp(case: str, tmp_path, world: int = 2) -> float:
