@@ -33,6 +33,7 @@ one collective per direction keeps the backward deterministic.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import math
@@ -43,7 +44,6 @@ import torch.distributed as dist
 from torch import Tensor
 
 from mmkernels import _extension, reference
-from mmkernels.ops import varlen_attention as va
 from mmkernels.triton import KernelSpec, interpreter_tiles, interpreting
 
 __all__ = ["info_nce", "sigmoid_contrastive"]
@@ -89,6 +89,11 @@ INTERPRET_CONFIGS = {"fwd": _CC(16, 16, 32, 0, 4, 1), "bwd": _CC(16, 16, 32, 32,
 #: times the SM count)
 PROGRAMS_PER_SM = 2
 TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def _guard(device: torch.device):
+    """Launch under the tensors' device (CUDA); nothing to guard on the CPU."""
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
 
 
 def _cdiv(a: int, b: int) -> int:
@@ -195,7 +200,7 @@ def _launch_fwd(rows: Tensor, cols: Tensor, scale: Tensor, bias: Tensor | None, 
         part_m = torch.full((P, m16), float("-inf"), dtype=torch.float32,
                             device=rows.device)[:, :m]
         part_l = torch.zeros((P, m16), dtype=torch.float32, device=rows.device)[:, :m]
-    with va._guard(rows.device):
+    with _guard(rows.device):
         _contrastive_fwd_kernel[(P,)](
             rows, cols, scale, bias if bias is not None else scale, row_out,
             part_m if with_cols else row_out, part_l if with_cols else row_out,
@@ -222,7 +227,7 @@ def _launch_bwd(rows: Tensor, cols: Tensor, scale: Tensor, bias: Tensor | None, 
         loss = torch.empty(n, dtype=torch.float32, device=rows.device)
         wsum = torch.empty(n, dtype=torch.float32, device=rows.device)
     dummy = g
-    with va._guard(rows.device):
+    with _guard(rows.device):
         _contrastive_bwd_kernel[(_cdiv(n, cfg.block_m),)](
             rows, cols, scale, bias if bias is not None else scale,
             lse_a if lse_a is not None else dummy, lse_b if lse_b is not None else dummy, g,

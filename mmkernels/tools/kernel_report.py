@@ -192,8 +192,10 @@ def extension_reports(cuobjdump: str, so: str | None = None) -> tuple[list[Kerne
     return reports, notes
 
 
-def triton_reports(cuobjdump: str, archs: tuple[int, ...]) -> list[KernelReport]:
-    """AOT-compile every registered Triton kernel configuration for each arch."""
+def triton_reports(cuobjdump: str, archs: tuple[int, ...],
+                   only: str | None = None) -> list[KernelReport]:
+    """AOT-compile every registered Triton kernel configuration for each arch (with
+    `only`, those whose "name config" matches that regular expression)."""
     try:
         from mmkernels.triton import kernel_specs
     except ImportError:
@@ -204,6 +206,8 @@ def triton_reports(cuobjdump: str, archs: tuple[int, ...]) -> list[KernelReport]
 
     reports = []
     for spec in kernel_specs():
+        if only and not re.search(only, f"{spec.name} {spec.config}"):
+            continue
         for arch in archs:
             src = ASTSource(fn=spec.fn, signature=spec.signature, constexprs=spec.constexprs,
                             attrs=spec.attrs)
@@ -229,13 +233,22 @@ def main(argv: list[str] | None = None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--json", help="also write the report to this file")
     parser.add_argument("--no-triton", action="store_true")
+    parser.add_argument("--no-extension", action="store_true",
+                        help="skip the CUDA extension's cubins")
     parser.add_argument("--extension", help="the extension .so to inspect (default: mmkernels._C)")
+    parser.add_argument("--only", metavar="REGEX",
+                        help="only the kernels whose 'name config' matches (while iterating on "
+                             "one kernel; CI runs the full report)")
     args = parser.parse_args(argv)
 
     cuobjdump = find_tool("cuobjdump")
-    reports, notes = extension_reports(cuobjdump, args.extension)
+    reports, notes = [], []
+    if not args.no_extension:
+        reports, notes = extension_reports(cuobjdump, args.extension)
+        if args.only:
+            reports = [r for r in reports if re.search(args.only, f"{r.name} {r.config}")]
     if not args.no_triton:
-        reports += triton_reports(cuobjdump, ARCHS)
+        reports += triton_reports(cuobjdump, ARCHS, args.only)
     failures = []
     print(f"{'source':<9} {'arch':<6} {'kernel':<58} {'config':<28} {'REG':>4} {'STACK':>5} "
           f"{'LOCAL':>5} {'SHARED':>7} {'MMA':>4}  status")

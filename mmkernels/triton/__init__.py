@@ -56,7 +56,8 @@ class KernelSpec:
 
 
 def kernel_specs() -> list[KernelSpec]:
-    from mmkernels.ops import co_attention, contrastive, varlen_attention
+    from mmkernels.ops import contrastive
+    from mmkernels.triton import co_attention, varlen_attention
 
     return (list(varlen_attention.kernel_specs()) + list(co_attention.kernel_specs())
             + list(contrastive.kernel_specs()))
