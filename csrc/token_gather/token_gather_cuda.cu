@@ -104,6 +104,17 @@ __global__ void _move_rows_kernel(char* __restrict__ out, const int64_t R, const
   }
 }
 
+// Widening is exact and monotone, so ranks are those of the original dtype.
+template <typename W, typename T> __device__ __forceinline__ W widen(T v) {
+  return static_cast<W>(v);
+}
+template <> __device__ __forceinline__ float widen<float, __half>(__half v) {
+  return __half2float(v);
+}
+template <> __device__ __forceinline__ float widen<float, __nv_bfloat16>(__nv_bfloat16 v) {
+  return __bfloat162float(v);
+}
+
 // Deterministic column sums of the rows flagged in `filled` (restore_tokens' mask-token
 // gradient): block (x, y) sums rows [y * rows_per, (y + 1) * rows_per) of columns
 // [x * kThreads, ...) in row order into partial[y, d] (float, or double for double
@@ -123,24 +134,13 @@ __global__ void _masked_colsum_kernel(const T* __restrict__ grad, const int64_t 
   int64_t b = r0 / N, n = r0 % N;  // once per thread, then incremented
   A acc = A(0);
   for (int64_t r = r0; r < r1; ++r) {
-    if (filled[r]) acc += static_cast<A>(grad[b * s0 + n * s1 + d * s2]);
+    if (filled[r]) acc += widen<A>(grad[b * s0 + n * s1 + d * s2]);
     if (++n == N) {
       n = 0;
       ++b;
     }
   }
   partial[blockIdx.y * D + d] = acc;
-}
-
-// Widening is exact and monotone, so ranks are those of the original dtype.
-template <typename W, typename T> __device__ __forceinline__ W widen(T v) {
-  return static_cast<W>(v);
-}
-template <> __device__ __forceinline__ float widen<float, __half>(__half v) {
-  return __half2float(v);
-}
-template <> __device__ __forceinline__ float widen<float, __nv_bfloat16>(__nv_bfloat16 v) {
-  return __bfloat162float(v);
 }
 
 // W: the comparison type (float for 16/32-bit noise, exact; double for double).

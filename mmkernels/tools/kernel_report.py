@@ -207,8 +207,12 @@ def source_reports(src: str, arch: int, workdir: str) -> list[KernelReport]:
         raise FileNotFoundError("nvcc not found (PATH, CUDA_HOME)")
     csrc = os.path.dirname(os.path.dirname(os.path.abspath(src)))
     out = os.path.join(workdir, f"{os.path.basename(src)}.sm_{arch}.o")
-    _run([nvcc, "-std=c++20", "--expt-relaxed-constexpr", f"-I{csrc}", f"-arch=sm_{arch}", "-c",
-          src, "-o", out])
+    # torch's CUDAExtension flags that change what compiles (no implicit half/bf16
+    # conversions), so a kernel that builds here builds in the extension too.
+    flags = ["-D__CUDA_NO_HALF_OPERATORS__", "-D__CUDA_NO_HALF_CONVERSIONS__",
+             "-D__CUDA_NO_BFLOAT16_CONVERSIONS__", "-D__CUDA_NO_HALF2_OPERATORS__"]
+    _run([nvcc, "-std=c++20", "--expt-relaxed-constexpr", *flags, f"-I{csrc}", f"-arch=sm_{arch}",
+          "-c", src, "-o", out])
     return extension_reports(cuobjdump, out)[0]
 
 
