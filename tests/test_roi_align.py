@@ -1061,3 +1061,140 @@ def test_cuda_region_features_huge_output_size(deterministic):
     (gr,) = torch.autograd.grad(ref, xr, torch.ones_like(ref))
     torch.testing.assert_close(out.cpu(), ref, atol=1e-12, rtol=1e-12)
     torch.testing.assert_close(gx.cpu(), gr, atol=1e-12, rtol=1e-12)
+
+
+# ---------------------------------------------------------------------------------
+# issue 13: channels-last 16-byte channel vectors, coalesced NCHW region_features,
+# the tiled deterministic backward
+# ---------------------------------------------------------------------------------
+
+def test_cuda_kernels_sass_vectors_and_no_spills(tmp_path):
+    """Issue 13: the channels-last roi_align forward loads (and stores) 16-byte channel
+    vectors on sm_80 and sm_90 (the kernel report's VECTOR_IO check), and no RoIAlign
+    kernel spills (the tiled deterministic backward holds its kTileChannels
+    accumulators in registers). The SASS of the .cu alone, built with nvcc."""
+    from mmkernels.tools import kernel_report
+    src = Path(__file__).resolve().parents[1] / "csrc" / "roi_align" / "roi_align_cuda.cu"
+    for arch in (80, 90):
+        try:
+            reports = kernel_report.source_reports(str(src), arch, str(tmp_path))
+        except FileNotFoundError as e:
+            pytest.skip(str(e))
+        vec = [r for r in reports if r.name.startswith("_roi_align_fwd_cl_vec_kernel<")]
+        assert len(vec) == 4, [r.name for r in reports]  # one per dtype
+        assert all(r.ldg128 >= 4 and r.stg128 >= 1 for r in vec), vec
+        assert any(r.name.startswith("_roi_align_bwd_det_kernel<") for r in reports)
+        assert all(not r.problems() for r in reports), [(r.name, r.problems()) for r in reports]
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("C", [16, 24, 13])  # 13: not a multiple of the vector, scalar kernel
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, *DTYPES_LOWP], ids=str)
+def test_cuda_channels_last_vector_forward(dtype, C):
+    """The 16-byte channel-vector forward (channels-last, C a multiple of 16 / itemsize)
+    and its scalar fallback against the float64 reference; fp16/bf16 within the
+    eager-in-that-dtype budget; also a sliced map (misaligned base: scalar kernel)."""
+    x64 = make_input((2, C, 19, 23), torch.float64).to(dtype).double()
+    rois64 = make_rois(2, 19, 23, 40, 0.5, torch.float64).to(dtype).double()
+    ref = reference.roi_align(x64, rois64, (3, 4), 0.5, 2, True)
+    eager = reference.roi_align(x64.to(dtype), rois64.to(dtype), (3, 4), 0.5, 2, True)
+    x = x64.to(dtype).cuda().contiguous(memory_format=torch.channels_last)
+    out = mmkernels.roi_align(x, rois64.to(dtype).cuda(), (3, 4), 0.5, 2, True)
+    assert out.is_contiguous(memory_format=torch.channels_last)
+    lowp = dict(eager_lowp=eager) if dtype in DTYPES_LOWP else {}
+    assert_close_to_reference(out.cpu(), ref, **lowp)
+    big = torch.zeros(2, C + 1, 19, 23, dtype=dtype, device="cuda").contiguous(
+        memory_format=torch.channels_last)
+    big[:, 1:] = x
+    out2 = mmkernels.roi_align(big[:, 1:], rois64.to(dtype).cuda(), (3, 4), 0.5, 2, True)
+    assert_close_to_reference(out2.cpu(), ref, **lowp, what="misaligned channels-last")
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, *DTYPES_LOWP], ids=str)
+def test_cuda_region_features_nchw_rows_kernel(dtype):
+    """region_features on NCHW input (one warp per (k, c) along the rows) equals the
+    CPU's separable form and the float64 reference (fp16/bf16 within budget)."""
+    x64 = make_input((2, 5, 40, 70), torch.float64).to(dtype).double()
+    rois64 = make_rois(2, 40, 70, 30, 1.0, torch.float64).to(dtype).double()
+    ref = reference.roi_align(x64, rois64, (4, 4), 1.0, -1, False).mean((2, 3))
+    eager = reference.roi_align(x64.to(dtype), rois64.to(dtype), (4, 4), 1.0, -1,
+                                False).mean((2, 3))
+    out = mmkernels.region_features(x64.to(dtype).cuda(), rois64.to(dtype).cuda(), (4, 4),
+                                    1.0, -1, False)
+    lowp = dict(eager_lowp=eager) if dtype in DTYPES_LOWP else {}
+    assert_close_to_reference(out.cpu(), ref, **lowp)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, *DTYPES_LOWP], ids=str)
+def test_cuda_tiled_deterministic_backward_matches_atomic(dtype, layout):
+    """Issue 13: the tiled deterministic backward (regions binned per 8 x 32 tile,
+    kTileChannels channels per block) on a map spanning many tiles, C not a multiple
+    of the channel group, hundreds of regions (boxes across tile edges, outside the
+    map, degenerate) equals the atomic backward and the float64 reference, and is
+    bitwise run to run: roi_align, region_features and multiscale_roi_align."""
+    C, H, W, K = 13, 45, 77, 300
+    x64 = make_input((3, C, H, W), torch.float64, layout).to(dtype).double()
+    rois64 = make_rois(3, H, W, K, 0.5, torch.float64).to(dtype).double()
+    g64 = torch.randn(K, C, 3, 5, dtype=torch.float64).to(dtype).double()
+    x = x64.to(dtype).cuda()
+    if layout == "channels_last":
+        x = x.contiguous(memory_format=torch.channels_last)
+    x.requires_grad_()
+    rois, g = rois64.to(dtype).cuda(), g64.to(dtype).cuda()
+
+    def grads(fn, gout):
+        (atomic,) = torch.autograd.grad(fn(), x, gout)
+        torch.use_deterministic_algorithms(True)
+        try:
+            det = [torch.autograd.grad(fn(), x, gout)[0] for _ in range(2)]
+        finally:
+            torch.use_deterministic_algorithms(False)
+        assert torch.equal(det[0], det[1])
+        return atomic, det[0]
+
+    xr = x64.clone().requires_grad_()
+    (ref,) = torch.autograd.grad(reference.roi_align(xr, rois64, (3, 5), 0.5, 2, True), xr, g64)
+    xl = x64.to(dtype).requires_grad_()
+    (eager,) = torch.autograd.grad(
+        reference.roi_align(xl, rois64.to(dtype), (3, 5), 0.5, 2, True), xl, g64.to(dtype))
+    lowp = dict(eager_lowp=eager) if dtype in DTYPES_LOWP else {}
+    atomic, det = grads(lambda: mmkernels.roi_align(x, rois, (3, 5), 0.5, 2, True), g)
+    assert_close_to_reference(det.cpu(), ref, **lowp, what="deterministic grad")
+    assert_close_to_reference(atomic.cpu(), ref, **lowp, what="atomic grad")
+
+    gm64 = g64.mean((2, 3))
+    xr = x64.clone().requires_grad_()
+    (ref_m,) = torch.autograd.grad(
+        reference.roi_align(xr, rois64, (3, 5), 0.5, -1, False).mean((2, 3)), xr, gm64)
+    xl = x64.to(dtype).requires_grad_()
+    (eager_m,) = torch.autograd.grad(
+        reference.roi_align(xl, rois64.to(dtype), (3, 5), 0.5, -1, False).mean((2, 3)), xl,
+        gm64.to(dtype))
+    lowp = dict(eager_lowp=eager_m) if dtype in DTYPES_LOWP else {}
+    atomic_m, det_m = grads(
+        lambda: mmkernels.region_features(x, rois, (3, 5), 0.5, -1, False), gm64.to(dtype).cuda())
+    assert_close_to_reference(det_m.cpu(), ref_m, **lowp, what="region deterministic grad")
+    assert_close_to_reference(atomic_m.cpu(), ref_m, **lowp, what="region atomic grad")
+
+    boxes = [rois[rois[:, 0] == i, 1:] for i in range(3)]
+    fine = torch.randn(3, C, 2 * H, 2 * W, device="cuda", dtype=dtype, requires_grad=True)
+    feats = [fine, x]
+
+    def fpn():
+        return mmkernels.multiscale_roi_align(feats, boxes, [(4 * H, 4 * W)] * 3, (3, 5), 2,
+                                              canonical_scale=64, canonical_level=3)
+    gf = torch.randn_like(fpn())
+    (a0, a1) = torch.autograd.grad(fpn(), feats, gf)
+    torch.use_deterministic_algorithms(True)
+    try:
+        runs = [torch.autograd.grad(fpn(), feats, gf) for _ in range(2)]
+    finally:
+        torch.use_deterministic_algorithms(False)
+    assert all(torch.equal(a, b) for a, b in zip(*runs))
+    if dtype in (torch.float32, torch.float64):
+        atol, rtol = TOLERANCES[dtype]
+        torch.testing.assert_close(runs[0][0], a0, atol=atol, rtol=rtol)
+        torch.testing.assert_close(runs[0][1], a1, atol=atol, rtol=rtol)

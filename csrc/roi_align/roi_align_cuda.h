@@ -7,6 +7,8 @@
 
 #include <cstdint>
 
+#include "roi_align/roi_align_math.h"
+
 namespace mmkernels {
 namespace roi_align {
 namespace cuda {
@@ -33,7 +35,9 @@ struct Params {
   bool channels_inner;    // thread index runs fastest along C (channels-last input)
 };
 
-// out[k, c, ph, pw] with strides os (roi_align, multiscale_roi_align).
+// out[k, c, ph, pw] with strides os (roi_align, multiscale_roi_align). Channels-last
+// input and output, dense along C with 16-byte aligned pixels, take a kernel that
+// moves 16-byte channel vectors; anything else one thread per output element.
 cudaError_t launch_forward(DType dtype, const Params& p, void* out, const int64_t os[4],
                            cudaStream_t stream);
 
@@ -43,11 +47,19 @@ cudaError_t launch_forward(DType dtype, const Params& p, void* out, const int64_
 cudaError_t launch_backward_atomic(DType dtype, const Params& p, const void* grad,
                                    const int64_t gs[4], cudaStream_t stream);
 
-// Deterministic backward: one thread per grad_input element of `level`, gathering
-// over the regions in ascending order; no atomics, same result run to run.
+// RegionBox (roi_align_math.h) of every region on its own level: boxes is (K,), 32
+// bytes each; the input of launch_backward_deterministic.
+cudaError_t launch_region_boxes(DType dtype, const Params& p, RegionBox* boxes,
+                                cudaStream_t stream);
+
+// Deterministic backward of `level`: the regions binned per image tile (each block
+// keeps the ids of the regions whose box meets its tile, in ascending order), then
+// one thread per pixel gathers their contributions in that order, kTileChannels
+// channels at a time; no atomics, same result run to run, O(K * samples * C +
+// N * C * H * W) work.
 cudaError_t launch_backward_deterministic(DType dtype, const Params& p, int level,
                                           const void* grad, const int64_t gs[4],
-                                          cudaStream_t stream);
+                                          const RegionBox* boxes, cudaStream_t stream);
 
 // ---- region_features: the profile (bilinear-form) formulation of the CPU ----------
 // Per-region workspace, filled by launch_region_profiles and read by the others:
@@ -70,13 +82,16 @@ struct RegionWork {
 cudaError_t launch_region_profiles(DType dtype, const Params& p, const RegionWork& w,
                                    cudaStream_t stream);
 
-// out[k, c] = sum over the touched window of py * px * in / norm; one thread per (k, c).
+// out[k, c] = sum over the touched window of py * px * in / norm: one thread per (k, c),
+// c fastest, for channels-last input (p.channels_inner); one warp per (k, c), the lanes
+// along x, for row-major input (coalesced rows).
 cudaError_t launch_region_forward(DType dtype, const Params& p, const RegionWork& w, void* out,
                                   const int64_t os[2], cudaStream_t stream);
 
 // Backward into the zero-filled accumulation buffer p.lv[0]: atomic (one thread per
-// (k, c, y), a row of atomicAdds) or deterministic (one thread per grad_input element,
-// the regions in ascending order: run-to-run identical).
+// (k, c, y), a row of atomicAdds) or deterministic (the regions binned per image tile
+// on their spans, then one thread per pixel gathers them in ascending order:
+// run-to-run identical).
 cudaError_t launch_region_backward(DType dtype, const Params& p, const RegionWork& w,
                                    const void* grad, const int64_t gs[2], bool deterministic,
                                    cudaStream_t stream);

@@ -115,8 +115,10 @@ at::Tensor forward_cuda(const char* op, at::TensorList features, const at::Tenso
   if (out.numel() == 0) return out;
   const at::Tensor r = rois.contiguous();
   const at::Tensor lvl = levels != nullptr ? levels->contiguous() : at::Tensor();
-  auto p = make_params(r, levels != nullptr ? &lvl : nullptr, N, C, PH, PW, sr, aligned,
-                       cl || mean);
+  // channels_inner: roi_align's thread order (c fastest for channels-last) and, for
+  // region_features, the kernel (thread per (k, c) on channels-last input, warp per
+  // (k, c) along the rows on row-major input).
+  auto p = make_params(r, levels != nullptr ? &lvl : nullptr, N, C, PH, PW, sr, aligned, cl);
   p.L = static_cast<int>(features.size());
   for (int l = 0; l < p.L; ++l) {
     TORCH_CHECK(features[l].size(2) > 0 && features[l].size(3) > 0, op,
@@ -192,10 +194,16 @@ std::vector<at::Tensor> backward_cuda(const char* op, const at::Tensor& grad,
       check_launch(op, cuda::launch_region_backward(dt, p, ws.w, grad.const_data_ptr(), gs, det,
                                                     stream));
     } else if (det) {
+      // Each region's pixel box once (RegionBox, 32 bytes), then per level the tiled
+      // gather that bins the regions per image tile.
+      static_assert(sizeof(RegionBox) == 8 * sizeof(int32_t), "RegionBox layout");
+      auto boxes = at::empty({K, 8}, grad.options().dtype(at::kInt));
+      auto* bp = reinterpret_cast<RegionBox*>(boxes.mutable_data_ptr<int32_t>());
+      check_launch(op, cuda::launch_region_boxes(dt, p, bp, stream));
       const int64_t gs[4] = {grad.stride(0), grad.stride(1), grad.stride(2), grad.stride(3)};
       for (int l = 0; l < p.L; ++l) {
         const cudaError_t err =
-            cuda::launch_backward_deterministic(dt, p, l, grad.const_data_ptr(), gs, stream);
+            cuda::launch_backward_deterministic(dt, p, l, grad.const_data_ptr(), gs, bp, stream);
         check_launch(op, err);
       }
     } else {

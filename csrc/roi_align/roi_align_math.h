@@ -384,6 +384,75 @@ HOST_DEVICE_INLINE void axis_profile(T start, T bin, int pooled, int grid, int s
   }
 }
 
+// ---- the deterministic backward as a gather (CUDA), testable on the host -----------
+//
+// grad_in[n, c, h, w] = sum over the regions k of image n, in ascending k, of the
+// contribution of k to pixel (h, w) (visit_pixel_bins). The CUDA kernel bins the
+// regions per image tile first (region_in_tile on the pixel boxes of axis_span), so a
+// pixel only visits the regions whose box meets its tile: O(K * samples * C +
+// N * C * H * W) work in all, not O(N * C * H * W * K). tests/cpp/roi_align_math_test.cpp
+// runs this tiled gather on the host against a brute-force scatter.
+
+// The pixels a region can tap (axis_span on both axes), its image, and its level;
+// n < 0 for a region that gets no gradient (invalid index or level, non-finite box).
+struct RegionBox {
+  int64_t n;
+  int level, y0, y1, x0, x1, pad;
+};
+
+// Whether region box b can tap a pixel of tile [ty0, ty1] x [tx0, tx1] of image n, level l.
+HOST_DEVICE_INLINE bool region_in_tile(const RegionBox& b, int64_t n, int l, int ty0, int ty1,
+                                       int tx0, int tx1) {
+  return b.n == n && b.level == l && b.y0 <= b.y1 && b.x0 <= b.x1 && b.y0 <= ty1 &&
+         b.y1 >= ty0 && b.x0 <= tx1 && b.x1 >= tx0;
+}
+
+// Box of a region with geometry g on an H x W map (n < 0: no gradient).
+template <typename T>
+HOST_DEVICE_INLINE RegionBox region_box(const RoiGeometry<T>& g, bool valid, int64_t n, int level,
+                                        int PH, int PW, int H, int W) {
+  RegionBox b;
+  b.n = valid && !g.nan ? n : -1;
+  b.level = level;
+  b.pad = 0;
+  axis_span(g.start_h, g.bin_h, PH, g.grid_h, H, b.y0, b.y1);
+  axis_span(g.start_w, g.bin_w, PW, g.grid_w, W, b.x0, b.x1);
+  return b;
+}
+
+// The bins of region g whose samples tap pixel (h, w), in the order the deterministic
+// backward sums them: for each bin row ph with a sample on row h, v.row_begin(), then
+// v.tap(ph, pw, sy * sx, zero) for each bin column pw with a sample on column w (sy,
+// sx: the bin's total axis weights on h and w; zero: one of those samples taps the
+// pixel with weight 0, so 0 * grad must be added, as the atomic path does), then
+// v.row_end(). The visitor scales by 1 / count (per bin row, as the kernels do).
+template <typename A, typename Visitor>
+HOST_DEVICE_INLINE void visit_pixel_bins(const RoiGeometry<A>& g, int PH, int PW, int H, int W,
+                                         int h, int w, Visitor& v) {
+  double ylo, yhi, xlo, xhi;
+  tap_window(h, ylo, yhi);
+  tap_window(w, xlo, xhi);
+  const SampleRange yb = bin_range(g.start_h, g.bin_h, PH, g.grid_h, ylo, yhi);
+  if (yb.begin >= yb.end) return;
+  const SampleRange xb = bin_range(g.start_w, g.bin_w, PW, g.grid_w, xlo, xhi);
+  if (xb.begin >= xb.end) return;
+  for (int ph = yb.begin; ph < yb.end; ++ph) {
+    A sy = A(0);
+    unsigned char fy = 0;
+    bin_weight_at(g.start_h, g.bin_h, ph, g.grid_h, H, h, sy, fy);
+    if (!(fy & kTouched)) continue;
+    v.row_begin();
+    for (int pw = xb.begin; pw < xb.end; ++pw) {
+      A sx = A(0);
+      unsigned char fx = 0;
+      bin_weight_at(g.start_w, g.bin_w, pw, g.grid_w, W, w, sx, fx);
+      if (!(fx & kTouched)) continue;
+      v.tap(ph, pw, sy * sx, ((fy | fx) & kZeroTap) != 0);
+    }
+    v.row_end();
+  }
+}
+
 // FPN level of a box (torchvision LevelMapper, Lin et al. 2017 eq. 1) is
 // computed on the host in Python with the same float32 formula as torchvision,
 // so that the assignment is bit-identical; the kernels take it as an index.

@@ -28,6 +28,20 @@ cudaError_t launch_masking_ranks(const void* noise, int noise_dtype, int64_t ns0
                                  int64_t B, int64_t N, int64_t n_keep, int64_t* ids_restore,
                                  int64_t* ids_keep, cudaStream_t stream);
 
+// The mask-token gradient: partial[s, d] = sum of grad[b, n, d] over the rows r = b * N + n
+// with filled[r], for rows [s * ceil(R / S), (s + 1) * ceil(R / S)), in row order
+// (R = B * N). partial (S, D) contiguous, float (double for double grad); the caller
+// sums it over s. grad_dtype as noise_dtype; gs the (B, N, D) strides in elements.
+cudaError_t launch_masked_colsum(const void* grad, int grad_dtype, int64_t B, int64_t N,
+                                 int64_t D, const int64_t gs[3], const bool* filled,
+                                 void* partial, int64_t S, cudaStream_t stream);
+
+// S for launch_masked_colsum: a function of R only (so the result does not depend on
+// the device): about kColsumRows rows per block.
+constexpr int64_t kColsumRows = 128;
+constexpr int64_t kMaxColsumSplits = 1024;
+int64_t masked_colsum_splits(int64_t R);
+
 // Largest N ranked in shared memory; longer rows are ranked from global memory.
 constexpr int64_t kMaxSharedTokens = 6144;
 

@@ -37,6 +37,7 @@ void move_rows(const char* op, at::Tensor& out, const at::Tensor& map, int64_t r
   check_launch(op, err);
 }
 
+// dtype code of launch_masking_ranks / launch_masked_colsum.
 int noise_code(at::ScalarType t) {
   switch (t) {
     case at::kFloat: return 0;
@@ -97,11 +98,21 @@ std::tuple<at::Tensor, at::Tensor> restore_tokens_backward_cuda(const at::Tensor
   // permutation assertion fails.
   move_rows(op, grad_kept, restore_backward_map(ids_restore, n_keep), B * N, rows_of(grad),
             zeros_source(), false);
-  // mask_token gradient: the filled rows summed in float32 (or float64). The kept rows
-  // are selected away (masked_fill), not multiplied by zero, so an Inf there stays out.
+  // mask_token gradient: the filled rows (mask_token_rows; kept rows are skipped, never
+  // multiplied by zero, so an Inf there stays out) summed column-wise in float32 (or
+  // float64) straight from grad: (S, D) fixed-order partial sums, then torch's
+  // deterministic sum over S. No float copy of the (B, N, D) gradient.
   const auto acc = grad.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-  const auto kept = mask_token_rows(ids_restore, n_keep).logical_not_().unsqueeze(-1);
-  auto grad_token = grad.to(acc).masked_fill(kept, 0).sum({0, 1}).to(grad.scalar_type());
+  if (B * N == 0 || D == 0) return {grad_kept, at::zeros({D}, grad.options())};
+  const int64_t S = cuda::masked_colsum_splits(B * N);
+  auto partial = at::empty({S, D}, grad.options().dtype(acc));
+  const auto filled = mask_token_rows(ids_restore, n_keep);
+  const int64_t gs[3] = {grad.stride(0), grad.stride(1), grad.stride(2)};
+  check_launch(op, cuda::launch_masked_colsum(grad.const_data_ptr(), noise_code(grad.scalar_type()),
+                                              B, N, D, gs, filled.const_data_ptr<bool>(),
+                                              partial.mutable_data_ptr(), S,
+                                              c10::cuda::getCurrentCUDAStream()));
+  auto grad_token = partial.sum(0).to(grad.scalar_type());
   return {grad_kept, grad_token};
 }
 
@@ -133,10 +144,10 @@ at::Tensor scatter_rows_cuda(const at::Tensor& src, const at::Tensor& index, int
   if (M > 0) {
     at::_assert_async(at::logical_and(index.ge(-1), index.lt(num_rows)).all(),
                       "_scatter_rows: index outside [-1, num_rows)");
-    const auto ok = index.ge(0).logical_and(index.lt(num_rows));
-    const auto slot = at::where(ok, index, at::full({}, num_rows, index.options()));
-    const auto counts = at::zeros({num_rows + 1}, index.options())
-                            .scatter_add_(0, slot, at::ones_like(index));
+    // Out-of-range entries (the -1 padding) count in slots of their own (dropped_slots):
+    // one shared dummy slot would serialise their atomic adds.
+    const auto counts = at::zeros({num_rows + M}, index.options())
+                            .scatter_add_(0, dropped_slots(index, num_rows), at::ones_like(index));
     at::_assert_async(counts.narrow(0, 0, num_rows).le(1).all(),
                       "_scatter_rows: index holds a row twice; rows must be distinct");
   }

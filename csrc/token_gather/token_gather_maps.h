@@ -73,17 +73,18 @@ inline at::Tensor restore_map(const at::Tensor& ids_restore, int64_t K) {
 // restore_tokens backward: grad_x_kept row (b, k) comes from grad row b * N + j for the
 // j with ids_restore[b, j] == k (the inverse permutation, restricted to the kept
 // slots), or -1 (a zero row) where no j has it. The scatter builds it into a buffer
-// initialised to -1, and only in-range ids land in a real slot (the rest go to a
-// dropped slot K), so nothing here depends on a check having passed: a repeated id
-// (rejected before the call on the CPU, a device-side assertion on CUDA) still gives
-// an in-range map.
+// initialised to -1, and only in-range ids land in a real slot; every other j lands
+// in a dropped slot of its own (n_keep + j: distinct addresses, so the masked
+// majority of the tokens does not serialise on one dummy slot). Nothing here depends
+// on a check having passed: a repeated id (rejected before the call on the CPU, a
+// device-side assertion on CUDA) still gives an in-range map.
 inline at::Tensor restore_backward_map(const at::Tensor& ids_restore, int64_t n_keep) {
   const auto ids = ids_restore.contiguous();
   const int64_t B = ids.size(0), N = ids.size(1);
   const auto in_keep = ids.ge(0).logical_and_(ids.lt(n_keep));
-  const auto slot = at::where(in_keep, ids, at::full({}, n_keep, ids.options()));
   const auto cols = at::arange(N, ids.options()).expand({B, N}).contiguous();
-  const auto inv = at::full({B, n_keep + 1}, -1, ids.options()).scatter_(1, slot, cols)
+  const auto slot = at::where(in_keep, ids, cols + n_keep);
+  const auto inv = at::full({B, n_keep + N}, -1, ids.options()).scatter_(1, slot, cols)
                        .narrow(1, 0, n_keep);
   return at::where(inv.ge(0), inv + row_base(ids, B, N), at::full({}, -1, ids.options()))
       .contiguous()
@@ -113,14 +114,23 @@ inline at::Tensor select_index(const at::Tensor& mask, int64_t max_rows) {
   return at::where(pos.lt(flat.numel()), pos, at::full({}, -1, pos.options())).contiguous();
 }
 
-// _scatter_rows: out row i comes from src row m where index[m] == i, or -1 (zeros).
-// Out-of-range entries go to a dropped slot; distinctness is checked by the caller.
-inline at::Tensor scatter_rows_map(const at::Tensor& index, int64_t num_rows) {
+// Scatter slots of an (M,) index into num_rows rows: index[m] where it lies in
+// [0, num_rows), else num_rows + m, a dropped slot of its own. A single shared dummy
+// slot would make every padded entry (-1) write one address, and those stores (or
+// atomic adds) serialise.
+inline at::Tensor dropped_slots(const at::Tensor& index, int64_t num_rows) {
   const auto idx = index.contiguous();
   const auto ok = idx.ge(0).logical_and_(idx.lt(num_rows));
-  const auto slot = at::where(ok, idx, at::full({}, num_rows, idx.options()));
-  return at::full({num_rows + 1}, -1, idx.options())
-      .scatter_(0, slot, at::arange(idx.numel(), idx.options()))
+  return at::where(ok, idx, at::arange(num_rows, num_rows + idx.numel(), idx.options()));
+}
+
+// _scatter_rows: out row i comes from src row m where index[m] == i, or -1 (zeros).
+// Out-of-range entries go to dropped slots (dropped_slots); distinctness is checked
+// by the caller.
+inline at::Tensor scatter_rows_map(const at::Tensor& index, int64_t num_rows) {
+  const int64_t M = index.numel();
+  return at::full({num_rows + M}, -1, index.options())
+      .scatter_(0, dropped_slots(index, num_rows), at::arange(M, index.options()))
       .narrow(0, 0, num_rows)
       .contiguous();
 }

@@ -12,8 +12,14 @@ on the CPU also for any thread count. Forwards and ``x``/``x_kept``/feature
 gradients are exact row moves (gathers, each output row written once, no atomics),
 so CPU and CUDA agree bitwise. The one reduction, ``restore_tokens``'s mask-token
 gradient, sums in a fixed order (CPU: row order per element, in float32 or wider;
-CUDA: torch's deterministic ``sum``), so the two backends may differ in the last
-bits there. The CUDA index checks use integer ``scatter_add_`` (exact).
+CUDA: row order within fixed blocks of rows, straight from the gradient in its own
+dtype, then torch's fixed-order ``sum`` over the blocks), so the two backends may
+differ in the last bits there. The CUDA index checks use integer ``scatter_add_``
+(exact).
+
+CUDA row moves: a group of lanes (up to a warp) per row, 16-byte vector loads and
+stores with a scalar head and tail, so any D and storage offset keeps its rows
+whole (checked in the SASS by ``python -m mmkernels.tools.kernel_report``).
 """
 
 from __future__ import annotations

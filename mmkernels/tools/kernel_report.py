@@ -13,8 +13,13 @@ For each kernel it prints registers, spills (STACK and LOCAL bytes: ptxas puts
 spilled registers in the stack frame) from ``cuobjdump --dump-resource-usage``,
 shared memory, and the number of tensor-core instructions (HMMA on sm_80; HGMMA or
 HMMA on sm_90) in the SASS.
+For the extension's bandwidth-bound kernels it also counts the 16-byte global
+loads and stores (``LDG.E.128`` / ``STG.E.128``) in the SASS: the token-gather row
+movers must show both, the channels-last RoIAlign forward the loads
+(:data:`VECTOR_IO`).
 It exits 1 when a kernel spills, exceeds the SM's shared memory, when a
-matmul-bearing kernel has no tensor-core instruction, or (with
+matmul-bearing kernel has no tensor-core instruction, when a kernel of
+:data:`VECTOR_IO` lacks its 16-byte accesses, or (with
 MMKERNELS_REQUIRE_CUDA=1, as in CI) when the extension has no cubin for an arch.
 """
 
@@ -36,6 +41,13 @@ from mmkernels._build_config import SMEM_LIMIT, default_cuda_arch_list, parse_ar
 #: archs the Triton kernels are compiled for ahead of time
 ARCHS = (80, 90)
 
+#: extension kernels (regex on the short name) that must move 16-byte words:
+#: (needs LDG.E.128, needs STG.E.128)
+VECTOR_IO = {
+    r"^_move_rows_kernel<": (True, True),          # token gathers: every row move
+    r"^_roi_align_fwd_cl_vec_kernel<": (True, True),  # roi_align forward, channels-last
+}
+
 
 @dataclasses.dataclass
 class KernelReport:
@@ -49,9 +61,16 @@ class KernelReport:
     shared: int
     mma: int
     needs_mma: bool
+    ldg128: int = 0
+    stg128: int = 0
+    needs_vec: tuple[bool, bool] = (False, False)
 
     def problems(self) -> list[str]:
         out = []
+        if self.needs_vec[0] and self.ldg128 == 0:
+            out.append("no 16-byte vector load (LDG.E.128) in the SASS")
+        if self.needs_vec[1] and self.stg128 == 0:
+            out.append("no 16-byte vector store (STG.E.128) in the SASS")
         if self.local > 0 or self.stack > 0:
             # ptxas places spilled registers in the stack frame (local memory)
             out.append(f"spills (stack {self.stack} B, local {self.local} B)")
@@ -135,22 +154,66 @@ def resource_usage(cubin_or_so: str, cuobjdump: str, arch: int | None = None
     return res
 
 
-def mma_counts(cubin_or_so: str, cuobjdump: str, arch: int | None = None) -> dict[str, int]:
-    """{mangled function: number of HMMA/HGMMA instructions} from --dump-sass."""
+def _sass_by_function(cubin_or_so: str, cuobjdump: str, arch: int | None = None
+                      ) -> dict[str, list[str]]:
+    """{mangled function: its SASS lines} from --dump-sass."""
     args = [cuobjdump, "--dump-sass"]
     if arch is not None:
         args += ["-arch", f"sm_{arch}"]
     out = _run(args + [cubin_or_so])
-    counts, fn = {}, None
+    funcs, fn = {}, None
     for line in out.splitlines():
         m = re.match(r"\s*Function : (\S+)", line)
         if m:
             fn = m.group(1)
-            counts[fn] = 0
-            continue
-        if fn is not None and re.search(r"\b(HGMMA|HMMA)\b", line):
-            counts[fn] += 1
-    return counts
+            funcs[fn] = []
+        elif fn is not None:
+            funcs[fn].append(line)
+    return funcs
+
+
+def mma_counts(cubin_or_so: str, cuobjdump: str, arch: int | None = None) -> dict[str, int]:
+    """{mangled function: number of HMMA/HGMMA instructions} from --dump-sass."""
+    return {fn: sum(bool(re.search(r"\b(HGMMA|HMMA)\b", line)) for line in lines)
+            for fn, lines in _sass_by_function(cubin_or_so, cuobjdump, arch).items()}
+
+
+def vector_io_counts(cubin_or_so: str, cuobjdump: str, arch: int | None = None
+                     ) -> dict[str, tuple[int, int]]:
+    """{mangled function: (LDG.E.128 count, STG.E.128 count)} from --dump-sass
+    (``LDG.E.128.CONSTANT`` counts as a load)."""
+    return {fn: (sum(bool(re.search(r"\bLDG\.E\.128\b", line)) for line in lines),
+                 sum(bool(re.search(r"\bSTG\.E\.128\b", line)) for line in lines))
+            for fn, lines in _sass_by_function(cubin_or_so, cuobjdump, arch).items()}
+
+
+def _needs_vec(short_name: str) -> tuple[bool, bool]:
+    for pattern, need in VECTOR_IO.items():
+        if re.search(pattern, short_name):
+            return need
+    return (False, False)
+
+
+def source_reports(src: str, arch: int, workdir: str) -> list[KernelReport]:
+    """Reports of the kernels of one of the extension's .cu files (they include no
+    torch headers), compiled alone with nvcc for sm_<arch> into ``workdir``: the
+    GPU_LESS.md recipe, without building the extension. Raises FileNotFoundError when
+    nvcc or cuobjdump is missing."""
+    cuobjdump = find_tool("cuobjdump")
+    nvcc = shutil.which("nvcc")
+    if nvcc is None and os.environ.get("CUDA_HOME"):
+        nvcc = os.path.join(os.environ["CUDA_HOME"], "bin", "nvcc")
+    if nvcc is None or not os.path.exists(nvcc):
+        raise FileNotFoundError("nvcc not found (PATH, CUDA_HOME)")
+    csrc = os.path.dirname(os.path.dirname(os.path.abspath(src)))
+    out = os.path.join(workdir, f"{os.path.basename(src)}.sm_{arch}.o")
+    # torch's CUDAExtension flags that change what compiles (no implicit half/bf16
+    # conversions), so a kernel that builds here builds in the extension too.
+    flags = ["-D__CUDA_NO_HALF_OPERATORS__", "-D__CUDA_NO_HALF_CONVERSIONS__",
+             "-D__CUDA_NO_BFLOAT16_CONVERSIONS__", "-D__CUDA_NO_HALF2_OPERATORS__"]
+    _run([nvcc, "-std=c++20", "--expt-relaxed-constexpr", *flags, f"-I{csrc}", f"-arch=sm_{arch}",
+          "-c", src, "-o", out])
+    return extension_reports(cuobjdump, out)[0]
 
 
 def extension_path() -> str | None:
@@ -185,10 +248,18 @@ def extension_reports(cuobjdump: str, so: str | None = None) -> tuple[list[Kerne
     for arch in archs:
         usage = resource_usage(so, cuobjdump, arch)
         mma = mma_counts(so, cuobjdump, arch)
+        vio = vector_io_counts(so, cuobjdump, arch)
         names = _demangle(list(usage))
         for fn, (regs, stack, shared, local) in sorted(usage.items(), key=lambda kv: names[kv[0]]):
-            reports.append(KernelReport("cuda-ext", _short(names[fn]), arch, "-", regs, stack,
-                                        local, shared, mma.get(fn, 0), needs_mma=False))
+            short = _short(names[fn])
+            ld, st = vio.get(fn, (0, 0))
+            reports.append(KernelReport("cuda-ext", short, arch, "-", regs, stack, local, shared,
+                                        mma.get(fn, 0), needs_mma=False, ldg128=ld, stg128=st,
+                                        needs_vec=_needs_vec(short)))
+    for arch in archs:  # a renamed kernel must not slip past the check
+        for pattern in VECTOR_IO:
+            if not any(r.arch == arch and re.search(pattern, r.name) for r in reports):
+                notes.append(f"sm_{arch}: no extension kernel matches {pattern!r} (VECTOR_IO)")
     return reports, notes
 
 
@@ -278,14 +349,15 @@ def main(argv: list[str] | None = None) -> int:
         reports += triton_reports(cuobjdump, ARCHS, args.only, args.jobs)
     failures = []
     print(f"{'source':<9} {'arch':<6} {'kernel':<58} {'config':<28} {'REG':>4} {'STACK':>5} "
-          f"{'LOCAL':>5} {'SHARED':>7} {'MMA':>4}  status")
+          f"{'LOCAL':>5} {'SHARED':>7} {'MMA':>4} {'LD/ST128':>8}  status")
     for r in reports:
         probs = r.problems()
         status = "ok" if not probs else "FAIL: " + "; ".join(probs)
         if probs:
             failures.append(f"{r.name} sm_{r.arch} {r.config}: {'; '.join(probs)}")
         print(f"{r.source:<9} sm_{r.arch:<3} {r.name[:58]:<58} {r.config[:28]:<28} {r.regs:>4} "
-              f"{r.stack:>5} {r.local:>5} {r.shared:>7} {r.mma:>4}  {status}")
+              f"{r.stack:>5} {r.local:>5} {r.shared:>7} {r.mma:>4} "
+              f"{f'{r.ldg128}/{r.stg128}':>8}  {status}")
     for n in notes:
         print("note:", n)
     if notes and os.environ.get("MMKERNELS_REQUIRE_CUDA", "0") == "1":
@@ -297,7 +369,8 @@ def main(argv: list[str] | None = None) -> int:
         print("\nkernel report FAILED:\n  " + "\n  ".join(failures))
         return 1
     print(f"\nkernel report: {len(reports)} kernel builds, no spills, shared memory within "
-          "limits, tensor cores where matmuls are")
+          "limits, tensor cores where matmuls are, 16-byte vector loads/stores where "
+          "required")
     return 0
 
 
