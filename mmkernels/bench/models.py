@@ -6,9 +6,10 @@ On CUDA the realistic configurations run (``ViLBertConfig.base()``: BERT-base te
 ViT-B/16 at 224 with FLIP 50% masking, 77-token text; ``LlavaConfig.base()``: ViT-B/16
 tower and a Qwen2-0.5B-shaped LM, 4 samples packed per row). On the CPU the demo
 configurations (``small()``) run, so that the main job stays within minutes on 2 cores;
-the case descriptions say which.
+``--quick`` runs the test configurations (``tiny``); the case descriptions say which.
+The models have no size sweep.
 
-Correctness line: the loss of each provider against the eager model run in float64.
+Correctness gate: the loss of each provider against the eager model run in float64.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import copy
 import torch
 from torch import Tensor, nn
 
-from mmkernels.bench.suites import Case, Suite
+from mmkernels.bench.suites import Case, Check, Suite
 from mmkernels.models.patching import patch
 
 #: batch per model and device kind
@@ -46,13 +47,12 @@ def _model_case(name: str, description: str, make_model, batch: dict, device: to
             return model(**dict(zip(keys, tensors, strict=True)), **extra).loss
         return run
 
-    def check() -> dict[str, float]:
+    def check() -> Check:
         ref = copy.deepcopy(eager).double()
         args = tuple(v.double() if v.is_floating_point() else v for v in values)
         with torch.no_grad():
-            exact = float(provider(ref)(*args))
-            return {p: abs(float(provider(m)(*values)) - exact)
-                    for p, m in (("patched", fused), ("eager", eager))}
+            return Check(provider(ref)(*args),
+                         {p: provider(m)(*values) for p, m in (("patched", fused), ("eager", eager))})
 
     return Case(name, description, lambda: values,
                 {"patched": provider(fused), "eager": provider(eager)}, baseline="eager",
@@ -60,14 +60,15 @@ def _model_case(name: str, description: str, make_model, batch: dict, device: to
                 check=check, repeats=5, warmup=1)
 
 
-def suite(device: torch.device) -> Suite:
+def suite(device: torch.device, level: str = "default") -> Suite:
     from mmkernels.models import demo
 
     kind = "cuda" if device.type == "cuda" else "cpu"
-    size = "base" if kind == "cuda" else "small"
+    size = "tiny" if level == "quick" else "base" if kind == "cuda" else "small"
     cases = []
     for name in ("vilbert", "clip", "llava"):
-        case = demo.CASES[name](_BATCH[(name, kind)], torch.device("cpu"), size)
+        batch = max(2, _BATCH[(name, kind)] // 4) if level == "quick" else _BATCH[(name, kind)]
+        case = demo.CASES[name](batch, torch.device("cpu"), size)
         cases.append(_model_case(f"{name}_step", f"{case.describe}, fp32", case.make_model,
                                  case.make_batch(0), device))
     return Suite("models", cases)
