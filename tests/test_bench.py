@@ -47,6 +47,13 @@ def test_cli_rejects(argv, match, capsys):
     assert match in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("device", ["tpu", "bogus"])
+def test_cli_rejects_devices(device, capsys):
+    with pytest.raises(SystemExit):
+        cli.main(["--device", device, "--no-progress"])
+    assert "--device must be cpu or cuda" in capsys.readouterr().err
+
+
 def test_select_family_and_op():
     chosen = cli.select(["roi_align"], torch.device("cpu"), "quick")
     assert [n for n, _ in chosen] == ["roi_align"]

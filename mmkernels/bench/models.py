@@ -9,7 +9,8 @@ configurations (``small()``) run, so that the main job stays within minutes on 2
 ``--quick`` runs the test configurations (``tiny``); the case descriptions say which.
 The models have no size sweep.
 
-Correctness gate: the loss of each provider against the eager model run in float64.
+Correctness gate: the loss of the test configuration (``tiny``, 2 samples), eager and
+patched, against the eager model run in float64.
 """
 
 from __future__ import annotations
@@ -32,12 +33,14 @@ def _tensors(batch: dict, device: torch.device) -> tuple[list[str], tuple]:
     return keys, tuple(batch[k].to(device) for k in keys)
 
 
-def _model_case(name: str, description: str, make_model, batch: dict, device: torch.device
-                ) -> Case:
+def _pair(demo_case, device: torch.device):
+    """The eager model, its patched copy (same weights), the batch's tensors, and
+    provider(model) -> fn(*tensors) -> loss."""
     torch.manual_seed(0)
-    eager = make_model().to(device).train()
+    eager = demo_case.make_model().to(device).train()
     fused = copy.deepcopy(eager)
     patch(fused)
+    batch = demo_case.make_batch(0)
     keys, values = _tensors(batch, device)
     extra = {k: v for k, v in batch.items() if not isinstance(v, Tensor)}
 
@@ -47,17 +50,20 @@ def _model_case(name: str, description: str, make_model, batch: dict, device: to
             return model(**dict(zip(keys, tensors, strict=True)), **extra).loss
         return run
 
+    return eager, fused, values, provider
+
+
+def _check(make_small_case, device: torch.device):
+    """The loss of the small (test) config, eager and patched in float32, against the
+    eager model in float64, on the same weights and batch."""
     def check() -> Check:
+        eager, fused, values, provider = _pair(make_small_case(), device)
         ref = copy.deepcopy(eager).double()
         args = tuple(v.double() if v.is_floating_point() else v for v in values)
         with torch.no_grad():
             return Check(provider(ref)(*args),
                          {p: provider(m)(*values) for p, m in (("patched", fused), ("eager", eager))})
-
-    return Case(name, description, lambda: values,
-                {"patched": provider(fused), "eager": provider(eager)}, baseline="eager",
-                modes=("forward", "forward+backward"), memory_mode="forward+backward",
-                check=check, repeats=5, warmup=1)
+    return check
 
 
 def suite(device: torch.device, level: str = "default") -> Suite:
@@ -69,6 +75,10 @@ def suite(device: torch.device, level: str = "default") -> Suite:
     for name in ("vilbert", "clip", "llava"):
         batch = max(2, _BATCH[(name, kind)] // 4) if level == "quick" else _BATCH[(name, kind)]
         case = demo.CASES[name](batch, torch.device("cpu"), size)
-        cases.append(_model_case(f"{name}_step", f"{case.describe}, fp32", case.make_model,
-                                 case.make_batch(0), device))
+        eager, fused, values, provider = _pair(case, device)
+        check = _check(lambda name=name: demo.CASES[name](2, torch.device("cpu"), "tiny"), device)
+        cases.append(Case(f"{name}_step", f"{case.describe}, fp32", lambda values=values: values,
+                          {"patched": provider(fused), "eager": provider(eager)},
+                          baseline="eager", modes=("forward", "forward+backward"),
+                          memory_mode="forward+backward", check=check, repeats=5, warmup=1))
     return Suite("models", cases)
