@@ -49,7 +49,7 @@ def family_chart(name: str, suite_res: dict, path: str) -> bool:
             label = prov if exp is None else f"{prov} (~size^{exp:.2f})"
             ax.plot([s for s, _ in pts], [v * scale for _, v in pts], marker="o", label=label)
     for ax, ylabel in ((ax_t, f"{suite_res['sweep_mode']} median (ms)"),
-                       (ax_m, "peak memory (MiB)")):
+                       (ax_m, f"peak memory, {suite_res['sweep_memory_mode']} (MiB)")):
         ax.set_xscale("log")
         ax.set_yscale("log")
         ax.set_xticks(sizes, [f"{x:g}" for x in sizes])
@@ -74,16 +74,21 @@ def summary_chart(results: dict, path: str) -> bool:
         sp = r["speedup"].get(mode)
         if sp:
             short = "fwd+bwd" if mode == "forward+backward" else "fwd"
-            bars.append((f"{r['family']}/{r['case']} vs {r['baseline']} ({short})", sp))
+            bars.append((f"{r['case']} vs {r['baseline']} ({short})", sp))
     if not bars:
         return False
     plt = _pyplot()
+    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
+
     fig, ax = plt.subplots(figsize=(9, 0.34 * len(bars) + 1.2), dpi=110)
     labels = [b[0] for b in bars][::-1]
     values = [b[1] for b in bars][::-1]
     colors = ["tab:green" if v >= 1 else "tab:red" for v in values]
     ax.barh(labels, values, color=colors)
     ax.set_xscale("log")
+    ax.xaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+    ax.xaxis.set_major_formatter(FuncFormatter(lambda x, _: f"{x:g}x"))
+    ax.xaxis.set_minor_formatter(NullFormatter())
     ax.axvline(1.0, color="black", linewidth=0.8)
     for i, v in enumerate(values):
         ax.text(v, i, f" {v:.2f}x", va="center", fontsize=7)

@@ -178,7 +178,7 @@ class Policy:
 
 #: the main job's policy per level (see mmkernels.bench.suites.LEVELS)
 POLICIES = {"quick": Policy(warmup=1, min_repeats=2, max_repeats=5, budget_s=0.05),
-            "default": Policy(warmup=1, min_repeats=3, max_repeats=15, budget_s=0.4),
+            "default": Policy(warmup=1, min_repeats=3, max_repeats=10, budget_s=0.3),
             "full": Policy(warmup=2, min_repeats=5, max_repeats=25, budget_s=2.0)}
 
 

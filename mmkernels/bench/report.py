@@ -61,8 +61,9 @@ def case_lines(res: dict, device_is_cuda: bool = False) -> list[str]:
 def scaling_lines(name: str, suite_res: dict) -> list[str]:
     if not suite_res["scaling"]:
         return []
-    lines = [f"   scaling of {suite_res['sweep_mode']} against {suite_res['size_axis']} "
-             "(log-log least squares; time ~ size^a, peak memory ~ size^b):"]
+    lines = [f"   scaling against {suite_res['size_axis']} (log-log least squares): time of "
+             f"{suite_res['sweep_mode']} ~ size^a, peak memory of "
+             f"{suite_res['sweep_memory_mode']} ~ size^b"]
     for prov, e in suite_res["scaling"].items():
         parts = []
         for metric, letter in (("time", "a"), ("memory", "b")):

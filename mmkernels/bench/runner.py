@@ -222,5 +222,7 @@ def run_suite(suite: Suite, device: torch.device, opts: Options, progress) -> di
         failed = {p for p, r in correctness.get(case.op, {}).items() if r["pass"] is False}
         results.append(run_case(case, device, opts, failed, progress,
                                 f"{suite.name}/{case.name}"))
+    sweep = suite.sweep()
     return {"size_axis": suite.size_axis, "sweep_mode": suite.sweep_mode,
+            "sweep_memory_mode": sweep[0].memory_mode if sweep else None,
             "correctness": correctness, "cases": results, "scaling": scaling(suite, results, opts.judge)}

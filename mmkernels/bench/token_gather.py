@@ -4,7 +4,7 @@ random_masking: B=256, N=196 (ViT-B/16 at 224), D=768, ratio 0.5, float32, again
 MAE's eager argsort + gather (mmkernels.reference.random_masking), noise given to
 both. restore_tokens against MAE's decoder unshuffle, masked_select_rows against
 ``x[mask]`` (MLM, 15% of B=64 x L=512 selected), scatter_image_features against HF
-LLaVA's ``masked_scatter`` (576 image tokens in 2048, D=4096). Sweep:
+LLaVA's ``masked_scatter`` (576 image tokens in 2048, D=4096; B=2, ``--full`` B=4). Sweep:
 random_masking forward+backward against the batch B.
 """
 
@@ -22,7 +22,7 @@ CHECK_B = 4  # samples in the correctness check
 
 #: level -> (D, B of the point, the sweep's B, masked_select (B, L), scatter (B, L, D, image))
 SIZES = {"quick": (64, 16, (4, 16), (4, 64), (2, 128, 64, 36)),
-         "default": (768, 256, (64, 128, 256), (64, 512), (4, 2048, 4096, 576)),
+         "default": (768, 256, (64, 128, 256), (64, 512), (2, 2048, 4096, 576)),
          "full": (768, 256, (32, 64, 128, 256, 512, 1024), (64, 512), (4, 2048, 4096, 576))}
 
 
