@@ -110,6 +110,9 @@ def _flex(q, k, v, cu, bid, max_len):
 
     if "fn" not in _FLEX:
         _FLEX["fn"] = torch.compile(flex_attention, dynamic=False)
+    if q.device.type == "cpu" and not torch.is_grad_enabled():
+        # it refuses inputs that require grad on a CPU (no CPU backward), even under no_grad
+        q, k, v = q.detach(), k.detach(), v.detach()
     total = q.shape[0]
     doc = torch.repeat_interleave(torch.arange(cu.numel() - 1, device=q.device),
                                   cu.diff().long(), output_size=total)
