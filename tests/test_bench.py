@@ -65,6 +65,13 @@ def test_select_family_and_op():
     assert len(suite.sweep()) >= 2  # the op keeps its sweep cases
 
 
+def test_select_two_ops_of_one_family():
+    (name, suite), = cli.select(["restore_tokens", "masked_select_rows"], torch.device("cpu"),
+                                "quick")
+    assert name == "token_gather"
+    assert [c.op for c in suite.cases] == ["restore_tokens", "masked_select_rows"]
+
+
 def test_select_unknown_op_names_the_flag():
     with pytest.raises(ValueError, match="--op: unknown family or op 'nope'"):
         cli.select(["nope"], torch.device("cpu"), "quick")
@@ -317,6 +324,17 @@ def test_charts_written(tmp_path):
     for p in written:
         with open(p, "rb") as f:
             assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+def test_cli_exits_1_on_a_correctness_failure(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(cli, "select", lambda names, device, level: [("toy", _toy_suite())])
+    rc = cli.main(["--out", str(tmp_path), "--no-audit", "--no-kernel-report", "--no-charts",
+                   "--no-progress", "--repeats", "1"])
+    assert rc == 1
+    assert "toy/double/wrong/correctness" in capsys.readouterr().out
+    (js,) = [f for f in os.listdir(tmp_path) if f.endswith(".json")]
+    with open(tmp_path / js) as f:
+        assert "toy/double/wrong/correctness" in json.load(f)["failures"]
 
 
 def test_quick_run_end_to_end(tmp_path, capsys):
