@@ -175,6 +175,10 @@ def main(argv: list[str] | None = None) -> int:
     progress = make_progress(sum(runner.count_steps(s, opts.measure_memory) for _, s in chosen),
                              enabled=not args.no_progress)
 
+    def note(text: str) -> None:  # what runs after the progress bar: to stderr
+        if not args.no_progress:
+            print(text, file=sys.stderr, flush=True)
+
     def emit(text_lines: list[str]) -> None:
         text = "\n".join(text_lines)
         transcript.append(text)
@@ -197,6 +201,7 @@ def main(argv: list[str] | None = None) -> int:
     emit(report.summary_lines(results))
     if device.type == "cpu" and not args.no_audit:
         quick = args.level != "full"  # the full sizes take ~40-60 s on 2 cores
+        note(f"running the FLOP/traffic audit ({'~10' if quick else '~60'} s) ...")
         text, audit = static.run_audit(quick=quick)
         results["audit"] = audit
         emit(["", "== FLOP/traffic audit (GPU kernels counted without a GPU)"
@@ -207,13 +212,14 @@ def main(argv: list[str] | None = None) -> int:
             text, kreport = ("skipped in --quick (python -m mmkernels.tools.kernel_report "
                              "--compact prints it)"), None
         else:
+            note("compiling the kernel report (~20-40 s) ...")
             text, kreport = static.run_kernel_report()
         results["kernel_report"] = kreport
         emit(["", "== kernel report (GPU resources, compiled without a GPU)", text])
     if device.type == "cpu":
         emit(["", "Only on a GPU: TFLOP/s, GB/s and % of the measured roofline per kernel, the "
-              "GPU sizes (bf16), and flash_attn / Inf-CL baselines; none of these is "
-              "measured by a CPU run."])
+              "GPU sizes (bf16), and the flash_attn, Inf-CL and FlexAttention (with backward) "
+              "baselines; a CPU run measures none of these."])
     prefix = result_prefix(args.out, results)
     os.makedirs(args.out, exist_ok=True)
     written = [] if args.no_charts else charts.write_charts(results, prefix)
