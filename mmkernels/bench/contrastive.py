@@ -97,6 +97,10 @@ def suite(device: torch.device, level: str = "default") -> Suite:
     siglip_providers = {"mmkernels": lambda i, t, s, b: mmkernels.sigmoid_contrastive(i, t, s, b),
                         "open_clip": lambda i, t, s, b: _open_clip_siglip()(i, t, s, b)}
     fb = ("forward+backward",)
+    # On a CPU each call at these sizes is seconds long on a slow machine, allocates and
+    # faults in fresh memory as every later call does, and the code paths ran in the
+    # check: no warm-up call. On a GPU the first call at a new size may autotune.
+    warmup = 1 if cuda else 0
     at_target = B == TARGET_B["cuda" if cuda else "cpu"]
     targets = {("mmkernels", "forward+backward"): 2.0} if at_target else {}
     memory_targets = {"mmkernels": 0.1} if at_target else {}
@@ -104,7 +108,7 @@ def suite(device: torch.device, level: str = "default") -> Suite:
     point = Case("info_nce", f"B={B} D={D} {dt}, forward+backward{note}", _inputs(B, device),
                  clip_providers, baseline="open_clip", modes=fb, targets=targets,
                  memory_mode="forward+backward", memory_targets=memory_targets,
-                 check=_check(False, device, clip_providers), repeats=3, warmup=1,
+                 check=_check(False, device, clip_providers), repeats=3, warmup=warmup,
                  flops=2.0 * B * B * D, size=B)
     cases = [
         point,
@@ -112,7 +116,7 @@ def suite(device: torch.device, level: str = "default") -> Suite:
              _inputs(B, device, with_bias=True), siglip_providers, baseline="open_clip",
              modes=fb, targets=targets, memory_mode="forward+backward",
              memory_targets=memory_targets,
-             check=_check(True, device, siglip_providers), repeats=3, warmup=1,
+             check=_check(True, device, siglip_providers), repeats=3, warmup=warmup,
              flops=2.0 * B * B * D),
     ]
     cases += [sweep_case(point, f"info_nce B={b}", b, _inputs(b, device), fb[0],

@@ -70,7 +70,7 @@ def run_kernel_report() -> tuple[str, dict]:
         cuobjdump = kr.find_tool("cuobjdump")
     except FileNotFoundError as e:
         return f"kernel report: skipped ({e})", {"rows": [], "notes": [str(e)], "seconds": 0.0}
-    ext, notes = kr.extension_reports(cuobjdump)
+    ext, notes = kr.extension_reports(cuobjdump, only=kr.ARCHS)
     reports = compact_extension(ext, kr.ARCHS)
     try:
         from mmkernels.triton import kernel_specs

@@ -160,9 +160,10 @@ def extension_path() -> str | None:
     return spec.origin
 
 
-def extension_reports(cuobjdump: str, so: str | None = None) -> tuple[list[KernelReport], list[str]]:
-    """Reports for every cubin in ``so`` (default: mmkernels._C), and notes on what is
-    missing."""
+def extension_reports(cuobjdump: str, so: str | None = None, only: tuple[int, ...] | None = None
+                      ) -> tuple[list[KernelReport], list[str]]:
+    """Reports for every cubin in ``so`` (default: mmkernels._C), or for the archs in
+    ``only``, and notes on what is missing."""
     so = so or extension_path()
     if so is None:
         return [], ["mmkernels._C is not built"]
@@ -183,6 +184,8 @@ def extension_reports(cuobjdump: str, so: str | None = None) -> tuple[list[Kerne
         notes.append(f"mmkernels._C has no PTX for compute_{', compute_'.join(map(str, missing_ptx))}")
     reports = []
     for arch in archs:
+        if only is not None and arch not in only:
+            continue
         usage = resource_usage(so, cuobjdump, arch)
         mma = mma_counts(so, cuobjdump, arch)
         names = _demangle(list(usage))
