@@ -21,7 +21,7 @@ $(PY):
 $(VENV)/.stamp-deps: pyproject.toml | $(PY)
 	$(PIP) install --quiet $(TORCH_SPEC) "setuptools>=64" wheel ninja
 	$(PIP) install --quiet pytest pytest-xdist pytest-benchmark open-clip-torch expecttest numpy \
-		hypothesis "transformers==5.24.0" matplotlib
+		hypothesis "transformers==5.24.0" matplotlib tqdm
 	touch $@
 
 # The package itself, editable, built against the installed torch.
@@ -40,11 +40,15 @@ install: build
 test: install
 	$(PY) -m pytest -q -n $(TEST_WORKERS) $(PYTEST_ARGS)
 
+# The main job (< 5 minutes on a 2-core CPU); BENCH_ARGS="--quick" (smoke), "--full"
+# (deep sweeps), "--op contrastive", ...
+BENCH_ARGS ?=
 bench: install
-	$(PY) -m mmkernels.bench
+	$(PY) -m mmkernels.bench $(BENCH_ARGS)
 
 bench-pytest: install
-	$(PY) -m pytest -q bench --benchmark-only --benchmark-columns=median,iqr,rounds
+	$(PY) -m pytest -q bench --benchmark-only --benchmark-columns=median,iqr,rounds \
+		--benchmark-json=bench/results/pytest-benchmark.json
 
 kernel-report: install
 	$(PY) -m mmkernels.tools.kernel_report

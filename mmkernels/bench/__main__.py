@@ -1,12 +1,20 @@
-"""``python -m mmkernels.bench``: the main job.
+"""``python -m mmkernels.bench`` (``mmkernels-bench``, ``make bench``): the main job.
 
-Runs every suite on the default device (CUDA when visible, else CPU with a fixed
-thread count), side by side with the baselines in one run, and prints, per case:
-the median (p20-p80) time of each provider in forward / backward /
-forward+backward, its speed-up over the baseline, the peak memory, the targets
-from the issues (PASS/FAIL), and a correctness line (max error of each provider
-against the float64 eager reference). Results are written to
-``bench/results/<device>__mmkernels-<version>.json``.
+Runs every op family on the default device (CUDA when visible, else the CPU with a
+fixed thread count), side by side with the baselines in one run:
+
+1. correctness first: each op once against the float64 reference at a small size; a
+   provider that fails is reported FAILED and gets no speed figure;
+2. every op at one point, forward / backward / forward+backward: median and p20-p80,
+   the speed-up and peak-memory ratio against each baseline, the targets (PASS/FAIL);
+3. a size sweep per family, with the fitted exponent of time and peak memory;
+4. without a GPU: the FLOP/traffic audit and a compact kernel report; on a GPU: the
+   measured matmul and copy ceilings, and each kernel's % of that roofline.
+
+Levels: the default fits in 5 minutes on a slow 2-core CPU; ``--quick`` is a smoke run
+(under a minute); ``--full`` runs the deep sweeps and the largest problems.
+Writes ``<out>/<device>__mmkernels-<version>[__<level>].json`` and ``.txt`` (what is
+printed), and the charts ``.<family>.png`` and ``.summary.png`` (with matplotlib).
 """
 
 from __future__ import annotations
@@ -21,135 +29,217 @@ import time
 import torch
 
 import mmkernels
-from mmkernels.bench import harness, suites
+from mmkernels.bench import charts, harness, report, runner, static, suites
+from mmkernels.bench.progress import make_progress
 
 
-def _fmt_bytes(n: int | None) -> str:
-    return "-" if n is None else f"{n / 2**20:.1f} MiB"
+def _positive_int(name: str):
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{name} must be an integer, got {text!r}") from None
+        if value < 1:
+            raise argparse.ArgumentTypeError(f"{name} must be >= 1, got {value}")
+        return value
+    return parse
 
 
-def run_case(suite_name: str, case: suites.Case, device: torch.device, threads: int,
-             repeats: int, measure_memory: bool) -> dict:
-    rows = []
-    timings: dict[tuple[str, str], harness.Timing] = {}
-    for mode in case.modes:
-        for prov, fn in case.providers.items():
-            t = harness.time_fn(harness.mode_fn(case.make_inputs, fn, mode), device,
-                                repeats=case.repeats or repeats,
-                                warmup=3 if case.warmup is None else case.warmup)
-            timings[(prov, mode)] = t
-    for mode in case.modes:
-        base = timings[(case.baseline, mode)].median_ms
-        for prov in case.providers:
-            t = timings[(prov, mode)]
-            target = case.targets.get((prov, mode))
-            speedup = base / t.median_ms
-            row = {"mode": mode, "provider": prov, "median_ms": t.median_ms, "p20_ms": t.p20_ms,
-                   "p80_ms": t.p80_ms, "speedup_vs_baseline": speedup, "target": target,
-                   "pass": None if target is None else speedup >= target}
-            if device.type == "cuda" and mode == "forward":
-                if case.flops:
-                    row["tflops"] = case.flops / (t.median_ms * 1e-3) / 1e12
-                if case.bytes_moved:
-                    row["gbps"] = case.bytes_moved / (t.median_ms * 1e-3) / 1e9
-            rows.append(row)
-    memory = {}
-    if measure_memory:
-        for prov, run in case.providers.items():
-            inputs = case.make_inputs()
-
-            def call(run=run, inputs=inputs):
-                if case.memory_mode == "forward":
-                    with torch.no_grad():
-                        return run(*inputs)
-                out = run(*inputs)
-                out.backward(torch.ones_like(out))
-                return None
-            if device.type == "cuda":
-                memory[prov] = harness.peak_memory_cuda(call)
-            else:
-                memory[prov] = harness.peak_memory_cpu(call)
-    mem_checks = {}
-    for prov, limit in case.memory_targets.items():
-        base = max(memory.get(case.baseline, 0), 1)
-        ratio = memory.get(prov, 0) / base
-        mem_checks[prov] = {"ratio": ratio, "target": limit, "pass": ratio <= limit}
-    errors = case.check() if case.check is not None else {}
-    return {"case": case.name, "description": case.description, "baseline": case.baseline,
-            "rows": rows, "peak_memory_bytes": memory, "memory_mode": case.memory_mode,
-            "memory_checks": mem_checks, "max_error_vs_float64": errors}
+def default_threads() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
 
 
-def print_case(suite_name: str, res: dict) -> None:
-    print(f"\n== {suite_name}/{res['case']}: {res['description']}")
-    print(f"   baseline: {res['baseline']}")
-    print(f"   {'mode':<17} {'provider':<18} {'median ms':>10} {'p20-p80 ms':>17} "
-          f"{'speed-up':>9}  target")
-    for r in res["rows"]:
-        target = "" if r["target"] is None else (
-            f">= {r['target']:.1f}x {'PASS' if r['pass'] else 'FAIL'}")
-        extra = ""
-        if "tflops" in r:
-            extra = f"  {r['tflops']:.2f} TFLOP/s {r.get('gbps', 0):.0f} GB/s"
-        print(f"   {r['mode']:<17} {r['provider']:<18} {r['median_ms']:>10.3f} "
-              f"{r['p20_ms']:>8.3f}-{r['p80_ms']:<8.3f} {r['speedup_vs_baseline']:>8.2f}x  "
-              f"{target}{extra}")
-    if res["peak_memory_bytes"]:
-        mem = ", ".join(f"{p}: {_fmt_bytes(b)}" for p, b in res["peak_memory_bytes"].items())
-        print(f"   peak memory ({res['memory_mode']}): {mem}")
-    for prov, m in res["memory_checks"].items():
-        print(f"   memory {prov}/{res['baseline']}: {m['ratio']:.3f} (target <= {m['target']}) "
-              f"{'PASS' if m['pass'] else 'FAIL'}")
-    if res["max_error_vs_float64"]:
-        errs = ", ".join(f"{p}: {e:.2e}" for p, e in res["max_error_vs_float64"].items())
-        print(f"   correctness, max |error| vs float64 reference: {errs}")
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m mmkernels.bench", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    level = p.add_mutually_exclusive_group()
+    level.add_argument("--quick", action="store_const", dest="level", const="quick",
+                       help="smoke run: tiny sizes, few repeats (under a minute)")
+    level.add_argument("--full", action="store_const", dest="level", const="full",
+                       help="deep sweeps and the largest problems (B=16384 and B=65536 "
+                            "contrastive on a CPU); tens of minutes on a CPU")
+    p.set_defaults(level="default")
+    p.add_argument("--op", "--suite", action="append", dest="op", metavar="NAME",
+                   help="run only this op family (" + ", ".join(suites.names())
+                        + ") or op (a case name, e.g. info_nce); repeatable")
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when visible)")
+    p.add_argument("--threads", type=_positive_int("--threads"), default=None,
+                   help="CPU threads (default: the CPUs this process may use)")
+    p.add_argument("--out", default=os.path.join("bench", "results"),
+                   help="directory for the JSON, text and chart files (default bench/results)")
+    p.add_argument("--repeats", type=_positive_int("--repeats"), default=None,
+                   help="at most this many timed calls per measurement (default: the level's)")
+    switches = {
+        "--no-memory": "skip the peak-memory runs",
+        "--no-audit": "skip the FLOP/traffic audit",
+        "--no-kernel-report": "skip the compact kernel report (--quick always skips it)",
+        "--no-charts": "write no PNG files",
+        "--no-progress": "no progress bar or counter",
+        "--strict": "exit 1 when a speed, memory or scaling target fails too (a correctness "
+                    "failure always exits 1)",
+    }
+    for flag, text in switches.items():
+        p.add_argument(flag, action="store_true", help=text)
+    return p
+
+
+def select(names: list[str] | None, device: torch.device, level: str
+           ) -> list[tuple[str, suites.Suite]]:
+    """The suites to run; a name that is not a family keeps only that op's cases
+    (all its cases: point and sweep). Raises ValueError naming ``--op`` on an unknown
+    name."""
+    families = suites.names()
+    if not names:
+        return [(n, suites.get(n, device, level)) for n in families]
+    built = {n: suites.get(n, device, level) for n in families
+             if n in names or any(x not in families for x in names)}
+    chosen: dict[str, suites.Suite] = {}
+    for name in names:
+        if name in families:
+            chosen[name] = built[name]
+            continue
+        hits = [(fam, s) for fam, s in built.items()
+                if any(name in (c.op, c.name) for c in s.cases)]
+        if not hits:
+            known = sorted({c.op for s in built.values() for c in s.cases})
+            raise ValueError(f"--op: unknown family or op {name!r}; families: {families}, "
+                             f"ops: {known}")
+        for fam, s in hits:
+            ops = {c.op for c in s.cases if name in (c.op, c.name)}
+            keep = [c for c in s.cases if c.op in ops]
+            if fam in chosen and chosen[fam] is not s:
+                keep = list({id(c): c for c in chosen[fam].cases + keep}.values())
+            chosen[fam] = dataclasses.replace(s, cases=keep)
+    return [(f, chosen[f]) for f in families if f in chosen]
+
+
+def header(device: torch.device, level: str, threads: int | None
+           ) -> tuple[list[str], dict, harness.Ceilings | None]:
+    dev = harness.device_name(device)
+    info = {"mmkernels": mmkernels.__version__, "torch": torch.__version__, "device": dev,
+            "level": level, "threads": threads,
+            "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    lines = [f"mmkernels {mmkernels.__version__}, torch {torch.__version__}, device {dev}, "
+             f"level {level}"]
+    ceilings = None
+    if device.type == "cuda":
+        ceilings = harness.measure_ceilings(device)
+        info["ceilings"] = dataclasses.asdict(ceilings)
+        lines.append(f"measured roofline: bf16 matmul 8192^3 {ceilings.flops_per_s / 1e12:.1f} "
+                     f"TFLOP/s, device-to-device copy {ceilings.bytes_per_s / 1e9:.0f} GB/s; "
+                     "each forward row's % roofline = roofline time / measured time")
+    else:
+        rate = harness.gemm_flops_per_s(device)
+        info["gemm_gflops"] = rate / 1e9
+        lines.append(f"torch.get_num_threads() = {threads}; measured GEMM rate (float32 "
+                     f"2048^3 matmul): {rate / 1e9:.0f} GFLOP/s")
+    return lines, info, ceilings
+
+
+def result_prefix(out: str, info: dict) -> str:
+    level = "" if info["level"] == "default" else f"__{info['level']}"
+    return os.path.join(out, f"{info['device']}__mmkernels-{info['mmkernels']}{level}")
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m mmkernels.bench", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--suite", action="append", choices=suites.names(),
-                        help="suite(s) to run (default: all)")
-    parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda if visible)")
-    parser.add_argument("--threads", type=int, default=2, help="CPU threads (default 2)")
-    parser.add_argument("--repeats", type=int, default=15)
-    parser.add_argument("--no-memory", action="store_true", help="skip peak-memory runs")
-    parser.add_argument("--out", default=os.path.join("bench", "results"),
-                        help="directory for the JSON results file")
-    parser.add_argument("--strict", action="store_true",
-                        help="exit 1 when a speed or memory target fails")
+    parser = build_parser()
     args = parser.parse_args(argv)
+    try:
+        device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    except RuntimeError:
+        parser.error(f"--device must be cpu or cuda, got {args.device!r}")
+    if device.type not in ("cpu", "cuda"):
+        parser.error(f"--device must be cpu or cuda, got {args.device!r}")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: no CUDA device is visible")
+    threads = None
+    if device.type == "cpu":
+        threads = args.threads or default_threads()
+        torch.set_num_threads(threads)
+    start = time.perf_counter()
+    lines, results, ceilings = header(device, args.level, threads)
+    try:
+        chosen = select(args.op, device, args.level)
+    except ValueError as e:
+        parser.error(str(e))
+    policy = harness.POLICIES[args.level]
+    if args.repeats is not None:
+        policy = dataclasses.replace(policy, max_repeats=args.repeats,
+                                     min_repeats=min(policy.min_repeats, args.repeats))
+    opts = runner.Options(policy=policy, measure_memory=not args.no_memory, ceilings=ceilings,
+                          judge=args.level != "quick")
+    transcript: list[str] = []
+    progress = make_progress(sum(runner.count_steps(s, opts.measure_memory) for _, s in chosen),
+                             enabled=not args.no_progress)
 
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    torch.set_num_threads(args.threads)
-    dev_name = harness.device_name(device)
-    print(f"mmkernels {mmkernels.__version__}, torch {torch.__version__}, device {dev_name}, "
-          f"torch.get_num_threads() = {torch.get_num_threads()}")
-    results = {"mmkernels": mmkernels.__version__, "torch": torch.__version__,
-               "device": dev_name, "threads": torch.get_num_threads(),
-               "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "suites": {}}
-    failed = []
-    for name in args.suite or suites.names():
-        suite = suites.get(name, device)
-        results["suites"][name] = []
-        for case in suite.cases:
-            res = run_case(name, case, device, args.threads, args.repeats, not args.no_memory)
-            print_case(name, res)
-            results["suites"][name].append(res)
-            failed += [f"{name}/{case.name}/{r['provider']}/{r['mode']}"
-                       for r in res["rows"] if r["pass"] is False]
-            failed += [f"{name}/{case.name}/{p}/memory"
-                       for p, m in res["memory_checks"].items() if not m["pass"]]
+    def note(text: str) -> None:  # what runs after the progress bar: to stderr
+        if not args.no_progress:
+            print(text, file=sys.stderr, flush=True)
+
+    def emit(text_lines: list[str]) -> None:
+        text = "\n".join(text_lines)
+        transcript.append(text)
+        progress.write(text)
+
+    lines.append(f"policy: {policy.warmup} warm-up, then {policy.min_repeats}-"
+                 f"{policy.max_repeats} timed calls per measurement (stopping after "
+                 f"{policy.budget_s:g} s); times in ms")
+    if not opts.judge:
+        lines.append("--quick: tiny sizes; the targets and expected exponents are not judged")
+    emit(lines)
+    results["suites"] = {}
+    try:
+        for name, suite in chosen:
+            res = runner.run_suite(suite, device, opts, progress)
+            results["suites"][name] = res
+            emit(report.family_lines(name, res, device.type == "cuda"))
+    finally:
+        progress.close()
+    emit(report.summary_lines(results))
+    if device.type == "cpu" and not args.no_audit:
+        quick = args.level != "full"  # the full sizes take ~40-60 s on 2 cores
+        note(f"running the FLOP/traffic audit ({'~10' if quick else '~60'} s) ...")
+        text, audit = static.run_audit(quick=quick)
+        results["audit"] = audit
+        emit(["", "== FLOP/traffic audit (GPU kernels counted without a GPU)"
+              + (": its --quick sizes, where tile tails weigh more than at the audit's own "
+                 "sizes (`make audit`, or --full here)" if quick else ""), text])
+    if device.type == "cpu" and not args.no_kernel_report:
+        if args.level == "quick":
+            text, kreport = ("skipped in --quick (python -m mmkernels.tools.kernel_report "
+                             "--compact prints it)"), None
+        else:
+            note("compiling the kernel report (~20-40 s) ...")
+            text, kreport = static.run_kernel_report()
+        results["kernel_report"] = kreport
+        emit(["", "== kernel report (GPU resources, compiled without a GPU)", text])
+    if device.type == "cpu":
+        emit(["", "Only on a GPU: TFLOP/s, GB/s and % of the measured roofline per kernel, the "
+              "GPU sizes (bf16), and the flash_attn, Inf-CL and FlexAttention (with backward) "
+              "baselines; a CPU run measures none of these."])
+    prefix = result_prefix(args.out, results)
     os.makedirs(args.out, exist_ok=True)
-    path = os.path.join(args.out, f"{dev_name}__mmkernels-{mmkernels.__version__}.json")
-    with open(path, "w") as f:
-        json.dump(results, f, indent=1, default=lambda o: dataclasses.asdict(o))
-    print(f"\nresults written to {path}")
-    if failed:
-        print("targets not met: " + ", ".join(failed))
-        return 1 if args.strict else 0
-    print("all targets met")
-    return 0
+    written = [] if args.no_charts else charts.write_charts(results, prefix)
+    fails = report.failures(results)
+    results["failures"] = fails
+    results["wall_s"] = time.perf_counter() - start
+    closing = ["", f"wall time {results['wall_s']:.0f} s"]
+    if not args.no_charts and not written and not charts.available():
+        closing.append("charts: matplotlib is not installed (pip install 'mmkernels[bench]')")
+    closing += [f"wrote {p}" for p in (f"{prefix}.json", f"{prefix}.txt", *written)]
+    correctness = [f for f in fails if f.endswith("/correctness")]
+    closing.append("targets not met: " + ", ".join(fails) if fails else "all targets met")
+    emit(closing)
+    with open(f"{prefix}.json", "w") as f:
+        json.dump(results, f, indent=1)
+    with open(f"{prefix}.txt", "w") as f:
+        f.write("\n".join(transcript) + "\n")
+    if correctness:
+        return 1
+    return 1 if (fails and args.strict) else 0
 
 
 if __name__ == "__main__":

@@ -1,11 +1,15 @@
 """Co-attention benchmarks (issue: ViLBERT co-attention).
 
-ViLBERT shapes: B=32 samples, 36 regions each (v_hidden 2048... here bi_hidden 1024 for
-both streams, as the issue states: hidden 1024, 8 heads), 20-40 text tokens (padded to
-40), float32. Providers: mmkernels.nn.BiAttention and the eager BertBiAttention
-(mmkernels.reference), same weights; forward, backward, forward+backward of the full
-module (projections included). On a GPU the raw fused kernel is also compared with two
-SDPA calls on padded tensors, and with two flash_attn_varlen_func calls when installed.
+ViLBERT shapes: B=32 samples, 36 regions each, hidden 1024 for both streams, 8 heads
+(as the issue states), 20-40 text tokens (padded to 40), float32 on a CPU, bfloat16
+on a GPU. Cases:
+
+* ``biattention``: mmkernels.nn.BiAttention against the eager BertBiAttention
+  (mmkernels.reference), same weights; the full module, projections included.
+* ``co_attention_kernel``: the attention only, both directions, against two SDPA
+  calls on padded tensors, and two flash_attn_varlen_func calls when installed.
+
+Sweep: the module's forward+backward against the batch B.
 """
 
 from __future__ import annotations
@@ -17,37 +21,42 @@ import torch.nn.functional as F
 
 import mmkernels
 from mmkernels import reference
-from mmkernels.bench.suites import Case, Suite
-from mmkernels.testing import max_error
+from mmkernels.bench.suites import Case, Check, Suite, sweep_case
 
-B, NV, NT_MAX, HIDDEN, HEADS = 32, 36, 40, 1024, 8
+NV, NT_MIN, NT_MAX = 36, 20, 40
+CHECK_B = 4  # samples in the correctness checks
+
+#: level -> (hidden, heads, B of the point, the sweep's B)
+SIZES = {"quick": (64, 2, 4, (2, 4)),
+         "default": (1024, 8, 32, (8, 16, 32)),
+         "full": (1024, 8, 32, (8, 16, 32, 64, 128))}
 
 
-def _config():
-    return types.SimpleNamespace(bi_hidden_size=HIDDEN, bi_num_attention_heads=HEADS,
-                                 v_hidden_size=HIDDEN, hidden_size=HIDDEN,
+def _config(hidden, heads):
+    return types.SimpleNamespace(bi_hidden_size=hidden, bi_num_attention_heads=heads,
+                                 v_hidden_size=hidden, hidden_size=hidden,
                                  v_attention_probs_dropout_prob=0.0,
                                  attention_probs_dropout_prob=0.0, visualization=False)
 
 
-def _modules(device, dtype):
+def _modules(device, dtype, hidden, heads):
     torch.manual_seed(0)
-    eager = reference.BertBiAttention(_config()).to(device=device, dtype=dtype)
-    fused = mmkernels.nn.BiAttention(_config()).to(device=device, dtype=dtype)
+    eager = reference.BertBiAttention(_config(hidden, heads)).to(device=device, dtype=dtype)
+    fused = mmkernels.nn.BiAttention(_config(hidden, heads)).to(device=device, dtype=dtype)
     fused.load_state_dict(eager.state_dict())
     return eager, fused
 
 
-def _module_inputs(device, dtype):
+def _module_inputs(device, dtype, b, hidden):
     def make():
         g = torch.Generator().manual_seed(1)
-        x1 = torch.randn(B, NV, HIDDEN, generator=g).to(device=device, dtype=dtype)
-        x2 = torch.randn(B, NT_MAX, HIDDEN, generator=g).to(device=device, dtype=dtype)
-        lengths = torch.randint(20, NT_MAX + 1, (B,), generator=g)
-        m1 = torch.zeros(B, 1, 1, NV, dtype=dtype)
-        m2 = torch.zeros(B, 1, 1, NT_MAX, dtype=dtype)
-        for b in range(B):
-            m2[b, ..., int(lengths[b]):] = -10000.0
+        x1 = torch.randn(b, NV, hidden, generator=g).to(device=device, dtype=dtype)
+        x2 = torch.randn(b, NT_MAX, hidden, generator=g).to(device=device, dtype=dtype)
+        lengths = torch.randint(NT_MIN, NT_MAX + 1, (b,), generator=g)
+        m1 = torch.zeros(b, 1, 1, NV, dtype=dtype)
+        m2 = torch.zeros(b, 1, 1, NT_MAX, dtype=dtype)
+        for i in range(b):
+            m2[i, ..., int(lengths[i]):] = -10000.0
         return x1.requires_grad_(), m1.to(device), x2.requires_grad_(), m2.to(device)
     return make
 
@@ -60,13 +69,13 @@ def _both(module):
     return run
 
 
-def _kernel_inputs(device, dtype):
+def _kernel_inputs(device, dtype, b, hidden, heads):
     def make():
         g = torch.Generator().manual_seed(2)
-        lt = torch.randint(20, NT_MAX + 1, (B,), generator=g).tolist()
-        lv = [NV] * B
-        d = HIDDEN // HEADS
-        ts = [torch.randn(sum(l), HEADS, d, generator=g).to(device=device, dtype=dtype)
+        lt = torch.randint(NT_MIN, NT_MAX + 1, (b,), generator=g).tolist()
+        lv = [NV] * b
+        d = hidden // heads
+        ts = [torch.randn(sum(l), heads, d, generator=g).to(device=device, dtype=dtype)
               .requires_grad_() for l in (lt, lt, lt, lv, lv, lv)]
         cu = [torch.tensor([0] + torch.tensor(l).cumsum(0).tolist(), dtype=torch.int32,
                            device=device) for l in (lt, lv)]
@@ -104,40 +113,58 @@ def _two_flash(qa, ka, va, qb, kb, vb, cua, cub):
     return torch.cat([oa.flatten(), ob.flatten()])
 
 
-def _check(device, dtype):
-    def check():
-        eager, fused = _modules(device, dtype)
+def _check_module(device, dtype, hidden, heads):
+    def check() -> Check:
+        eager, fused = _modules(device, dtype, hidden, heads)
         x1, m1, x2, m2 = (t.detach() if t.requires_grad else t
-                          for t in _module_inputs(device, dtype)())
-        e64 = reference.BertBiAttention(_config()).double()
+                          for t in _module_inputs(device, dtype, CHECK_B, hidden)())
+        e64 = reference.BertBiAttention(_config(hidden, heads)).double()
         e64.load_state_dict(eager.state_dict())
-        valid = torch.cat([(m2.reshape(B, NT_MAX) == 0).flatten().repeat_interleave(HIDDEN),
-                           torch.ones(B * NV * HIDDEN, dtype=torch.bool, device=m2.device)])
+        # the padded text positions' contexts are not defined: compare the valid ones
+        valid = torch.cat([(m2.reshape(CHECK_B, NT_MAX) == 0).flatten().repeat_interleave(hidden),
+                           torch.ones(CHECK_B * NV * hidden, dtype=torch.bool, device=m2.device)])
         ref = _both(e64.to(device))(x1.double(), m1.double(), x2.double(), m2.double())
-        return {"mmkernels": max_error(_both(fused)(x1, m1, x2, m2)[valid].cpu(),
-                                       ref[valid].cpu()),
-                "vilbert-eager": max_error(_both(eager)(x1, m1, x2, m2)[valid].cpu(),
-                                           ref[valid].cpu())}
+        return Check(ref[valid].cpu(), {"mmkernels": _both(fused)(x1, m1, x2, m2)[valid].cpu(),
+                                        "vilbert-eager": _both(eager)(x1, m1, x2, m2)[valid].cpu()})
     return check
 
 
-def suite(device: torch.device) -> Suite:
+def _check_kernel(device, dtype, hidden, heads, providers):
+    def check() -> Check:
+        args = [t.detach() for t in _kernel_inputs(device, dtype, CHECK_B, hidden, heads)()]
+        out_a, out_b = reference.co_attention(*[a.double() if a.is_floating_point() else a
+                                                for a in args])
+        ref = torch.cat([out_a.flatten(), out_b.flatten()]).cpu()
+        return Check(ref, {name: fn(*args).cpu() for name, fn in providers.items()})
+    return check
+
+
+def suite(device: torch.device, level: str = "default") -> Suite:
+    hidden, heads, B, sweep = SIZES[level]
     dtype = torch.float32 if device.type == "cpu" else torch.bfloat16
-    eager, fused = _modules(device, dtype)
-    cases = [Case("biattention", f"B={B} regions={NV} text 20-{NT_MAX} hidden={HIDDEN} "
-                  f"heads={HEADS} {str(dtype)[6:]} (module, projections included)",
-                  _module_inputs(device, dtype),
-                  {"mmkernels": _both(fused), "vilbert-eager": _both(eager)},
-                  baseline="vilbert-eager",
-                  targets={("mmkernels", "forward+backward"): 1.0},
-                  check=_check(device, dtype))]
+    eager, fused = _modules(device, dtype, hidden, heads)
+    module_providers = {"mmkernels": _both(fused), "vilbert-eager": _both(eager)}
+
+    def describe(b):
+        return (f"B={b} regions={NV} text {NT_MIN}-{NT_MAX} hidden={hidden} heads={heads} "
+                f"{str(dtype)[6:]}")
+
+    point = Case("biattention", describe(B) + " (module, projections included)",
+                 _module_inputs(device, dtype, B, hidden), module_providers,
+                 baseline="vilbert-eager", targets={("mmkernels", "forward+backward"): 1.0},
+                 check=_check_module(device, dtype, hidden, heads), size=B)
+    kernel_providers = {"mmkernels": _fused_kernel, "2x sdpa-padded": _two_sdpa}
     if device.type == "cuda":
-        providers = {"mmkernels": _fused_kernel, "2x sdpa-padded": _two_sdpa}
         try:
             import flash_attn  # noqa: F401
-            providers["2x flash_attn_varlen"] = _two_flash
+            kernel_providers["2x flash_attn_varlen"] = _two_flash
         except ImportError:
             pass
-        cases.append(Case("co_attention_kernel", "the attention only, both directions",
-                          _kernel_inputs(device, dtype), providers, baseline="2x sdpa-padded"))
-    return Suite("co_attention", cases)
+    cases = [point,
+             Case("co_attention_kernel", describe(B) + " (the attention only, both directions)",
+                  _kernel_inputs(device, dtype, B, hidden, heads), kernel_providers,
+                  baseline="2x sdpa-padded",
+                  check=_check_kernel(device, dtype, hidden, heads, kernel_providers))]
+    cases += [sweep_case(point, f"biattention B={b}", b, _module_inputs(device, dtype, b, hidden),
+                         "forward+backward", describe(b)) for b in sweep if b != B]
+    return Suite("co_attention", cases, size_axis="B (image-caption pairs)")
