@@ -101,7 +101,10 @@ def find_tool(name: str) -> str:
 
 
 def _run(args: list[str]) -> str:
-    return subprocess.run(args, check=True, capture_output=True, text=True).stdout
+    # without LD_PRELOAD: under `make asan` the sanitizer runtimes are preloaded into
+    # the test process, and nvcc (a tool, not our code) segfaults with them
+    env = {k: v for k, v in os.environ.items() if k != "LD_PRELOAD"}
+    return subprocess.run(args, check=True, capture_output=True, text=True, env=env).stdout
 
 
 def _list(cuobjdump: str, what: str, so: str) -> str:
