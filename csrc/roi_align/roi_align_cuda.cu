@@ -348,9 +348,10 @@ struct TilePixel {
 
 __device__ __forceinline__ TilePixel tile_pixel(const Level& lv, int64_t C) {
   TilePixel tp;
-  const int tiles_w = (lv.W + kTileW - 1) / kTileW;
-  const int tiles_h = (lv.H + kTileH - 1) / kTileH;
-  const int64_t tiles = int64_t(tiles_h) * tiles_w;
+  // (int64: W + kTileW - 1 overflows int for W near 2^31)
+  const int64_t tiles_w = (int64_t(lv.W) + kTileW - 1) / kTileW;
+  const int64_t tiles_h = (int64_t(lv.H) + kTileH - 1) / kTileH;
+  const int64_t tiles = tiles_h * tiles_w;
   tp.n = blockIdx.x / tiles;
   const int t = static_cast<int>(blockIdx.x % tiles);
   tp.ty0 = (t / tiles_w) * kTileH;
@@ -760,7 +761,7 @@ cudaError_t launch_region_boxes(DType dtype, const Params& p, RegionBox* boxes,
 
 // (N * tiles, channel groups) for the tiled deterministic backward of an H x W level.
 static cudaError_t tile_grid(const Params& p, int H, int W, dim3& grid) {
-  const int64_t tiles = int64_t((H + kTileH - 1) / kTileH) * ((W + kTileW - 1) / kTileW);
+  const int64_t tiles = ((int64_t(H) + kTileH - 1) / kTileH) * ((int64_t(W) + kTileW - 1) / kTileW);
   const int64_t gx = p.N * tiles, gy = (p.C + kTileChannels - 1) / kTileChannels;
   if (gx > 0x7fffffff || gy > 65535) return cudaErrorInvalidConfiguration;
   grid = dim3(static_cast<unsigned>(gx), static_cast<unsigned>(gy));
