@@ -15,21 +15,20 @@ from mmkernels.triton import KernelSpec, interpreter_tiles
 from mmkernels.triton.attention import (
     PHILOX_ARGS,
     _attn_bwd_delta_kernel,
-    _attn_bwd_dkdv_tile,
-    _attn_bwd_dq_tile,
     _attn_fwd_tile,
     _seq_bounds,
 )
+from mmkernels.triton.attention_bwd import _attn_bwd_dkdv_tile, _attn_bwd_dq_tile
 from mmkernels.triton.attention_launch import (
     INTERPRET_CONFIG,
     AttnConfig,
     attention_delta,
     attention_spec,
-    block_d_for,
     block_tables,
     cdiv,
     delta_spec,
     device_guard,
+    head_chunks,
     philox_args,
     window_args,
 )
@@ -44,7 +43,8 @@ def _varlen_attn_fwd_kernel(q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, cu_q_ptr, cu_k_
                             CAUSAL: tl.constexpr, HAS_BLOCKS: tl.constexpr,
                             HAS_DROPOUT: tl.constexpr, HAS_WINDOW: tl.constexpr,
                             HAS_SOFTCAP: tl.constexpr, BLOCK_M: tl.constexpr,
-                            BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+                            BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+                            BLOCK_D1: tl.constexpr = 0, EVEN_D: tl.constexpr = False):
     start_m = tl.program_id(0)
     b = tl.program_id(1)
     h = tl.program_id(2)
@@ -66,7 +66,7 @@ def _varlen_attn_fwd_kernel(q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, cu_q_ptr, cu_k_
                        dropout_p, seed_lo, seed_hi, ctr_lo, ctr_hi, h, q_start,
                        CAUSAL, HAS_BLOCKS, HAS_DROPOUT, BLOCK_M, BLOCK_N, BLOCK_D,
                        reach_back_ptr + q64, softcap, win_left, win_right, HAS_WINDOW,
-                       HAS_SOFTCAP)
+                       HAS_SOFTCAP, BLOCK_D1, EVEN_D)
 
 
 @triton.jit(do_not_specialize=PHILOX_ARGS)
@@ -83,7 +83,8 @@ def _varlen_attn_bwd_dkdv_kernel(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr
                                  HAS_DROPOUT: tl.constexpr, HAS_WINDOW: tl.constexpr,
                                  HAS_SOFTCAP: tl.constexpr, ATOMIC_DQ: tl.constexpr,
                                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                                 BLOCK_D: tl.constexpr):
+                                 BLOCK_D: tl.constexpr, BLOCK_D1: tl.constexpr = 0,
+                                 EVEN_D: tl.constexpr = False):
     """dK, dV per key tile; with ATOMIC_DQ also dQ (atomics into the float32 dq_acc):
     the one-pass backward. Without, the deterministic path's first kernel."""
     start_n = tl.program_id(0)
@@ -109,7 +110,7 @@ def _varlen_attn_bwd_dkdv_kernel(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr
                             CAUSAL, HAS_BLOCKS, HAS_DROPOUT, BLOCK_M, BLOCK_N, BLOCK_D,
                             reach_ptr + k64, softcap, win_left, win_right, HAS_WINDOW,
                             HAS_SOFTCAP, dq_acc_ptr + q64 * stride_dqat, stride_dqat,
-                            stride_dqah, stride_dqad, ATOMIC_DQ)
+                            stride_dqah, stride_dqad, ATOMIC_DQ, BLOCK_D1, EVEN_D)
 
 
 @triton.jit(do_not_specialize=PHILOX_ARGS)
@@ -123,7 +124,8 @@ def _varlen_attn_bwd_dq_kernel(q_ptr, k_ptr, v_ptr, do_ptr, dq_ptr, lse_ptr, del
                                CAUSAL: tl.constexpr, HAS_BLOCKS: tl.constexpr,
                                HAS_DROPOUT: tl.constexpr, HAS_WINDOW: tl.constexpr,
                                HAS_SOFTCAP: tl.constexpr, BLOCK_M: tl.constexpr,
-                               BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+                               BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+                            BLOCK_D1: tl.constexpr = 0, EVEN_D: tl.constexpr = False):
     start_m = tl.program_id(0)
     b = tl.program_id(1)
     h = tl.program_id(2)
@@ -148,7 +150,7 @@ def _varlen_attn_bwd_dq_kernel(q_ptr, k_ptr, v_ptr, do_ptr, dq_ptr, lse_ptr, del
                           seed_lo, seed_hi, ctr_lo, ctr_hi, h, q_start,
                           CAUSAL, HAS_BLOCKS, HAS_DROPOUT, BLOCK_M, BLOCK_N, BLOCK_D,
                           reach_back_ptr + q64, softcap, win_left, win_right, HAS_WINDOW,
-                          HAS_SOFTCAP)
+                          HAS_SOFTCAP, BLOCK_D1, EVEN_D)
 
 
 # ---------------------------------------------------------------------------------
@@ -168,7 +170,10 @@ CONFIGS: dict[str, dict[int, list[AttnConfig]]] = {
     # D128: M128-N64 spilled 8-24 bytes on sm_80 with image blocks + window + softcap
     # (with or without dropout); M128-N32, as co-attention's D128 forward and FA2's
     # hdim-128 forward with dropout, fits every variant.
+    # D80 (64 + 16 lanes) and D96 (64 + 32): head_chunks(); the D128 tiles to start
     "fwd": {64: [_C(128, 64, 8, 3), _C(64, 64, 4, 3)],
+            80: [_C(128, 32, 8, 3)],
+            96: [_C(128, 32, 8, 3)],
             128: [_C(128, 32, 8, 3), _C(128, 32, 8, 2)],
             256: [_C(32, 32, 4, 2)]},
     # one-pass backward (dK/dV + atomic dQ). D64: N64 halves the dQ atomics of
@@ -176,16 +181,22 @@ CONFIGS: dict[str, dict[int, list[AttnConfig]]] = {
     # M64-N32-w8 and M32-N64-w4 spilled. D256: M32-N32-w8 spilled 16 bytes on sm_80 in
     # the heavy variants, M16-N32-w8 fits (252 registers at most).
     "bwd": {64: [_C(32, 64, 8, 1)],
+            80: [_C(32, 64, 8, 1)],
+            96: [_C(32, 64, 8, 1)],
             128: [_C(32, 64, 8, 1)],
             256: [_C(16, 32, 8, 1)]},
     # D64: M32-N32 (4 or 8 warps), M32-N64-w8 and M16-N32-w4 spilled 8-40 bytes in
     # some variant; M64-N32-w8 fits (197 registers at most).
     "dkdv": {64: [_C(64, 32, 8, 1)],
+             80: [_C(32, 64, 8, 1)],
+             96: [_C(32, 64, 8, 1)],
              # (16, 32, 4, 1) left D128: 8 bytes of stack on sm_90 with dropout once
              # the Philox arguments stopped being specialised
              128: [_C(32, 64, 8, 1)],
              256: [_C(32, 32, 8, 1), _C(16, 32, 4, 1)]},
     "dq": {64: [_C(64, 32, 8, 2), _C(64, 32, 4, 2)],
+           80: [_C(64, 32, 8, 2)],
+           96: [_C(64, 32, 8, 2)],
            128: [_C(64, 32, 8, 2)],
            256: [_C(32, 32, 8, 1), _C(16, 32, 4, 1)]},
 }
@@ -193,9 +204,9 @@ CONFIGS: dict[str, dict[int, list[AttnConfig]]] = {
 
 
 def prune_configs(kind: str, block_d: int) -> list[AttnConfig]:
-    """The configurations of kernel `kind` ("fwd", "dkdv", "dq") that fit a padded head
-    dim without spills (head dims below 64 use the 64 entries, which need fewer
-    registers)."""
+    """The configurations of kernel `kind` ("fwd", "bwd", "dkdv", "dq") that fit a head-dim
+    bucket (:func:`head_chunks`: the sum of the chunks) without spills (head dims below
+    64 use the 64 entries, which need fewer registers)."""
     return CONFIGS[kind][max(block_d, 64)]
 
 
@@ -231,8 +242,8 @@ def launch_fwd(q, k, v, cu_q, cu_k, block_ids, max_q, max_k, scale, causal, drop
         reach, reach_back = block_tables(bid, cu_q, total_q)
     else:
         bid = reach = reach_back = cu_q  # unused placeholders
-    block_d = block_d_for(D)
-    cfg = pick_config("fwd", block_d)
+    block_d, block_d1 = head_chunks(D)
+    cfg = pick_config("fwd", block_d + block_d1)
     grid = (cdiv(max_q, cfg.block_m), batch, H)
     with device_guard(q.device):
         _varlen_attn_fwd_kernel[grid](
@@ -241,8 +252,8 @@ def launch_fwd(q, k, v, cu_q, cu_k, block_ids, max_q, max_k, scale, causal, drop
             scale, dropout_p, *philox_args(seed, offset), D, H // H_kv, float(softcap), left,
             right, CAUSAL=causal, HAS_BLOCKS=has_blocks, HAS_DROPOUT=dropout_p > 0,
             HAS_WINDOW=has_window, HAS_SOFTCAP=softcap > 0, BLOCK_M=cfg.block_m,
-            BLOCK_N=cfg.block_n, BLOCK_D=block_d,
-            num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+            BLOCK_N=cfg.block_n, BLOCK_D=block_d, BLOCK_D1=block_d1,
+            EVEN_D=D == block_d + block_d1, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     return out, lse
 
 
@@ -277,9 +288,11 @@ def launch_bwd(do, q, k, v, out, lse, cu_q, cu_k, block_ids, max_q, max_k, scale
         reach, reach_back = block_tables(bid, cu_q, total_q)
     else:
         bid = reach = reach_back = cu_q
-    block_d = block_d_for(D)
+    block_d, block_d1 = head_chunks(D)
     flags = dict(CAUSAL=causal, HAS_BLOCKS=has_blocks, HAS_DROPOUT=dropout_p > 0,
-                 HAS_WINDOW=has_window, HAS_SOFTCAP=softcap > 0, BLOCK_D=block_d)
+                 HAS_WINDOW=has_window, HAS_SOFTCAP=softcap > 0, BLOCK_D=block_d,
+                 BLOCK_D1=block_d1, EVEN_D=D == block_d + block_d1)
+    block_d += block_d1  # the config bucket
     dqa_strides = dq_acc.stride() if one_pass else (0, 0, 1)
     with device_guard(q.device):
         cfg = pick_config("bwd" if one_pass else "dkdv", block_d)
@@ -314,7 +327,7 @@ def kernel_specs() -> list[KernelSpec]:
     for kernel, kind in ((_varlen_attn_fwd_kernel, "fwd"), (_varlen_attn_bwd_dkdv_kernel, "bwd"),
                          (_varlen_attn_bwd_dkdv_kernel, "dkdv"),
                          (_varlen_attn_bwd_dq_kernel, "dq")):
-        for block_d in (64, 128, 256):
+        for block_d in (64, 80, 96, 128, 256):
             for cfg in prune_configs(kind, block_d):
                 one = functools.partial(attention_spec, atomic_dq=kind == "bwd")
                 # the lightest and the heaviest variants of each configuration (causal:
@@ -327,7 +340,7 @@ def kernel_specs() -> list[KernelSpec]:
                                      ints16=ints16, window=True, softcap=True))
                     specs.append(one(kernel, block_d, cfg, False, False, "bf16", dropout=True,
                                      ints16=ints16, window=True, softcap=True))
-    for block_d in (64, 128, 256):
+    for block_d in (64, 80, 96, 128, 256):
         sig = {"o_ptr": "*bf16", "do_ptr": "*bf16", "delta_ptr": "*fp32", "n_tokens": "i32",
                "head_dim": "i32", "stride_ot": "i32", "stride_oh": "i32", "stride_od": "constexpr",
                "stride_dot": "i32", "stride_doh": "i32", "stride_dod": "constexpr",
