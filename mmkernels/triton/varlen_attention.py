@@ -177,11 +177,24 @@ def _varlen_attn_bwd_dq_kernel(q_ptr, k_ptr, v_ptr, do_ptr, dq_ptr, lse_ptr, del
 
 # Launch configurations per kernel and padded head dim, best first. Every entry was
 # compiled for sm_80 and sm_90 in its lightest (full) and heaviest (causal + image
-# blocks + window + softcap + dropout; non-causal window + softcap + dropout) variants
-# and kept only without spills; `python -m mmkernels.tools.kernel_report` re-checks all
-# of them in CI. ptxas spills a few bytes of cold values to reach a register count it
-# prefers (128 or 168 at 4 warps, 80 at 8) even in light variants: a configuration can
-# spill where a heavier one does not, so only the report decides.
+# blocks + window + softcap + dropout; non-causal window + softcap + dropout) variants,
+# the dK/dV kernel also with the float32 partials of a head split, and kept only
+# without spills; `python -m mmkernels.tools.kernel_report` re-checks all of them in
+# CI. ptxas spills a few bytes of cold values to reach a register count it prefers
+# (128 or 168 at 4 warps, 80 at 8) even in light variants: a configuration can spill
+# where a heavier one does not, so only the report decides.
+#
+# The autotune space (mmkernels.triton.attention_launch.launch_attention): on a GPU
+# the forward and the one-pass backward ("fwd", "bwd") autotune over their whole
+# list, keyed by (architecture, padded D, causal, image blocks, max_seqlen bucket);
+# the deterministic path ("dkdv", "dq"), deterministic algorithms, MMKERNELS_AUTOTUNE=0,
+# the interpreter and production_tiles() (the audit) take the first entry.
+# Candidates tried and dropped (spills on sm_80 in the heaviest variant, kernel report
+# of the candidate; the masks-only-at-boundaries rewrite may let them in): fwd D64
+# M128-N128-w8-s2, M64-N128-w4-s2; fwd D128 M64-N64 (w4 or w8, s2 or s3),
+# M128-N64-w8-s2; bwd D64 M64-N64-w8-s1, M32-N64-w4-s1; bwd D128 M32-N64-w8-s2,
+# M64-N64-w8-s1, M32-N64-w4-s1; bwd D256 M16-N64-w8-s1; dkdv D64 M64-N32-w8-s2,
+# M32-N64-w8-s2, M64-N64-w8-s2, M32-N64-w4-s2.
 _C = AttnConfig
 CONFIGS: dict[str, dict[int, list[AttnConfig]]] = {
     # D128: M128-N64 spilled 8-24 bytes on sm_80 with image blocks + window + softcap
@@ -193,8 +206,9 @@ CONFIGS: dict[str, dict[int, list[AttnConfig]]] = {
     # one-pass backward (dK/dV + atomic dQ). D64: N64 halves the dQ atomics of
     # M32-N32-w4 (which spilled 8-40 bytes: cold values at 128/168 registers);
     # M64-N32-w8 and M32-N64-w4 spilled. D256: M32-N32-w8 spilled 16 bytes on sm_80 in
-    # the heavy variants, M16-N32-w8 fits (252 registers at most).
-    "bwd": {64: [_C(32, 64, 8, 1)],
+    # the heavy variants, M16-N32-w8 fits (252 registers at most). D64 M32-N64-w8-s2:
+    # the pipelined candidate (two stages) that fits every variant.
+    "bwd": {64: [_C(32, 64, 8, 1), _C(32, 64, 8, 2)],
             128: [_C(32, 64, 8, 1)],
             256: [_C(16, 32, 8, 1)]},
     # D64: M32-N32 (4 or 8 warps), M32-N64-w8 and M16-N32-w4 spilled 8-40 bytes in
