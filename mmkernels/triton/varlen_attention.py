@@ -84,7 +84,7 @@ def _varlen_attn_bwd_dkdv_kernel(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr
                                  stride_dkd, stride_dvt, stride_dvh, stride_dvd, stride_dqat,
                                  stride_dqah, stride_dqad, sm_scale, dropout_p, seed_lo, seed_hi,
                                  ctr_lo, ctr_hi,
-                                 head_dim, group, softcap, win_left, win_right,
+                                 head_dim, softcap, win_left, win_right,
                                  head_splits, heads_per_split,
                                  CAUSAL: tl.constexpr, HAS_BLOCKS: tl.constexpr,
                                  HAS_DROPOUT: tl.constexpr, HAS_WINDOW: tl.constexpr,
@@ -95,7 +95,7 @@ def _varlen_attn_bwd_dkdv_kernel(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr
     the one-pass backward. Without, the deterministic path's first kernel.
 
     Program (n, b, p = kvh * head_splits + s) covers the query heads [s * G, +G) of
-    kv head kvh's group, G = heads_per_split = group / head_splits (GQA/MQA:
+    kv head kvh's group, G = heads_per_split = (H / H_kv) / head_splits (GQA/MQA:
     :func:`head_splits` spreads a group over several programs when the grid is small;
     the splits divide the group). Those are the heads p * G + [0, G): the tile's own
     loop over a group of G heads with kv_head = p. It writes dK/dV "head" p of dk/dv:
@@ -192,17 +192,18 @@ def _varlen_attn_bwd_dq_kernel(q_ptr, k_ptr, v_ptr, do_ptr, dq_ptr, lse_ptr, del
 # Candidates tried and dropped (spills on sm_80 in the heaviest variant, kernel report
 # of the candidate; the masks-only-at-boundaries rewrite may let them in): fwd D64
 # M128-N128-w8-s2, M64-N128-w4-s2; fwd D128 M64-N64 (w4 or w8, s2 or s3),
-# M128-N64-w8-s2; bwd D64 M64-N64-w8-s1, M32-N64-w4-s1; bwd D128 M32-N64-w8-s2,
-# M64-N64-w8-s1, M32-N64-w4-s1; bwd D256 M16-N64-w8-s1; dkdv D64 M64-N32-w8-s2,
-# M32-N64-w8-s2, M64-N64-w8-s2, M32-N64-w4-s2.
+# M128-N64-w8-s2; fwd D256 M32-N64-w4-s2; bwd D64 M64-N64-w8-s1, M32-N64-w4-s1; bwd
+# D128 M32-N64-w8-s2, M64-N64-w8-s1, M32-N64-w4-s1; bwd D256 M16-N64-w8-s1,
+# M16-N32-w8-s2; dkdv D64 M64-N32-w8-s2, M32-N64-w8-s2, M64-N64-w8-s2, M32-N64-w4-s2.
 _C = AttnConfig
 CONFIGS: dict[str, dict[int, list[AttnConfig]]] = {
     # D128: M128-N64 spilled 8-24 bytes on sm_80 with image blocks + window + softcap
     # (with or without dropout); M128-N32, as co-attention's D128 forward and FA2's
     # hdim-128 forward with dropout, fits every variant.
-    "fwd": {64: [_C(128, 64, 8, 3), _C(64, 64, 4, 3)],
+    # D64 and D256: the two-stage and three-stage versions of each tile fit too.
+    "fwd": {64: [_C(128, 64, 8, 3), _C(64, 64, 4, 3), _C(128, 64, 8, 2), _C(64, 64, 4, 2)],
             128: [_C(128, 32, 8, 3), _C(128, 32, 8, 2)],
-            256: [_C(32, 32, 4, 2)]},
+            256: [_C(32, 32, 4, 2), _C(32, 32, 4, 3)]},
     # one-pass backward (dK/dV + atomic dQ). D64: N64 halves the dQ atomics of
     # M32-N32-w4 (which spilled 8-40 bytes: cold values at 128/168 registers);
     # M64-N32-w8 and M32-N64-w4 spilled. D256: M32-N32-w8 spilled 16 bytes on sm_80 in
@@ -360,7 +361,7 @@ def launch_bwd(do, q, k, v, out, lse, cu_q, cu_k, block_ids, max_q, max_k, scale
             (q, k, v, do, lse, delta, dk, dv, dq_acc, cu_q, cu_k, bid, reach, reach_back,
              *q.stride(), *k.stride(), *v.stride(), *do.stride(), lse.stride(0),
              *dk.stride(), *dv.stride(), *dqa_strides, scale, dropout_p,
-             *philox_args(seed, offset), D, H // H_kv, float(softcap), left, right,
+             *philox_args(seed, offset), D, float(softcap), left, right,
              splits, H // H_kv // splits),
             dict(ATOMIC_DQ=one_pass, **flags), q.device, max(max_q, max_k),
             reset_to_zero=("dq_acc_ptr",) if one_pass else ())
