@@ -272,3 +272,34 @@ def test_json_output(tmp_path, capsys):
         data["measurements"][1]["flops"]["executed"] / data["measurements"][0]["flops"]["executed"])
     assert set(b) >= {"text", "issue", "limit", "enforced", "over"}
     assert "co-attention bwd / fwd" in capsys.readouterr().out
+
+
+def test_mqa_backward_grid_budget():
+    """Issue 12: the MQA (8 query heads, 1 kv head) backward grid at batch 1 and 4K
+    tokens offers >= 132 programs, computed on the host (no kernel runs); without the
+    head split it offered 64 (D64/D128: 4096 / 64-key tiles)."""
+    with production_tiles():
+        programs = ka.mqa_grid_programs()
+        unsplit = 4096 // max(tva.pick_config(k, d).block_n
+                              for k in ("bwd", "dkdv") for d in (64, 128, 256))
+    assert programs >= 132 > unsplit
+    assert not ka.Check("varlen_bwd_mqa_grid", programs, 132).over
+    assert ka.Check("varlen_bwd_mqa_grid", 64, 132).over  # an at-least budget
+
+
+def test_issue_and_waive_select_the_enforced_budgets(monkeypatch, capsys):
+    ran = []
+
+    def fake_run(ops, quick):
+        ran.append(ops)
+        return _fake_result(True)
+
+    monkeypatch.setattr(ka, "run", fake_run)
+    assert ka.main(["--check", "--issue", "12", "--no-kernels"]) == 1
+    assert ran[-1] == ("varlen_attention", "co_attention")
+    assert ka.main(["--check", "--issue", "13", "--no-kernels"]) == 0
+    assert ran[-1] == ("contrastive",)
+    assert ka.main(["--check", "--waive", "varlen_bwd_fwd_causal", "--no-kernels"]) == 0
+    assert "over (not enforced)" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        ka.main(["--waive", "no_such_budget"])

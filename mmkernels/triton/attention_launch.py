@@ -9,12 +9,15 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import inspect
+import os
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import Tensor
 
-from mmkernels.triton import KernelSpec
+from mmkernels.triton import KernelSpec, interpreting
 from mmkernels.triton.attention import PHILOX_ARGS, _attn_bwd_delta_kernel, _dropout_mask_kernel
 
 
@@ -31,6 +34,119 @@ class AttnConfig:
 
 # CPU interpreter: small tiles, ragged tails (mmkernels.triton.production_tiles() overrides)
 INTERPRET_CONFIG = AttnConfig(16, 16, 4, 1)
+
+# ---------------------------------------------------------------------------------
+# autotuning (GPUs)
+# ---------------------------------------------------------------------------------
+#
+# On a GPU the attention kernels are launched through triton.autotune over their
+# kernel's config list (CONFIGS[kind][padded D] next to each kernel: every entry
+# compiled spill-free for sm_80 and sm_90, light and heavy variants, by the kernel
+# report). The tuning key is (architecture, padded D, causal, image blocks, max_seqlen
+# bucket): one triton Autotuner per (kernel, kind, compute capability, padded D,
+# bucket), keyed inside by the CAUSAL and HAS_BLOCKS arguments (and, as Triton does,
+# the tensors' dtypes). So no kernel argument is added for the key, and two GPUs of
+# different architectures in one process never share a choice. One config, no
+# benchmark: under the interpreter (production_tiles() included: the audit counts the
+# first entry), on the deterministic backward and under
+# torch.use_deterministic_algorithms(True) (a timing-dependent choice would change the
+# accumulation order, hence the bits, from one process to the next: as cudnn.benchmark
+# is off there), and with MMKERNELS_AUTOTUNE=0.
+
+_TUNERS: dict[tuple, object] = {}
+
+
+def autotuning() -> bool:
+    """Whether launches autotune: on a GPU, outside deterministic algorithms, unless
+    MMKERNELS_AUTOTUNE=0."""
+    return (not interpreting() and os.environ.get("MMKERNELS_AUTOTUNE", "1") != "0"
+            and not torch.are_deterministic_algorithms_enabled())
+
+
+def seqlen_bucket(max_seqlen: int) -> int:
+    """The max_seqlen part of the tuning key: the next power of two, from 256 to 16384."""
+    return min(max(1 << max(int(max_seqlen) - 1, 0).bit_length(), 256), 16384)
+
+
+def reset_autotune() -> None:
+    """Forget every autotuning choice (tests)."""
+    _TUNERS.clear()
+
+
+def launch_attention(kernel, kind: str, block_d: int, configs: Sequence[AttnConfig],
+                     grid: Callable[[int, int], tuple], args: Sequence, kwargs: dict,
+                     device: torch.device, max_seqlen: int,
+                     reset_to_zero: Sequence[str] = ()) -> None:
+    """Launch `kernel` (args, then the constexpr/keyword kwargs) over grid(BLOCK_M,
+    BLOCK_N): with configs[0] when there is one config, else autotuned over `configs`
+    (see above). reset_to_zero: the buffers the kernel accumulates into (the one-pass
+    backward's float32 dQ), zeroed before every benchmark run and after the choice."""
+    if len(configs) == 1:
+        c = configs[0]
+        kernel[grid(c.block_m, c.block_n)](*args, BLOCK_M=c.block_m, BLOCK_N=c.block_n,
+                                           num_warps=c.num_warps, num_stages=c.num_stages,
+                                           **kwargs)
+        return
+    import triton
+
+    key = (kernel.fn.__name__, kind, torch.cuda.get_device_capability(device), block_d,
+           seqlen_bucket(max_seqlen))
+    tuner = _TUNERS.get(key)
+    if tuner is None:
+        tuner = triton.autotune(
+            [triton.Config({"BLOCK_M": c.block_m, "BLOCK_N": c.block_n},
+                           num_warps=c.num_warps, num_stages=c.num_stages) for c in configs],
+            key=["CAUSAL", "HAS_BLOCKS"], reset_to_zero=list(reset_to_zero) or None)(kernel)
+        _TUNERS[key] = tuner
+    tuner[lambda meta: grid(meta["BLOCK_M"], meta["BLOCK_N"])](*args, **kwargs)
+
+
+#: The dK/dV kernel's head-split arguments (see :func:`head_splits`): never
+#: specialised, so that one split (== 1) compiles no kernel variant of its own.
+SPLIT_ARGS = ("head_splits", "heads_per_split")
+#: SMs the head split aims to fill off CUDA (an H100 SXM's), so that the interpreter
+#: exercises the split path as a GPU would.
+DEFAULT_SMS = 132
+
+
+@functools.cache
+def _cuda_sms(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def sm_count(device: torch.device) -> int:
+    """Streaming multiprocessors of `device` (CUDA), else :data:`DEFAULT_SMS`."""
+    if device.type == "cuda":
+        return _cuda_sms(device.index if device.index is not None
+                         else torch.cuda.current_device())
+    return DEFAULT_SMS
+
+
+def head_splits(programs: int, group: int, sms: int) -> int:
+    """Splits of a GQA/MQA backward's query-head loop: the dK/dV grid offers
+    `programs` programs (key tiles x sequences x kv heads), each looping over the
+    `group` query heads of its kv head. Below `sms` programs, the group is cut into
+    the fewest equal parts (a divisor of `group`) that bring the grid to `sms`, or
+    into single heads; each part's program writes float32 partial dK/dV that the
+    launcher sums in a fixed order. One split when the grid already fills the GPU or
+    group == 1. (Equal parts keep the tile's head loop as it is: a part is a group of
+    group // splits heads of its own.)"""
+    if group <= 1 or programs <= 0 or programs >= sms:
+        return 1
+    want = cdiv(sms, programs)
+    return next((d for d in range(want, group) if group % d == 0), group)
+
+
+def sum_head_splits(parts: Tensor, splits: int, dtype: torch.dtype) -> Tensor:
+    """dK or dV from the float32 partials (total_k, H_kv * splits, D) of
+    :func:`head_splits`: summed over the splits in their order (0, 1, ...), so the
+    result is the same run to run, then cast to `dtype`."""
+    total, hs, d = parts.shape
+    parts = parts.view(total, hs // splits, splits, d)
+    acc = parts[:, :, 0].clone()
+    for s in range(1, splits):
+        acc += parts[:, :, s]
+    return acc if dtype == torch.float32 else acc.to(dtype)
 
 
 def block_d_for(head_dim: int) -> int:
@@ -155,7 +271,8 @@ def dropout_keep_launch(seed, offset, stream0, rows, num_cols, dropout_p, num_he
 
 def attention_spec(kernel, block_d: int, cfg: AttnConfig, causal: bool, blocks: bool,
                    dtype: str, dropout: bool = False, ints16: bool = False, window: bool = False,
-                   softcap: bool = False, atomic_dq: bool = False) -> KernelSpec:
+                   softcap: bool = False, atomic_dq: bool = False, split: bool = False
+                   ) -> KernelSpec:
     """A KernelSpec for an attention kernel, specialised as a real launch on contiguous
     (total, heads, D) tensors is: the head-dim strides (stride_*d) are 1, the other
     strides and the pointers are multiples of 16. Pointers: lse/delta float32,
@@ -163,10 +280,12 @@ def attention_spec(kernel, block_d: int, cfg: AttnConfig, causal: bool, blocks: 
     scale/p/softcap float32, dq_acc float32. window / softcap / atomic_dq: the
     HAS_WINDOW / HAS_SOFTCAP / ATOMIC_DQ variants (kernels without those constexprs
     ignore them). block_d: the head-dim bucket (:func:`head_chunks`: 80 and 96 run in
-    two chunks). ints16: the
+    two chunks). split: dk/dv are the float32 partials of a head split
+    (:func:`head_splits`; kernels with a dk_ptr). ints16: the
     integer arguments (head dim, max_seqlen_k, seed, group) are multiples of 16 too, as
     Triton specialises such launches separately (head dims 64/80/128 always are), except
-    the Philox arguments, which the kernels never specialise (PHILOX_ARGS)."""
+    the Philox and head-split arguments, which the kernels never specialise
+    (PHILOX_ARGS, SPLIT_ARGS)."""
     names = list(inspect.signature(kernel.fn).parameters)
     d0, d1 = head_chunks(block_d)
     # EVEN_D (head dim == the chunks: no lane masks) goes with ints16, as head dims
@@ -184,7 +303,7 @@ def attention_spec(kernel, block_d: int, cfg: AttnConfig, causal: bool, blocks: 
             sig[n] = "constexpr"
             consts[n] = 1
         elif n.endswith("_ptr"):
-            if n.startswith(("lse", "delta", "dq_acc")):
+            if n.startswith(("lse", "delta", "dq_acc")) or (split and n in ("dk_ptr", "dv_ptr")):
                 sig[n] = "*fp32"
             elif n.startswith(("cu", "bid", "reach")):
                 sig[n] = "*i32"
@@ -195,13 +314,14 @@ def attention_spec(kernel, block_d: int, cfg: AttnConfig, causal: bool, blocks: 
             sig[n] = "fp32"
         else:
             sig[n] = "i32"
-            if n.startswith("stride_") or (ints16 and n not in PHILOX_ARGS):
+            if n.startswith("stride_") or (ints16 and n not in PHILOX_ARGS + SPLIT_ARGS):
                 attrs[(i,)] = [["tt.divisibility", 16]]
     tag = ("causal+blocks" if blocks else "causal" if causal else "full")
     tag += "+window" if window and "HAS_WINDOW" in consts else ""
     tag += "+softcap" if softcap and "HAS_SOFTCAP" in consts else ""
     tag += "+dropout" if dropout else ""
     tag += " one-pass" if atomic_dq and "ATOMIC_DQ" in consts else ""
+    tag += " split" if split and "dk_ptr" in names else ""
     tag += f" D{block_d} {cfg}" + (" ints%16" if ints16 else "")
     return KernelSpec(kernel.fn.__name__, kernel, sig, consts,
                       {"num_warps": cfg.num_warps, "num_stages": cfg.num_stages}, tag,

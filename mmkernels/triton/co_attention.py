@@ -38,11 +38,13 @@ from mmkernels.triton.attention_launch import (
     INTERPRET_CONFIG,
     AttnConfig,
     attention_spec,
+    autotuning,
     cdiv,
     delta_block_t,
     delta_spec,
     device_guard,
     head_chunks,
+    launch_attention,
     philox_args,
 )
 from mmkernels.triton.varlen_attention import CONFIGS as VARLEN_CONFIGS
@@ -242,9 +244,10 @@ def _co_attn_bwd_dq_kernel(qa_ptr, ka_ptr, va_ptr, qb_ptr, kb_ptr, vb_ptr, doa_p
 # launch configurations and launches
 # ---------------------------------------------------------------------------------
 
-# (kind, padded D) -> configs: the varlen tables, except where the two-direction
-# kernel spills with them (checked by the kernel report).
-CONFIGS = {kind: dict(table) for kind, table in VARLEN_CONFIGS.items()}
+# (kind, padded D) -> configs (the autotune space on a GPU): the first entry of each
+# varlen list, except where the two-direction kernel spills with it (checked by the
+# kernel report); varlen's further candidates are not checked for this kernel.
+CONFIGS = {kind: {d: table[d][:1] for d in table} for kind, table in VARLEN_CONFIGS.items()}
 CONFIGS["dq"][128] = [AttnConfig(32, 64, 8, 1)]
 # D=128 forward: M128-N64 spills on sm_80 in the dropout variant once the sizes are
 # multiples of 16 (64 B of stack, 3 or 2 stages); M128-N32 keeps the q tile and the
@@ -262,6 +265,13 @@ DELTA_WARPS = 8
 
 def _pick(kind: str, block_d: int) -> AttnConfig:
     return INTERPRET_CONFIG if interpreter_tiles() else CONFIGS[kind][max(block_d, 64)][0]
+
+
+def _configs(kind: str, block_d: int, tune: bool) -> list[AttnConfig]:
+    """The configurations a launch chooses from: CONFIGS' whole list when it autotunes
+    (:func:`mmkernels.triton.attention_launch.autotuning`; no GQA here, so no head
+    split either), else :func:`_pick`'s one."""
+    return list(CONFIGS[kind][max(block_d, 64)]) if tune else [_pick(kind, block_d)]
 
 
 def _stream_layout(*tensors: Tensor) -> list[Tensor]:
@@ -287,15 +297,16 @@ def launch_fwd(qa, ka, va_, qb, kb, vb, cu_a, cu_b, max_a, max_b, scale, p_a, p_
         return oa, ob, lse_a, lse_b
     block_d, block_d1 = head_chunks(D)
     chunks = dict(BLOCK_D=block_d, BLOCK_D1=block_d1, EVEN_D=D == block_d + block_d1)
-    cfg = _pick("fwd", block_d + block_d1)
-    grid = (cdiv(max(max_a, max_b), cfg.block_m), batch, 2 * H)
+    bucket = block_d + block_d1  # the config bucket
+    longest = max(max_a, max_b)
     with device_guard(qa.device):
-        _co_attn_fwd_kernel[grid](
-            qa, ka, va_, qb, kb, vb, oa, ob, lse_a, lse_b, cu_a, cu_b,
-            *qa.stride(), *qb.stride(), *oa.stride(), *ob.stride(), lse_a.stride(0),
-            lse_b.stride(0), scale, p_a, p_b, *philox_args(seed, offset), D, H,
-            HAS_DROPOUT=(p_a > 0 or p_b > 0), BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
-            num_warps=cfg.num_warps, num_stages=cfg.num_stages, **chunks)
+        launch_attention(
+            _co_attn_fwd_kernel, "fwd", bucket, _configs("fwd", bucket, autotuning()),
+            lambda m, n: (cdiv(longest, m), batch, 2 * H),
+            (qa, ka, va_, qb, kb, vb, oa, ob, lse_a, lse_b, cu_a, cu_b,
+             *qa.stride(), *qb.stride(), *oa.stride(), *ob.stride(), lse_a.stride(0),
+             lse_b.stride(0), scale, p_a, p_b, *philox_args(seed, offset), D, H),
+            dict(HAS_DROPOUT=(p_a > 0 or p_b > 0), **chunks), qa.device, longest)
     return oa, ob, lse_a, lse_b
 
 
@@ -339,12 +350,17 @@ def launch_bwd(doa, dob, qa, ka, va_, qb, kb, vb, oa, ob, lse_a, lse_b, cu_a, cu
             oa, doa, ob, dob, delta_a, delta_b, total_a, total_b, *qa.stride(), *qb.stride(),
             delta_a.stride(0), delta_b.stride(0), D, H, BLOCK_T=block_t,
             num_warps=DELTA_WARPS, **chunks)
-        cfg = _pick("bwd" if one_pass else "dkdv", block_d)
-        _co_attn_bwd_dkdv_kernel[(cdiv(max(max_a, max_b), cfg.block_n), batch, 2 * H)](
-            qa, ka, va_, qb, kb, vb, doa, dob, lse_a, lse_b, delta_a, delta_b, dka, dva, dkb, dvb,
-            dq_acc_a, dq_acc_b, *common, HAS_DROPOUT=(p_a > 0 or p_b > 0), ATOMIC_DQ=one_pass,
-            BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
-            num_warps=cfg.num_warps, num_stages=cfg.num_stages, **chunks)
+        kind = "bwd" if one_pass else "dkdv"
+        longest = max(max_a, max_b)
+        launch_attention(
+            _co_attn_bwd_dkdv_kernel, kind, block_d,
+            _configs(kind, block_d, one_pass and autotuning()),
+            lambda m, n: (cdiv(longest, n), batch, 2 * H),
+            (qa, ka, va_, qb, kb, vb, doa, dob, lse_a, lse_b, delta_a, delta_b, dka, dva, dkb,
+             dvb, dq_acc_a, dq_acc_b, *common),
+            dict(HAS_DROPOUT=(p_a > 0 or p_b > 0), ATOMIC_DQ=one_pass, **chunks),
+            qa.device, longest,
+            reset_to_zero=("dq_acc_a_ptr", "dq_acc_b_ptr") if one_pass else ())
         if one_pass:
             dqa, dqb = (t if qa.dtype == torch.float32 else t.to(qa.dtype)
                         for t in (dq_acc_a, dq_acc_b))
@@ -369,12 +385,12 @@ def kernel_specs() -> list[KernelSpec]:
     for kernel, kind in ((_co_attn_fwd_kernel, "fwd"), (_co_attn_bwd_dkdv_kernel, "bwd"),
                          (_co_attn_bwd_dkdv_kernel, "dkdv"), (_co_attn_bwd_dq_kernel, "dq")):
         for block_d in (64, 80, 96, 128):
-            cfg = CONFIGS[kind][block_d][0]
-            for dropout in (False, True):
-                for ints16 in (False, True):
-                    specs.append(attention_spec(kernel, block_d, cfg, False, False, "bf16",
-                                                   dropout=dropout, ints16=ints16,
-                                                   atomic_dq=kind == "bwd"))
+            for cfg in CONFIGS[kind][block_d]:  # the autotune space (the dq kernel: first)
+                for dropout in (False, True):
+                    for ints16 in (False, True):
+                        specs.append(attention_spec(kernel, block_d, cfg, False, False, "bf16",
+                                                    dropout=dropout, ints16=ints16,
+                                                    atomic_dq=kind == "bwd"))
     for block_d in (64, 80, 96, 128):
         names = ("oa_ptr", "doa_ptr", "ob_ptr", "dob_ptr", "deltaa_ptr", "deltab_ptr")
         sig = {n: "*fp32" if n.startswith("delta") else "*bf16" for n in names}

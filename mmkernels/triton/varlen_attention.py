@@ -21,15 +21,21 @@ from mmkernels.triton.attention import (
 from mmkernels.triton.attention_bwd import _attn_bwd_dkdv_tile, _attn_bwd_dq_tile
 from mmkernels.triton.attention_launch import (
     INTERPRET_CONFIG,
+    SPLIT_ARGS,
     AttnConfig,
     attention_delta,
     attention_spec,
+    autotuning,
     block_tables,
     cdiv,
     delta_spec,
     device_guard,
     head_chunks,
+    head_splits,
+    launch_attention,
     philox_args,
+    sm_count,
+    sum_head_splits,
     window_args,
 )
 
@@ -69,7 +75,7 @@ def _varlen_attn_fwd_kernel(q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, cu_q_ptr, cu_k_
                        HAS_SOFTCAP, BLOCK_D1, EVEN_D)
 
 
-@triton.jit(do_not_specialize=PHILOX_ARGS)
+@triton.jit(do_not_specialize=PHILOX_ARGS + SPLIT_ARGS)
 def _varlen_attn_bwd_dkdv_kernel(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dk_ptr, dv_ptr,
                                  dq_acc_ptr, cu_q_ptr, cu_k_ptr, bid_ptr, reach_ptr, reach_back_ptr,
                                  stride_qt, stride_qh, stride_qd, stride_kt, stride_kh,
@@ -78,7 +84,8 @@ def _varlen_attn_bwd_dkdv_kernel(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr
                                  stride_dkd, stride_dvt, stride_dvh, stride_dvd, stride_dqat,
                                  stride_dqah, stride_dqad, sm_scale, dropout_p, seed_lo, seed_hi,
                                  ctr_lo, ctr_hi,
-                                 head_dim, group, softcap, win_left, win_right,
+                                 head_dim, softcap, win_left, win_right,
+                                 head_splits, heads_per_split,
                                  CAUSAL: tl.constexpr, HAS_BLOCKS: tl.constexpr,
                                  HAS_DROPOUT: tl.constexpr, HAS_WINDOW: tl.constexpr,
                                  HAS_SOFTCAP: tl.constexpr, ATOMIC_DQ: tl.constexpr,
@@ -86,27 +93,39 @@ def _varlen_attn_bwd_dkdv_kernel(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr
                                  BLOCK_D: tl.constexpr, BLOCK_D1: tl.constexpr = 0,
                                  EVEN_D: tl.constexpr = False):
     """dK, dV per key tile; with ATOMIC_DQ also dQ (atomics into the float32 dq_acc):
-    the one-pass backward. Without, the deterministic path's first kernel."""
+    the one-pass backward. Without, the deterministic path's first kernel.
+
+    Program (n, b, p = kvh * head_splits + s) covers the query heads [s * G, +G) of
+    kv head kvh's group, G = heads_per_split = (H / H_kv) / head_splits (GQA/MQA:
+    :func:`head_splits` spreads a group over several programs when the grid is small;
+    the splits divide the group). Those are the heads p * G + [0, G): the tile's own
+    loop over a group of G heads with kv_head = p. It writes dK/dV "head" p of dk/dv:
+    with one split the gradients themselves, with more float32 partials
+    (total_k, H_kv * head_splits, D) that the launcher sums in a fixed order. (G comes
+    from the host: dividing in the kernel cost the light D64 variant 8 bytes of
+    spill on sm_80.)"""
     start_n = tl.program_id(0)
     b = tl.program_id(1)
-    kvh = tl.program_id(2)
+    pid_h = tl.program_id(2)
     k_start, seqlen_k = _seq_bounds(cu_k_ptr, b)
     if start_n * BLOCK_N < seqlen_k:
         q_start, seqlen_q = _seq_bounds(cu_q_ptr, b)
         q64 = q_start.to(tl.int64)
         k64 = k_start.to(tl.int64)
-        kvh64 = kvh.to(tl.int64)
+        kvh64 = (pid_h // head_splits).to(tl.int64)
+        out_h64 = pid_h.to(tl.int64)
         _attn_bwd_dkdv_tile(q_ptr + q64 * stride_qt, k_ptr + k64 * stride_kt + kvh64 * stride_kh,
                             v_ptr + k64 * stride_vt + kvh64 * stride_vh,
                             do_ptr + q64 * stride_dot, lse_ptr + q64, delta_ptr + q64,
-                            dk_ptr + k64 * stride_dkt + kvh64 * stride_dkh,
-                            dv_ptr + k64 * stride_dvt + kvh64 * stride_dvh,
+                            dk_ptr + k64 * stride_dkt + out_h64 * stride_dkh,
+                            dv_ptr + k64 * stride_dvt + out_h64 * stride_dvh,
                             bid_ptr + q64, bid_ptr + k64, reach_back_ptr + k64,
                             stride_qt, stride_qh, stride_qd, stride_kt, stride_kd,
                             stride_vt, stride_vd, stride_dot, stride_doh, stride_dod, stride_lh,
                             stride_dkt, stride_dkd, stride_dvt, stride_dvd,
                             seqlen_q, seqlen_k, start_n, head_dim, sm_scale, dropout_p,
-                            seed_lo, seed_hi, ctr_lo, ctr_hi, 0, q_start, kvh, group,
+                            seed_lo, seed_hi, ctr_lo, ctr_hi, 0, q_start, pid_h,
+                            heads_per_split,
                             CAUSAL, HAS_BLOCKS, HAS_DROPOUT, BLOCK_M, BLOCK_N, BLOCK_D,
                             reach_ptr + k64, softcap, win_left, win_right, HAS_WINDOW,
                             HAS_SOFTCAP, dq_acc_ptr + q64 * stride_dqat, stride_dqat,
@@ -160,27 +179,42 @@ def _varlen_attn_bwd_dq_kernel(q_ptr, k_ptr, v_ptr, do_ptr, dq_ptr, lse_ptr, del
 
 # Launch configurations per kernel and padded head dim, best first. Every entry was
 # compiled for sm_80 and sm_90 in its lightest (full) and heaviest (causal + image
-# blocks + window + softcap + dropout; non-causal window + softcap + dropout) variants
-# and kept only without spills; `python -m mmkernels.tools.kernel_report` re-checks all
-# of them in CI. ptxas spills a few bytes of cold values to reach a register count it
-# prefers (128 or 168 at 4 warps, 80 at 8) even in light variants: a configuration can
-# spill where a heavier one does not, so only the report decides.
+# blocks + window + softcap + dropout; non-causal window + softcap + dropout) variants,
+# the dK/dV kernel also with the float32 partials of a head split, and kept only
+# without spills; `python -m mmkernels.tools.kernel_report` re-checks all of them in
+# CI. ptxas spills a few bytes of cold values to reach a register count it prefers
+# (128 or 168 at 4 warps, 80 at 8) even in light variants: a configuration can spill
+# where a heavier one does not, so only the report decides.
+#
+# The autotune space (mmkernels.triton.attention_launch.launch_attention): on a GPU
+# the forward and the one-pass backward ("fwd", "bwd") autotune over their whole
+# list, keyed by (architecture, padded D, causal, image blocks, max_seqlen bucket);
+# the deterministic path ("dkdv", "dq"), deterministic algorithms, MMKERNELS_AUTOTUNE=0,
+# the interpreter and production_tiles() (the audit) take the first entry.
+# Candidates tried and dropped (spills on sm_80 in the heaviest variant, kernel report
+# of the candidate; the masks-only-at-boundaries rewrite may let them in): fwd D64
+# M128-N128-w8-s2, M64-N128-w4-s2; fwd D128 M64-N64 (w4 or w8, s2 or s3),
+# M128-N64-w8-s2; fwd D256 M32-N64-w4-s2; bwd D64 M64-N64-w8-s1, M32-N64-w4-s1; bwd
+# D128 M32-N64-w8-s2, M64-N64-w8-s1, M32-N64-w4-s1; bwd D256 M16-N64-w8-s1,
+# M16-N32-w8-s2; dkdv D64 M64-N32-w8-s2, M32-N64-w8-s2, M64-N64-w8-s2, M32-N64-w4-s2.
 _C = AttnConfig
 CONFIGS: dict[str, dict[int, list[AttnConfig]]] = {
     # D128: M128-N64 spilled 8-24 bytes on sm_80 with image blocks + window + softcap
     # (with or without dropout); M128-N32, as co-attention's D128 forward and FA2's
     # hdim-128 forward with dropout, fits every variant.
+    # D64 and D256: the two-stage and three-stage versions of each tile fit too.
     # D80 (64 + 16 lanes) and D96 (64 + 32): head_chunks(); the D128 tiles to start
-    "fwd": {64: [_C(128, 64, 8, 3), _C(64, 64, 4, 3)],
+    "fwd": {64: [_C(128, 64, 8, 3), _C(64, 64, 4, 3), _C(128, 64, 8, 2), _C(64, 64, 4, 2)],
             80: [_C(128, 32, 8, 3)],
             96: [_C(128, 32, 8, 3)],
             128: [_C(128, 32, 8, 3), _C(128, 32, 8, 2)],
-            256: [_C(32, 32, 4, 2)]},
+            256: [_C(32, 32, 4, 2), _C(32, 32, 4, 3)]},
     # one-pass backward (dK/dV + atomic dQ). D64: N64 halves the dQ atomics of
     # M32-N32-w4 (which spilled 8-40 bytes: cold values at 128/168 registers);
     # M64-N32-w8 and M32-N64-w4 spilled. D256: M32-N32-w8 spilled 16 bytes on sm_80 in
-    # the heavy variants, M16-N32-w8 fits (252 registers at most).
-    "bwd": {64: [_C(32, 64, 8, 1)],
+    # the heavy variants, M16-N32-w8 fits (252 registers at most). D64 M32-N64-w8-s2:
+    # the pipelined candidate (two stages) that fits every variant.
+    "bwd": {64: [_C(32, 64, 8, 1), _C(32, 64, 8, 2)],
             80: [_C(32, 64, 8, 1)],
             96: [_C(32, 64, 8, 1)],
             128: [_C(32, 64, 8, 1)],
@@ -211,12 +245,43 @@ def prune_configs(kind: str, block_d: int) -> list[AttnConfig]:
 
 
 def pick_config(kind: str, block_d: int) -> AttnConfig:
-    """The launch configuration of kernel `kind` for a padded head dim: the first
-    pruned entry, or INTERPRET_CONFIG under the interpreter (outside
-    :func:`mmkernels.triton.production_tiles`)."""
+    """The launch configuration of kernel `kind` for a padded head dim when it is not
+    autotuned: the first pruned entry, or INTERPRET_CONFIG under the interpreter
+    (outside :func:`mmkernels.triton.production_tiles`)."""
     if interpreter_tiles():
         return INTERPRET_CONFIG
     return prune_configs(kind, block_d)[0]
+
+
+def launch_configs(kind: str, block_d: int, tune: bool) -> list[AttnConfig]:
+    """The configurations a launch of kernel `kind` chooses from: the whole pruned list
+    when it autotunes (`tune`, :func:`mmkernels.triton.attention_launch.autotuning`),
+    else :func:`pick_config`'s one."""
+    return list(prune_configs(kind, block_d)) if tune else [pick_config(kind, block_d)]
+
+
+def dkdv_splits(block_n: int, max_k: int, batch: int, H: int, H_kv: int,
+                device: torch.device) -> int:
+    """Head splits of the dK/dV kernel's query-head loop
+    (:func:`mmkernels.triton.attention_launch.head_splits`) for key tiles of `block_n`."""
+    return head_splits(cdiv(max_k, block_n) * batch * H_kv, H // H_kv, sm_count(device))
+
+
+def dkdv_grid(max_k: int, batch: int, H: int, H_kv: int, head_dim: int,
+              deterministic: bool = False, device: torch.device | None = None
+              ) -> tuple[int, int, int]:
+    """The grid of the backward's dK/dV kernel (the one-pass kernel, or the
+    deterministic path's first), computed on the host as :func:`launch_bwd` does:
+    (key tiles, sequences, kv heads x head splits). The audit checks that an MQA
+    backward fills an H100 with it."""
+    device = torch.device("cpu") if device is None else device
+    kind, block_d = "dkdv" if deterministic else "bwd", sum(head_chunks(head_dim))
+    # the autotune space's largest key tile (the launcher's smallest grid); one config
+    # under the interpreter's small tiles
+    configs = launch_configs(kind, block_d, not interpreter_tiles())
+    block_n = max(c.block_n for c in configs)
+    splits = dkdv_splits(block_n, max_k, batch, H, H_kv, device)
+    return cdiv(max_k, block_n), batch, H_kv * splits
 
 
 # ---------------------------------------------------------------------------------
@@ -243,17 +308,19 @@ def launch_fwd(q, k, v, cu_q, cu_k, block_ids, max_q, max_k, scale, causal, drop
     else:
         bid = reach = reach_back = cu_q  # unused placeholders
     block_d, block_d1 = head_chunks(D)
-    cfg = pick_config("fwd", block_d + block_d1)
-    grid = (cdiv(max_q, cfg.block_m), batch, H)
+    bucket = block_d + block_d1  # the config bucket
     with device_guard(q.device):
-        _varlen_attn_fwd_kernel[grid](
-            q, k, v, out, lse, cu_q, cu_k, bid, reach, reach_back,
-            *q.stride(), *k.stride(), *v.stride(), *out.stride(), lse.stride(0),
-            scale, dropout_p, *philox_args(seed, offset), D, H // H_kv, float(softcap), left,
-            right, CAUSAL=causal, HAS_BLOCKS=has_blocks, HAS_DROPOUT=dropout_p > 0,
-            HAS_WINDOW=has_window, HAS_SOFTCAP=softcap > 0, BLOCK_M=cfg.block_m,
-            BLOCK_N=cfg.block_n, BLOCK_D=block_d, BLOCK_D1=block_d1,
-            EVEN_D=D == block_d + block_d1, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+        launch_attention(
+            _varlen_attn_fwd_kernel, "fwd", bucket, launch_configs("fwd", bucket, autotuning()),
+            lambda m, n: (cdiv(max_q, m), batch, H),
+            (q, k, v, out, lse, cu_q, cu_k, bid, reach, reach_back,
+             *q.stride(), *k.stride(), *v.stride(), *out.stride(), lse.stride(0),
+             scale, dropout_p, *philox_args(seed, offset), D, H // H_kv, float(softcap), left,
+             right),
+            dict(CAUSAL=causal, HAS_BLOCKS=has_blocks, HAS_DROPOUT=dropout_p > 0,
+                 HAS_WINDOW=has_window, HAS_SOFTCAP=softcap > 0, BLOCK_D=block_d,
+                 BLOCK_D1=block_d1, EVEN_D=D == block_d + block_d1),
+            q.device, max(max_q, max_k))
     return out, lse
 
 
@@ -270,11 +337,21 @@ def launch_bwd(do, q, k, v, out, lse, cu_q, cu_k, block_ids, max_q, max_k, scale
         return (torch.zeros_like(q, memory_format=torch.contiguous_format),
                 torch.zeros_like(k, memory_format=torch.contiguous_format),
                 torch.zeros_like(v, memory_format=torch.contiguous_format))
-    # every key row belongs to a launched key tile, which stores its dK/dV rows (zeros
-    # where no query sees it): no zero-fill
-    dk = torch.empty_like(k, memory_format=torch.contiguous_format)
-    dv = torch.empty_like(v, memory_format=torch.contiguous_format)
     one_pass = not deterministic
+    block_d, block_d1 = head_chunks(D)
+    bucket = block_d + block_d1  # the config bucket
+    kind = "bwd" if one_pass else "dkdv"
+    configs = launch_configs(kind, bucket, one_pass and autotuning())
+    # sized for the largest key tile of the autotune space (its smallest grid)
+    splits = dkdv_splits(max(c.block_n for c in configs), max_k, batch, H, H_kv, q.device)
+    # every key row belongs to a launched key tile, which stores its dK/dV rows (zeros
+    # where no query sees it): no zero-fill. With a head split, float32 partials.
+    if splits == 1:
+        dk = torch.empty_like(k, memory_format=torch.contiguous_format)
+        dv = torch.empty_like(v, memory_format=torch.contiguous_format)
+    else:
+        dk, dv = (torch.empty(total_k, H_kv * splits, D, dtype=torch.float32, device=q.device)
+                  for _ in range(2))
     if one_pass:  # accumulated with atomics: starts at zero
         dq_acc = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
     else:
@@ -288,24 +365,26 @@ def launch_bwd(do, q, k, v, out, lse, cu_q, cu_k, block_ids, max_q, max_k, scale
         reach, reach_back = block_tables(bid, cu_q, total_q)
     else:
         bid = reach = reach_back = cu_q
-    block_d, block_d1 = head_chunks(D)
     flags = dict(CAUSAL=causal, HAS_BLOCKS=has_blocks, HAS_DROPOUT=dropout_p > 0,
                  HAS_WINDOW=has_window, HAS_SOFTCAP=softcap > 0, BLOCK_D=block_d,
-                 BLOCK_D1=block_d1, EVEN_D=D == block_d + block_d1)
-    block_d += block_d1  # the config bucket
+                 BLOCK_D1=block_d1, EVEN_D=D == bucket)
     dqa_strides = dq_acc.stride() if one_pass else (0, 0, 1)
     with device_guard(q.device):
-        cfg = pick_config("bwd" if one_pass else "dkdv", block_d)
-        _varlen_attn_bwd_dkdv_kernel[(cdiv(max_k, cfg.block_n), batch, H_kv)](
-            q, k, v, do, lse, delta, dk, dv, dq_acc, cu_q, cu_k, bid, reach, reach_back,
-            *q.stride(), *k.stride(), *v.stride(), *do.stride(), lse.stride(0),
-            *dk.stride(), *dv.stride(), *dqa_strides, scale, dropout_p,
-            *philox_args(seed, offset), D, H // H_kv, float(softcap), left, right,
-            ATOMIC_DQ=one_pass, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
-            num_warps=cfg.num_warps, num_stages=cfg.num_stages, **flags)
+        launch_attention(
+            _varlen_attn_bwd_dkdv_kernel, kind, bucket, configs,
+            lambda m, n: (cdiv(max_k, n), batch, H_kv * splits),
+            (q, k, v, do, lse, delta, dk, dv, dq_acc, cu_q, cu_k, bid, reach, reach_back,
+             *q.stride(), *k.stride(), *v.stride(), *do.stride(), lse.stride(0),
+             *dk.stride(), *dv.stride(), *dqa_strides, scale, dropout_p,
+             *philox_args(seed, offset), D, float(softcap), left, right,
+             splits, H // H_kv // splits),
+            dict(ATOMIC_DQ=one_pass, **flags), q.device, max(max_q, max_k),
+            reset_to_zero=("dq_acc_ptr",) if one_pass else ())
+        if splits > 1:
+            dk, dv = sum_head_splits(dk, splits, k.dtype), sum_head_splits(dv, splits, v.dtype)
         if one_pass:
             return (dq_acc if q.dtype == torch.float32 else dq_acc.to(q.dtype)), dk, dv
-        cfg = pick_config("dq", block_d)
+        cfg = pick_config("dq", bucket)
         _varlen_attn_bwd_dq_kernel[(cdiv(max_q, cfg.block_m), batch, H)](
             q, k, v, do, dq, lse, delta, cu_q, cu_k, bid, reach, reach_back,
             *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dq.stride(),
@@ -329,17 +408,23 @@ def kernel_specs() -> list[KernelSpec]:
                          (_varlen_attn_bwd_dq_kernel, "dq")):
         for block_d in (64, 80, 96, 128, 256):
             for cfg in prune_configs(kind, block_d):
-                one = functools.partial(attention_spec, atomic_dq=kind == "bwd")
                 # the lightest and the heaviest variants of each configuration (causal:
                 # blocks + window + softcap + dropout; non-causal: both window sides +
                 # softcap + dropout), with generic sizes and with sizes that are
-                # multiples of 16
-                for ints16 in (False, True):
-                    specs.append(one(kernel, block_d, cfg, False, False, "bf16", ints16=ints16))
-                    specs.append(one(kernel, block_d, cfg, True, True, "bf16", dropout=True,
-                                     ints16=ints16, window=True, softcap=True))
-                    specs.append(one(kernel, block_d, cfg, False, False, "bf16", dropout=True,
-                                     ints16=ints16, window=True, softcap=True))
+                # multiples of 16; the dK/dV kernel also with the float32 partials of
+                # a head split (GQA/MQA)
+                for split in (False, True) if kind in ("bwd", "dkdv") else (False,):
+                    one = functools.partial(attention_spec, atomic_dq=kind == "bwd",
+                                            split=split)
+                    for ints16 in (False, True):
+                        specs.append(one(kernel, block_d, cfg, False, False, "bf16",
+                                         ints16=ints16))
+                        specs.append(one(kernel, block_d, cfg, True, True, "bf16",
+                                         dropout=True, ints16=ints16, window=True,
+                                         softcap=True))
+                        specs.append(one(kernel, block_d, cfg, False, False, "bf16",
+                                         dropout=True, ints16=ints16, window=True,
+                                         softcap=True))
     for block_d in (64, 80, 96, 128, 256):
         sig = {"o_ptr": "*bf16", "do_ptr": "*bf16", "delta_ptr": "*fp32", "n_tokens": "i32",
                "head_dim": "i32", "stride_ot": "i32", "stride_oh": "i32", "stride_od": "constexpr",
