@@ -288,6 +288,8 @@ def test_mqa_backward_grid_budget():
 
 
 def test_issue_and_waive_select_the_enforced_budgets(monkeypatch, capsys):
+    monkeypatch.setitem(ka.BUDGETS, "demo_unenforced",
+                        ka.Budget("demo: a reported budget", 1.2, 12, enforced=False))
     ran = []
 
     def fake_run(ops, quick):
