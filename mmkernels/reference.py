@@ -801,30 +801,52 @@ def lse_rows_and_cols(rows: Tensor, cols: Tensor, scale: Tensor, chunk: int, wit
     return row_max + row_sum.log(), lse_c
 
 
-def lse_backward(rows: Tensor, cols: Tensor, scale: Tensor, lse_r: Tensor, lse_c: Tensor | None,
-                 w_row: float, w_col: float, chunk: int, passes=EAGER_PASSES,
-                 col_chunk: int = TILE_COLS) -> tuple[Tensor, Tensor, Tensor]:
-    """Gradients of w_row * sum(lse_r) + w_col * sum(lse_c) w.r.t. rows, cols and scale,
-    recomputing each tile: W = w_row * P_row + w_col * P_col, d rows = s W cols,
-    d cols = s W^T rows, d scale = sum_ij W_ij <r_i, c_j> = sum_i <r_i, (W cols)_i>.
-    The weights are folded into the exponents (exp(S - lse + log w)) and W overwrites
-    the tile, so each tile costs one GEMM, one elementwise pass and two GEMMs."""
+def positive_dots(rows: Tensor, cols: Tensor, pos_offset: int) -> Tensor:
+    """rows_i . cols_(i + pos_offset) in the accumulation dtype (0 where that column does
+    not exist)."""
+    acc = _acc_dtype(rows)
+    i = torch.arange(rows.shape[0], device=rows.device)
+    j = i + pos_offset
+    ok = (j >= 0) & (j < cols.shape[0])
+    out = torch.zeros(rows.shape[0], dtype=acc, device=rows.device)
+    out[ok] = (rows[i[ok]].to(acc) * cols[j[ok]].to(acc)).sum(1)
+    return out
+
+
+def lse_grads(rows: Tensor, cols: Tensor, scale: Tensor, grad: Tensor, row_shift: Tensor,
+              col_shift: Tensor | None, c_pos: float, pos_offset: int | None, chunk: int,
+              bound: float = 1.0, passes=EAGER_PASSES, col_chunk: int = TILE_COLS
+              ) -> tuple[Tensor, Tensor, Tensor]:
+    """grad times the gradients w.r.t. rows, cols and scale of a loss whose derivative
+    by S = scale * rows @ cols^T is W_ij = exp(S_ij - row_shift_i) + exp(S_ij -
+    col_shift_j) - c_pos [j = i + pos_offset] (the shifts: log-sum-exps minus the logs of
+    their loss weights; col_shift optional). d rows = s W cols, d cols = s W^T rows,
+    d scale = sum_ij W_ij <r_i, c_j> = sum_i <r_i, (W cols)_i>. Each tile is recomputed
+    once and W overwrites it: one GEMM, one elementwise pass and two GEMMs per tile.
+    (``bound`` is for the Triton path's interface.)"""
     n, m = rows.shape[0], cols.shape[0]
-    acc = lse_r.dtype
+    acc = _acc_dtype(rows)
     opts = dict(dtype=acc, device=rows.device)
     r, c = rows.to(acc), cols.to(acc)
     s = scale.to(acc)
     d_rows = torch.zeros(n, rows.shape[1], **opts)
     d_cols = torch.zeros(m, cols.shape[1], **opts)
-    row_shift = (lse_r - math.log(w_row)).contiguous()
-    col_shift = (lse_c - math.log(w_col)).contiguous() if lse_c is not None and w_col != 0 else None
+    row_shift = row_shift.to(acc).contiguous()
+    col_shift = col_shift.to(acc).contiguous() if col_shift is not None else None
     for ri, ci, ra, W in _similarity_tiles(r, c, s, chunk, col_chunk):
         passes.grad_panel(W, row_shift[ri], None if col_shift is None else col_shift[ci])
         with cpu_threads_pinned(W):
             d_rows[ri].addmm_(W, c[ci])
             d_cols[ci].addmm_(W.T, ra)
-    d_s = ordered_sum(r * d_rows)
-    return d_rows * s, d_cols * s, d_s
+    if pos_offset is not None:
+        i = torch.arange(n, device=rows.device)
+        j = i + pos_offset
+        ok = (j >= 0) & (j < m)
+        d_rows.index_add_(0, i[ok], c[j[ok]], alpha=-c_pos)
+        d_cols.index_add_(0, j[ok], r[i[ok]], alpha=-c_pos)
+    g = grad.to(acc)
+    d_s = ordered_sum(r * d_rows) * g
+    return d_rows * (s * g), d_cols * (s * g), d_s
 
 
 def siglip_positives(rows: Tensor, cols: Tensor, scale: Tensor, bias: Tensor,
@@ -849,7 +871,8 @@ def siglip_panels(rows: Tensor, cols: Tensor, scale: Tensor, bias: Tensor, chunk
     """Sum over tiles of -logsigmoid(z * (s R C^T + b)) with z = +1 at (i, i + diag_offset)
     and -1 elsewhere (diag_offset None: all negatives). With grad_weight, the gradients of
     grad_weight * that sum w.r.t. rows, cols, scale and bias come from the same tiles
-    (each element's gradient depends on its logit alone, so no second pass is needed)."""
+    (each element's gradient depends on its logit alone, so no second pass is needed):
+    (total, G_rows, G_cols, post, d_scale, d_bias), the gradients being G * post."""
     n, m = rows.shape[0], cols.shape[0]
     acc = _acc_dtype(rows)
     opts = dict(dtype=acc, device=rows.device)
@@ -880,4 +903,4 @@ def siglip_panels(rows: Tensor, cols: Tensor, scale: Tensor, bias: Tensor, chunk
     if not want:
         return total
     d_s = ordered_sum(r * d_rows)  # sum_ij G_ij <r_i, c_j>
-    return total, d_rows * s, d_cols * s, d_s, d_b
+    return total, d_rows, d_cols, s, d_s, d_b

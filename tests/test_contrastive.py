@@ -15,6 +15,7 @@ import torch
 
 import mmkernels
 from mmkernels import reference
+from mmkernels.ops import _contrastive_dist as cdist
 from mmkernels.ops import contrastive as ops
 from mmkernels.testing import assert_close_to_reference
 from mmkernels.triton import interpreting
@@ -657,7 +658,7 @@ def test_all_neg_inf_rows_and_columns_give_neg_inf(backend):
     img, txt = _neg_inf_features()
     s = torch.tensor(2.0)
     path = ops._path(img)
-    lse_r, lse_c = path.lse_rows_and_cols(img, txt, s, 4, with_cols=True)
+    lse_r, lse_c, _ = path.lse_rows_and_cols(img, txt, s, 4, with_cols=True)
     S = s.double() * img.double() @ txt.double().T
     assert torch.isneginf(S[:, 2]).all() and torch.isneginf(S[3]).all()
     assert_close_to_reference(lse_r, torch.logsumexp(S, 1), what="row lse")
@@ -740,6 +741,10 @@ class _FakeDist:
         self.calls.append(("all_reduce", tuple(x.shape)))
         x.mul_(self.world)
 
+    def reduce_scatter_tensor(self, out, x, group=None):
+        self.calls.append(("reduce_scatter_tensor", tuple(x.shape), x.dtype))
+        out.copy_(x[:out.shape[0]] * self.world)
+
     def __getattr__(self, name):
         raise AssertionError(f"unexpected torch.distributed.{name}")
 
@@ -751,7 +756,7 @@ def test_distributed_reads_no_size_from_the_device(monkeypatch, kind):
     and one all_reduce, and reads nothing back from a device (the size exchange and
     its .item() per rank are gone)."""
     fake = _FakeDist(2)
-    monkeypatch.setattr(ops, "dist", fake)
+    monkeypatch.setattr(cdist, "dist", fake)
     img, txt = (t.requires_grad_() for t in features(6, 8))
     s = torch.tensor(3.0, dtype=torch.float64, requires_grad=True)
     b = torch.tensor(-1.0, dtype=torch.float64, requires_grad=True)
@@ -769,9 +774,11 @@ def test_distributed_reads_no_size_from_the_device(monkeypatch, kind):
     loss.backward()
     D = 8
     if kind == "info_nce":
-        assert fake.calls == [("all_gather_into_tensor", (6, 2 * D)), ("all_reduce", (24, D))]
+        assert fake.calls == [("all_gather_into_tensor", (6, 2 * D)),
+                              ("reduce_scatter_tensor", (12, 2 * D), torch.float64)]
     else:
-        assert fake.calls == [("all_gather_into_tensor", (6, D)), ("all_reduce", (12, D))]
+        assert fake.calls == [("all_gather_into_tensor", (6, D)),
+                              ("reduce_scatter_tensor", (12, D), torch.float64)]
     # off the CPU, equal batches are taken on trust: no collective to learn the sizes
     fake.calls.clear()
     meta = torch.empty(6, D, device="meta")
@@ -785,7 +792,7 @@ def test_cpu_uneven_batches_without_sizes_raise(monkeypatch):
             self.calls.append("sizes")
             out.copy_(torch.tensor([x.item(), x.item() + 1]))
 
-    monkeypatch.setattr(ops, "dist", Uneven(2))
+    monkeypatch.setattr(cdist, "dist", Uneven(2))
     img, txt = features(5, 8)
     with pytest.raises(ValueError, match="local_batch_sizes"):
         ops._info_nce_on(img, txt, torch.tensor(1.0), None, object(), 2, 0)

@@ -192,8 +192,10 @@ def extension_reports(cuobjdump: str, so: str | None = None) -> tuple[list[Kerne
     return reports, notes
 
 
-def triton_reports(cuobjdump: str, archs: tuple[int, ...]) -> list[KernelReport]:
-    """AOT-compile every registered Triton kernel configuration for each arch."""
+def triton_reports(cuobjdump: str, archs: tuple[int, ...], only: str | None = None
+                   ) -> list[KernelReport]:
+    """AOT-compile every registered Triton kernel configuration for each arch (only:
+    the kernels whose name contains this substring)."""
     try:
         from mmkernels.triton import kernel_specs
     except ImportError:
@@ -204,6 +206,8 @@ def triton_reports(cuobjdump: str, archs: tuple[int, ...]) -> list[KernelReport]
 
     reports = []
     for spec in kernel_specs():
+        if only and only not in spec.name:
+            continue
         for arch in archs:
             src = ASTSource(fn=spec.fn, signature=spec.signature, constexprs=spec.constexprs,
                             attrs=spec.attrs)
@@ -229,13 +233,16 @@ def main(argv: list[str] | None = None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--json", help="also write the report to this file")
     parser.add_argument("--no-triton", action="store_true")
+    parser.add_argument("--kernel", metavar="SUBSTRING",
+                        help="compile only the Triton kernels whose name contains this "
+                             "(e.g. contrastive); the full report compiles every variant")
     parser.add_argument("--extension", help="the extension .so to inspect (default: mmkernels._C)")
     args = parser.parse_args(argv)
 
     cuobjdump = find_tool("cuobjdump")
     reports, notes = extension_reports(cuobjdump, args.extension)
     if not args.no_triton:
-        reports += triton_reports(cuobjdump, ARCHS)
+        reports += triton_reports(cuobjdump, ARCHS, args.kernel)
     failures = []
     print(f"{'source':<9} {'arch':<6} {'kernel':<58} {'config':<28} {'REG':>4} {'STACK':>5} "
           f"{'LOCAL':>5} {'SHARED':>7} {'MMA':>4}  status")

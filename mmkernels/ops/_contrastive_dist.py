@@ -1,0 +1,361 @@
+"""The distributed contrastive losses (mmkernels.ops.contrastive): each rank passes its
+local (B_r, D) features; N = sum_r B_r. The loss of rank r is open_clip's
+``ClipLoss(local_loss=True, gather_with_grad=True)`` (InfoNCE: local images against
+every global text and local texts against every global image, labels offset by the
+rank) or ``SigLipLoss`` across ranks (local images against every global text), and
+each rank's features receive the gradients of every rank's loss, as open_clip's
+all_gather / neighbour exchange pass them back.
+
+Two modes:
+
+* ``all_gather``: one all_gather_into_tensor of the features per forward (image and
+  text side by side for InfoNCE), the losses computed on the gathered blocks, and the
+  gradients of the other ranks' features returned with one reduce_scatter in the
+  features' dtype. Memory per rank, beyond the local features and one weight panel:
+  InfoNCE ``2 N D`` elements of the features' dtype kept from forward to backward
+  (the gathered images and texts) plus ``2 N D`` for the column gradients in the
+  backward; SigLIP ``N D`` (the gathered texts, forward only) plus ``N D`` gradient
+  elements kept for the backward (the features' dtype, never float32).
+* ``ring``: blocks travel around the ring by isend/irecv; the transfer of the next block
+  is posted before the current block's tiles are computed, so it overlaps them, and
+  each block's gradient accumulator travels with it in the backward (one hop per
+  step, after that step's GEMMs). Memory per rank: ``O(B_max D)``, independent of the
+  world size: the local features, two blocks in flight and, in the backward, the
+  carried float32 accumulator of a block and the one arriving (formulas in
+  :func:`mmkernels.info_nce`), plus one weight panel. Every rank does the same GEMM
+  passes as in all_gather, in ``world`` sequential steps.
+
+all_gather wins while the gathered features (``4 N D`` elements per rank for InfoNCE)
+fit: NCCL's all-gather and reduce-scatter are bandwidth-optimal, there is one
+collective per direction, and the panels are few and large. ring wins when ``N D`` no
+longer fits next to the model (thousands of GPUs, B_global in the millions): each step
+computes ``B_r x B_q`` tiles over D (``O(B^2 D)`` FLOPs) while moving ``O(B D)`` bytes,
+so the transfers hide behind the compute once B_local is a few hundred or more.
+
+Passes per rank over ``B_r x N x D``: InfoNCE two forward (the two directions) and six
+backward in both modes; SigLIP three in all_gather mode (forward with gradients) and
+four in ring mode (the gradients are recomputed in the backward and multiplied by
+this rank's incoming gradient before they travel).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from mmkernels import reference
+
+
+@dataclasses.dataclass(frozen=True)
+class Dist:
+    """Where a loss is computed: ``world == 1`` is one process (no collective at all);
+    otherwise ``rank`` of ``world`` in ``group``, with every rank's local batch size."""
+    group: object = None
+    world: int = 1
+    rank: int = 0
+    sizes: tuple[int, ...] = ()
+
+
+LOCAL = Dist()
+
+
+def group_info(process_group) -> tuple[object, int, int]:
+    """(group, world size, rank): the given group, else the initialised default group,
+    else one process."""
+    if process_group is None:
+        if not (dist.is_available() and dist.is_initialized()):
+            return None, 1, 0
+        process_group = dist.group.WORLD
+    return process_group, dist.get_world_size(process_group), dist.get_rank(process_group)
+
+
+def local_sizes(x: Tensor, group, world: int, rank: int,
+                 local_batch_sizes) -> tuple[int, ...]:
+    """Every rank's local batch, known on the host without a device sync.
+
+    Given ``local_batch_sizes``: checked against this rank's batch (the caller promises
+    the same list on every rank). Otherwise the local batches must be equal, as
+    open_clip's all_gather requires. Features on the CPU (gloo) check it with one
+    8-byte host-side all-gather and raise ValueError on every rank alike (gloo aborts
+    the process on a mismatched all-gather). On a GPU nothing is checked, because a
+    check would need a host sync per call; a mismatch then fails inside the
+    collective as it does in open_clip. ``TORCH_DISTRIBUTED_DEBUG=DETAIL`` makes torch
+    check every collective's shapes across ranks."""
+    B = x.shape[0]
+    if local_batch_sizes is not None:
+        sizes = tuple(local_batch_sizes)
+        if (len(sizes) != world or any(isinstance(n, bool) or not isinstance(n, int) or n < 1
+                                       for n in sizes)):
+            raise ValueError(f"local_batch_sizes must hold {world} positive ints (one per "
+                             f"rank), got {local_batch_sizes!r}")
+        if sizes[rank] != B:
+            raise ValueError(f"local_batch_sizes[{rank}] = {sizes[rank]} but this rank's "
+                             f"image_features hold {B} rows")
+        return sizes
+    if x.device.type == "cpu":
+        mine = torch.tensor([B], dtype=torch.int64)
+        every = torch.empty(world, dtype=torch.int64)
+        dist.all_gather_into_tensor(every, mine, group=group)
+        got = every.tolist()
+        if any(n != B for n in got):
+            raise ValueError(f"image_features: the local batches differ across ranks ({got}); "
+                             "pass local_batch_sizes=[...] (the same list on every rank) for "
+                             "uneven batches")
+    return (B,) * world
+
+
+def _gather_rows(x: Tensor, sizes: tuple[int, ...], group) -> Tensor:
+    """All-gather every rank's (B_r, D) block into (sum B_r, D), in rank order: one
+    all_gather_into_tensor of blocks padded to the largest B_r (no padding when the
+    batches are equal, the common case), then unpadded."""
+    biggest = max(sizes)
+    send = x.contiguous()
+    if x.shape[0] != biggest:
+        send = x.new_zeros(biggest, x.shape[1])
+        send[: x.shape[0]] = x
+    out = x.new_empty(len(sizes) * biggest, x.shape[1])
+    dist.all_gather_into_tensor(out, send, group=group)
+    if all(n == biggest for n in sizes):
+        return out
+    return torch.cat([out[r * biggest:r * biggest + n] for r, n in enumerate(sizes)])
+
+
+
+def _reduce_scatter_rows(x: Tensor, sizes: tuple[int, ...], rank: int, group) -> Tensor:
+    """Sum (N, C) over the ranks and return this rank's (B_rank, C) rows: one
+    reduce_scatter_tensor, in x's dtype, of blocks padded to the largest B_r."""
+    biggest, world = max(sizes), len(sizes)
+    if all(n == biggest for n in sizes):
+        send = x.contiguous()
+    else:
+        send = x.new_zeros(world * biggest, x.shape[1])
+        start = 0
+        for r, n in enumerate(sizes):
+            send[r * biggest:r * biggest + n] = x[start:start + n]
+            start += n
+    out = x.new_empty(biggest, x.shape[1])
+    dist.reduce_scatter_tensor(out, send, group=group)
+    return out[:sizes[rank]]
+
+
+def info_nce_value(scale: Tensor, lse_i: Tensor, lse_t: Tensor, pos: Tensor) -> Tensor:
+    """(sum lse_i + sum lse_t) / (2B) - s * sum_i pos_i / B, in the LSEs' dtype (pos: the
+    positives' dot products)."""
+    B = lse_i.shape[0]
+    lse = reference.ordered_sum(lse_i) + reference.ordered_sum(lse_t)
+    return lse / (2 * B) - scale.to(lse_i.dtype) * reference.ordered_sum(pos) / B
+
+
+def _info_nce_grads(path, image, text, scale, grad, lse_i, cols_t, lse_t, cols_i, pos_offset,
+                    chunk):
+    """This rank's loss terms against one block of texts (cols_t) and of images (cols_i):
+    (d image, d cols_t, d text, d cols_i, d scale). pos_offset: where the positives of
+    this rank's rows are in cols_t (None: not in this block)."""
+    B = image.shape[0]
+    c = 1.0 / (2 * B)
+    d_i, d_ct, ds1 = path.lse_grads(image, cols_t, scale, grad, lse_i - math.log(c), None,
+                                    1.0 / B, pos_offset, chunk, bound=1.0 / B)
+    d_t, d_ci, ds2 = path.lse_grads(text, cols_i, scale, grad, lse_t - math.log(c), None, 0.0,
+                                    None, chunk, bound=c)
+    return d_i, d_ct, d_t, d_ci, ds1 + ds2
+
+
+class InfoNCEAllGather(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, image, text, scale, chunk, where: Dist, path):
+        D = image.shape[1]
+        # one collective for both: rank r's block is [image_r | text_r]
+        both = _gather_rows(torch.cat([image.detach(), text.detach()], 1), where.sizes,
+                            where.group)
+        all_i, all_t = both[:, :D], both[:, D:]
+        offset = sum(where.sizes[:where.rank])
+        lse_i, _, pos = path.lse_rows_and_cols(image, all_t, scale, chunk, False, offset)
+        lse_t, _, _ = path.lse_rows_and_cols(text, all_i, scale, chunk, False, None)
+        ctx.save_for_backward(image, text, scale, lse_i, lse_t, all_i, all_t)
+        ctx.meta = (chunk, where, offset, path)
+        return info_nce_value(scale, lse_i, lse_t, pos)
+
+    @staticmethod
+    def backward(ctx, grad):
+        image, text, scale, lse_i, lse_t, all_i, all_t = ctx.saved_tensors
+        chunk, where, offset, path = ctx.meta
+        d_i, d_all_t, d_t, d_all_i, d_s = _info_nce_grads(path, image, text, scale, grad, lse_i,
+                                                          all_t, lse_t, all_i, offset, chunk)
+        # gradients for every rank's features (this rank's columns), summed over ranks
+        cols = torch.cat([d_all_i, d_all_t], 1).to(image.dtype)
+        mine = _reduce_scatter_rows(cols, where.sizes, where.rank, where.group)
+        D = image.shape[1]
+        return ((d_i + mine[:, :D]).to(image.dtype), (d_t + mine[:, D:]).to(text.dtype),
+                d_s.to(scale.dtype).reshape(scale.shape), None, None, None)
+
+
+class SigLIPAllGather(torch.autograd.Function):
+    """open_clip SigLipLoss across ranks: local images against every global text, the
+    positives at this rank's own block; divided by the local batch. The gradients come
+    from the forward's panels; the texts' (N, D) gradient is kept in the features'
+    dtype and scaled by the incoming gradient in the backward, then reduce-scattered."""
+
+    @staticmethod
+    def forward(ctx, image, text, scale, bias, chunk, where: Dist, path):
+        all_t = _gather_rows(text.detach(), where.sizes, where.group)
+        offset = sum(where.sizes[:where.rank])
+        B = image.shape[0]
+        total, g_i, g_all_t, post, d_s, d_b = path.siglip_panels(
+            image, all_t, scale, bias, chunk, offset, grad_weight=1.0 / B)
+        ctx.save_for_backward(g_i, g_all_t.to(image.dtype), post, d_s, d_b)
+        ctx.meta = (where, image.dtype, scale.shape, bias.shape)
+        return total / B
+
+    @staticmethod
+    def backward(ctx, grad):
+        g_i, g_all_t, post, d_s, d_b = ctx.saved_tensors
+        where, dtype, s_shape, b_shape = ctx.meta
+        f = grad * post
+        mine = _reduce_scatter_rows((g_all_t * f).to(dtype), where.sizes, where.rank,
+                                    where.group)
+        return ((g_i * f).to(dtype), mine, (grad * d_s).to(dtype).reshape(s_shape),
+                (grad * d_b).to(dtype).reshape(b_shape), None, None, None)
+
+
+def siglip_loss_only(image, text, scale, bias, chunk, where: Dist, path, mode: str) -> Tensor:
+    """The distributed SigLIP loss without gradients (no_grad, or nothing requires one):
+    one pass, no gradient computed or kept."""
+    offset = sum(where.sizes[:where.rank])
+    if mode == "all_gather":
+        all_t = _gather_rows(text.detach(), where.sizes, where.group)
+        return path.siglip_panels(image, all_t, scale, bias, chunk, offset) / image.shape[0]
+    total = None
+    for q, block in _Ring(where, text.detach()).blocks():
+        part = path.siglip_panels(image, block, scale, bias, chunk,
+                                  0 if q == where.rank else None)
+        total = part if total is None else total + part
+    return total / image.shape[0]
+
+
+# ---------------------------------------------------------------------------------
+# ring mode
+# ---------------------------------------------------------------------------------
+
+
+class _Ring:
+    """Blocks passed around the ring: at step k this rank holds rank (rank - k)'s block
+    (each rank's block is [its features], B_q rows). The transfer of the next block is
+    posted before the caller computes on the current one."""
+
+    def __init__(self, where: Dist, block: Tensor) -> None:
+        self.where, self.block = where, block.contiguous()
+        self.next = (where.rank + 1) % where.world
+        self.prev = (where.rank - 1) % where.world
+
+    def _exchange(self, send: Tensor, rows: int):
+        recv = send.new_empty(rows, send.shape[1])
+        ops = [dist.P2POp(dist.isend, send, self.next, self.where.group),
+               dist.P2POp(dist.irecv, recv, self.prev, self.where.group)]
+        return recv, dist.batch_isend_irecv(ops)
+
+    def blocks(self):
+        """Yields (owner q, q's block) for every rank q, this rank's own block first."""
+        world, rank, sizes = self.where.world, self.where.rank, self.where.sizes
+        cur = self.block
+        for k in range(world):
+            q = (rank - k) % world
+            pending = None
+            if k < world - 1:  # posted now: overlaps the caller's work on cur
+                pending = self._exchange(cur, sizes[(q - 1) % world])
+            yield q, cur
+            if pending is not None:
+                for req in pending[1]:
+                    req.wait()
+                cur = pending[0]
+
+    def pass_on(self, acc: Tensor, q: int) -> Tensor:
+        """Send the accumulator of block q to the next rank and receive the one of the
+        block arriving from the previous rank (rank q - 1's)."""
+        sizes, world = self.where.sizes, self.where.world
+        recv, reqs = self._exchange(acc.contiguous(), sizes[(q - 1) % world])
+        for req in reqs:
+            req.wait()
+        return recv
+
+
+class InfoNCERing(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, image, text, scale, chunk, where: Dist, path):
+        D = image.shape[1]
+        ring = _Ring(where, torch.cat([image.detach(), text.detach()], 1))
+        lse_i = lse_t = pos = None
+        for q, block in ring.blocks():
+            li, _, p = path.lse_rows_and_cols(image, block[:, D:], scale, chunk, False,
+                                              0 if q == where.rank else None)
+            lt, _, _ = path.lse_rows_and_cols(text, block[:, :D], scale, chunk, False, None)
+            pos = p if p is not None else pos
+            lse_i = li if lse_i is None else torch.logaddexp(lse_i, li)
+            lse_t = lt if lse_t is None else torch.logaddexp(lse_t, lt)
+        ctx.save_for_backward(image, text, scale, lse_i, lse_t)
+        ctx.meta = (chunk, where, path)
+        return info_nce_value(scale, lse_i, lse_t, pos)
+
+    @staticmethod
+    def backward(ctx, grad):
+        image, text, scale, lse_i, lse_t = ctx.saved_tensors
+        chunk, where, path = ctx.meta
+        D, acc = image.shape[1], lse_i.dtype
+        ring = _Ring(where, torch.cat([image.detach(), text.detach()], 1))
+        d_i = torch.zeros(image.shape, dtype=acc, device=image.device)
+        d_t = torch.zeros_like(d_i)
+        d_s = torch.zeros((), dtype=acc, device=image.device)
+        carried = None  # the accumulator of the block in hand: [d images | d texts]
+        for q, block in ring.blocks():
+            a, b, c, e, s = _info_nce_grads(path, image, text, scale, grad, lse_i,
+                                            block[:, D:], lse_t, block[:, :D],
+                                            0 if q == where.rank else None, chunk)
+            d_i += a
+            d_t += c
+            d_s += s
+            part = torch.cat([e, b], 1).to(acc)
+            carried = part if carried is None else carried.add_(part)
+            carried = ring.pass_on(carried, q)  # now the next block's (or, last, ours)
+        return ((d_i + carried[:, :D]).to(image.dtype), (d_t + carried[:, D:]).to(text.dtype),
+                d_s.to(scale.dtype).reshape(scale.shape), None, None, None)
+
+
+class SigLIPRing(torch.autograd.Function):
+    """The loss in the forward (one pass per block); the gradients recomputed in the
+    backward (three passes per block), scaled by this rank's incoming gradient before
+    the texts' accumulator travels on."""
+
+    @staticmethod
+    def forward(ctx, image, text, scale, bias, chunk, where: Dist, path):
+        ctx.save_for_backward(image, text, scale, bias)
+        ctx.meta = (chunk, where, path)
+        return siglip_loss_only(image, text, scale, bias, chunk, where, path, "ring")
+
+    @staticmethod
+    def backward(ctx, grad):
+        image, text, scale, bias = ctx.saved_tensors
+        chunk, where, path = ctx.meta
+        B = image.shape[0]
+        ring = _Ring(where, text.detach())
+        acc = torch.float64 if image.dtype == torch.float64 else torch.float32
+        d_i = torch.zeros(image.shape, dtype=acc, device=image.device)
+        d_s = torch.zeros((), dtype=acc, device=image.device)
+        d_b = torch.zeros_like(d_s)
+        carried = None
+        for q, block in ring.blocks():
+            _, g_i, g_t, post, s, b = path.siglip_panels(
+                image, block, scale, bias, chunk, 0 if q == where.rank else None,
+                grad_weight=1.0 / B)
+            f = (grad * post).to(acc)
+            d_i += g_i.to(acc) * f
+            d_s += s
+            d_b += b
+            part = g_t.to(acc) * f
+            carried = part if carried is None else carried.add_(part)
+            carried = ring.pass_on(carried, q)
+        return (d_i.to(image.dtype), carried.to(text.dtype),
+                (grad * d_s).to(scale.dtype).reshape(scale.shape),
+                (grad * d_b).to(bias.dtype).reshape(bias.shape), None, None, None)
