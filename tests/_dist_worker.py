@@ -66,6 +66,36 @@ def run_global(rank: int, world: int, data: dict) -> dict:
     return res
 
 
+def run_modes(rank: int, world: int, data: dict) -> dict:
+    """Both distributed modes of the functional ops on this rank's slice (uneven
+    batches allowed): values and gradients, to compare ring with all_gather."""
+    import mmkernels
+
+    lo, hi = data["bounds"][rank], data["bounds"][rank + 1]
+    sizes = [data["bounds"][r + 1] - data["bounds"][r] for r in range(world)]
+    res = {}
+    for mode in ("all_gather", "ring"):
+        for kind in ("clip", "siglip"):
+            img = data["image"][lo:hi].clone().requires_grad_()
+            txt = data["text"][lo:hi].clone().requires_grad_()
+            scale = data["scale"].clone().requires_grad_()
+            bias = data["bias"].clone().requires_grad_()
+            kw = dict(chunk_size=data["chunk"], local_batch_sizes=sizes, mode=mode)
+            if kind == "clip":
+                loss = mmkernels.info_nce(img, txt, scale, **kw)
+            else:
+                loss = mmkernels.sigmoid_contrastive(img, txt, scale, bias, **kw)
+            loss.backward()
+            with torch.no_grad():  # the loss alone, computing no gradient
+                if kind == "clip":
+                    plain = mmkernels.info_nce(img, txt, scale, **kw)
+                else:
+                    plain = mmkernels.sigmoid_contrastive(img, txt, scale, bias, **kw)
+            res[f"{mode}-{kind}"] = dict(loss=loss.detach(), no_grad=plain, image=img.grad,
+                                         text=txt.grad, scale=scale.grad, bias=bias.grad)
+    return res
+
+
 def run_local(rank: int, data: dict) -> dict:
     """Rank 0 only: the default modules (world_size=1) must not issue any collective."""
     if rank != 0:
@@ -118,7 +148,10 @@ def main(rank: int, world: int, init_file: str, data_file: str, out_dir: str,
                             world_size=world)
     torch.set_num_threads(1)
     data = torch.load(data_file)
-    res = run_global(rank, world, data) if mode == "global" else run_local(rank, data)
+    if mode == "modes":
+        res = run_modes(rank, world, data)
+    else:
+        res = run_global(rank, world, data) if mode == "global" else run_local(rank, data)
     torch.save(res, os.path.join(out_dir, f"rank{rank}.pt"))
     dist.barrier()
     dist.destroy_process_group()
