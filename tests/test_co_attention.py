@@ -8,9 +8,10 @@ import torch
 
 import mmkernels
 from mmkernels import reference
-from mmkernels.ops import co_attention as co_ops
+from mmkernels.ops import _attention_checks as _chk
 from mmkernels.ops import varlen_attention as va
 from mmkernels.testing import assert_close_to_reference
+from mmkernels.triton import co_attention as tco
 from mmkernels.triton import interpreting
 
 BACKENDS = [pytest.param("triton", id="triton"), pytest.param("cpu", id="cpu")]
@@ -21,7 +22,7 @@ def backend(request, monkeypatch):
     if request.param == "triton" and not interpreting():
         pytest.skip("the Triton path on CPU tensors needs TRITON_INTERPRET=1 (GPU tests: cuda)")
     if request.param == "cpu":
-        monkeypatch.setattr(va, "_uses_triton", lambda device: False)
+        monkeypatch.setattr(_chk, "_uses_triton", lambda device: False)
     return request.param
 
 
@@ -249,9 +250,9 @@ def test_k_a_with_3_tokens_while_cu_seqlens_a_ends_at_7_raises(backend):
     code = f"""
 import torch, mmkernels
 from mmkernels.ops import co_attention as co_ops
-from mmkernels.ops import varlen_attention as va
+from mmkernels.ops import _attention_checks as chk
 if {backend!r} == "cpu":
-    va._uses_triton = lambda device: False
+    chk._uses_triton = lambda device: False
 cu = torch.tensor([0, 3, 7], dtype=torch.int32)
 t = lambda n, h=2: torch.randn(n, h, 16)
 try:
@@ -405,7 +406,7 @@ def test_dropout_keep_rate_and_scaling(mode, monkeypatch):
     if mode == "reference":
         monkeypatch.setenv("MMKERNELS_BACKEND", "reference")
     elif mode == "cpu":
-        monkeypatch.setattr(va, "_uses_triton", lambda device: False)
+        monkeypatch.setattr(_chk, "_uses_triton", lambda device: False)
     elif not interpreting():
         pytest.skip("needs TRITON_INTERPRET=1")
     L, H, p = 48, 2, 0.25
@@ -455,8 +456,8 @@ def test_backward_path_selection(monkeypatch, mode):
     torch.use_deterministic_algorithms(True). Both against the float64 reference, with
     an empty sample in each stream."""
     kinds = []
-    pick = co_ops._pick
-    monkeypatch.setattr(co_ops, "_pick", lambda kind, d: kinds.append(kind) or pick(kind, d))
+    pick = tco._pick
+    monkeypatch.setattr(tco, "_pick", lambda kind, d: kinds.append(kind) or pick(kind, d))
     old = torch.are_deterministic_algorithms_enabled()
     torch.use_deterministic_algorithms(mode == "deterministic-mode")
     try:
@@ -468,7 +469,7 @@ def test_backward_path_selection(monkeypatch, mode):
 
 @pytest.mark.parametrize("dropout_p", [0.0, (0.2, 0.1)], ids=["no-dropout", "dropout"])
 def test_cpu_path_independent_of_thread_count(monkeypatch, deterministic, dropout_p):
-    monkeypatch.setattr(va, "_uses_triton", lambda device: False)
+    monkeypatch.setattr(_chk, "_uses_triton", lambda device: False)
     lens = dict(la=(9, 0, 700), lb=(400, 5, 0)) if dropout_p == 0 else {}
     a = _co_fwd_bwd(dropout_p, threads=1, **lens)
     b = _co_fwd_bwd(dropout_p, threads=2, **lens)

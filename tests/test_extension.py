@@ -5,6 +5,8 @@ import subprocess
 import sys
 import textwrap
 
+import pytest
+
 
 def test_import_without_extension_and_actionable_error():
     code = textwrap.dedent("""
@@ -144,3 +146,31 @@ def test_torch_minimum_is_stated_and_enforced():
     check_torch_version(".".join(map(str, MIN_TORCH)) + ".0")
     with pytest.raises(RuntimeError, match="C\\+\\+20"):
         check_torch_version("2.6.0")
+
+
+def test_kernel_report_parallel_compiles_match_serial(tmp_path):
+    """--jobs compiles in spawned worker processes; the reports (and their order) are
+    those of the serial run, and --only selects by "name config". (A subprocess: the
+    test session runs Triton's interpreter, which cannot compile ahead of time.)"""
+    import json
+    import os
+
+    pytest.importorskip("triton")
+    from mmkernels.tools import kernel_report
+
+    try:
+        kernel_report.find_tool("cuobjdump")
+    except FileNotFoundError:
+        pytest.skip("cuobjdump not available")
+    env = dict(os.environ, TRITON_INTERPRET="0")
+    out = {}
+    for jobs in (1, 2):
+        path = tmp_path / f"r{jobs}.json"
+        subprocess.run([sys.executable, "-m", "mmkernels.tools.kernel_report", "--no-extension",
+                        "--only", r"^_attn_bwd_delta_kernel D64$", "--jobs", str(jobs),
+                        "--json", str(path)], check=True, env=env, capture_output=True)
+        out[jobs] = json.loads(path.read_text())
+    assert [(r["name"], r["arch"]) for r in out[1]] == [("_attn_bwd_delta_kernel", 80),
+                                                       ("_attn_bwd_delta_kernel", 90)]
+    assert out[2] == out[1]
+    assert all(r["local"] == 0 and r["stack"] == 0 for r in out[1])

@@ -12,13 +12,13 @@ import triton.language as tl
 
 import mmkernels
 from mmkernels import reference
-from mmkernels.ops import co_attention as co_ops
 from mmkernels.ops import contrastive as cops
-from mmkernels.ops import varlen_attention as va
 from mmkernels.testing import assert_close_to_reference
 from mmkernels.tools import audit_counters as ac
 from mmkernels.tools import kernel_audit as ka
+from mmkernels.triton import co_attention as tco
 from mmkernels.triton import interpreter_tiles, interpreting, production_tiles
+from mmkernels.triton import varlen_attention as tva
 
 pytestmark = pytest.mark.skipif(not interpreting(),
                                 reason="the audit counts in Triton's interpreter (TRITON_INTERPRET=1)")
@@ -112,10 +112,10 @@ def test_production_tiles_switch():
         with production_tiles():
             assert not interpreter_tiles()
         assert not interpreter_tiles()
-        assert va.pick_config("fwd", 64) == va.CONFIGS["fwd"][64][0]
+        assert tva.pick_config("fwd", 64) == tva.CONFIGS["fwd"][64][0]
         assert cops._config("weights", torch.float16) == cops.CONFIGS["weights"]["mma"][0]
     assert interpreter_tiles()
-    assert va.pick_config("fwd", 64) == va.INTERPRET_CONFIG
+    assert tva.pick_config("fwd", 64) == tva.INTERPRET_CONFIG
 
 
 def _dims(counts, kernel):
@@ -127,11 +127,11 @@ def test_audit_counts_the_production_tiles():
     16 x 16 tiles outside production_tiles())."""
     with production_tiles():
         f, b = ka.run_varlen("t", [130], 1, 64)
-        fwd, bwd = (va.pick_config(kind, 64) for kind in ("fwd", "bwd"))
+        fwd, bwd = (tva.pick_config(kind, 64) for kind in ("fwd", "bwd"))
         cf, cb = cops._config("fwd", torch.float16), cops._config("weights", torch.float16)
         info = ka.run_contrastive("info_nce", 130, 128)
         co_bwd = ka.run_co_attention("t", [130], [40], 1, 64)[1]
-        co_cfg = co_ops._pick("bwd", 64)
+        co_cfg = tco._pick("bwd", 64)
     assert (fwd.block_m, fwd.block_n, 64) in _dims(f.counts, "_varlen_attn_fwd_kernel")
     # the one-pass backward: dK/dV (N x D x M) and the atomic dQ (M x D x N) in one kernel
     one_pass = _dims(b.counts, "_varlen_attn_bwd_dkdv_kernel")
@@ -144,7 +144,7 @@ def test_audit_counts_the_production_tiles():
     assert _dims(info[1].counts, "_contrastive_weights_kernel") == {(cb.block_m, cb.block_n,
                                                                     cb.block_k)}
     small = ka.run_varlen("t", [40], 1, 64, backward=False)[0]
-    t = va.INTERPRET_CONFIG
+    t = tva.INTERPRET_CONFIG
     assert _dims(small.counts, "_varlen_attn_fwd_kernel") == {(t.block_m, t.block_n, 64),
                                                               (t.block_m, 64, t.block_n)}
 

@@ -9,9 +9,12 @@ import torch
 
 import mmkernels
 from mmkernels import _extension, reference
+from mmkernels.ops import _attention_checks as _chk
+from mmkernels.ops import _attention_cpu as acpu
 from mmkernels.ops import varlen_attention as va
 from mmkernels.testing import assert_close_to_reference
 from mmkernels.triton import interpreting
+from mmkernels.triton import varlen_attention as tva
 
 BACKENDS = [pytest.param("triton", id="triton"), pytest.param("cpu", id="cpu")]
 
@@ -22,7 +25,7 @@ def backend(request, monkeypatch):
     if name == "triton" and not interpreting():
         pytest.skip("the Triton path on CPU tensors needs TRITON_INTERPRET=1 (GPU tests: cuda)")
     if name == "cpu":
-        monkeypatch.setattr(va, "_uses_triton", lambda device: False)
+        monkeypatch.setattr(_chk, "_uses_triton", lambda device: False)
     return name
 
 
@@ -104,7 +107,7 @@ def test_runs_of_equal_length_sequences(backend, dtype, causal):
     lk = [5, 5, 5, 9, 9, 0, 5, 5, 4, 4]
     run_and_compare(lq, lk, H=4, H_kv=2, D=16, dtype=dtype, causal=causal)
     cq, ck = (torch.tensor([0, *itertools.accumulate(lens)]) for lens in (lq, lk))
-    sizes = [n for n, *_ in va._cpu_segments(*[torch.zeros(0)] * 3, cq, ck, None, causal)]
+    sizes = [n for n, *_ in acpu._cpu_segments(*[torch.zeros(0)] * 3, cq, ck, None, causal)]
     assert sizes == ([3, 2, 2, 2] if not causal else [3, 2, 2, 1, 1])
 
 
@@ -220,7 +223,7 @@ def test_nan_propagates_within_its_sequence(backend):
 ], ids=["softmax_scale", "dropout-fixed-seed"])
 def test_gradcheck_cpu(monkeypatch, lengths, kwargs):
     """float64 gradcheck of the CPU path."""
-    monkeypatch.setattr(va, "_uses_triton", lambda device: False)
+    monkeypatch.setattr(_chk, "_uses_triton", lambda device: False)
     cu = cu_of(lengths)
     q, k, v = [t.requires_grad_() for t in make_qkv(lengths, lengths, 2, 1, 8, torch.float64)]
     assert torch.autograd.gradcheck(
@@ -297,7 +300,7 @@ def test_softcap_window_dropout(backend):
                          ids=["softcap", "window", "window-causal-softcap"])
 def test_gradcheck_cpu_softcap_window(monkeypatch, kwargs):
     """float64 gradcheck of the CPU path with softcap and a window."""
-    monkeypatch.setattr(va, "_uses_triton", lambda device: False)
+    monkeypatch.setattr(_chk, "_uses_triton", lambda device: False)
     lengths = [3, 5]
     cu = cu_of(lengths)
     q, k, v = [t.requires_grad_() for t in make_qkv(lengths, lengths, 2, 1, 8, torch.float64)]
@@ -347,7 +350,7 @@ def test_opcheck(backend):
 
 
 def test_torch_compile_fullgraph_cpu_path(monkeypatch):
-    monkeypatch.setattr(va, "_uses_triton", lambda device: False)
+    monkeypatch.setattr(_chk, "_uses_triton", lambda device: False)
     lengths = [5, 11]
     cu = cu_of(lengths)
     q, k, v = make_qkv(lengths, lengths, 2, 1, 16, torch.float32)
@@ -528,7 +531,7 @@ def test_cuda_matches_sdpa_per_sequence():
 @pytest.mark.parametrize("tiles", [(32, 16), (16, 32), (32, 64)], ids=lambda t: f"M{t[0]}-N{t[1]}")
 def test_tile_shapes_with_blocks(tiles, monkeypatch):
     """Reach-based tile skipping and the q-range start of dK/dV with BLOCK_M != BLOCK_N."""
-    monkeypatch.setattr(va, "INTERPRET_CONFIG", va.AttnConfig(tiles[0], tiles[1], 4, 1))
+    monkeypatch.setattr(tva, "INTERPRET_CONFIG", tva.AttnConfig(tiles[0], tiles[1], 4, 1))
     lengths = [45, 70]
     bid = torch.zeros(115, dtype=torch.int32)
     bid[10:30] = 1
@@ -699,8 +702,8 @@ needs_dropout_op = pytest.mark.skipif(not _extension.has_kernel("dropout_keep", 
 
 
 def _op_uniform(seed, offset, stream0, num_streams, rows, cols):
-    return torch.ops.mmkernels.dropout_uniform(va._as_int64(seed), va._as_int64(offset),
-                                               va._as_int64(stream0), num_streams, rows, cols)
+    return torch.ops.mmkernels.dropout_uniform(acpu._as_int64(seed), acpu._as_int64(offset),
+                                               acpu._as_int64(stream0), num_streams, rows, cols)
 
 
 @needs_dropout_op
@@ -730,8 +733,8 @@ def test_dropout_op_matches_reference_bitwise():
                 assert torch.equal(got[h].view(torch.int32), want.view(torch.int32)), (
                     seed, offset, stream0, h)
             p = (0.0, 0.1, 0.5, 0.9)[i % 4]
-            keep = torch.ops.mmkernels.dropout_keep(va._as_int64(seed), va._as_int64(offset),
-                                                    va._as_int64(stream0), 3, rows, cols, p)
+            keep = torch.ops.mmkernels.dropout_keep(acpu._as_int64(seed), acpu._as_int64(offset),
+                                                    acpu._as_int64(stream0), 3, rows, cols, p)
             assert torch.equal(keep, reference.dropout_keep_heads(seed, offset, stream0, 3, rows,
                                                                   cols, p))
     # every offset and seed once more on a (rows x 300) block across the carry
@@ -759,7 +762,7 @@ def test_dropout_op_random123_known_answers():
               0x408F276D),
              (0x299F31D0_A4093822, 0, 0x85A308D3_243F6A88, 0x13198A2E, 0x03707344, 0xD16CFE09)]
     for seed, offset, col, stream, row, word in cases:
-        col = va._as_int64(col)
+        col = acpu._as_int64(col)
         got = _op_uniform(seed, offset, stream, 1, torch.tensor([row]), torch.tensor([col]))
         assert torch.equal(got.view(1).view(torch.int32), unit(word).view(torch.int32)), hex(word)
         want = reference.dropout_uniform(seed, offset, stream, torch.tensor([row]),
@@ -800,8 +803,8 @@ def test_cpu_dropout_masks_generated_per_row_chunk(monkeypatch, fallback):
     temporaries per element); now each (sequence, row chunk) generates its block just
     before it is used: at most H * CPU_CHUNK_ROWS rows of mask exist at a time, with
     the C++ op or with the pure-torch generator."""
-    monkeypatch.setattr(va, "_uses_triton", lambda device: False)
-    monkeypatch.setattr(va, "CPU_CHUNK_ROWS", 8)
+    monkeypatch.setattr(_chk, "_uses_triton", lambda device: False)
+    monkeypatch.setattr(acpu, "CPU_CHUNK_ROWS", 8)
     events = []
     if fallback:  # the pure-torch generator (what the old code always ran)
         has = _extension.has_kernel
@@ -815,13 +818,13 @@ def test_cpu_dropout_masks_generated_per_row_chunk(monkeypatch, fallback):
             return out
         monkeypatch.setattr(reference, "dropout_keep", logged_keep)
     else:
-        orig_heads = va._keep_heads
+        orig_heads = acpu._keep_heads
 
         def logged_heads(*args):
             out = orig_heads(*args)
             events.append(("mask", out.shape[0] * out.shape[1]))
             return out
-        monkeypatch.setattr(va, "_keep_heads", logged_heads)
+        monkeypatch.setattr(acpu, "_keep_heads", logged_heads)
     for name in ("attention", "attention_backward"):
         orig = getattr(reference, name)
 
@@ -986,8 +989,8 @@ def test_backward_path_selection(monkeypatch, mode):
     two-kernel deterministic path ("dkdv" then "dq") with deterministic=True or under
     torch.use_deterministic_algorithms(True). Both against the float64 reference."""
     kinds = []
-    pick = va.pick_config
-    monkeypatch.setattr(va, "pick_config", lambda kind, d: kinds.append(kind) or pick(kind, d))
+    pick = tva.pick_config
+    monkeypatch.setattr(tva, "pick_config", lambda kind, d: kinds.append(kind) or pick(kind, d))
     lengths = [19, 0, 40]
     cu = cu_of(lengths)
     bid = torch.zeros(59, dtype=torch.int32)
@@ -1018,7 +1021,7 @@ def test_delta_prekernel(dtype):
     strides (here non-contiguous, D not a power of two), against float64."""
     out = torch.randn(37, 80, 3, dtype=dtype).transpose(1, 2)  # (37, 3, 80), strided
     do = torch.randn(37, 3, 80, dtype=dtype)
-    got = va.attention_delta(out, do)
+    got = tva.attention_delta(out, do)
     want = (out.double() * do.double()).sum(-1).transpose(0, 1)
     assert got.shape == (3, 37) and got.dtype == torch.float32
     assert_close_to_reference(got, want, what="delta")
@@ -1030,9 +1033,9 @@ def test_cpu_path_independent_of_thread_count(monkeypatch, deterministic, dtype,
     """Before: torch's fused CPU flash backward gave other float32 gradients with 2
     threads than with 1 (1100-row sequence); under deterministic algorithms the CPU
     path now runs its explicit backward."""
-    monkeypatch.setattr(va, "_uses_triton", lambda device: False)
+    monkeypatch.setattr(_chk, "_uses_triton", lambda device: False)
     lengths = [70, 0, 1100, 33] if dropout_p == 0 else [70, 0, 300, 33]
-    monkeypatch.setattr(va, "CPU_CHUNK_ROWS", 1024 if dropout_p == 0 else 128)  # row chunks
+    monkeypatch.setattr(acpu, "CPU_CHUNK_ROWS", 1024 if dropout_p == 0 else 128)  # row chunks
     a = _fwd_bwd(lengths, dtype, dropout_p, threads=1)
     b = _fwd_bwd(lengths, dtype, dropout_p, threads=2)
     for x, y in zip(a, b):

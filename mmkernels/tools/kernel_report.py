@@ -192,39 +192,64 @@ def extension_reports(cuobjdump: str, so: str | None = None) -> tuple[list[Kerne
     return reports, notes
 
 
-def triton_reports(cuobjdump: str, archs: tuple[int, ...], only: str | None = None
-                   ) -> list[KernelReport]:
-    """AOT-compile every registered Triton kernel configuration for each arch (only:
-    the kernels whose name contains this substring)."""
-    try:
-        from mmkernels.triton import kernel_specs
-    except ImportError:
-        return []
+def _compile_spec(spec, arch: int, cuobjdump: str) -> list[KernelReport]:
+    """AOT-compile one spec for one arch and read its cubin."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    reports = []
-    for spec in kernel_specs():
-        if only and only not in spec.name:
-            continue
-        for arch in archs:
-            src = ASTSource(fn=spec.fn, signature=spec.signature, constexprs=spec.constexprs,
-                            attrs=spec.attrs)
-            k = triton.compile(src, target=GPUTarget("cuda", arch, 32), options=spec.options)
-            with tempfile.NamedTemporaryFile(suffix=".cubin", delete=False) as f:
-                f.write(k.asm["cubin"])
-                path = f.name
-            try:
-                usage = resource_usage(path, cuobjdump)
-                mma = mma_counts(path, cuobjdump)
-            finally:
-                os.unlink(path)
-            for fn, (regs, stack, _shared, local) in usage.items():
-                reports.append(KernelReport("triton", spec.name, arch, spec.config, regs, stack,
-                                            local, int(k.metadata.shared), mma.get(fn, 0),
-                                            needs_mma=spec.needs_mma))
-    return reports
+    src = ASTSource(fn=spec.fn, signature=spec.signature, constexprs=spec.constexprs,
+                    attrs=spec.attrs)
+    k = triton.compile(src, target=GPUTarget("cuda", arch, 32), options=spec.options)
+    with tempfile.NamedTemporaryFile(suffix=".cubin", delete=False) as f:
+        f.write(k.asm["cubin"])
+        path = f.name
+    try:
+        usage = resource_usage(path, cuobjdump)
+        mma = mma_counts(path, cuobjdump)
+    finally:
+        os.unlink(path)
+    return [KernelReport("triton", spec.name, arch, spec.config, regs, stack, local,
+                         int(k.metadata.shared), mma.get(fn, 0), needs_mma=spec.needs_mma)
+            for fn, (regs, stack, _shared, local) in usage.items()]
+
+
+_WORKER_SPECS: list | None = None
+
+
+def _compile_index(job: tuple[int, int, str]) -> list[KernelReport]:
+    """Worker side of :func:`triton_reports`: specs are rebuilt in each worker process
+    (they hold @triton.jit functions) and addressed by index."""
+    global _WORKER_SPECS
+    if _WORKER_SPECS is None:
+        from mmkernels.triton import kernel_specs
+
+        _WORKER_SPECS = kernel_specs()
+    index, arch, cuobjdump = job
+    return _compile_spec(_WORKER_SPECS[index], arch, cuobjdump)
+
+
+def triton_reports(cuobjdump: str, archs: tuple[int, ...], only: str | None = None,
+                   jobs: int = 1) -> list[KernelReport]:
+    """AOT-compile every registered Triton kernel configuration for each arch (with
+    `only`, those whose "name config" matches that regular expression), in `jobs`
+    processes. The order of the reports does not depend on `jobs`."""
+    try:
+        from mmkernels.triton import kernel_specs
+    except ImportError:
+        return []
+    specs = kernel_specs()
+    todo = [(i, arch, cuobjdump) for i, spec in enumerate(specs)
+            if not only or re.search(only, f"{spec.name} {spec.config}") for arch in archs]
+    if jobs <= 1 or len(todo) < 2:
+        return [r for i, arch, _ in todo for r in _compile_spec(specs[i], arch, cuobjdump)]
+    import concurrent.futures
+    import multiprocessing
+
+    # spawn, not fork: the parent has torch's thread pools running
+    with concurrent.futures.ProcessPoolExecutor(
+            jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+        return [r for rs in pool.map(_compile_index, todo, chunksize=4) for r in rs]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -233,16 +258,24 @@ def main(argv: list[str] | None = None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--json", help="also write the report to this file")
     parser.add_argument("--no-triton", action="store_true")
-    parser.add_argument("--kernel", metavar="SUBSTRING",
-                        help="compile only the Triton kernels whose name contains this "
-                             "(e.g. contrastive); the full report compiles every variant")
+    parser.add_argument("--no-extension", action="store_true",
+                        help="skip the CUDA extension's cubins")
     parser.add_argument("--extension", help="the extension .so to inspect (default: mmkernels._C)")
+    parser.add_argument("--only", metavar="REGEX",
+                        help="only the kernels whose 'name config' matches (while iterating on "
+                             "one kernel; CI runs the full report)")
+    parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1,
+                        help="compile in this many processes (default: one per core)")
     args = parser.parse_args(argv)
 
     cuobjdump = find_tool("cuobjdump")
-    reports, notes = extension_reports(cuobjdump, args.extension)
+    reports, notes = [], []
+    if not args.no_extension:
+        reports, notes = extension_reports(cuobjdump, args.extension)
+        if args.only:
+            reports = [r for r in reports if re.search(args.only, f"{r.name} {r.config}")]
     if not args.no_triton:
-        reports += triton_reports(cuobjdump, ARCHS, args.kernel)
+        reports += triton_reports(cuobjdump, ARCHS, args.only, args.jobs)
     failures = []
     print(f"{'source':<9} {'arch':<6} {'kernel':<58} {'config':<28} {'REG':>4} {'STACK':>5} "
           f"{'LOCAL':>5} {'SHARED':>7} {'MMA':>4}  status")

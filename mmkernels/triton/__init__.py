@@ -56,7 +56,7 @@ class KernelSpec:
 
 
 def kernel_specs() -> list[KernelSpec]:
-    from mmkernels.ops import co_attention, varlen_attention
+    from mmkernels.triton import co_attention, varlen_attention
     from mmkernels.triton import contrastive_launch as contrastive
 
     return (list(varlen_attention.kernel_specs()) + list(co_attention.kernel_specs())

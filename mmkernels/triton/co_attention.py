@@ -15,14 +15,18 @@ the dQ kernel.
 
 Every stream's K and V are read with its Q's strides (stride_a* / stride_b*), and
 gradients and dO are written/read with them too: the launcher
-(mmkernels.ops.co_attention) passes contiguous tensors whose shapes it checked.
+(:func:`launch_fwd`, :func:`launch_bwd`) passes contiguous tensors whose shapes
+mmkernels.ops.co_attention checked.
 """
 
 from __future__ import annotations
 
+import torch
 import triton
 import triton.language as tl
+from torch import Tensor
 
+from mmkernels.triton import KernelSpec, interpreter_tiles
 from mmkernels.triton.attention import (
     PHILOX_ARGS,
     _attn_bwd_delta_tile,
@@ -31,6 +35,18 @@ from mmkernels.triton.attention import (
     _attn_fwd_tile,
     _seq_bounds,
 )
+from mmkernels.triton.attention_launch import (
+    INTERPRET_CONFIG,
+    AttnConfig,
+    attention_spec,
+    block_d_for,
+    cdiv,
+    delta_block_t,
+    delta_spec,
+    device_guard,
+    philox_args,
+)
+from mmkernels.triton.varlen_attention import CONFIGS as VARLEN_CONFIGS
 
 
 @triton.jit
@@ -211,3 +227,150 @@ def _co_attn_bwd_dq_kernel(qa_ptr, ka_ptr, va_ptr, qb_ptr, kb_ptr, vb_ptr, doa_p
                               len_b, len_a, start_m, head_dim, sm_scale, dropout_b, seed_lo,
                               seed_hi, ctr_lo, ctr_hi, stream, b0, False, False, HAS_DROPOUT,
                               BLOCK_M, BLOCK_N, BLOCK_D)
+
+
+# ---------------------------------------------------------------------------------
+# launch configurations and launches
+# ---------------------------------------------------------------------------------
+
+# (kind, padded D) -> configs: the varlen tables, except where the two-direction
+# kernel spills with them (checked by the kernel report).
+CONFIGS = {kind: dict(table) for kind, table in VARLEN_CONFIGS.items()}
+CONFIGS["dq"][128] = [AttnConfig(32, 64, 8, 1)]
+# D=128 forward: M128-N64 spills on sm_80 in the dropout variant once the sizes are
+# multiples of 16 (64 B of stack, 3 or 2 stages); M128-N32 keeps the q tile and the
+# pipelining without spills (216 registers at most)
+CONFIGS["fwd"][128] = [AttnConfig(128, 32, 8, 2)]
+# one-pass backward D64: varlen's M32-N64-w8 spills 16 bytes on sm_80 with dropout
+# (ints%16), M64-N32-w8 16-24 and M64-N64-w8 24-64. M32-N64-w4 fits (249-255
+# registers on sm_80, little headroom) and, against M32-N32-w4 (168 at most), halves
+# the dQ atomics: the audit's backward requests 7.7 MB instead of 13.2
+CONFIGS["bwd"][64] = [AttnConfig(32, 64, 4, 1)]
+# the delta pre-kernel (varlen's tiles, both directions inlined): 4 warps spill 8
+# bytes at D64 on sm_80 (255 registers); 8 warps need 80
+DELTA_WARPS = 8
+
+
+def _pick(kind: str, block_d: int) -> AttnConfig:
+    return INTERPRET_CONFIG if interpreter_tiles() else CONFIGS[kind][max(block_d, 64)][0]
+
+
+def _stream_layout(*tensors: Tensor) -> list[Tensor]:
+    """The kernels read a stream's K and V (and dO, and write its gradients) with its
+    Q's strides: give them contiguous tensors. Their shapes are equal (_check_streams),
+    so they address alike (a contiguous tensor's strides can differ only on size-1
+    dims, where the index is always 0)."""
+    return [t.contiguous() for t in tensors]
+
+
+def launch_fwd(qa, ka, va_, qb, kb, vb, cu_a, cu_b, max_a, max_b, scale, p_a, p_b, seed,
+                offset):
+    qa, ka, va_, qb, kb, vb = _stream_layout(qa, ka, va_, qb, kb, vb)
+    cu_a, cu_b = cu_a.contiguous(), cu_b.contiguous()
+    total_a, H, D = qa.shape
+    total_b = qb.shape[0]
+    batch = cu_a.numel() - 1
+    oa = torch.zeros_like(qa)
+    ob = torch.zeros_like(qb)
+    lse_a = torch.full((H, total_a), float("-inf"), dtype=torch.float32, device=qa.device)
+    lse_b = torch.full((H, total_b), float("-inf"), dtype=torch.float32, device=qa.device)
+    if batch == 0 or max(max_a, max_b) == 0:
+        return oa, ob, lse_a, lse_b
+    block_d = block_d_for(D)
+    cfg = _pick("fwd", block_d)
+    grid = (cdiv(max(max_a, max_b), cfg.block_m), batch, 2 * H)
+    with device_guard(qa.device):
+        _co_attn_fwd_kernel[grid](
+            qa, ka, va_, qb, kb, vb, oa, ob, lse_a, lse_b, cu_a, cu_b,
+            *qa.stride(), *qb.stride(), *oa.stride(), *ob.stride(), lse_a.stride(0),
+            lse_b.stride(0), scale, p_a, p_b, *philox_args(seed, offset), D, H,
+            HAS_DROPOUT=(p_a > 0 or p_b > 0), BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
+            BLOCK_D=block_d, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    return oa, ob, lse_a, lse_b
+
+
+def launch_bwd(doa, dob, qa, ka, va_, qb, kb, vb, oa, ob, lse_a, lse_b, cu_a, cu_b, max_a,
+                max_b, scale, p_a, p_b, seed, offset, deterministic=False):
+    """One pass (default): one launch of the delta pre-kernel, then one of the dK/dV
+    kernel with ATOMIC_DQ (dQ of both streams into float32 buffers with atomics).
+    Deterministic (``torch.use_deterministic_algorithms(True)``): dK/dV without atomics,
+    then the dQ kernel (it recomputes S and dP: 7 GEMMs per tile pair instead of 5).
+    Each kernel covers both directions in one launch."""
+    # dO_a (O_a) is read with stream A's strides, dO_b (O_b) with B's (as the gradients written)
+    qa, ka, va_, doa, oa, qb, kb, vb, dob, ob = _stream_layout(qa, ka, va_, doa, oa, qb, kb, vb,
+                                                               dob, ob)
+    cu_a, cu_b = cu_a.contiguous(), cu_b.contiguous()
+    lse_a, lse_b = lse_a.contiguous(), lse_b.contiguous()
+    total_a, H, D = qa.shape
+    total_b = qb.shape[0]
+    batch = cu_a.numel() - 1
+    if batch == 0 or max(max_a, max_b) == 0:
+        return tuple(torch.zeros_like(t) for t in (qa, ka, va_, qb, kb, vb))
+    # every key row of either stream belongs to a launched key tile, which stores its
+    # dK/dV rows (zeros where no query sees it): no zero-fill
+    dka, dva, dkb, dvb = (torch.empty_like(t) for t in (ka, va_, kb, vb))
+    one_pass = not deterministic
+    if one_pass:  # accumulated with atomics: start at zero
+        dq_acc_a = torch.zeros(qa.shape, dtype=torch.float32, device=qa.device)
+        dq_acc_b = torch.zeros(qb.shape, dtype=torch.float32, device=qa.device)
+    else:
+        dqa, dqb = torch.empty_like(qa), torch.empty_like(qb)
+        dq_acc_a, dq_acc_b = lse_a, lse_b  # unused placeholders (float32)
+    block_d = block_d_for(D)
+    delta_a = torch.empty(H, total_a, dtype=torch.float32, device=qa.device)
+    delta_b = torch.empty(H, total_b, dtype=torch.float32, device=qa.device)
+    block_t = delta_block_t(block_d)
+    common = (cu_a, cu_b, *qa.stride(), *qb.stride(), lse_a.stride(0), lse_b.stride(0), scale,
+              p_a, p_b, *philox_args(seed, offset), D, H)
+    with device_guard(qa.device):
+        _co_attn_bwd_delta_kernel[(cdiv(max(total_a, total_b), block_t), 2 * H)](
+            oa, doa, ob, dob, delta_a, delta_b, total_a, total_b, *qa.stride(), *qb.stride(),
+            delta_a.stride(0), delta_b.stride(0), D, H, BLOCK_T=block_t, BLOCK_D=block_d,
+            num_warps=DELTA_WARPS)
+        cfg = _pick("bwd" if one_pass else "dkdv", block_d)
+        _co_attn_bwd_dkdv_kernel[(cdiv(max(max_a, max_b), cfg.block_n), batch, 2 * H)](
+            qa, ka, va_, qb, kb, vb, doa, dob, lse_a, lse_b, delta_a, delta_b, dka, dva, dkb, dvb,
+            dq_acc_a, dq_acc_b, *common, HAS_DROPOUT=(p_a > 0 or p_b > 0), ATOMIC_DQ=one_pass,
+            BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=block_d,
+            num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+        if one_pass:
+            dqa, dqb = (t if qa.dtype == torch.float32 else t.to(qa.dtype)
+                        for t in (dq_acc_a, dq_acc_b))
+            return dqa, dka, dva, dqb, dkb, dvb
+        cfg = _pick("dq", block_d)
+        _co_attn_bwd_dq_kernel[(cdiv(max(max_a, max_b), cfg.block_m), batch, 2 * H)](
+            qa, ka, va_, qb, kb, vb, doa, dob, lse_a, lse_b, delta_a, delta_b, dqa, dqb,
+            *common, HAS_DROPOUT=(p_a > 0 or p_b > 0), BLOCK_M=cfg.block_m,
+            BLOCK_N=cfg.block_n, BLOCK_D=block_d, num_warps=cfg.num_warps,
+            num_stages=cfg.num_stages)
+    return dqa, dka, dva, dqb, dkb, dvb
+
+
+
+# ---------------------------------------------------------------------------------
+# static report specs
+# ---------------------------------------------------------------------------------
+
+
+def kernel_specs() -> list[KernelSpec]:
+    specs = []
+    for kernel, kind in ((_co_attn_fwd_kernel, "fwd"), (_co_attn_bwd_dkdv_kernel, "bwd"),
+                         (_co_attn_bwd_dkdv_kernel, "dkdv"), (_co_attn_bwd_dq_kernel, "dq")):
+        for block_d in (64, 128):
+            cfg = CONFIGS[kind][block_d][0]
+            for dropout in (False, True):
+                for ints16 in (False, True):
+                    specs.append(attention_spec(kernel, block_d, cfg, False, False, "bf16",
+                                                   dropout=dropout, ints16=ints16,
+                                                   atomic_dq=kind == "bwd"))
+    for block_d in (64, 128):
+        names = ("oa_ptr", "doa_ptr", "ob_ptr", "dob_ptr", "deltaa_ptr", "deltab_ptr")
+        sig = {n: "*fp32" if n.startswith("delta") else "*bf16" for n in names}
+        sig.update({n: "i32" for n in ("total_a", "total_b", "stride_at", "stride_ah")})
+        sig.update({"stride_ad": "constexpr", "stride_bt": "i32", "stride_bh": "i32",
+                    "stride_bd": "constexpr", "stride_lah": "i32", "stride_lbh": "i32",
+                    "head_dim": "i32", "num_heads": "i32", "BLOCK_T": "constexpr",
+                    "BLOCK_D": "constexpr"})
+        specs.append(delta_spec(_co_attn_bwd_delta_kernel, "_co_attn_bwd_delta_kernel", sig, 6,
+                                block_d, num_warps=DELTA_WARPS))
+    return specs

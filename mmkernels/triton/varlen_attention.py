@@ -5,15 +5,33 @@ heads-first layout of more than 2^31 elements)."""
 
 from __future__ import annotations
 
+import functools
+
+import torch
 import triton
 import triton.language as tl
 
+from mmkernels.triton import KernelSpec, interpreter_tiles
 from mmkernels.triton.attention import (
     PHILOX_ARGS,
+    _attn_bwd_delta_kernel,
     _attn_bwd_dkdv_tile,
     _attn_bwd_dq_tile,
     _attn_fwd_tile,
     _seq_bounds,
+)
+from mmkernels.triton.attention_launch import (
+    INTERPRET_CONFIG,
+    AttnConfig,
+    attention_delta,
+    attention_spec,
+    block_d_for,
+    block_tables,
+    cdiv,
+    delta_spec,
+    device_guard,
+    philox_args,
+    window_args,
 )
 
 
@@ -131,3 +149,189 @@ def _varlen_attn_bwd_dq_kernel(q_ptr, k_ptr, v_ptr, do_ptr, dq_ptr, lse_ptr, del
                           CAUSAL, HAS_BLOCKS, HAS_DROPOUT, BLOCK_M, BLOCK_N, BLOCK_D,
                           reach_back_ptr + q64, softcap, win_left, win_right, HAS_WINDOW,
                           HAS_SOFTCAP)
+
+
+# ---------------------------------------------------------------------------------
+# launch configurations
+# ---------------------------------------------------------------------------------
+
+
+# Launch configurations per kernel and padded head dim, best first. Every entry was
+# compiled for sm_80 and sm_90 in its lightest (full) and heaviest (causal + image
+# blocks + window + softcap + dropout; non-causal window + softcap + dropout) variants
+# and kept only without spills; `python -m mmkernels.tools.kernel_report` re-checks all
+# of them in CI. ptxas spills a few bytes of cold values to reach a register count it
+# prefers (128 or 168 at 4 warps, 80 at 8) even in light variants: a configuration can
+# spill where a heavier one does not, so only the report decides.
+_C = AttnConfig
+CONFIGS: dict[str, dict[int, list[AttnConfig]]] = {
+    # D128: M128-N64 spilled 8-24 bytes on sm_80 with image blocks + window + softcap
+    # (with or without dropout); M128-N32, as co-attention's D128 forward and FA2's
+    # hdim-128 forward with dropout, fits every variant.
+    "fwd": {64: [_C(128, 64, 8, 3), _C(64, 64, 4, 3)],
+            128: [_C(128, 32, 8, 3), _C(128, 32, 8, 2)],
+            256: [_C(32, 32, 4, 2)]},
+    # one-pass backward (dK/dV + atomic dQ). D64: N64 halves the dQ atomics of
+    # M32-N32-w4 (which spilled 8-40 bytes: cold values at 128/168 registers);
+    # M64-N32-w8 and M32-N64-w4 spilled. D256: M32-N32-w8 spilled 16 bytes on sm_80 in
+    # the heavy variants, M16-N32-w8 fits (252 registers at most).
+    "bwd": {64: [_C(32, 64, 8, 1)],
+            128: [_C(32, 64, 8, 1)],
+            256: [_C(16, 32, 8, 1)]},
+    # D64: M32-N32 (4 or 8 warps), M32-N64-w8 and M16-N32-w4 spilled 8-40 bytes in
+    # some variant; M64-N32-w8 fits (197 registers at most).
+    "dkdv": {64: [_C(64, 32, 8, 1)],
+             # (16, 32, 4, 1) left D128: 8 bytes of stack on sm_90 with dropout once
+             # the Philox arguments stopped being specialised
+             128: [_C(32, 64, 8, 1)],
+             256: [_C(32, 32, 8, 1), _C(16, 32, 4, 1)]},
+    "dq": {64: [_C(64, 32, 8, 2), _C(64, 32, 4, 2)],
+           128: [_C(64, 32, 8, 2)],
+           256: [_C(32, 32, 8, 1), _C(16, 32, 4, 1)]},
+}
+# CPU interpreter: small tiles, ragged tails (mmkernels.triton.production_tiles() overrides)
+
+
+def prune_configs(kind: str, block_d: int) -> list[AttnConfig]:
+    """The configurations of kernel `kind` ("fwd", "dkdv", "dq") that fit a padded head
+    dim without spills (head dims below 64 use the 64 entries, which need fewer
+    registers)."""
+    return CONFIGS[kind][max(block_d, 64)]
+
+
+def pick_config(kind: str, block_d: int) -> AttnConfig:
+    """The launch configuration of kernel `kind` for a padded head dim: the first
+    pruned entry, or INTERPRET_CONFIG under the interpreter (outside
+    :func:`mmkernels.triton.production_tiles`)."""
+    if interpreter_tiles():
+        return INTERPRET_CONFIG
+    return prune_configs(kind, block_d)[0]
+
+
+# ---------------------------------------------------------------------------------
+# launches
+# ---------------------------------------------------------------------------------
+
+
+def launch_fwd(q, k, v, cu_q, cu_k, block_ids, max_q, max_k, scale, causal, dropout_p, seed,
+                offset, window=(-1, -1), softcap=0.0):
+    total_q, H, D = q.shape
+    H_kv = k.shape[1]
+    batch = cu_q.numel() - 1
+    cu_q, cu_k = cu_q.contiguous(), cu_k.contiguous()  # the kernels read cu_ptr + b
+    out = torch.empty_like(q, memory_format=torch.contiguous_format)
+    lse = torch.full((H, total_q), float("-inf"), dtype=torch.float32, device=q.device)
+    if total_q == 0 or batch == 0 or max_q == 0:
+        out.zero_()
+        return out, lse
+    has_blocks = causal and block_ids is not None
+    has_window, left, right = window_args(window, causal, total_q, k.shape[0])
+    if has_blocks:
+        bid = block_ids.to(torch.int32).contiguous()
+        reach, reach_back = block_tables(bid, cu_q, total_q)
+    else:
+        bid = reach = reach_back = cu_q  # unused placeholders
+    block_d = block_d_for(D)
+    cfg = pick_config("fwd", block_d)
+    grid = (cdiv(max_q, cfg.block_m), batch, H)
+    with device_guard(q.device):
+        _varlen_attn_fwd_kernel[grid](
+            q, k, v, out, lse, cu_q, cu_k, bid, reach, reach_back,
+            *q.stride(), *k.stride(), *v.stride(), *out.stride(), lse.stride(0),
+            scale, dropout_p, *philox_args(seed, offset), D, H // H_kv, float(softcap), left,
+            right, CAUSAL=causal, HAS_BLOCKS=has_blocks, HAS_DROPOUT=dropout_p > 0,
+            HAS_WINDOW=has_window, HAS_SOFTCAP=softcap > 0, BLOCK_M=cfg.block_m,
+            BLOCK_N=cfg.block_n, BLOCK_D=block_d,
+            num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    return out, lse
+
+
+def launch_bwd(do, q, k, v, out, lse, cu_q, cu_k, block_ids, max_q, max_k, scale, causal,
+                dropout_p, seed, offset, window=(-1, -1), softcap=0.0, deterministic=False):
+    """One pass (default): dK, dV and, with atomics into a float32 buffer, dQ in one
+    kernel. Deterministic: dK/dV, then dQ in a second kernel (no atomics; it
+    recomputes S and dP: 7 GEMMs per tile pair instead of 5)."""
+    total_q, H, D = q.shape
+    total_k, H_kv, _ = k.shape
+    batch = cu_q.numel() - 1
+    cu_q, cu_k, lse = cu_q.contiguous(), cu_k.contiguous(), lse.contiguous()
+    if batch == 0 or total_q == 0 or total_k == 0:
+        return (torch.zeros_like(q, memory_format=torch.contiguous_format),
+                torch.zeros_like(k, memory_format=torch.contiguous_format),
+                torch.zeros_like(v, memory_format=torch.contiguous_format))
+    # every key row belongs to a launched key tile, which stores its dK/dV rows (zeros
+    # where no query sees it): no zero-fill
+    dk = torch.empty_like(k, memory_format=torch.contiguous_format)
+    dv = torch.empty_like(v, memory_format=torch.contiguous_format)
+    one_pass = not deterministic
+    if one_pass:  # accumulated with atomics: starts at zero
+        dq_acc = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
+    else:
+        dq = torch.empty_like(q, memory_format=torch.contiguous_format)
+        dq_acc = lse  # unused placeholder (float32)
+    delta = attention_delta(out, do)
+    has_blocks = causal and block_ids is not None
+    has_window, left, right = window_args(window, causal, total_q, total_k)
+    if has_blocks:
+        bid = block_ids.to(torch.int32).contiguous()
+        reach, reach_back = block_tables(bid, cu_q, total_q)
+    else:
+        bid = reach = reach_back = cu_q
+    block_d = block_d_for(D)
+    flags = dict(CAUSAL=causal, HAS_BLOCKS=has_blocks, HAS_DROPOUT=dropout_p > 0,
+                 HAS_WINDOW=has_window, HAS_SOFTCAP=softcap > 0, BLOCK_D=block_d)
+    dqa_strides = dq_acc.stride() if one_pass else (0, 0, 1)
+    with device_guard(q.device):
+        cfg = pick_config("bwd" if one_pass else "dkdv", block_d)
+        _varlen_attn_bwd_dkdv_kernel[(cdiv(max_k, cfg.block_n), batch, H_kv)](
+            q, k, v, do, lse, delta, dk, dv, dq_acc, cu_q, cu_k, bid, reach, reach_back,
+            *q.stride(), *k.stride(), *v.stride(), *do.stride(), lse.stride(0),
+            *dk.stride(), *dv.stride(), *dqa_strides, scale, dropout_p,
+            *philox_args(seed, offset), D, H // H_kv, float(softcap), left, right,
+            ATOMIC_DQ=one_pass, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
+            num_warps=cfg.num_warps, num_stages=cfg.num_stages, **flags)
+        if one_pass:
+            return (dq_acc if q.dtype == torch.float32 else dq_acc.to(q.dtype)), dk, dv
+        cfg = pick_config("dq", block_d)
+        _varlen_attn_bwd_dq_kernel[(cdiv(max_q, cfg.block_m), batch, H)](
+            q, k, v, do, dq, lse, delta, cu_q, cu_k, bid, reach, reach_back,
+            *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dq.stride(),
+            lse.stride(0), scale, dropout_p, *philox_args(seed, offset), D, H // H_kv,
+            float(softcap), left, right,
+            BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, num_warps=cfg.num_warps,
+            num_stages=cfg.num_stages, **flags)
+    return dq, dk, dv
+
+
+# ---------------------------------------------------------------------------------
+# static report specs
+# ---------------------------------------------------------------------------------
+
+
+def kernel_specs() -> list[KernelSpec]:
+    """Every (kernel, head-dim bucket, config) the package can launch, in bf16."""
+    specs = []
+    for kernel, kind in ((_varlen_attn_fwd_kernel, "fwd"), (_varlen_attn_bwd_dkdv_kernel, "bwd"),
+                         (_varlen_attn_bwd_dkdv_kernel, "dkdv"),
+                         (_varlen_attn_bwd_dq_kernel, "dq")):
+        for block_d in (64, 128, 256):
+            for cfg in prune_configs(kind, block_d):
+                one = functools.partial(attention_spec, atomic_dq=kind == "bwd")
+                # the lightest and the heaviest variants of each configuration (causal:
+                # blocks + window + softcap + dropout; non-causal: both window sides +
+                # softcap + dropout), with generic sizes and with sizes that are
+                # multiples of 16
+                for ints16 in (False, True):
+                    specs.append(one(kernel, block_d, cfg, False, False, "bf16", ints16=ints16))
+                    specs.append(one(kernel, block_d, cfg, True, True, "bf16", dropout=True,
+                                     ints16=ints16, window=True, softcap=True))
+                    specs.append(one(kernel, block_d, cfg, False, False, "bf16", dropout=True,
+                                     ints16=ints16, window=True, softcap=True))
+    for block_d in (64, 128, 256):
+        sig = {"o_ptr": "*bf16", "do_ptr": "*bf16", "delta_ptr": "*fp32", "n_tokens": "i32",
+               "head_dim": "i32", "stride_ot": "i32", "stride_oh": "i32", "stride_od": "constexpr",
+               "stride_dot": "i32", "stride_doh": "i32", "stride_dod": "constexpr",
+               "stride_lh": "i32", "BLOCK_T": "constexpr", "BLOCK_D": "constexpr"}
+        specs.append(delta_spec(_attn_bwd_delta_kernel, "_attn_bwd_delta_kernel", sig, 3,
+                                block_d, num_warps=4))
+    return specs

@@ -24,6 +24,7 @@ from hypothesis import strategies as st
 
 import mmkernels
 from mmkernels import reference
+from mmkernels.ops import _attention_checks as _chk
 from mmkernels.ops import varlen_attention as va
 from mmkernels.testing import assert_close_to_reference
 from mmkernels.triton import interpreting
@@ -31,7 +32,7 @@ from mmkernels.triton import interpreting
 
 def backend_ctx(backend: str):
     if backend == "cpu":
-        return mock.patch.object(va, "_uses_triton", lambda device: False)
+        return mock.patch.object(_chk, "_uses_triton", lambda device: False)
     return contextlib.nullcontext()
 
 

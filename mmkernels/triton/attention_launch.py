@@ -1,0 +1,201 @@
+"""Host side of the attention kernels shared by varlen attention and co-attention:
+the launch-config type, head-dim padding, Philox argument packing, window bounds, the
+image-block reach tables, the delta pre-kernel and dropout-mask launches, and the
+:class:`KernelSpec` builder of the static report. The config tables live next to their
+kernels (:mod:`mmkernels.triton.varlen_attention`, :mod:`mmkernels.triton.co_attention`).
+Nothing here imports :mod:`mmkernels.ops`."""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import inspect
+
+import torch
+from torch import Tensor
+
+from mmkernels.triton import KernelSpec
+from mmkernels.triton.attention import PHILOX_ARGS, _attn_bwd_delta_kernel, _dropout_mask_kernel
+
+
+@dataclasses.dataclass(frozen=True)
+class AttnConfig:
+    block_m: int
+    block_n: int
+    num_warps: int
+    num_stages: int
+
+    def __str__(self) -> str:
+        return f"M{self.block_m}-N{self.block_n}-w{self.num_warps}-s{self.num_stages}"
+
+
+# CPU interpreter: small tiles, ragged tails (mmkernels.triton.production_tiles() overrides)
+INTERPRET_CONFIG = AttnConfig(16, 16, 4, 1)
+
+
+def block_d_for(head_dim: int) -> int:
+    """Head dim padded to a power of two (>= 16): D = 80 runs as 128 with masked lanes."""
+    return max(16, 1 << (head_dim - 1).bit_length())
+
+
+
+def cdiv(a: int, b: int) -> int:
+    return (a + b - 1) // b
+
+
+def device_guard(device: torch.device):
+    """Launch under the tensors' device (CUDA); nothing to guard on the CPU."""
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+
+
+
+def philox_args(seed: int, offset: int) -> tuple[int, int, int, int]:
+    """Kernel arguments (seed_lo, seed_hi, ctr_lo, ctr_hi): the 64-bit key and the
+    64-bit counter base offset // 4, as signed int32 halves (Triton launches ints
+    below 2^31 as int32: the argument types never depend on the values)."""
+    def s32(x):
+        x &= 0xFFFFFFFF
+        return x - (1 << 32) if x >= 1 << 31 else x
+    seed &= (1 << 64) - 1
+    ctr = (offset & ((1 << 64) - 1)) >> 2
+    return s32(seed), s32(seed >> 32), s32(ctr), s32(ctr >> 32)
+
+
+def window_args(window: tuple[int, int], causal: bool, total_q: int, total_k: int
+                 ) -> tuple[bool, int, int]:
+    """(HAS_WINDOW, left, right) for the kernels: an unbounded side (-1) becomes a bound
+    that never binds (left >= seqlen_k - 1, right >= seqlen_q - 1; the packed token
+    counts bound both), so the kernels test both sides with int32 arithmetic; with
+    causal only the left side counts (right is 0)."""
+    left, right = window
+    has = left >= 0 or (right >= 0 and not causal)
+    left = total_k if left < 0 else min(left, total_k)
+    right = 0 if causal else (total_q if right < 0 else min(right, total_q))
+    return has, left, right
+
+
+def block_tables(block_ids: Tensor, cu_seqlens: Tensor, total: int) -> tuple[Tensor, Tensor]:
+    """Per-token reach tables for causal attention with image blocks (no host sync).
+
+    reach[i]: last key (local index) query i sees = max(i, last position of i's block);
+    reach_back[j]: first query that sees key j = min(j, first position of j's block).
+    Both (total,) int32; block id 0 means "no block". Tiles outside these ranges are
+    skipped by the kernels.
+    """
+    device = block_ids.device
+    batch = cu_seqlens.numel() - 1
+    cu = cu_seqlens.long()
+    seq = torch.repeat_interleave(torch.arange(batch, device=device), cu.diff(),
+                                  output_size=total)
+    pos = torch.arange(total, device=device) - cu[seq]
+    ids = block_ids.long()
+    key = (seq << 32) | (ids & 0xFFFFFFFF)
+    order = torch.argsort(key, stable=True)
+    sk = key[order]
+    new = torch.ones_like(sk, dtype=torch.long)
+    new[1:] = (sk[1:] != sk[:-1]).long()
+    gid = torch.empty_like(order)
+    gid[order] = torch.cumsum(new, 0) - 1
+    last = torch.full((total,), -1, dtype=torch.long, device=device).scatter_reduce(
+        0, gid, pos, "amax")
+    first = torch.full((total,), total, dtype=torch.long, device=device).scatter_reduce(
+        0, gid, pos, "amin")
+    in_block = ids != 0
+    reach = torch.where(in_block, torch.maximum(pos, last[gid]), pos)
+    reach_back = torch.where(in_block, torch.minimum(pos, first[gid]), pos)
+    return reach.to(torch.int32), reach_back.to(torch.int32)
+
+
+def delta_block_t(block_d: int) -> int:
+    """Tokens per program of the delta pre-kernel: 8192 elements per operand tile."""
+    return max(16, 8192 // block_d)
+
+
+def attention_delta(out: Tensor, do: Tensor) -> Tensor:
+    """delta = rowsum(dO * O): (H, total) float32 from out, do (total, H, D) in their own
+    dtype and strides, by :func:`mmkernels.triton.attention._attn_bwd_delta_kernel`
+    (no float32 copies of O or dO)."""
+    total, H, D = out.shape
+    delta = torch.empty(H, total, dtype=torch.float32, device=out.device)
+    if delta.numel():
+        block_d = block_d_for(D)
+        block_t = delta_block_t(block_d)
+        with device_guard(out.device):
+            _attn_bwd_delta_kernel[(cdiv(total, block_t), H)](
+                out, do, delta, total, D, *out.stride(), *do.stride(), delta.stride(0),
+                BLOCK_T=block_t, BLOCK_D=block_d, num_warps=4)
+    return delta
+
+
+def dropout_keep_launch(seed, offset, stream0, rows, num_cols, dropout_p, num_heads, device,
+                 carry_by_compare=False):
+    rows = rows.to(device=device, dtype=torch.int32).contiguous()
+    mask = torch.zeros(num_heads, rows.numel(), num_cols, dtype=torch.int8, device=device)
+    if mask.numel():
+        with device_guard(device):
+            _dropout_mask_kernel[(cdiv(rows.numel(), 16), num_heads)](
+                mask, rows, rows.numel(), num_cols, mask.stride(0), mask.stride(1),
+                float(dropout_p), *philox_args(seed, offset), stream0, BLOCK_M=16, BLOCK_N=16,
+                CARRY_BY_COMPARE=carry_by_compare)
+    return mask.bool()
+
+
+def attention_spec(kernel, block_d: int, cfg: AttnConfig, causal: bool, blocks: bool,
+                   dtype: str, dropout: bool = False, ints16: bool = False, window: bool = False,
+                   softcap: bool = False, atomic_dq: bool = False) -> KernelSpec:
+    """A KernelSpec for an attention kernel, specialised as a real launch on contiguous
+    (total, heads, D) tensors is: the head-dim strides (stride_*d) are 1, the other
+    strides and the pointers are multiples of 16. Pointers: lse/delta float32,
+    cu/bid/reach int32, the rest `dtype`; sizes and window bounds int32;
+    scale/p/softcap float32, dq_acc float32. window / softcap / atomic_dq: the
+    HAS_WINDOW / HAS_SOFTCAP / ATOMIC_DQ variants (kernels without those constexprs
+    ignore them). ints16: the
+    integer arguments (head dim, max_seqlen_k, seed, group) are multiples of 16 too, as
+    Triton specialises such launches separately (head dims 64/80/128 always are), except
+    the Philox arguments, which the kernels never specialise (PHILOX_ARGS)."""
+    names = list(inspect.signature(kernel.fn).parameters)
+    consts = {"CAUSAL": causal, "HAS_BLOCKS": blocks, "HAS_DROPOUT": dropout,
+              "HAS_WINDOW": window, "HAS_SOFTCAP": softcap, "ATOMIC_DQ": atomic_dq,
+              "BLOCK_M": cfg.block_m, "BLOCK_N": cfg.block_n, "BLOCK_D": block_d}
+    consts = {k: v for k, v in consts.items() if k in names}
+    sig, attrs = {}, {}
+    for i, n in enumerate(names):
+        if n in consts:
+            sig[n] = "constexpr"
+        elif n.startswith("stride_") and n.endswith("d") and n != "stride_dkh":
+            sig[n] = "constexpr"
+            consts[n] = 1
+        elif n.endswith("_ptr"):
+            if n.startswith(("lse", "delta", "dq_acc")):
+                sig[n] = "*fp32"
+            elif n.startswith(("cu", "bid", "reach")):
+                sig[n] = "*i32"
+            else:
+                sig[n] = f"*{dtype}"
+            attrs[(i,)] = [["tt.divisibility", 16]]
+        elif n in ("sm_scale", "dropout_p", "softcap"):
+            sig[n] = "fp32"
+        else:
+            sig[n] = "i32"
+            if n.startswith("stride_") or (ints16 and n not in PHILOX_ARGS):
+                attrs[(i,)] = [["tt.divisibility", 16]]
+    tag = ("causal+blocks" if blocks else "causal" if causal else "full")
+    tag += "+window" if window and "HAS_WINDOW" in consts else ""
+    tag += "+softcap" if softcap and "HAS_SOFTCAP" in consts else ""
+    tag += "+dropout" if dropout else ""
+    tag += " one-pass" if atomic_dq and "ATOMIC_DQ" in consts else ""
+    tag += f" D{block_d} {cfg}" + (" ints%16" if ints16 else "")
+    return KernelSpec(kernel.fn.__name__, kernel, sig, consts,
+                      {"num_warps": cfg.num_warps, "num_stages": cfg.num_stages}, tag,
+                      attrs=attrs)
+
+
+def delta_spec(kernel, name: str, sig: dict, num_ptrs: int, block_d: int,
+               num_warps: int) -> KernelSpec:
+    """A KernelSpec of a delta pre-kernel (no MMA): head-dim strides 1, the first
+    `num_ptrs` pointers multiples of 16."""
+    consts = {n: 1 for n, t in sig.items() if t == "constexpr" and n.startswith("stride_")}
+    consts.update(BLOCK_T=delta_block_t(block_d), BLOCK_D=block_d)
+    return KernelSpec(name, kernel, sig, consts, {"num_warps": num_warps, "num_stages": 1},
+                      f"D{block_d}", needs_mma=False,
+                      attrs={(i,): [["tt.divisibility", 16]] for i in range(num_ptrs)})
