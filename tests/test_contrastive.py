@@ -8,6 +8,7 @@ fp32/fp16; bf16 on a GPU only) and the chunked PyTorch path (CPU, and float64 an
 import os
 import subprocess
 import sys
+import types
 
 import open_clip
 import pytest
@@ -737,9 +738,12 @@ class _FakeDist:
         self.calls.append(("all_gather_into_tensor", tuple(x.shape)))
         out.copy_(torch.cat([x] * self.world))
 
-    def all_reduce(self, x, group=None):
-        self.calls.append(("all_reduce", tuple(x.shape)))
-        x.mul_(self.world)
+    ReduceOp = types.SimpleNamespace(SUM="sum", MAX="max")
+
+    def all_reduce(self, x, op="sum", group=None):
+        self.calls.append(("all_reduce", tuple(x.shape), op))
+        if op == "sum":
+            x.mul_(self.world)
 
     def reduce_scatter_tensor(self, out, x, group=None):
         self.calls.append(("reduce_scatter_tensor", tuple(x.shape), x.dtype))
@@ -752,8 +756,8 @@ class _FakeDist:
 @pytest.mark.parametrize("kind", ["info_nce", "sigmoid"])
 def test_distributed_reads_no_size_from_the_device(monkeypatch, kind):
     """Defect 14: with the batch sizes known on the host (equal batches off the CPU, or
-    local_batch_sizes), a distributed forward + backward is one all_gather_into_tensor
-    and one all_reduce, and reads nothing back from a device (the size exchange and
+    local_batch_sizes), a distributed forward + backward runs only the listed
+    collectives, and reads nothing back from a device (the size exchange and
     its .item() per rank are gone)."""
     fake = _FakeDist(2)
     monkeypatch.setattr(cdist, "dist", fake)
@@ -773,9 +777,13 @@ def test_distributed_reads_no_size_from_the_device(monkeypatch, kind):
                                            local_batch_sizes=[6, 6])
     loss.backward()
     D = 8
-    if kind == "info_nce":
-        assert fake.calls == [("all_gather_into_tensor", (6, 2 * D)),
-                              ("reduce_scatter_tensor", (12, 2 * D), torch.float64)]
+    if kind == "info_nce":  # the texts; the column statistics (max, then sums and
+        # positives); the incoming gradients; the texts' gradients; the scale's parts
+        assert fake.calls == [("all_gather_into_tensor", (6, D)),
+                              ("all_reduce", (12,), "max"), ("all_reduce", (24,), "sum"),
+                              ("all_gather_into_tensor", (1,)),
+                              ("reduce_scatter_tensor", (12, D), torch.float64),
+                              ("all_reduce", (2,), "sum")]
     else:
         assert fake.calls == [("all_gather_into_tensor", (6, D)),
                               ("reduce_scatter_tensor", (12, D), torch.float64)]

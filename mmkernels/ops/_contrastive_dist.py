@@ -41,7 +41,6 @@ this rank's incoming gradient before they travel).
 from __future__ import annotations
 
 import dataclasses
-import math
 
 import torch
 import torch.distributed as dist
@@ -142,55 +141,98 @@ def _reduce_scatter_rows(x: Tensor, sizes: tuple[int, ...], rank: int, group) ->
     return out[:sizes[rank]]
 
 
-def info_nce_value(scale: Tensor, lse_i: Tensor, lse_t: Tensor, pos: Tensor) -> Tensor:
-    """(sum lse_i + sum lse_t) / (2B) - s * sum_i pos_i / B, in the LSEs' dtype (pos: the
-    positives' dot products)."""
-    B = lse_i.shape[0]
-    lse = reference.ordered_sum(lse_i) + reference.ordered_sum(lse_t)
-    return lse / (2 * B) - scale.to(lse_i.dtype) * reference.ordered_sum(pos) / B
+def info_nce_value(scale: Tensor, neg_i: Tensor, neg_t: Tensor, pos: Tensor) -> Tensor:
+    """sum_i (softplus(neg_i - s pos_i) + softplus(neg_t - s pos_i)) / (2B): each row's
+    -log P_ii = lse_i - s pos_i from its negatives' log-sum-exp (exact near convergence,
+    where lse - s pos cancels), in the statistics' dtype (pos: the positives' dot
+    products)."""
+    B = neg_i.shape[0]
+    sp = scale.to(neg_i.dtype) * pos.to(neg_i.dtype)
+    sp_fn = torch.nn.functional.softplus
+    return (reference.ordered_sum(sp_fn(neg_i - sp)) + reference.ordered_sum(sp_fn(neg_t - sp))
+            ) / (2 * B)
 
 
-def _info_nce_grads(path, image, text, scale, grad, lse_i, cols_t, lse_t, cols_i, pos_offset,
-                    chunk):
-    """This rank's loss terms against one block of texts (cols_t) and of images (cols_i):
-    (d image, d cols_t, d text, d cols_i, d scale). pos_offset: where the positives of
-    this rank's rows are in cols_t (None: not in this block)."""
-    B = image.shape[0]
-    c = 1.0 / (2 * B)
-    d_i, d_ct, ds1 = path.lse_grads(image, cols_t, scale, grad, lse_i - math.log(c), None,
-                                    1.0 / B, pos_offset, chunk, bound=1.0 / B)
-    d_t, d_ci, ds2 = path.lse_grads(text, cols_i, scale, grad, lse_t - math.log(c), None, 0.0,
-                                    None, chunk, bound=c)
-    return d_i, d_ct, d_t, d_ci, ds1 + ds2
+def _merge_lse(a: Tensor | None, b: Tensor) -> Tensor:
+    return b if a is None else torch.logaddexp(a, b)
+
+
+def _all_reduce_lse(neg: Tensor, pos_full: Tensor, group) -> tuple[Tensor, Tensor]:
+    """Every rank's column statistics merged: (the negatives' log-sum-exp over all ranks'
+    rows, the positives' dot products summed over the ranks, each given by its owner):
+    one MAX all_reduce of N floats and one SUM all_reduce of 2 N."""
+    top = neg.clone()
+    dist.all_reduce(top, op=dist.ReduceOp.MAX, group=group)
+    top = top.masked_fill(torch.isinf(top), 0.0)
+    both = torch.cat([torch.exp(neg - top), pos_full])
+    dist.all_reduce(both, group=group)
+    N = neg.shape[0]
+    return torch.log(both[:N]) + top, both[N:]
+
+
+def _coefs(grad: Tensor, where: Dist, device, acc) -> tuple[Tensor, Tensor]:
+    """(gmax, per-column coefficients (N,)): rank q's loss weights its log-sum-exps by
+    g_q / (2 B_q), g_q its incoming gradient (one all_gather of a scalar per rank);
+    divided by gmax = max |g_q| so that the stored weights stay within the bound (the
+    gradients are multiplied by gmax after the GEMMs)."""
+    g = grad.to(acc).reshape(1).contiguous()
+    g_all = g.new_empty(where.world)
+    dist.all_gather_into_tensor(g_all, g, group=where.group)
+    gmax = g_all.abs().amax()
+    gmax = torch.where(gmax == 0, torch.ones_like(gmax), gmax)
+    sizes = torch.tensor(where.sizes, dtype=acc, device=device)
+    per_rank = g_all / (2 * sizes) / gmax
+    return gmax, per_rank.repeat_interleave(torch.tensor(where.sizes, device=device))
 
 
 class InfoNCEAllGather(torch.autograd.Function):
+    """Rank r computes its row block only (local images against every text), once in the
+    forward and once in the backward: the texts' column log-sum-exps over every rank's
+    images come from an all_reduce of the column statistics, and the backward's weights
+    carry every rank's loss (its incoming gradient gathered), so the tiles of the other
+    direction are never recomputed: 1 + 3 GEMM passes over B_r x N x D per rank."""
+
     @staticmethod
     def forward(ctx, image, text, scale, chunk, where: Dist, path):
-        D = image.shape[1]
-        # one collective for both: rank r's block is [image_r | text_r]
-        both = _gather_rows(torch.cat([image.detach(), text.detach()], 1), where.sizes,
-                            where.group)
-        all_i, all_t = both[:, :D], both[:, D:]
-        offset = sum(where.sizes[:where.rank])
-        lse_i, _, pos = path.lse_rows_and_cols(image, all_t, scale, chunk, False, offset)
-        lse_t, _, _ = path.lse_rows_and_cols(text, all_i, scale, chunk, False, None)
-        ctx.save_for_backward(image, text, scale, lse_i, lse_t, all_i, all_t)
+        all_t = _gather_rows(text.detach(), where.sizes, where.group)
+        offset, B, N = sum(where.sizes[:where.rank]), image.shape[0], all_t.shape[0]
+        lse_i, _, pos, neg_i, neg_c = path.lse_rows_and_cols(image, all_t, scale, chunk, True,
+                                                             offset)
+        pos_full = torch.zeros(N, dtype=neg_c.dtype, device=neg_c.device)
+        pos_full[offset:offset + B] = pos
+        neg_c, pos_all = _all_reduce_lse(neg_c, pos_full, where.group)
+        lse_c = torch.logaddexp(neg_c, scale.to(neg_c.dtype) * pos_all)
+        own = slice(offset, offset + B)
+        ctx.save_for_backward(image, scale, all_t, lse_i, lse_c, torch.exp(neg_i - lse_i),
+                              torch.exp(neg_c[own] - lse_c[own]))
         ctx.meta = (chunk, where, offset, path)
-        return info_nce_value(scale, lse_i, lse_t, pos)
+        return info_nce_value(scale, neg_i, neg_c[own], pos)
 
     @staticmethod
     def backward(ctx, grad):
-        image, text, scale, lse_i, lse_t, all_i, all_t = ctx.saved_tensors
+        image, scale, all_t, lse_i, lse_c, miss_r, miss_c = ctx.saved_tensors
         chunk, where, offset, path = ctx.meta
-        d_i, d_all_t, d_t, d_all_i, d_s = _info_nce_grads(path, image, text, scale, grad, lse_i,
-                                                          all_t, lse_t, all_i, offset, chunk)
-        # gradients for every rank's features (this rank's columns), summed over ranks
-        cols = torch.cat([d_all_i, d_all_t], 1).to(image.dtype)
-        mine = _reduce_scatter_rows(cols, where.sizes, where.rank, where.group)
-        D = image.shape[1]
-        return ((d_i + mine[:, :D]).to(image.dtype), (d_t + mine[:, D:]).to(text.dtype),
-                d_s.to(scale.dtype).reshape(scale.shape), None, None, None)
+        B = image.shape[0]
+        gmax, coef_c = _coefs(grad, where, image.device, lse_i.dtype)
+        coef_r = coef_c[offset:offset + B]
+        pos_w = -coef_r * (miss_r + miss_c)
+        d_i, d_all_t, d_s, c_stat = path.lse_grads(
+            image, all_t, scale, gmax, lse_i, lse_c, coef_r, coef_c, pos_w, offset, chunk,
+            bound=1.0 / min(where.sizes), col_stats=True)
+        mine = _reduce_scatter_rows(d_all_t.to(image.dtype), where.sizes, where.rank,
+                                    where.group)
+        d_s = d_s + _own_column_stats(c_stat, where)
+        return (d_i.to(image.dtype), mine, d_s.to(scale.dtype).reshape(scale.shape), None,
+                None, None)
+
+
+def _own_column_stats(c_stat: Tensor, where: Dist) -> Tensor:
+    """The logit scale's gradient from the column terms of this rank's loss, computed
+    by every rank: per-rank sums of the column statistics, all-reduced (world floats)."""
+    per_rank = torch.stack([reference.ordered_sum(part)
+                            for part in torch.split(c_stat, list(where.sizes))])
+    dist.all_reduce(per_rank, group=where.group)
+    return per_rank[where.rank]
 
 
 class SigLIPAllGather(torch.autograd.Function):
@@ -282,44 +324,72 @@ class _Ring:
         return recv
 
 
+def _as_columns(v: Tensor, dtype: torch.dtype) -> Tensor:
+    """A (B,) statistic as (B, k) columns of the features' dtype (its bytes), to travel
+    with a block; :func:`_from_columns` undoes it."""
+    return v.contiguous().view(dtype).view(v.shape[0], -1)
+
+
+def _from_columns(cols: Tensor, acc: torch.dtype) -> Tensor:
+    return cols.contiguous().view(-1).view(acc)
+
+
 class InfoNCERing(torch.autograd.Function):
+    """The all_gather mode's algorithm with the text blocks passed around the ring: in the
+    forward each block's column statistics travel with it and come home complete; in the
+    backward each block travels with its column log-sum-exps and its gradient
+    accumulator. 1 + 3 GEMM passes over B_r x N x D per rank, as all_gather."""
+
     @staticmethod
     def forward(ctx, image, text, scale, chunk, where: Dist, path):
-        D = image.shape[1]
-        ring = _Ring(where, torch.cat([image.detach(), text.detach()], 1))
-        lse_i = lse_t = pos = None
+        ring = _Ring(where, text.detach())
+        neg_i = lse_i = pos = None
+        carried = None  # the column statistics of the block in hand (negatives' lse)
         for q, block in ring.blocks():
-            li, _, p = path.lse_rows_and_cols(image, block[:, D:], scale, chunk, False,
-                                              0 if q == where.rank else None)
-            lt, _, _ = path.lse_rows_and_cols(text, block[:, :D], scale, chunk, False, None)
-            pos = p if p is not None else pos
-            lse_i = li if lse_i is None else torch.logaddexp(lse_i, li)
-            lse_t = lt if lse_t is None else torch.logaddexp(lse_t, lt)
-        ctx.save_for_backward(image, text, scale, lse_i, lse_t)
+            own = q == where.rank
+            li, lc, p, ni, nc = path.lse_rows_and_cols(image, block, scale, chunk, True,
+                                                       0 if own else None)
+            if own:
+                pos, nc_block = p, nc
+            else:  # no positive in this block: its statistics are the negatives'
+                nc_block, ni = lc, li
+            lse_i, neg_i = _merge_lse(lse_i, li), _merge_lse(neg_i, ni)
+            carried = nc_block if carried is None else torch.logaddexp(carried, nc_block)
+            carried = ring.pass_on(carried[:, None], q)[:, 0]
+        neg_t = carried  # this rank's texts against every image, negatives only
+        lse_t = torch.logaddexp(neg_t, scale.to(neg_t.dtype) * pos)
+        ctx.save_for_backward(image, text, scale, lse_i, lse_t, torch.exp(neg_i - lse_i),
+                              torch.exp(neg_t - lse_t))
         ctx.meta = (chunk, where, path)
-        return info_nce_value(scale, lse_i, lse_t, pos)
+        return info_nce_value(scale, neg_i, neg_t, pos)
 
     @staticmethod
     def backward(ctx, grad):
-        image, text, scale, lse_i, lse_t = ctx.saved_tensors
+        image, text, scale, lse_i, lse_t, miss_r, miss_c = ctx.saved_tensors
         chunk, where, path = ctx.meta
-        D, acc = image.shape[1], lse_i.dtype
-        ring = _Ring(where, torch.cat([image.detach(), text.detach()], 1))
+        D, B, acc = image.shape[1], image.shape[0], lse_i.dtype
+        gmax, coef_all = _coefs(grad, where, image.device, acc)
+        starts = [sum(where.sizes[:q]) for q in range(where.world)]
+        coef_r = coef_all[starts[where.rank]:starts[where.rank] + B]
+        pos_w = -coef_r * (miss_r + miss_c)
+        ring = _Ring(where, torch.cat([text.detach(), _as_columns(lse_t, text.dtype)], 1))
         d_i = torch.zeros(image.shape, dtype=acc, device=image.device)
-        d_t = torch.zeros_like(d_i)
         d_s = torch.zeros((), dtype=acc, device=image.device)
-        carried = None  # the accumulator of the block in hand: [d images | d texts]
+        carried = None  # the block in hand's [d texts | column statistics], float32
         for q, block in ring.blocks():
-            a, b, c, e, s = _info_nce_grads(path, image, text, scale, grad, lse_i,
-                                            block[:, D:], lse_t, block[:, :D],
-                                            0 if q == where.rank else None, chunk)
+            own = q == where.rank
+            coef_c = coef_all[starts[q]:starts[q] + where.sizes[q]]
+            a, b, s, c_stat = path.lse_grads(
+                image, block[:, :D], scale, gmax, lse_i, _from_columns(block[:, D:], acc),
+                coef_r, coef_c, pos_w if own else None, 0 if own else None, chunk,
+                bound=1.0 / min(where.sizes), col_stats=True)
             d_i += a
-            d_t += c
             d_s += s
-            part = torch.cat([e, b], 1).to(acc)
+            part = torch.cat([b.to(acc), c_stat[:, None]], 1)
             carried = part if carried is None else carried.add_(part)
             carried = ring.pass_on(carried, q)  # now the next block's (or, last, ours)
-        return ((d_i + carried[:, :D]).to(image.dtype), (d_t + carried[:, D:]).to(text.dtype),
+        d_s = d_s + reference.ordered_sum(carried[:, D])
+        return (d_i.to(image.dtype), carried[:, :D].to(text.dtype),
                 d_s.to(scale.dtype).reshape(scale.shape), None, None, None)
 
 

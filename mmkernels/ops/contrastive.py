@@ -40,7 +40,6 @@ from a device, so no call syncs with the host.
 from __future__ import annotations
 
 import functools
-import math
 import types
 
 import torch
@@ -109,8 +108,18 @@ def _chunked_path(passes) -> types.SimpleNamespace:
     def lse_rows_and_cols(rows, cols, scale, chunk, with_cols, pos_offset=None):
         lse_r, lse_c = reference.lse_rows_and_cols(rows, cols, scale, chunk, with_cols,
                                                    passes=passes)
-        pos = None if pos_offset is None else reference.positive_dots(rows, cols, pos_offset)
-        return lse_r, lse_c, pos
+        if pos_offset is None:
+            return lse_r, lse_c, None, None, None
+        pos = reference.positive_dots(rows, cols, pos_offset)
+        neg_r = reference.negatives_lse(scale, lse_r, pos)
+        neg_c = None
+        if with_cols:
+            i = torch.arange(rows.shape[0], device=rows.device)
+            j = i + pos_offset
+            ok = (j >= 0) & (j < cols.shape[0])
+            neg_c = lse_c.clone()
+            neg_c[j[ok]] = reference.negatives_lse(scale, lse_c[j[ok]], pos[ok])
+        return lse_r, lse_c, pos, neg_r, neg_c
 
     return types.SimpleNamespace(
         lse_rows_and_cols=lse_rows_and_cols,
@@ -153,46 +162,51 @@ def _grad_dtype(t: Tensor) -> torch.dtype:
 
 @torch.library.custom_op("mmkernels::info_nce_fwd", mutates_args=())
 def _info_nce_fwd(image: Tensor, text: Tensor, scale: Tensor, chunk: int
-                  ) -> tuple[Tensor, Tensor, Tensor]:
-    """loss (scalar), lse_row (B,), lse_col (B,), all float32 (float64 for float64)."""
-    lse_r, lse_c, pos = _path(image).lse_rows_and_cols(image, text, scale, chunk, True, 0)
-    return cdist.info_nce_value(scale, lse_r, lse_c, pos), lse_r, lse_c
+                  ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """loss (scalar), lse_row (B,), lse_col (B,), pos_w (B,), all float32 (float64 for
+    float64): pos_w is the positive pairs' weight in dLoss/dS, -((1 - P_ii) + (1 -
+    Q_ii)) / (2B), from the negatives' log-sum-exps (no cancellation near convergence)."""
+    lse_r, lse_c, pos, neg_r, neg_c = _path(image).lse_rows_and_cols(image, text, scale, chunk,
+                                                                      True, 0)
+    B = image.shape[0]
+    pos_w = -(torch.exp(neg_r - lse_r) + torch.exp(neg_c - lse_c)) / (2 * B)
+    return cdist.info_nce_value(scale, neg_r, neg_c, pos), lse_r, lse_c, pos_w
 
 
 @_info_nce_fwd.register_fake
 def _(image, text, scale, chunk):
     acc, B = _acc(image), image.shape[0]
     return (image.new_empty((), dtype=acc), image.new_empty((B,), dtype=acc),
-            image.new_empty((B,), dtype=acc))
+            image.new_empty((B,), dtype=acc), image.new_empty((B,), dtype=acc))
 
 
 @torch.library.custom_op("mmkernels::info_nce_bwd", mutates_args=())
 def _info_nce_bwd(grad: Tensor, image: Tensor, text: Tensor, scale: Tensor, lse_r: Tensor,
-                  lse_c: Tensor, chunk: int) -> tuple[Tensor, Tensor, Tensor]:
+                  lse_c: Tensor, pos_w: Tensor, chunk: int) -> tuple[Tensor, Tensor, Tensor]:
     B = image.shape[0]
-    shift = math.log(2 * B)  # the loss weight of every log-sum-exp is 1 / (2B)
-    d_i, d_t, d_s = _path(image).lse_grads(image, text, scale, grad, lse_r + shift,
-                                           lse_c + shift, 1.0 / B, 0, chunk, bound=1.0 / B)
+    c = 1.0 / (2 * B)  # the loss weight of every log-sum-exp
+    d_i, d_t, d_s, _ = _path(image).lse_grads(image, text, scale, grad, lse_r, lse_c, c, c,
+                                              pos_w, 0, chunk, bound=1.0 / B)
     return d_i.to(image.dtype), d_t.to(text.dtype), d_s.to(scale.dtype)
 
 
 @_info_nce_bwd.register_fake
-def _(grad, image, text, scale, lse_r, lse_c, chunk):
+def _(grad, image, text, scale, lse_r, lse_c, pos_w, chunk):
     # the real op returns contiguous gradients whatever the features' layout
     return image.new_empty(image.shape), text.new_empty(text.shape), scale.new_empty(())
 
 
 def _info_nce_setup(ctx, inputs, output):
     image, text, scale, chunk = inputs
-    _, lse_r, lse_c = output
-    ctx.save_for_backward(image, text, scale, lse_r, lse_c)
+    _, lse_r, lse_c, pos_w = output
+    ctx.save_for_backward(image, text, scale, lse_r, lse_c, pos_w)
     ctx.chunk = chunk
-    ctx.mark_non_differentiable(lse_r, lse_c)
+    ctx.mark_non_differentiable(lse_r, lse_c, pos_w)
 
 
-def _info_nce_backward(ctx, grad, _g_r, _g_c):
-    image, text, scale, lse_r, lse_c = ctx.saved_tensors
-    d_i, d_t, d_s = _info_nce_bwd(grad, image, text, scale, lse_r, lse_c, ctx.chunk)
+def _info_nce_backward(ctx, grad, _g_r, _g_c, _g_p):
+    image, text, scale, lse_r, lse_c, pos_w = ctx.saved_tensors
+    d_i, d_t, d_s = _info_nce_bwd(grad, image, text, scale, lse_r, lse_c, pos_w, ctx.chunk)
     return d_i, d_t, d_s, None
 
 

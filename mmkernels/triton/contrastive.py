@@ -130,9 +130,13 @@ def _contrastive_fwd_kernel(a_ptr, b_ptr, scale_ptr, bias_ptr, row_out_ptr, part
                                                   BLOCK_K, PRECISION)
             pos = cols[None, :] == (rows[:, None] + pos_offset)
             if MODE == INFONCE:
-                if POSITIVES:
-                    p_i += tl.sum(tl.where(pos & ok, dots, 0.0), 1)
                 s2 = tl.where(ok, dots * s_log2, float("-inf"))
+                if POSITIVES:
+                    # the positives stay out of both directions' sums: the statistics
+                    # are the negatives' (the host adds the positives back, and 1 - P_ii
+                    # = exp(neg - lse) keeps its relative accuracy near convergence)
+                    p_i += tl.sum(tl.where(pos & ok, dots, 0.0), 1)
+                    s2 = tl.where(pos, float("-inf"), s2)
                 m_new = tl.maximum(m_i, tl.max(s2, 1))
                 m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
                 l_i = l_i * tl.math.exp2(m_i - m_safe) + tl.sum(tl.math.exp2(s2 - m_safe[:, None]), 1)
@@ -165,17 +169,23 @@ def _contrastive_fwd_kernel(a_ptr, b_ptr, scale_ptr, bias_ptr, row_out_ptr, part
 
 
 @triton.jit
-def _contrastive_weights_kernel(a_ptr, b_ptr, scale_ptr, bias_ptr, shift_a_ptr, shift_b_ptr,
-                                w_ptr, stat_ptr, n_rows, n_cols, D, stride_a, stride_b,
-                                stride_w, stride_stat, coef, w_mult, pos_offset,
+def _contrastive_weights_kernel(a_ptr, b_ptr, scale_ptr, bias_ptr, lse_a_ptr, lse_b_ptr,
+                                coef_a_ptr, coef_b_ptr, pos_w_ptr, w_ptr, stat_ptr,
+                                col_stat_ptr, n_rows, n_cols, D, stride_a, stride_b, stride_w,
+                                stride_stat, stride_col_stat, coef, w_mult, pos_offset,
                                 MODE: tl.constexpr, USE_LSE_A: tl.constexpr,
                                 USE_LSE_B: tl.constexpr, POSITIVES: tl.constexpr,
                                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                                 BLOCK_K: tl.constexpr, PRECISION: tl.constexpr):
     """w (n, m), the operands' dtype: w_mult * W for this program's tile (W in the module
-    docstring). stat (3, cdiv(m, BLOCK_N), n) fp32, row sums over this tile of
-    [W * (A . B), loss (SIGLIP), W (SIGLIP)] at [k, pid_n, rows] (stride_stat between
-    the column blocks, n * cdiv(m, BLOCK_N) between the three)."""
+    docstring; INFONCE: coef_a/coef_b (n,)/(m,) fp32 multiply the two directions' terms,
+    pos_w (n,) fp32 is the positive pairs' whole weight). stat (3, cdiv(m, BLOCK_N), n)
+    fp32, row sums over this tile of [W_row * (A . B), loss (SIGLIP), W (SIGLIP)] at [k,
+    pid_n, rows] (stride_stat between the column blocks, n * cdiv(m, BLOCK_N) between the
+    three), W_row being W without the column term (INFONCE with USE_LSE_B: that term's
+    column sums of W_col * (A . B) go to col_stat (cdiv(n, BLOCK_M), m) at [pid_m,
+    cols]; so a distributed caller can attribute the logit scale's gradient to the loss
+    each term belongs to)."""
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -187,15 +197,29 @@ def _contrastive_weights_kernel(a_ptr, b_ptr, scale_ptr, bias_ptr, shift_a_ptr, 
     pos = cols[None, :] == (rows[:, None] + pos_offset)
     if MODE == INFONCE:
         s2 = dots * (scale * LOG2E)
-        w = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+        w_row = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)  # the row term
+        w_col = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)  # the column term
         if USE_LSE_A:
-            sh_a = tl.load(shift_a_ptr + rows, mask=row_ok, other=0.0) * LOG2E
-            w += tl.math.exp2(s2 - sh_a[:, None])
+            sh_a = tl.load(lse_a_ptr + rows, mask=row_ok, other=0.0) * LOG2E
+            c_a = tl.load(coef_a_ptr + rows, mask=row_ok, other=0.0)
+            w_row = c_a[:, None] * tl.math.exp2(s2 - sh_a[:, None])
         if USE_LSE_B:
-            sh_b = tl.load(shift_b_ptr + cols, mask=col_ok, other=0.0) * LOG2E
-            w += tl.math.exp2(s2 - sh_b[None, :])
+            sh_b = tl.load(lse_b_ptr + cols, mask=col_ok, other=0.0) * LOG2E
+            c_b = tl.load(coef_b_ptr + cols, mask=col_ok, other=0.0)
+            w_col = c_b[None, :] * tl.math.exp2(s2 - sh_b[None, :])
         if POSITIVES:
-            w = tl.where(pos, w - coef, w)
+            # the positive's whole weight from the forward's statistics, -(c_a (1 - P_ii)
+            # + c_b (1 - Q_ii)): no cancellation of P_ii - 1 near convergence. It counts
+            # as the row term (a positive pair belongs to its row's loss).
+            p_w = tl.load(pos_w_ptr + rows, mask=row_ok, other=0.0)
+            w_row = tl.where(pos, p_w[:, None], w_row)
+            w_col = tl.where(pos, 0.0, w_col)
+        w_row = tl.where(ok, w_row, 0.0)
+        w_col = tl.where(ok, w_col, 0.0)
+        if USE_LSE_B:
+            tl.store(col_stat_ptr + pid_m.to(tl.int64) * stride_col_stat + cols,
+                     tl.sum(w_col * dots, 0), mask=col_ok)
+        w = w_row + w_col
     else:
         logit = dots * scale + bias
         w = tl.sigmoid(logit)
@@ -209,7 +233,10 @@ def _contrastive_weights_kernel(a_ptr, b_ptr, scale_ptr, bias_ptr, shift_a_ptr, 
     tl.store(w_rows + cols[None, :], (w * w_mult).to(w_ptr.dtype.element_ty), mask=ok)
     stat = stat_ptr + pid_n.to(tl.int64) * stride_stat + rows
     plane = tl.num_programs(1).to(tl.int64) * stride_stat
-    tl.store(stat, tl.sum(w * dots, 1), mask=row_ok)
+    if MODE == INFONCE:
+        tl.store(stat, tl.sum(w_row * dots, 1), mask=row_ok)
+    else:
+        tl.store(stat, tl.sum(w * dots, 1), mask=row_ok)
     if MODE == SIGLIP:
         tl.store(stat + plane, tl.sum(tl.where(ok, loss, 0.0), 1), mask=row_ok)
         tl.store(stat + 2 * plane, tl.sum(w, 1), mask=row_ok)

@@ -47,12 +47,12 @@ _CC = ContrastiveConfig
 # products, which need smaller tiles). Each entry was compiled for sm_80 and sm_90 in
 # every mode and dtype of its class, for any batch and for batches that are multiples
 # of 16, and kept only without spills; `python -m mmkernels.tools.kernel_report
-# --kernel contrastive` re-checks them.
+# --only contrastive` re-checks them.
 CONFIGS: dict[str, dict[str, list[ContrastiveConfig]]] = {
-    "fwd": {"mma": [_CC(128, 128, 32, 8, 2)],
+    "fwd": {"mma": [_CC(128, 64, 32, 8, 2)],  # 128 x 128 spills on sm_90 (fp16)
             "tf32": [_CC(64, 128, 64, 8, 2)],
-            "fp32": [_CC(64, 64, 32, 4, 1)]},
-    "weights": {"mma": [_CC(128, 128, 32, 8, 2)],
+            "fp32": [_CC(64, 32, 32, 4, 1)]},  # 64 x 64 spills on sm_90 (SigLIP)
+    "weights": {"mma": [_CC(128, 64, 32, 8, 2)],  # 128 x 128 spills in SigLIP
                 "tf32": [_CC(64, 128, 64, 8, 2)],
                 "fp32": [_CC(64, 64, 32, 4, 1)]},
 }
@@ -212,13 +212,17 @@ def weight_multiplier(bound: float) -> float:
 
 
 def panel_gradients(rows: Tensor, cols: Tensor, scale: Tensor, bias: Tensor | None, mode: int,
-                    shift_a: Tensor | None, shift_b: Tensor | None, coef: float,
+                    lse_a: Tensor | None, lse_b: Tensor | None, coef_a: Tensor | None,
+                    coef_b: Tensor | None, pos_w: Tensor | None, coef: float,
                     pos_offset: int | None, bound: float
-                    ) -> tuple[Tensor, Tensor, Tensor, float]:
+                    ) -> tuple[Tensor, Tensor, Tensor, Tensor | None, float]:
     """(G_rows (n, D) rows' dtype, G_cols (m, D) rows' dtype, or float32 with several
-    panels, stats (3, n) float32, w_mult): G = w_mult * (W @ cols, W^T @ rows) with W the
-    weights of _contrastive_weights_kernel (|W| <= bound), stats the row sums of
-    W * (rows . cols), of the loss and of W. rows/cols as :func:`operand` returns them."""
+    panels, stats (3, n) float32, col_stats (m,) float32 or None, w_mult): G = w_mult *
+    (W @ cols, W^T @ rows) with W the weights of _contrastive_weights_kernel (|W| <=
+    bound), stats the row sums of W_row * (rows . cols) (InfoNCE; W for SigLIP), of the
+    loss and of W, col_stats (InfoNCE with lse_b) the column sums of the column term
+    times (rows . cols). rows/cols as :func:`operand` returns them; lse_*, coef_*, pos_w
+    float32 vectors (n,) / (m,)."""
     from mmkernels.triton.contrastive import _contrastive_weights_kernel
 
     n, m, D = rows.shape[0], cols.shape[0], rows.shape[1]
@@ -232,22 +236,35 @@ def panel_gradients(rows: Tensor, cols: Tensor, scale: Tensor, bias: Tensor | No
     g_cols = None
     n_cb = cdiv(m, cfg.block_n)
     stats = torch.empty(3, n, dtype=torch.float32, device=rows.device)
+    col_stats = None if lse_b is None else torch.zeros(m, dtype=torch.float32,
+                                                       device=rows.device)
     dummy = stats
     for r0 in range(0, n, R):
         k = min(n, r0 + R) - r0
         w = buf[:k * m16].view(k, m16)[:, :m]
         part = torch.empty(3, n_cb, k, dtype=torch.float32, device=rows.device)
+        n_rb = cdiv(k, cfg.block_m)
+        part_c = (torch.empty(n_rb, m16, dtype=torch.float32, device=rows.device)[:, :m]
+                  if lse_b is not None else dummy)
+
+        def rows_of(t, r0=r0, k=k):
+            return t[r0:r0 + k] if t is not None else dummy
+
         with guard(rows.device):
-            _contrastive_weights_kernel[(cdiv(k, cfg.block_m), n_cb)](
+            _contrastive_weights_kernel[(n_rb, n_cb)](
                 rows[r0:r0 + k], cols, scale, bias if bias is not None else scale,
-                shift_a[r0:r0 + k] if shift_a is not None else dummy,
-                shift_b if shift_b is not None else dummy, w, part, k, m, D, rows.stride(0),
-                cols.stride(0), m16, k, coef, w_mult, (pos_offset or 0) + r0,
-                MODE=mode, USE_LSE_A=shift_a is not None, USE_LSE_B=shift_b is not None,
+                rows_of(lse_a), lse_b if lse_b is not None else dummy, rows_of(coef_a),
+                coef_b if coef_b is not None else dummy, rows_of(pos_w), w, part, part_c,
+                k, m, D, rows.stride(0), cols.stride(0), m16, k,
+                part_c.stride(0) if lse_b is not None else 0, coef, w_mult,
+                (pos_offset or 0) + r0,
+                MODE=mode, USE_LSE_A=lse_a is not None, USE_LSE_B=lse_b is not None,
                 POSITIVES=pos_offset is not None, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
                 BLOCK_K=cfg.block_k, PRECISION=precision(rows.dtype),
                 num_warps=cfg.num_warps, num_stages=cfg.num_stages)
         stats[:, r0:r0 + k] = part.sum(1)
+        if col_stats is not None:
+            col_stats += part_c.sum(0)
         torch.mm(w, cols, out=g_rows[r0:r0 + k])
         contrib = torch.mm(w.T, rows[r0:r0 + k])
         if R >= n:
@@ -256,7 +273,7 @@ def panel_gradients(rows: Tensor, cols: Tensor, scale: Tensor, bias: Tensor | No
             g_cols = contrib.float()
         else:
             g_cols += contrib
-    return g_rows, g_cols, stats, w_mult
+    return g_rows, g_cols, stats, col_stats, w_mult
 
 
 # ---------------------------------------------------------------------------------
@@ -265,44 +282,67 @@ def panel_gradients(rows: Tensor, cols: Tensor, scale: Tensor, bias: Tensor | No
 
 
 def lse_rows_and_cols(rows: Tensor, cols: Tensor, scale: Tensor, chunk: int, with_cols: bool,
-                      pos_offset: int | None = None
-                      ) -> tuple[Tensor, Tensor | None, Tensor | None]:
+                      pos_offset: int | None = None):
     """As reference.lse_rows_and_cols (``chunk`` unused: the kernels tile by their
-    launch configuration), plus the positives' dot products from the same tiles."""
+    launch configuration): (lse_r, lse_c, pos, neg_r, neg_c), pos the positives' dot
+    products from the same tiles, neg_* the negatives' log-sum-exps (the kernel keeps
+    the positives out of its sums and adds them back here)."""
     rows, cols = operand(rows), operand(cols)
     n, m = rows.shape[0], cols.shape[0]
     if n == 0 or m == 0:
         full = functools.partial(torch.full, dtype=torch.float32, device=rows.device)
-        return (full((n,), float("-inf")), full((m,), float("-inf")) if with_cols else None,
-                full((n,), 0.0) if pos_offset is not None else None)
-    lse_r, part_m, part_l, pos = launch_fwd(rows, cols, scale, None, 0, with_cols, pos_offset)
-    if not with_cols:
-        return lse_r, None, pos
-    # merge the programs' column partials (base 2): log2 sum_p l_p 2^(m_p - top) + top,
-    # with top 0 where every partial max is -inf (an all -inf column: -inf, not NaN)
-    top = part_m.amax(0)
-    top = top.masked_fill(top == float("-inf"), 0.0)
-    lse_c = (top + torch.log2((part_l * torch.exp2(part_m - top)).sum(0))) * math.log(2.0)
-    return lse_r, lse_c, pos
+        lse_c = full((m,), float("-inf")) if with_cols else None
+        if pos_offset is None:
+            return full((n,), float("-inf")), lse_c, None, None, None
+        return full((n,), float("-inf")), lse_c, full((n,), 0.0), full((n,), float("-inf")), lse_c
+    neg_r, part_m, part_l, pos = launch_fwd(rows, cols, scale, None, 0, with_cols, pos_offset)
+    neg_c = None
+    if with_cols:
+        # merge the programs' column partials (base 2): log2 sum_p l_p 2^(m_p - top) +
+        # top, with top 0 where every partial max is -inf (an all -inf column: -inf)
+        top = part_m.amax(0)
+        top = top.masked_fill(top == float("-inf"), 0.0)
+        neg_c = (top + torch.log2((part_l * torch.exp2(part_m - top)).sum(0))) * math.log(2.0)
+    if pos_offset is None:
+        return neg_r, neg_c, None, None, None
+    lse_r, lse_c = reference.add_positives(scale, neg_r, neg_c, pos, pos_offset, m)
+    return lse_r, lse_c, pos, neg_r, neg_c
 
 
-def lse_grads(rows: Tensor, cols: Tensor, scale: Tensor, grad: Tensor, row_shift: Tensor,
-              col_shift: Tensor | None, c_pos: float, pos_offset: int | None, chunk: int,
-              bound: float) -> tuple[Tensor, Tensor, Tensor]:
+def lse_grads(rows: Tensor, cols: Tensor, scale: Tensor, grad: Tensor, lse_r: Tensor | None,
+              lse_c: Tensor | None, coef_r, coef_c, pos_w: Tensor | None,
+              pos_offset: int | None, chunk: int, bound: float, col_stats: bool = False):
     """As reference.lse_grads, on the weights kernel and two cuBLAS GEMMs (three GEMM
-    passes). ``bound``: the largest |W| (the loss weights' sum). The gradients are in
-    the features' dtype (d_cols float32 with several panels), d_scale float32."""
+    passes). ``bound``: the largest |W|. The gradients are in the features' dtype
+    (d_cols float32 with several panels), the scale's float32."""
     D = rows.shape[1]
     s = scale.float()
     rows, cols = operand(rows), operand(cols)
-    if rows.shape[0] == 0 or cols.shape[0] == 0:
-        return (rows.new_zeros(rows.shape[0], D), cols.new_zeros(cols.shape[0], D),
-                torch.zeros((), dtype=torch.float32, device=rows.device))
-    g_r, g_c, stats, w_mult = panel_gradients(rows, cols, scale, None, 0, row_shift, col_shift,
-                                              c_pos, pos_offset, bound)
+    n, m = rows.shape[0], cols.shape[0]
+    if n == 0 or m == 0:
+        z = torch.zeros((), dtype=torch.float32, device=rows.device)
+        return (rows.new_zeros(n, D), cols.new_zeros(m, D), z,
+                torch.zeros(m, dtype=torch.float32, device=rows.device) if col_stats else None)
+
+    def vec(c, k):
+        if c is None or isinstance(c, Tensor):
+            return None if c is None else c.float().contiguous()
+        return torch.full((k,), float(c), dtype=torch.float32, device=rows.device)
+
+    def f32(t):
+        return None if t is None else t.float().contiguous()
+
+    g_r, g_c, stats, c_stats, w_mult = panel_gradients(
+        rows, cols, scale, None, 0, f32(lse_r) if coef_r is not None else None,
+        f32(lse_c) if coef_c is not None else None, vec(coef_r, n), vec(coef_c, m), f32(pos_w),
+        0.0, pos_offset, bound)
     post = s * grad.float() / w_mult
-    return (g_r[:, :D] * post, g_c[:, :D] * post,
-            reference.ordered_sum(stats[0]) * grad.float())
+    g = grad.float()
+    d_s = reference.ordered_sum(stats[0]) * g
+    if c_stats is not None and not col_stats:
+        d_s = d_s + reference.ordered_sum(c_stats) * g
+    return (g_r[:, :D] * post, g_c[:, :D] * post, d_s,
+            c_stats * g if col_stats and c_stats is not None else None)
 
 
 def siglip_panels(rows: Tensor, cols: Tensor, scale: Tensor, bias: Tensor, chunk: int,
@@ -323,8 +363,9 @@ def siglip_panels(rows: Tensor, cols: Tensor, scale: Tensor, bias: Tensor, chunk
     if n == 0 or m == 0:
         return (zeros(()), rows.new_zeros(n, D), cols.new_zeros(m, D), zeros(()), zeros(()),
                 zeros(()))
-    g_r, g_c, stats, w_mult = panel_gradients(rows, cols, scale, bias, 1, None, None,
-                                              grad_weight, diag_offset, abs(grad_weight))
+    g_r, g_c, stats, _, w_mult = panel_gradients(rows, cols, scale, bias, 1, None, None, None,
+                                                 None, None, grad_weight, diag_offset,
+                                                 abs(grad_weight))
     total, d_s, d_b = (reference.ordered_sum(stats[k]) for k in (1, 0, 2))
     if g_r.shape[1] != D:  # the padded feature dim: dense (n, D) factors, as the fake
         g_r, g_c = g_r[:, :D].contiguous(), g_c[:, :D].contiguous()
