@@ -349,10 +349,10 @@ def test_opcheck_and_compile(backend, layout):
     s = torch.tensor(4.0, requires_grad=True)
     b = torch.tensor(-2.0, requires_grad=True)
     torch.library.opcheck(torch.ops.mmkernels.info_nce_fwd.default, (img, txt, s, 5))
-    loss, lse_r, lse_c = torch.ops.mmkernels.info_nce_fwd(img, txt, s, 5)
+    loss, lse_r, lse_c, pos_w = torch.ops.mmkernels.info_nce_fwd(img, txt, s, 5)
     torch.library.opcheck(torch.ops.mmkernels.info_nce_bwd.default,
                           (torch.tensor(1.0), img.detach(), txt.detach(), s.detach(), lse_r,
-                           lse_c, 5))
+                           lse_c, pos_w, 5))
     torch.library.opcheck(torch.ops.mmkernels.sigmoid_contrastive_fwd.default,
                           (img, txt, s, b, 5, True))
     fn = torch.compile(lambda i, t, s, b: mmkernels.info_nce(i, t, s, chunk_size=5)
@@ -659,7 +659,7 @@ def test_all_neg_inf_rows_and_columns_give_neg_inf(backend):
     img, txt = _neg_inf_features()
     s = torch.tensor(2.0)
     path = ops._path(img)
-    lse_r, lse_c, _ = path.lse_rows_and_cols(img, txt, s, 4, with_cols=True)
+    lse_r, lse_c, *_ = path.lse_rows_and_cols(img, txt, s, 4, with_cols=True)
     S = s.double() * img.double() @ txt.double().T
     assert torch.isneginf(S[:, 2]).all() and torch.isneginf(S[3]).all()
     assert_close_to_reference(lse_r, torch.logsumexp(S, 1), what="row lse")
