@@ -13,7 +13,7 @@ from mmkernels import reference
 from mmkernels.ops import contrastive as ops
 from mmkernels.testing import assert_close_to_reference
 from mmkernels.triton import contrastive_launch as launch
-from mmkernels.triton import interpreting
+from mmkernels.triton import interpreting, production_tiles
 
 WORKER = os.path.join(os.path.dirname(__file__), "_dist_worker.py")
 
@@ -250,30 +250,45 @@ def test_autocast_takes_the_tensor_core_kernels(kind, monkeypatch):
 
 
 @pytest.mark.slow
-def test_autocast_kernels_use_tensor_cores_in_the_report():
-    """The kernel report's specs of the configuration autocast selects (float16 and
-    bfloat16, "mma" class) compile for sm_80 with HMMA instructions."""
-    import tempfile
+def test_autocast_kernels_use_tensor_cores_in_the_report(tmp_path):
+    """The kernel report's specs of the configurations autocast selects (float16 and
+    bfloat16 features: the "mma" class) compile for sm_80 and sm_90 with HMMA / HGMMA
+    instructions and without spills. Compiled by the report in a subprocess with
+    TRITON_INTERPRET=0: this session runs Triton's interpreter, which cannot compile
+    ahead of time."""
+    import json
+    import re
 
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
+    from mmkernels.tools import kernel_report
 
-    from mmkernels.tools.kernel_report import find_tool, mma_counts
-
-    cuobjdump = find_tool("cuobjdump")
-    want = {str(launch.CONFIGS[k]["mma"][0]) for k in ("fwd", "weights")}
-    specs = [sp for sp in launch.kernel_specs() if sp.config.split(" ")[1] in ("fp16", "bf16")
-             and sp.config.split(" ")[2] in want and "B%16" not in sp.config]
-    assert {sp.name for sp in specs} == {"_contrastive_fwd_kernel", "_contrastive_weights_kernel"}
-    for sp in specs[:2] + specs[-2:]:
-        k = triton.compile(ASTSource(fn=sp.fn, signature=sp.signature, constexprs=sp.constexprs,
-                                     attrs=sp.attrs), target=GPUTarget("cuda", 80, 32),
-                           options=sp.options)
-        with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
-            f.write(k.asm["cubin"])
-            f.flush()
-            assert sum(mma_counts(f.name, cuobjdump).values()) > 0, sp.config
+    try:
+        kernel_report.find_tool("cuobjdump")
+    except FileNotFoundError:
+        pytest.skip("cuobjdump not available")
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        img = ops._autocast_features(_unit(4, 16, torch.float32), _unit(4, 16, torch.float32))[0]
+    assert img.dtype == torch.bfloat16  # the features the kernels see under autocast
+    with production_tiles():
+        cfgs = {k: {launch.config(k, dt) for dt in (torch.float16, torch.bfloat16)}
+                for k in ("fwd", "weights")}
+    assert all(len(c) == 1 for c in cfgs.values())  # one "mma" config per kernel
+    # the InfoNCE forward in fp16 and the SigLIP weights in bf16: both kernels, both
+    # dtypes, both losses
+    only = "|".join(f"^{re.escape(f'{name} {tag} {dt} {cfg}')}$" for name, tag, dt, cfg in (
+        ("_contrastive_fwd_kernel", "infonce+cols+pos", "fp16", *cfgs["fwd"]),
+        ("_contrastive_weights_kernel", "siglip", "bf16", *cfgs["weights"])))
+    path = tmp_path / "report.json"
+    env = dict(os.environ, TRITON_INTERPRET="0")
+    subprocess.run([sys.executable, "-m", "mmkernels.tools.kernel_report", "--no-extension",
+                    "--only", only, "--jobs", "1", "--json", str(path)], check=True, env=env,
+                   capture_output=True)
+    reports = json.loads(path.read_text())
+    assert sorted((r["name"], r["arch"]) for r in reports) == [
+        ("_contrastive_fwd_kernel", 80), ("_contrastive_fwd_kernel", 90),
+        ("_contrastive_weights_kernel", 80), ("_contrastive_weights_kernel", 90)]
+    for r in reports:
+        assert r["needs_mma"] and r["mma"] > 0, r
+        assert r["local"] == 0 and r["stack"] == 0, r
 
 
 # ---------------------------------------------------------------------------------
@@ -314,4 +329,3 @@ def test_cuda_memory_of_one_process_is_linear_in_batch():
     assert extra <= min(B * B * 2, launch.PANEL_BYTES) + 16 * B * D * 2 + (1 << 24), extra
 
 
-del ops  # imported for its registrations

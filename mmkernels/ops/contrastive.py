@@ -44,6 +44,7 @@ import types
 
 import torch
 from torch import Tensor
+from torch.amp.autocast_mode import is_autocast_available
 
 from mmkernels import _extension, reference
 from mmkernels.ops import _contrastive_dist as cdist
@@ -364,10 +365,17 @@ def _distribution(x: Tensor, group, world: int, rank: int, local_batch_sizes, mo
     return Dist(group, world, rank, local_sizes(x, group, world, rank, local_batch_sizes))
 
 
+def _autocast_on(device: str) -> bool:
+    """Whether autocast is enabled for this device type; False for the device types
+    autocast does not know (meta, the fake tensors of tracing), where
+    torch.is_autocast_enabled would raise."""
+    return is_autocast_available(device) and torch.is_autocast_enabled(device)
+
+
 def _loss_dtype(x: Tensor) -> torch.dtype:
     """The features' dtype, or float32 where autocast casts them (open_clip's loss is
     float32 under autocast)."""
-    if x.dtype != torch.float64 and torch.is_autocast_enabled(x.device.type):
+    if x.dtype != torch.float64 and _autocast_on(x.device.type):
         return torch.promote_types(x.dtype, torch.float32)
     return x.dtype
 
@@ -392,7 +400,7 @@ def _autocast_features(image: Tensor, text: Tensor) -> tuple[Tensor, Tensor]:
     """The features as the autocast kernels of the ops cast them (the distributed
     losses are autograd Functions, not custom ops)."""
     device = image.device.type
-    if image.dtype == torch.float64 or not torch.is_autocast_enabled(device):
+    if image.dtype == torch.float64 or not _autocast_on(device):
         return image, text
     dtype = torch.get_autocast_dtype(device)
     return image.to(dtype), text.to(dtype)
