@@ -35,8 +35,10 @@ def run_global(rank: int, world: int, data: dict) -> dict:
     sizes = [data["bounds"][r + 1] - data["bounds"][r] for r in range(world)]
     chunk = data["chunk"]
     res = {}
-    for impl in ("ours", "open_clip"):
+    for impl in ("ours", "ours-ring", "open_clip"):
         for kind in ("clip", "siglip"):
+            if impl == "ours-ring" and data["uneven"]:
+                continue  # the modules (ring mode) need equal local batches, as open_clip
             img = data["image"][lo:hi].clone().requires_grad_()
             txt = data["text"][lo:hi].clone().requires_grad_()
             scale = data["scale"].clone().requires_grad_()
@@ -49,13 +51,15 @@ def run_global(rank: int, world: int, data: dict) -> dict:
                 else:
                     loss = mmkernels.sigmoid_contrastive(img, txt, scale, bias, chunk_size=chunk,
                                                          local_batch_sizes=sizes)
-            elif impl == "ours":
+            elif impl in ("ours", "ours-ring"):
+                mode = "ring" if impl == "ours-ring" else "all_gather"
                 if kind == "clip":
                     loss = mmkernels.nn.ClipLoss(local_loss=True, gather_with_grad=True, rank=rank,
-                                                 world_size=world, chunk_size=chunk)(img, txt, scale)
+                                                 world_size=world, chunk_size=chunk,
+                                                 mode=mode)(img, txt, scale)
                 else:
-                    loss = mmkernels.nn.SigLipLoss(rank=rank, world_size=world,
-                                                   chunk_size=chunk)(img, txt, scale, bias)
+                    loss = mmkernels.nn.SigLipLoss(rank=rank, world_size=world, chunk_size=chunk,
+                                                   mode=mode)(img, txt, scale, bias)
             else:
                 if data["uneven"]:
                     continue  # open_clip's all_gather needs equal local batches

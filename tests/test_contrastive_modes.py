@@ -79,6 +79,18 @@ def test_bad_mode_raises():
         mmkernels.info_nce(img, txt, torch.tensor(1.0), mode="tree")
     with pytest.raises(ValueError, match="mode"):
         mmkernels.sigmoid_contrastive(img, txt, torch.tensor(1.0), None, mode="ring ")
+    for mode in ("tree", None, 1):  # the modules check it at construction
+        with pytest.raises(ValueError, match="mode"):
+            mmkernels.nn.ClipLoss(mode=mode)
+        with pytest.raises(ValueError, match="mode"):
+            mmkernels.nn.SigLipLoss(mode=mode)
+    assert "mode='ring'" in repr(mmkernels.nn.ClipLoss(mode="ring"))
+    # one process: mode changes nothing
+    s = torch.tensor(5.0)
+    for mode in ("all_gather", "ring"):
+        assert mmkernels.nn.ClipLoss(mode=mode)(img, txt, s) == mmkernels.info_nce(img, txt, s)
+        assert (mmkernels.nn.SigLipLoss(mode=mode)(img, txt, s, None)
+                == mmkernels.sigmoid_contrastive(img, txt, s, None))
 
 
 # ---------------------------------------------------------------------------------

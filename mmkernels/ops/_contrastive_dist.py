@@ -1,41 +1,87 @@
 """The distributed contrastive losses (mmkernels.ops.contrastive): each rank passes its
-local (B_r, D) features; N = sum_r B_r. The loss of rank r is open_clip's
-``ClipLoss(local_loss=True, gather_with_grad=True)`` (InfoNCE: local images against
-every global text and local texts against every global image, labels offset by the
-rank) or ``SigLipLoss`` across ranks (local images against every global text), and
-each rank's features receive the gradients of every rank's loss, as open_clip's
-all_gather / neighbour exchange pass them back.
+local (B_r, D) features; N = sum_r B_r, B_max = max_r B_r, W the world size. The loss
+of rank r is open_clip's ``ClipLoss(local_loss=True, gather_with_grad=True)`` (InfoNCE:
+local images against every global text and local texts against every global image,
+labels offset by the rank) or ``SigLipLoss`` across ranks (local images against every
+global text), and each rank's features receive the gradients of every rank's loss, as
+open_clip's all_gather / neighbour exchange pass them back.
 
-Two modes:
+GEMM passes per rank, over B_r x N x D (counted by the audit's counters in
+tests/test_contrastive_dist_costs.py; one process does the same over B x B x D):
 
-* ``all_gather``: one all_gather_into_tensor of the features per forward (image and
-  text side by side for InfoNCE), the losses computed on the gathered blocks, and the
-  gradients of the other ranks' features returned with one reduce_scatter in the
-  features' dtype. Memory per rank, beyond the local features and one weight panel:
-  InfoNCE ``2 N D`` elements of the features' dtype kept from forward to backward
-  (the gathered images and texts) plus ``2 N D`` for the column gradients in the
-  backward; SigLIP ``N D`` (the gathered texts, forward only) plus ``N D`` gradient
-  elements kept for the backward (the features' dtype, never float32).
+==========  ==========================  ==========================
+loss        all_gather                  ring
+==========  ==========================  ==========================
+InfoNCE     1 forward + 3 backward      1 forward + 3 backward
+SigLIP      3 forward + 0 backward      1 forward + 3 backward
+==========  ==========================  ==========================
+
+InfoNCE computes this rank's row block only (local images against every text), once
+in the forward and once in the backward: the texts' column log-sum-exps over every
+rank's images come from all-reducing the 2 N column statistics (all_gather mode) or
+travel with their block around the ring (ring mode), and the backward's weights carry
+every rank's loss (each rank's incoming gradient is all-gathered, one scalar per
+rank), so no rank recomputes the other direction's tiles. SigLIP in ring mode takes
+one pass more than in all_gather mode: the gradient of rank q's texts sums every
+rank's contribution scaled by that rank's incoming gradient, unknown in the forward;
+forming them in the forward would mean keeping each block's unscaled (B_q, D)
+gradient, (N, D) per rank, which the ring exists to avoid. So the ring forward
+computes the loss alone (one pass) and the backward recomputes the gradients (three).
+
+Modes and memory per rank (bytes; e = the features' itemsize, statistics float32;
+P = W B_max, the collectives' blocks padded to the largest batch, P = N for equal
+batches; "panel": the gradient GEMMs' weight panel, R rows x the block's columns in the
+features' dtype, at most PANEL_BYTES, with on a GPU the forward's (2 SMs, columns)
+float32 column partials):
+
+* ``all_gather``: one all_gather_into_tensor of the texts per forward, the losses
+  computed on the gathered block, the gradients of the other ranks' features returned
+  with one reduce_scatter in the features' dtype.
+
+  - InfoNCE: kept from forward to backward ``N D e`` (the gathered texts) +
+    ``4 (N + 3 B_r)`` (statistics); the collectives' buffers ``P D e`` (forward) and
+    ``P D e`` (backward); in the backward the texts' gradient ``N D e`` (``N D 4``
+    with several panels) + the panel. Peak about ``3 N D e`` + panel.
+  - SigLIP: kept ``(N + B_r) D e`` (the gradient factors of the texts and the images,
+    formed in the forward) + three scalars; the gathered texts ``P D e`` (forward
+    only) and the reduce-scattered gradient ``P D e`` (backward). Peak about
+    ``2 N D e`` + panel.
+
 * ``ring``: blocks travel around the ring by isend/irecv; the transfer of the next block
   is posted before the current block's tiles are computed, so it overlaps them, and
-  each block's gradient accumulator travels with it in the backward (one hop per
-  step, after that step's GEMMs). Memory per rank: ``O(B_max D)``, independent of the
-  world size: the local features, two blocks in flight and, in the backward, the
-  carried float32 accumulator of a block and the one arriving (formulas in
-  :func:`mmkernels.info_nce`), plus one weight panel. Every rank does the same GEMM
-  passes as in all_gather, in ``world`` sequential steps.
+  each block's gradient accumulator travels with it in the backward (one hop per step,
+  after that step's GEMMs). Nothing of size N D ever exists: every term is
+  ``O(B_max D)``, independent of W.
 
-all_gather wins while the gathered features (``4 N D`` elements per rank for InfoNCE)
-fit: NCCL's all-gather and reduce-scatter are bandwidth-optimal, there is one
-collective per direction, and the panels are few and large. ring wins when ``N D`` no
-longer fits next to the model (thousands of GPUs, B_global in the millions): each step
-computes ``B_r x B_q`` tiles over D (``O(B^2 D)`` FLOPs) while moving ``O(B D)`` bytes,
-so the transfers hide behind the compute once B_local is a few hundred or more.
+  - InfoNCE: kept ``16 B_r`` (four statistics); forward: two blocks in flight
+    ``2 B_max D e``; backward: two blocks with their column log-sum-exps
+    ``2 B_max (D e + 4)``, the carried float32 accumulator and the arriving one
+    ``2 B_max (D + 1) 4``, the image gradient and one step's gradients
+    ``(2 B_r + 2 B_max) D 4``, + a panel of B_max columns. Peak about
+    ``(2 e + 24) B_max D``.
+  - SigLIP: nothing kept but the inputs; backward: two blocks ``2 B_max D e``, the
+    step's gradient factors ``2 B_max D e``, the carried and arriving accumulators and
+    the step's part ``3 B_max D 4``, the image gradient ``B_r D 4``. Peak about
+    ``(4 e + 16) B_max D``.
 
-Passes per rank over ``B_r x N x D``: InfoNCE two forward (the two directions) and six
-backward in both modes; SigLIP three in all_gather mode (forward with gradients) and
-four in ring mode (the gradients are recomputed in the backward and multiplied by
-this rank's incoming gradient before they travel).
+  tests/test_contrastive_dist_costs.py measures, per rank at 2 and 3 gloo ranks, the
+  bytes saved for the backward, the collectives' buffers, the largest p2p exchange
+  and the largest tensor any op creates, against these formulas.
+
+When each mode wins: **all_gather** while its ``~3 N D e`` fits next to the model: the
+bytes each rank moves are the same in both modes (``(W - 1) B D e`` per direction),
+but NCCL's all-gather and reduce-scatter move them in one bandwidth-optimal collective
+each, the panels are few and wide, and the ring adds the backward's float32
+accumulator hops and W sequential steps. So all_gather for small and moderate world
+sizes (one node, a few nodes). **ring** when ``N D`` no longer fits (thousands of GPUs,
+B_global in the millions): its memory does not grow with W, and it needs less than
+all_gather once W exceeds about ``(2 e + 24) / (3 e)`` (5 ranks in bf16). Its transfers
+hide behind the compute when each step's tiles take longer than one block's transfer,
+``2 B_r B_q D / F >= B_q D e / L`` (F the FLOP rate, L the link's bytes/s), i.e.
+``B_r >= F e / (2 L)``: about 2,000 rows on NVLink (450 GB/s, bf16, H100) and 20,000
+on 50 GB/s InfiniBand in the forward (the backward moves a block and its float32
+accumulator, ``B_q D (e + 4)`` bytes, behind three passes: about the same threshold);
+below that the ring is bound by its links.
 """
 
 from __future__ import annotations

@@ -354,9 +354,16 @@ def _chunk(chunk_size, cols):
     return chunk_size
 
 
-def _distribution(x: Tensor, group, world: int, rank: int, local_batch_sizes, mode) -> Dist:
-    if mode not in MODES:
+def check_mode(mode) -> str:
+    """The distributed mode, validated: one of :data:`MODES` (ValueError naming
+    ``mode`` otherwise)."""
+    if not isinstance(mode, str) or mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    return mode
+
+
+def _distribution(x: Tensor, group, world: int, rank: int, local_batch_sizes, mode) -> Dist:
+    check_mode(mode)
     if world <= 1:
         if local_batch_sizes is not None and tuple(local_batch_sizes) != (x.shape[0],):
             raise ValueError(f"local_batch_sizes {local_batch_sizes!r} does not match one "
@@ -459,13 +466,15 @@ def info_nce(image_features: Tensor, text_features: Tensor, logit_scale: Tensor,
             open_clip requires); CPU features check that with one tiny host-side
             collective, GPU features are not checked (a check would cost a host sync per
             call; TORCH_DISTRIBUTED_DEBUG=DETAIL makes torch check every collective).
-        mode: distributed only: ``"all_gather"`` (default) or ``"ring"``. Memory per
-            rank, in elements, N = sum of the local batches, B_max the largest, R the
-            weight panel's rows (all of them up to 1 GiB of weights):
-            all_gather ``2 N D`` kept from forward to backward + ``2 N D`` in the
-            backward + ``R N``; ring ``6 B_max D`` (two blocks in flight, the carried
-            float32 accumulator) + ``R B_max``. all_gather is faster while ``4 N D``
-            fits; ring when it does not (see mmkernels/ops/_contrastive_dist.py).
+        mode: distributed only: ``"all_gather"`` (default) or ``"ring"``; the same
+            loss and gradients, 1 + 3 GEMM passes per rank in both. Memory per rank
+            in bytes (e the features' itemsize, N the sum of the local batches, B_max
+            the largest, plus one weight panel of at most PANEL_BYTES): all_gather
+            ``N D e`` kept from forward to backward, about ``3 N D e`` at its peak;
+            ring ``O(B_max D)``, about ``(2 e + 24) B_max D`` at its peak,
+            independent of the world size. all_gather is faster while ``3 N D e``
+            fits; ring when it does not (itemised, and when the ring's transfers hide
+            behind its compute: mmkernels/ops/_contrastive_dist.py).
 
     Returns:
         The scalar loss (features' dtype, float32 under autocast; accumulation in
@@ -491,10 +500,11 @@ def sigmoid_contrastive(image_features: Tensor, text_features: Tensor, logit_sca
     against every global text (positives in its own block), divided by the local batch,
     as SigLipLoss with world_size > 1 (whose neighbour exchange passes gradients back the
     same way). Args as :func:`info_nce`, plus ``logit_bias`` (one element, gets a gradient;
-    None adds no bias, as open_clip). Memory per rank: all_gather ``N D`` (the gathered
-    texts, forward only) + ``N D`` kept for the backward (the features' dtype) + ``R N``;
-    ring ``2 B_max D`` (two blocks in flight) + ``B_max D`` float32 (the carried
-    accumulator, backward) + ``R B_max``.
+    None adds no bias, as open_clip). GEMM passes per rank: all_gather 3 (the forward
+    forms the gradients), ring 1 + 3 (see mmkernels/ops/_contrastive_dist.py for why).
+    Memory per rank in bytes, as :func:`info_nce`: all_gather ``(N + B) D e`` kept for
+    the backward (the gradient factors), about ``2 N D e`` at its peak; ring nothing
+    kept but the inputs, about ``(4 e + 16) B_max D`` at its peak.
     """
     group, world, rank = group_info(process_group)
     return _sigmoid_contrastive_on(image_features, text_features, logit_scale, logit_bias,
