@@ -765,17 +765,18 @@ def _acc_dtype(x: Tensor) -> torch.dtype:
     return torch.float64 if x.dtype == torch.float64 else torch.float32
 
 
-def _similarity_tiles(r: Tensor, c: Tensor, s: Tensor, chunk: int, col_chunk: int):
-    """Every (chunk x col_chunk) tile of s * r @ c^T, row panel by row panel, as
-    (row slice, column slice, r[rows], tile). The tile lives in one reused buffer: it is
-    valid until the next step (callers may overwrite it)."""
+def _similarity_tiles(r: Tensor, c: Tensor, s: Tensor, chunk: int, col_chunk: int,
+                      fold_scale: bool = True):
+    """Every (chunk x col_chunk) tile of s * r @ c^T (of r @ c^T without fold_scale),
+    row panel by row panel, as (row slice, column slice, r[rows], tile). The tile lives
+    in one reused buffer: it is valid until the next step (callers may overwrite it)."""
     n, m = r.shape[0], c.shape[0]
     buf = torch.empty(min(chunk, n) * min(col_chunk, m), dtype=r.dtype, device=r.device)
     c_t = c.T.contiguous()  # (D, m): a row-major right operand is the fast GEMM
     for a in range(0, n, chunk):
         ri = slice(a, min(a + chunk, n))
         ra = r[ri]
-        ra_s = ra * s  # the scale folded into the operand
+        ra_s = ra * s if fold_scale else ra  # the scale folded into the operand
         for b in range(0, m, col_chunk):
             ci = slice(b, min(b + col_chunk, m))
             S = buf[:(ri.stop - a) * (ci.stop - b)].view(ri.stop - a, ci.stop - b)
@@ -804,30 +805,116 @@ def lse_rows_and_cols(rows: Tensor, cols: Tensor, scale: Tensor, chunk: int, wit
     return row_max + row_sum.log(), lse_c
 
 
-def lse_backward(rows: Tensor, cols: Tensor, scale: Tensor, lse_r: Tensor, lse_c: Tensor | None,
-                 w_row: float, w_col: float, chunk: int, passes=EAGER_PASSES,
-                 col_chunk: int = TILE_COLS) -> tuple[Tensor, Tensor, Tensor]:
-    """Gradients of w_row * sum(lse_r) + w_col * sum(lse_c) w.r.t. rows, cols and scale,
-    recomputing each tile: W = w_row * P_row + w_col * P_col, d rows = s W cols,
-    d cols = s W^T rows, d scale = sum_ij W_ij <r_i, c_j> = sum_i <r_i, (W cols)_i>.
-    The weights are folded into the exponents (exp(S - lse + log w)) and W overwrites
-    the tile, so each tile costs one GEMM, one elementwise pass and two GEMMs."""
+def positive_dots(rows: Tensor, cols: Tensor, pos_offset: int) -> Tensor:
+    """rows_i . cols_(i + pos_offset) in the accumulation dtype (0 where that column does
+    not exist)."""
+    acc = _acc_dtype(rows)
+    i = torch.arange(rows.shape[0], device=rows.device)
+    j = i + pos_offset
+    ok = (j >= 0) & (j < cols.shape[0])
+    out = torch.zeros(rows.shape[0], dtype=acc, device=rows.device)
+    out[ok] = (rows[i[ok]].to(acc) * cols[j[ok]].to(acc)).sum(1)
+    return out
+
+
+def add_positives(scale: Tensor, neg_r: Tensor, neg_c: Tensor | None, pos: Tensor,
+                  pos_offset: int, m: int) -> tuple[Tensor, Tensor | None]:
+    """(lse_r, lse_c) from the negatives' log-sum-exps and the positives' dot products
+    pos (n,) (rows_i . cols_(i + pos_offset)): the positive logit s * pos added back
+    where the pair exists (m columns)."""
+    n = neg_r.shape[0]
+    i = torch.arange(n, device=neg_r.device)
+    j = i + pos_offset
+    sp = scale.to(neg_r.dtype) * pos.to(neg_r.dtype)
+    lse_r = neg_r.clone()
+    ok = (j >= 0) & (j < m)
+    lse_r[ok] = torch.logaddexp(neg_r[ok], sp[ok])
+    if neg_c is None:
+        return lse_r, None
+    lse_c = neg_c.clone()
+    lse_c[j[ok]] = torch.logaddexp(neg_c[j[ok]], sp[ok])
+    return lse_r, lse_c
+
+
+def negatives_lse(scale: Tensor, lse: Tensor, pos: Tensor) -> Tensor:
+    """The negatives' log-sum-exp from the full one and the positives' dot products:
+    lse + log(1 - exp(s * pos - lse)) (it cancels near convergence: the chunked paths'
+    float32/float64 use it; the Triton kernels sum the negatives directly)."""
+    miss = -torch.expm1(scale.to(lse.dtype) * pos.to(lse.dtype) - lse)
+    return lse + torch.log(miss.clamp(min=0.0))
+
+
+def lse_grads(rows: Tensor, cols: Tensor, scale: Tensor, grad: Tensor, lse_r: Tensor | None,
+              lse_c: Tensor | None, coef_r, coef_c, pos_w: Tensor | None,
+              pos_offset: int | None, chunk: int, bound: float = 1.0, passes=EAGER_PASSES,
+              col_chunk: int = TILE_COLS, col_stats: bool = False):
+    """grad times the gradients w.r.t. rows, cols and scale of a loss whose derivative
+    by S = scale * rows @ cols^T is W_ij = coef_r_i exp(S_ij - lse_r_i) + coef_c_j
+    exp(S_ij - lse_c_j), except at the positives (i, i + pos_offset), where it is pos_w_i
+    (the forward's statistics give it without cancellation). coef_*: a float (positive)
+    or a vector; None drops that term. d rows = s W cols, d cols = s W^T rows, d scale =
+    sum_ij W_ij <r_i, c_j>. Each tile is recomputed once and W overwrites it.
+    Returns (d_rows, d_cols, d_scale, None); with col_stats, d_scale leaves out the
+    column term, whose column sums of W_col_ij <r_i, c_j> come fourth ((m,), times
+    grad). (``bound`` is for the Triton path's interface.)"""
     n, m = rows.shape[0], cols.shape[0]
-    acc = lse_r.dtype
+    acc = _acc_dtype(rows)
     opts = dict(dtype=acc, device=rows.device)
     r, c = rows.to(acc), cols.to(acc)
     s = scale.to(acc)
     d_rows = torch.zeros(n, rows.shape[1], **opts)
     d_cols = torch.zeros(m, cols.shape[1], **opts)
-    row_shift = (lse_r - math.log(w_row)).contiguous()
-    col_shift = (lse_c - math.log(w_col)).contiguous() if lse_c is not None and w_col != 0 else None
-    for ri, ci, ra, W in _similarity_tiles(r, c, s, chunk, col_chunk):
-        passes.grad_panel(W, row_shift[ri], None if col_shift is None else col_shift[ci])
+    c_stat = torch.zeros(m, **opts) if col_stats else None
+
+    def vec(coef, k):
+        return coef.to(acc) if isinstance(coef, Tensor) else torch.full((k,), float(coef), **opts)
+
+    # scalar positive coefficients fold into the shifts (the fused panel pass); vectors
+    # (the distributed losses' per-rank weights, any sign) take eager tile passes
+    fused = not col_stats and not isinstance(coef_r, Tensor) and not isinstance(coef_c, Tensor)
+    huge = torch.full((n,), float("inf"), **opts)
+    if fused:
+        row_shift = (lse_r.to(acc) - math.log(coef_r) if coef_r is not None else huge).contiguous()
+        col_shift = (lse_c.to(acc) - math.log(coef_c)).contiguous() if coef_c is not None else None
+    ca = vec(coef_r, n) if coef_r is not None else None
+    cb = vec(coef_c, m) if coef_c is not None else None
+    for ri, ci, ra, W in _similarity_tiles(r, c, s, chunk, col_chunk, fold_scale=fused):
+        if fused:
+            passes.grad_panel(W, row_shift[ri], None if col_shift is None else col_shift[ci])
+        else:  # W holds the dot products
+            S = W * s
+            dots = W.clone() if col_stats else None
+            W.zero_()
+            if ca is not None:
+                W += ca[ri, None] * torch.exp(S - lse_r.to(acc)[ri, None])
+            if cb is not None:
+                E = cb[None, ci] * torch.exp(S - lse_c.to(acc)[None, ci])
+                if col_stats:
+                    c_stat[ci] += (E * dots).sum(0)
+                W += E
         with cpu_threads_pinned(W):
             d_rows[ri].addmm_(W, c[ci])
             d_cols[ci].addmm_(W.T, ra)
+    if pos_offset is not None:
+        # the tiles gave the positives the formula's weight; make it pos_w
+        i = torch.arange(n, device=rows.device)
+        j = i + pos_offset
+        ok = (j >= 0) & (j < m)
+        i, j = i[ok], j[ok]
+        dot = (r[i] * c[j]).sum(1)
+        sp = s * dot
+        f_row = ca[i] * torch.exp(sp - lse_r.to(acc)[i]) if ca is not None else 0.0
+        f_col = cb[j] * torch.exp(sp - lse_c.to(acc)[j]) if cb is not None else 0.0
+        delta = pos_w.to(acc)[i] - f_row - f_col
+        d_rows.index_add_(0, i, c[j] * delta[:, None])
+        d_cols.index_add_(0, j, r[i] * delta[:, None])
+        if col_stats and cb is not None:
+            c_stat.index_add_(0, j, -f_col * dot)
+    g = grad.to(acc)
     d_s = ordered_sum(r * d_rows)
-    return d_rows * s, d_cols * s, d_s
+    if col_stats:
+        d_s = d_s - ordered_sum(c_stat)
+    return d_rows * (s * g), d_cols * (s * g), d_s * g, None if c_stat is None else c_stat * g
 
 
 def siglip_positives(rows: Tensor, cols: Tensor, scale: Tensor, bias: Tensor,
@@ -852,7 +939,8 @@ def siglip_panels(rows: Tensor, cols: Tensor, scale: Tensor, bias: Tensor, chunk
     """Sum over tiles of -logsigmoid(z * (s R C^T + b)) with z = +1 at (i, i + diag_offset)
     and -1 elsewhere (diag_offset None: all negatives). With grad_weight, the gradients of
     grad_weight * that sum w.r.t. rows, cols, scale and bias come from the same tiles
-    (each element's gradient depends on its logit alone, so no second pass is needed)."""
+    (each element's gradient depends on its logit alone, so no second pass is needed):
+    (total, G_rows, G_cols, post, d_scale, d_bias), the gradients being G * post."""
     n, m = rows.shape[0], cols.shape[0]
     acc = _acc_dtype(rows)
     opts = dict(dtype=acc, device=rows.device)
@@ -883,4 +971,4 @@ def siglip_panels(rows: Tensor, cols: Tensor, scale: Tensor, bias: Tensor, chunk
     if not want:
         return total
     d_s = ordered_sum(r * d_rows)  # sum_ij G_ij <r_i, c_j>
-    return total, d_rows * s, d_cols * s, d_s, d_b
+    return total, d_rows, d_cols, s, d_s, d_b

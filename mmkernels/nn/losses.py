@@ -38,12 +38,18 @@ class ClipLoss(nn.Module):
     With the default ``world_size=1`` the loss is local and issues no collective, even
     under an initialised process group (open_clip's semantics: rank-0-only evaluation
     works); ``world_size``/``rank`` must match the default group when > 1.
+    ``mode`` (``"all_gather"`` or ``"ring"``) chooses how the ranks exchange features,
+    as in :func:`mmkernels.info_nce`: the same loss and gradients, ring holding
+    O(B_local D) per rank instead of O(B_global D); it matters only when
+    ``world_size > 1``.
     """
 
     def __init__(self, local_loss: bool = False, gather_with_grad: bool = False,
                  cache_labels: bool = False, rank: int = 0, world_size: int = 1,
-                 use_horovod: bool = False, chunk_size: int | None = None) -> None:
+                 use_horovod: bool = False, chunk_size: int | None = None,
+                 mode: str = "all_gather") -> None:
         super().__init__()
+        self.mode = _ops.check_mode(mode)
         if world_size > 1 and not (local_loss and gather_with_grad):
             raise ValueError("mmkernels ClipLoss with world_size > 1 implements "
                              "local_loss=True, gather_with_grad=True (see its docstring)")
@@ -59,11 +65,12 @@ class ClipLoss(nn.Module):
             # a constant added to every logit cancels in each softmax
             logit_scale = logit_scale + 0 * logit_bias
         loss = _ops._info_nce_on(image_features, text_features, logit_scale, self.chunk_size,
-                                 *_where(self.world_size, self.rank))
+                                 *_where(self.world_size, self.rank), mode=self.mode)
         return {"contrastive_loss": loss} if output_dict else loss
 
     def extra_repr(self) -> str:
-        return f"rank={self.rank}, world_size={self.world_size}, chunk_size={self.chunk_size}"
+        return (f"rank={self.rank}, world_size={self.world_size}, chunk_size={self.chunk_size}, "
+                f"mode={self.mode!r}")
 
 
 class SigLipLoss(nn.Module):
@@ -73,12 +80,15 @@ class SigLipLoss(nn.Module):
     ``logit_bias=None`` adds no bias, as open_clip. ``dist_impl`` is accepted for
     compatibility: every exchange pattern gives the same loss and gradients, which the
     all-gather implementation computes. Local (no collective) unless ``world_size > 1``,
-    as :class:`ClipLoss`.
+    as :class:`ClipLoss`. ``mode`` (``"all_gather"`` or ``"ring"``), as
+    :class:`ClipLoss` and :func:`mmkernels.sigmoid_contrastive`.
     """
 
     def __init__(self, cache_labels: bool = False, rank: int = 0, world_size: int = 1,
-                 dist_impl: str | None = None, chunk_size: int | None = None) -> None:
+                 dist_impl: str | None = None, chunk_size: int | None = None,
+                 mode: str = "all_gather") -> None:
         super().__init__()
+        self.mode = _ops.check_mode(mode)
         if dist_impl not in (None, "bidir", "shift", "reduce", "gather"):
             raise ValueError(f"dist_impl must be bidir, shift, reduce or gather, got {dist_impl}")
         self.cache_labels, self.rank, self.world_size = cache_labels, rank, world_size
@@ -89,8 +99,10 @@ class SigLipLoss(nn.Module):
                 logit_bias: Tensor | None, output_dict: bool = False):
         loss = _ops._sigmoid_contrastive_on(image_features, text_features, logit_scale,
                                             logit_bias, self.chunk_size,
-                                            *_where(self.world_size, self.rank))
+                                            *_where(self.world_size, self.rank),
+                                            mode=self.mode)
         return {"contrastive_loss": loss} if output_dict else loss
 
     def extra_repr(self) -> str:
-        return f"rank={self.rank}, world_size={self.world_size}, chunk_size={self.chunk_size}"
+        return (f"rank={self.rank}, world_size={self.world_size}, chunk_size={self.chunk_size}, "
+                f"mode={self.mode!r}")

@@ -1,331 +1,75 @@
 """Large-batch contrastive losses without the B x B matrix: ``info_nce`` (CLIP) and
 ``sigmoid_contrastive`` (SigLIP), on one process or across processes.
 
-Only tiles of similarities exist at any time: the row and column log-sum-exps are
-accumulated tile by tile in the forward (each tile serves both directions), and the
-backward recomputes the tiles, behind the custom ops ``mmkernels::info_nce_fwd/_bwd``
-and ``mmkernels::sigmoid_contrastive_fwd``. Three implementations share one interface
-(``lse_rows_and_cols``, ``lse_backward``, ``siglip_panels``; chosen by :func:`_path`):
-  * Triton kernels (mmkernels/triton/contrastive.py): CUDA fp16/bf16/fp32, and CPU
-    tensors under TRITON_INTERPRET=1;
+Only tiles of similarities exist at any time, behind the custom ops
+``mmkernels::info_nce_fwd/_bwd`` and ``mmkernels::sigmoid_contrastive_fwd``:
+
+* InfoNCE, four GEMM passes over B^2 D: the forward computes every tile once for the
+  row and the column log-sum-exps (and the positives' dot products); the backward
+  recomputes each tile once, forms both directions' weights from it and runs the two
+  gradient GEMMs (dI = W T, dT = W^T I) on them.
+* SigLIP, three: with gradients, the forward forms each tile's loss and weights once
+  and runs the two gradient GEMMs; without, one pass for the loss.
+
+Three implementations share one interface (``lse_rows_and_cols``, ``lse_grads``,
+``siglip_panels``; chosen by :func:`_path`):
+  * Triton (mmkernels/triton/contrastive.py, launched by contrastive_launch.py): CUDA
+    fp16/bf16/fp32, and CPU tensors under TRITON_INTERPRET=1. The weights are written
+    once per tile in the features' dtype and the gradient GEMMs run on cuBLAS;
   * the tiled path of mmkernels.reference with the fused C++ panel passes
     (csrc/contrastive/): CPU tensors;
   * the same tiled path with eager passes: float64 on a GPU, builds without the
     extension, MMKERNELS_BACKEND=reference.
 
+Precision (fp16/bf16): similarities accumulate in fp32 and every statistic is fp32;
+the weights dLoss/dS are formed in fp32 with the positive pairs' term already
+subtracted (P_ii - 1 cancels near convergence: rounding P first costs 2x the error),
+then rounded once, scaled by a power of two so that weights of order 1/B are never
+subnormal fp16 (WEIGHT_TARGET in contrastive_launch.py). Under ``torch.autocast`` the
+ops take the features in the autocast dtype (as open_clip's logit matmul) and return
+a float32 loss (as open_clip's cross-entropy): the tensor-core kernels, never the fp32
+FMA ones.
+
 Distributed (``process_group``, or an initialised default group with world size > 1):
-each rank passes its local features and the loss is that of open_clip's
-``ClipLoss(local_loss=True, gather_with_grad=True)``: local image rows against every
-global text, local text rows against every global image, labels offset by the rank.
-Features move by one all_gather_into_tensor per forward: every rank contributes its
-(B_local, D) block (image and text side by side for InfoNCE). The local batches are
-equal, as in open_clip, or given on the host as ``local_batch_sizes`` (padded to the
-largest for the collective and unpadded): sizes are never read back from a device, so
-no call syncs with the host. A rank holds O(B_global * D) features and one similarity
-tile per program (or per CPU step), never a B_local x B_global matrix. In the
-backward, the gradients a rank computes for the other ranks' features (its columns)
-are summed across ranks with one all-reduce of the (B_global, D) buffers, the same sum
-open_clip's all_gather backward performs. An all-gather rather than a send/recv ring
-because NCCL and gloo both implement it with bandwidth-optimal algorithms, the
-features are small next to the panel compute, and
-one collective per direction keeps the backward deterministic.
+see mmkernels/ops/_contrastive_dist.py for the two modes, ``all_gather`` and ``ring``,
+their memory per rank and when each wins. The local batches are equal, as in
+open_clip, or given on the host as ``local_batch_sizes``: sizes are never read back
+from a device, so no call syncs with the host.
 """
 
 from __future__ import annotations
 
-import contextlib
-import dataclasses
 import functools
-import math
 import types
 
 import torch
-import torch.distributed as dist
 from torch import Tensor
+from torch.amp.autocast_mode import is_autocast_available
 
 from mmkernels import _extension, reference
-from mmkernels.triton import KernelSpec, interpreter_tiles, interpreting
+from mmkernels.ops import _contrastive_dist as cdist
+from mmkernels.ops._contrastive_dist import LOCAL, Dist, group_info, local_sizes
+from mmkernels.triton import contrastive_launch as launch
+from mmkernels.triton.contrastive_launch import CONFIGS, INTERPRET_CONFIGS  # noqa: F401
 
 __all__ = ["info_nce", "sigmoid_contrastive"]
 
-
-# ---------------------------------------------------------------------------------
-# Triton path (CUDA tensors, or CPU tensors under TRITON_INTERPRET=1): kernels in
-# mmkernels/triton/contrastive.py, launched here with the chunked path's signatures
-# ---------------------------------------------------------------------------------
-
-
-@dataclasses.dataclass(frozen=True)
-class ContrastiveConfig:
-    block_m: int
-    block_n: int
-    block_k: int      # feature-dim slice of the similarity tiles
-    block_d: int      # feature-dim slice of the gradient accumulation (backward)
-    num_warps: int
-    num_stages: int
-
-    def __str__(self) -> str:
-        return (f"M{self.block_m}-N{self.block_n}-K{self.block_k}-D{self.block_d}"
-                f"-w{self.num_warps}-s{self.num_stages}")
-
-
-_CC = ContrastiveConfig
-# Launch configurations per kernel and operand class, best first: "mma" for fp16/bf16
-# on tensor cores, "tf32" for fp32 with TF32 enabled, "fp32" for exact fp32 (FMA dot
-# products, which need smaller tiles). Each entry was compiled for sm_80 and sm_90 in
-# every mode and dtype of its class, for any batch and for batches that are multiples
-# of 16, and kept only without spills; `python -m mmkernels.tools.kernel_report`
-# re-checks them all in CI.
-CONFIGS: dict[str, dict[str, list[ContrastiveConfig]]] = {
-    "fwd": {"mma": [_CC(128, 128, 32, 0, 8, 2)],
-            "tf32": [_CC(64, 128, 64, 0, 8, 2)],
-            "fp32": [_CC(64, 64, 32, 0, 4, 1)]},
-    "bwd": {"mma": [_CC(64, 64, 64, 128, 8, 1), _CC(64, 64, 64, 64, 8, 2)],
-            "tf32": [_CC(64, 64, 64, 128, 8, 1), _CC(64, 64, 64, 64, 8, 2)],
-            "fp32": [_CC(32, 32, 32, 64, 4, 1)]},
-}
-INTERPRET_CONFIGS = {"fwd": _CC(16, 16, 32, 0, 4, 1), "bwd": _CC(16, 16, 32, 32, 4, 1)}
-#: persistent forward programs per SM (the column partials take P x m floats, P = this
-#: times the SM count)
-PROGRAMS_PER_SM = 2
-TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-
-
-def _guard(device: torch.device):
-    """Launch under the tensors' device (CUDA); nothing to guard on the CPU."""
-    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
-
-
-def _cdiv(a: int, b: int) -> int:
-    return -(-a // b)
-
-
-def _operand_class(precision: str, dtype: torch.dtype) -> str:
-    if dtype != torch.float32:
-        return "mma"
-    return "tf32" if precision == "tf32" else "fp32"
-
-
-def _config(kind: str, dtype: torch.dtype) -> ContrastiveConfig:
-    """The launch configuration of kernel `kind` ("fwd", "bwd") for this dtype, or
-    INTERPRET_CONFIGS under the interpreter (outside
-    :func:`mmkernels.triton.production_tiles`)."""
-    if interpreter_tiles():
-        return INTERPRET_CONFIGS[kind]
-    return CONFIGS[kind][_operand_class(_precision(dtype), dtype)][0]
-
-
-@functools.cache
-def _sm_count(index: int) -> int:
-    return torch.cuda.get_device_properties(index).multi_processor_count
-
-
-def _num_programs(device: torch.device, row_blocks: int) -> int:
-    """Persistent forward programs: a few per SM on a GPU; 3 in the interpreter, so
-    the tests cover programs that take several row blocks."""
-    if device.type == "cuda":
-        cap = PROGRAMS_PER_SM * _sm_count(device.index if device.index is not None
-                                          else torch.cuda.current_device())
-    else:
-        cap = 3
-    return max(1, min(row_blocks, cap))
-
-
-def _tf32_enabled() -> bool:
-    """Whether torch's CUDA matmuls may use TF32 for float32, under either API.
-
-    ``torch.backends.cuda.matmul.fp32_precision`` (torch >= 2.9) reports the effective
-    setting whichever API set it ("tf32" also after the legacy ``allow_tf32 = True`` or
-    ``set_float32_matmul_precision("high")``; "none" defers to
-    ``torch.backends.fp32_precision`` and reads as that). Reading the legacy
-    ``allow_tf32`` after the new API was used raises RuntimeError, so it is read only
-    where the new attribute does not exist."""
-    matmul = torch.backends.cuda.matmul
-    try:
-        precision = matmul.fp32_precision
-    except AttributeError:  # torch without the new API
-        return bool(matmul.allow_tf32)
-    if precision == "none":  # inherits the global setting
-        precision = getattr(torch.backends, "fp32_precision", "none")
-    return precision == "tf32"
-
-
-def _precision(dtype: torch.dtype) -> str:
-    """float32 tiles follow torch's matmul setting (TF32 only where the user enabled it
-    for eager matmuls too); fp16/bf16 always use tensor cores."""
-    return "tf32" if dtype == torch.float32 and _tf32_enabled() else "ieee"
+# names the tests and tools use
+_config = launch.config
+_precision = launch.precision
+_tf32_enabled = launch.tf32_enabled
+_group_info = group_info
+_local_sizes = local_sizes
+MODES = ("all_gather", "ring")
 
 
 def _uses_triton(t: Tensor) -> bool:
-    """The Triton kernels take fp16/bf16/fp32 on CUDA (or fp16/fp32 under the
-    interpreter, whose bf16 tl.dot is wrong); float64 and plain CPU tensors take the
-    tiled PyTorch path."""
-    if t.device.type == "cuda":
-        return t.dtype in TRITON_DTYPES
-    return interpreting() and t.dtype in (torch.float16, torch.float32)
+    return launch.uses_triton(t)
 
 
-def _operand(x: Tensor) -> Tensor:
-    """The features as the kernels are compiled for them (and as the kernel report
-    checks them): contiguous, 16-byte aligned, the feature dim zero-padded to a multiple
-    of 16 (zeros leave every dot product unchanged). Without this, an odd D or an
-    unaligned view launches an unspecialised variant that spills registers."""
-    D = x.shape[1]
-    pad = -D % 16
-    if pad == 0 and x.is_contiguous() and x.data_ptr() % 16 == 0:
-        return x
-    out = x.new_zeros(x.shape[0], D + pad)
-    out[:, :D] = x
-    return out
-
-
-def _on_device(scalar: Tensor | None, like: Tensor) -> Tensor | None:
-    """A one-element scale/bias where the kernels read it (a CPU scalar with CUDA
-    features is copied over; the kernels never dereference a host pointer)."""
-    return None if scalar is None else scalar.to(like.device).reshape(1)
-
-
-def _launch_fwd(rows: Tensor, cols: Tensor, scale: Tensor, bias: Tensor | None, mode: int,
-                with_cols: bool) -> tuple[Tensor, Tensor | None, Tensor | None]:
-    from mmkernels.triton.contrastive import _contrastive_fwd_kernel
-
-    n, m, D = rows.shape[0], cols.shape[0], rows.shape[1]
-    cfg = _config("fwd", rows.dtype)
-    scale, bias = _on_device(scale, rows), _on_device(bias, rows)
-    P = _num_programs(rows.device, _cdiv(n, cfg.block_m))
-    row_out = torch.empty(n, dtype=torch.float32, device=rows.device)
-    part_m = part_l = None
-    if with_cols:  # rows padded to 16 floats: the stride the kernel report checked
-        m16 = m + (-m % 16)
-        part_m = torch.full((P, m16), float("-inf"), dtype=torch.float32,
-                            device=rows.device)[:, :m]
-        part_l = torch.zeros((P, m16), dtype=torch.float32, device=rows.device)[:, :m]
-    with _guard(rows.device):
-        _contrastive_fwd_kernel[(P,)](
-            rows, cols, scale, bias if bias is not None else scale, row_out,
-            part_m if with_cols else row_out, part_l if with_cols else row_out,
-            n, m, D, rows.stride(0), cols.stride(0), part_m.stride(0) if with_cols else 0,
-            MODE=mode, WITH_COLS=with_cols, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
-            BLOCK_K=cfg.block_k, PRECISION=_precision(rows.dtype), num_warps=cfg.num_warps,
-            num_stages=cfg.num_stages)
-    return row_out, part_m, part_l
-
-
-def _launch_bwd(rows: Tensor, cols: Tensor, scale: Tensor, bias: Tensor | None, mode: int,
-                lse_a: Tensor | None, lse_b: Tensor | None, c_a: float, c_b: float,
-                with_loss: bool) -> tuple[Tensor, Tensor | None, Tensor | None]:
-    """G (n, D) fp32 = dLoss/dS @ cols for `rows` (see the kernel), and with_loss the
-    (n,) row sums of the SigLIP loss and weights."""
-    from mmkernels.triton.contrastive import _contrastive_bwd_kernel
-
-    n, m, D = rows.shape[0], cols.shape[0], rows.shape[1]
-    cfg = _config("bwd", rows.dtype)
-    scale, bias = _on_device(scale, rows), _on_device(bias, rows)
-    g = torch.zeros(n, D, dtype=torch.float32, device=rows.device)
-    loss = wsum = None
-    if with_loss:
-        loss = torch.empty(n, dtype=torch.float32, device=rows.device)
-        wsum = torch.empty(n, dtype=torch.float32, device=rows.device)
-    dummy = g
-    with _guard(rows.device):
-        _contrastive_bwd_kernel[(_cdiv(n, cfg.block_m),)](
-            rows, cols, scale, bias if bias is not None else scale,
-            lse_a if lse_a is not None else dummy, lse_b if lse_b is not None else dummy, g,
-            loss if with_loss else dummy, wsum if with_loss else dummy,
-            n, m, D, rows.stride(0), cols.stride(0), g.stride(0), c_a, c_b,
-            MODE=mode, USE_LSE_A=lse_a is not None, USE_LSE_B=lse_b is not None,
-            WITH_LOSS=with_loss, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
-            BLOCK_K=cfg.block_k, BLOCK_D=cfg.block_d, PRECISION=_precision(rows.dtype),
-            num_warps=cfg.num_warps, num_stages=cfg.num_stages)
-    return g, loss, wsum
-
-
-def _triton_lse_rows_and_cols(rows: Tensor, cols: Tensor, scale: Tensor, chunk: int,
-                              with_cols: bool) -> tuple[Tensor, Tensor | None]:
-    """As reference.lse_rows_and_cols (``chunk`` unused: the kernels tile by their
-    launch configuration)."""
-    rows, cols = _operand(rows), _operand(cols)
-    n, m = rows.shape[0], cols.shape[0]
-    if n == 0 or m == 0:
-        full = functools.partial(torch.full, dtype=torch.float32, device=rows.device)
-        return full((n,), float("-inf")), (full((m,), float("-inf")) if with_cols else None)
-    lse_r, part_m, part_l = _launch_fwd(rows, cols, scale, None, 0, with_cols)
-    if not with_cols:
-        return lse_r, None
-    # merge the programs' column partials (base 2): log2 sum_p l_p 2^(m_p - top) + top,
-    # with top 0 where every partial max is -inf (an all -inf column: -inf, not NaN)
-    top = part_m.amax(0)
-    top = top.masked_fill(top == float("-inf"), 0.0)
-    lse_c = (top + torch.log2((part_l * torch.exp2(part_m - top)).sum(0))) * math.log(2.0)
-    return lse_r, lse_c
-
-
-def _triton_lse_backward(rows: Tensor, cols: Tensor, scale: Tensor, lse_r: Tensor,
-                         lse_c: Tensor | None, w_row: float, w_col: float, chunk: int
-                         ) -> tuple[Tensor, Tensor, Tensor]:
-    """As reference.lse_backward: the row gradient from one launch, the column gradient
-    from the same kernel with the operands (and the two log-sum-exps) swapped."""
-    D = rows.shape[1]
-    rows, cols = _operand(rows), _operand(cols)
-    use_c = lse_c is not None and w_col != 0
-    top = max(w_row, w_col if use_c else 0.0)
-    s = scale.float()
-    if rows.shape[0] == 0 or cols.shape[0] == 0 or top == 0:
-        return (torch.zeros(rows.shape[0], D, dtype=torch.float32, device=rows.device),
-                torch.zeros(cols.shape[0], D, dtype=torch.float32, device=rows.device),
-                torch.zeros((), dtype=torch.float32, device=rows.device))
-    lse_cc = lse_c if use_c else None
-    g_r = _launch_bwd(rows, cols, scale, None, 0, lse_r, lse_cc, w_row / top, w_col / top,
-                      False)[0]
-    g_c = _launch_bwd(cols, rows, scale, None, 0, lse_cc, lse_r, w_col / top, w_row / top,
-                      False)[0]
-    g_r, g_c = g_r[:, :D].mul_(top), g_c[:, :D].mul_(top)
-    d_s = reference.ordered_sum(rows[:, :D].float() * g_r)
-    return g_r * s, g_c * s, d_s
-
-
-def _triton_siglip_panels(rows: Tensor, cols: Tensor, scale: Tensor, bias: Tensor, chunk: int,
-                          diag_offset: int | None, grad_weight: float | None = None):
-    """As reference.siglip_panels. The kernels treat every pair as a negative; the
-    positives (i, i + diag_offset) are corrected here from their n dot products."""
-    D = rows.shape[1]
-    rows, cols = _operand(rows), _operand(cols)
-    n, m = rows.shape[0], cols.shape[0]
-    want = grad_weight is not None
-    s = scale.float()
-    zeros = functools.partial(torch.zeros, dtype=torch.float32, device=rows.device)
-    if n == 0 or m == 0:
-        total = zeros(())
-        if not want:
-            return total
-        return total, zeros(n, D), zeros(m, D), zeros(()), zeros(())
-    if want:
-        g_r, loss, wsum = _launch_bwd(rows, cols, scale, bias, 1, None, None, 1.0, 1.0, True)
-        g_c = _launch_bwd(cols, rows, scale, bias, 1, None, None, 1.0, 1.0, False)[0]
-        g_r, g_c = g_r[:, :D], g_c[:, :D]
-        d_b = reference.ordered_sum(wsum)
-    else:
-        loss = _launch_fwd(rows, cols, scale, bias, 1, False)[0]
-    total = reference.ordered_sum(loss)
-    if diag_offset is not None:
-        i, j, d, a_i, b_j = reference.siglip_positives(rows[:, :D], cols[:, :D], scale, bias,
-                                                       diag_offset)
-        total = total - reference.ordered_sum(d)  # softplus(-d) - softplus(d) = -d
-        if want:
-            g_r.index_add_(0, i, b_j, alpha=-1.0)
-            g_c.index_add_(0, j, a_i, alpha=-1.0)
-            d_b = d_b - i.numel()
-    if not want:
-        return total
-    g_r.mul_(grad_weight)
-    g_c.mul_(grad_weight)
-    d_s = reference.ordered_sum(rows[:, :D].float() * g_r)
-    return total, g_r * s, g_c * s, d_s, d_b * grad_weight
-
-
-_TRITON_PATH = types.SimpleNamespace(lse_rows_and_cols=_triton_lse_rows_and_cols,
-                                     lse_backward=_triton_lse_backward,
-                                     siglip_panels=_triton_siglip_panels)
+_TRITON_PATH = types.SimpleNamespace(lse_rows_and_cols=launch.lse_rows_and_cols,
+                                     lse_grads=launch.lse_grads,
+                                     siglip_panels=launch.siglip_panels)
 
 
 class FusedCpuPasses:
@@ -362,9 +106,25 @@ if _extension.is_available():
 
 
 def _chunked_path(passes) -> types.SimpleNamespace:
+    def lse_rows_and_cols(rows, cols, scale, chunk, with_cols, pos_offset=None):
+        lse_r, lse_c = reference.lse_rows_and_cols(rows, cols, scale, chunk, with_cols,
+                                                   passes=passes)
+        if pos_offset is None:
+            return lse_r, lse_c, None, None, None
+        pos = reference.positive_dots(rows, cols, pos_offset)
+        neg_r = reference.negatives_lse(scale, lse_r, pos)
+        neg_c = None
+        if with_cols:
+            i = torch.arange(rows.shape[0], device=rows.device)
+            j = i + pos_offset
+            ok = (j >= 0) & (j < cols.shape[0])
+            neg_c = lse_c.clone()
+            neg_c[j[ok]] = reference.negatives_lse(scale, lse_c[j[ok]], pos[ok])
+        return lse_r, lse_c, pos, neg_r, neg_c
+
     return types.SimpleNamespace(
-        lse_rows_and_cols=functools.partial(reference.lse_rows_and_cols, passes=passes),
-        lse_backward=functools.partial(reference.lse_backward, passes=passes),
+        lse_rows_and_cols=lse_rows_and_cols,
+        lse_grads=functools.partial(reference.lse_grads, passes=passes),
         siglip_panels=functools.partial(reference.siglip_panels, passes=passes))
 
 
@@ -386,219 +146,68 @@ def _path(t: Tensor):
     return _EAGER_PATH
 
 
-# ---------------------------------------------------------------------------------
-# collectives
-# ---------------------------------------------------------------------------------
+def _acc(t: Tensor) -> torch.dtype:
+    return torch.float64 if t.dtype == torch.float64 else torch.float32
 
 
-@dataclasses.dataclass(frozen=True)
-class _Dist:
-    """Where a loss is computed: ``world == 1`` is one process (no collective at all);
-    otherwise ``rank`` of ``world`` in ``group``, with every rank's local batch size."""
-    group: object = None
-    world: int = 1
-    rank: int = 0
-    sizes: tuple[int, ...] = ()
-
-
-_LOCAL = _Dist()
-
-
-def _group_info(process_group) -> tuple[object, int, int]:
-    """(group, world size, rank): the given group, else the initialised default group,
-    else one process."""
-    if process_group is None:
-        if not (dist.is_available() and dist.is_initialized()):
-            return None, 1, 0
-        process_group = dist.group.WORLD
-    return process_group, dist.get_world_size(process_group), dist.get_rank(process_group)
-
-
-def _local_sizes(x: Tensor, group, world: int, rank: int,
-                 local_batch_sizes) -> tuple[int, ...]:
-    """Every rank's local batch, known on the host without a device sync.
-
-    Given ``local_batch_sizes``: checked against this rank's batch (the caller promises
-    the same list on every rank). Otherwise the local batches must be equal, as
-    open_clip's all_gather requires. Features on the CPU (gloo) check it with one
-    8-byte host-side all-gather and raise ValueError on every rank alike (gloo aborts
-    the process on a mismatched all-gather). On a GPU nothing is checked, because a
-    check would need a host sync per call; a mismatch then fails inside the
-    collective as it does in open_clip. ``TORCH_DISTRIBUTED_DEBUG=DETAIL`` makes torch
-    check every collective's shapes across ranks."""
-    B = x.shape[0]
-    if local_batch_sizes is not None:
-        sizes = tuple(local_batch_sizes)
-        if (len(sizes) != world or any(isinstance(n, bool) or not isinstance(n, int) or n < 1
-                                       for n in sizes)):
-            raise ValueError(f"local_batch_sizes must hold {world} positive ints (one per "
-                             f"rank), got {local_batch_sizes!r}")
-        if sizes[rank] != B:
-            raise ValueError(f"local_batch_sizes[{rank}] = {sizes[rank]} but this rank's "
-                             f"image_features hold {B} rows")
-        return sizes
-    if x.device.type == "cpu":
-        mine = torch.tensor([B], dtype=torch.int64)
-        every = torch.empty(world, dtype=torch.int64)
-        dist.all_gather_into_tensor(every, mine, group=group)
-        got = every.tolist()
-        if any(n != B for n in got):
-            raise ValueError(f"image_features: the local batches differ across ranks ({got}); "
-                             "pass local_batch_sizes=[...] (the same list on every rank) for "
-                             "uneven batches")
-    return (B,) * world
-
-
-def _gather_rows(x: Tensor, sizes: tuple[int, ...], group) -> Tensor:
-    """All-gather every rank's (B_r, D) block into (sum B_r, D), in rank order: one
-    all_gather_into_tensor of blocks padded to the largest B_r (no padding when the
-    batches are equal, the common case), then unpadded."""
-    biggest = max(sizes)
-    send = x.contiguous()
-    if x.shape[0] != biggest:
-        send = x.new_zeros(biggest, x.shape[1])
-        send[: x.shape[0]] = x
-    out = x.new_empty(len(sizes) * biggest, x.shape[1])
-    dist.all_gather_into_tensor(out, send, group=group)
-    if all(n == biggest for n in sizes):
-        return out
-    return torch.cat([out[r * biggest:r * biggest + n] for r, n in enumerate(sizes)])
-
-
-def _info_nce_value(image: Tensor, text: Tensor, scale: Tensor, lse_i: Tensor,
-                    lse_t: Tensor) -> Tensor:
-    """(sum lse_i + sum lse_t) / (2B) - s * sum_i I_i . T_i / B, in the LSEs' dtype."""
-    B, acc = image.shape[0], lse_i.dtype
-    pos = reference.ordered_sum(image.to(acc) * text.to(acc))
-    lse = reference.ordered_sum(lse_i) + reference.ordered_sum(lse_t)
-    return lse / (2 * B) - scale.to(acc) * pos / B
-
-
-def _add_positive_grads(image: Tensor, text: Tensor, scale: Tensor, d_i: Tensor, d_t: Tensor,
-                        d_s: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """Add the gradients of -s * sum_i I_i . T_i / B to the log-sum-exp gradients."""
-    B, acc = image.shape[0], d_i.dtype
-    s = scale.to(acc)
-    return (d_i - s * text.to(acc) / B, d_t - s * image.to(acc) / B,
-            d_s - reference.ordered_sum(image.to(acc) * text.to(acc)) / B)
-
-
-class _InfoNCEDistributed(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, image, text, scale, chunk, where: _Dist):
-        D = image.shape[1]
-        # one collective for both: rank r's block is [image_r | text_r]
-        both = _gather_rows(torch.cat([image.detach(), text.detach()], 1), where.sizes,
-                            where.group)
-        all_i, all_t = both[:, :D], both[:, D:]
-        group, sizes, rank = where.group, where.sizes, where.rank
-        lse_i, _ = _path(image).lse_rows_and_cols(image, all_t, scale, chunk, with_cols=False)
-        lse_t, _ = _path(image).lse_rows_and_cols(text, all_i, scale, chunk, with_cols=False)
-        loss = _info_nce_value(image, text, scale, lse_i, lse_t)
-        ctx.save_for_backward(image, text, scale, lse_i, lse_t, all_i, all_t)
-        ctx.meta = (chunk, group, sum(sizes[:rank]))
-        return loss.to(image.dtype)
-
-    @staticmethod
-    def backward(ctx, grad):
-        image, text, scale, lse_i, lse_t, all_i, all_t = ctx.saved_tensors
-        chunk, group, offset = ctx.meta
-        B = image.shape[0]
-        acc = lse_i.dtype
-        w = 1.0 / (2 * B)
-        g = grad.to(acc)
-        d_i, d_all_t, ds1 = _path(image).lse_backward(image, all_t, scale, lse_i, None, w, 0.0, chunk)
-        d_t, d_all_i, ds2 = _path(image).lse_backward(text, all_i, scale, lse_t, None, w, 0.0, chunk)
-        d_i, d_t, d_s = _add_positive_grads(image, text, scale, d_i, d_t, ds1 + ds2)
-        d_i, d_t, d_s = g * d_i, g * d_t, g * d_s
-        # gradients for every rank's features (this rank's columns), summed over ranks
-        cols = torch.cat([d_all_i, d_all_t]).mul_(g)
-        dist.all_reduce(cols, group=group)
-        N = all_i.shape[0]
-        d_i += cols[offset:offset + B]
-        d_t += cols[N + offset:N + offset + B]
-        return (d_i.to(image.dtype), d_t.to(text.dtype),
-                d_s.to(scale.dtype).reshape(scale.shape), None, None)
-
-
-class _SigLIPDistributed(torch.autograd.Function):
-    """open_clip SigLipLoss across ranks: local images against every global text, the
-    positives at this rank's own block; divided by the local batch. Gradients come from
-    the forward's panels (see _siglip_fwd); the text gradients of the other
-    ranks' blocks are summed across ranks in the backward."""
-
-    @staticmethod
-    def forward(ctx, image, text, scale, bias, chunk, where: _Dist):
-        group, sizes, rank = where.group, where.sizes, where.rank
-        all_t = _gather_rows(text.detach(), sizes, group)
-        offset = sum(sizes[:rank])
-        B = image.shape[0]
-        total, d_i, d_all_t, d_s, d_b = _path(image).siglip_panels(
-            image, all_t, scale, bias, chunk, offset, grad_weight=1.0 / B)
-        ctx.save_for_backward(d_i, d_all_t, d_s, d_b)
-        ctx.meta = (group, offset, B, image.dtype, scale.shape, bias.shape)
-        return (total / B).to(image.dtype)
-
-    @staticmethod
-    def backward(ctx, grad):
-        d_i, d_all_t, d_s, d_b = ctx.saved_tensors
-        group, offset, B, dtype, s_shape, b_shape = ctx.meta
-        g = grad.to(d_i.dtype)
-        cols = (d_all_t * g).contiguous()
-        dist.all_reduce(cols, group=group)
-        return ((g * d_i).to(dtype), cols[offset:offset + B].to(dtype),
-                (g * d_s).to(dtype).reshape(s_shape), (g * d_b).to(dtype).reshape(b_shape),
-                None, None)
+def _grad_dtype(t: Tensor) -> torch.dtype:
+    """The dtype of the SigLIP forward's gradient factors: the features' on the Triton
+    path (the GEMM outputs), the accumulation dtype on the chunked path."""
+    return t.dtype if _path(t) is _TRITON_PATH else _acc(t)
 
 
 # ---------------------------------------------------------------------------------
-# single-process ops (torch.library: fake kernels, autograd, opcheck-clean)
+# single-process ops (torch.library: fake kernels, autograd, autocast, opcheck-clean)
 # ---------------------------------------------------------------------------------
 
 
 @torch.library.custom_op("mmkernels::info_nce_fwd", mutates_args=())
 def _info_nce_fwd(image: Tensor, text: Tensor, scale: Tensor, chunk: int
-                  ) -> tuple[Tensor, Tensor, Tensor]:
-    """loss (scalar, image's dtype), lse_row (B,), lse_col (B,) (float32 or float64)."""
-    lse_r, lse_c = _path(image).lse_rows_and_cols(image, text, scale, chunk, with_cols=True)
-    return _info_nce_value(image, text, scale, lse_r, lse_c).to(image.dtype), lse_r, lse_c
+                  ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """loss (scalar), lse_row (B,), lse_col (B,), pos_w (B,), all float32 (float64 for
+    float64): pos_w is the positive pairs' weight in dLoss/dS, -((1 - P_ii) + (1 -
+    Q_ii)) / (2B), from the negatives' log-sum-exps (no cancellation near convergence)."""
+    lse_r, lse_c, pos, neg_r, neg_c = _path(image).lse_rows_and_cols(image, text, scale, chunk,
+                                                                      True, 0)
+    B = image.shape[0]
+    pos_w = -(torch.exp(neg_r - lse_r) + torch.exp(neg_c - lse_c)) / (2 * B)
+    return cdist.info_nce_value(scale, neg_r, neg_c, pos), lse_r, lse_c, pos_w
 
 
 @_info_nce_fwd.register_fake
 def _(image, text, scale, chunk):
-    acc = torch.float64 if image.dtype == torch.float64 else torch.float32
-    B = image.shape[0]
-    return image.new_empty(()), image.new_empty((B,), dtype=acc), image.new_empty((B,), dtype=acc)
+    acc, B = _acc(image), image.shape[0]
+    return (image.new_empty((), dtype=acc), image.new_empty((B,), dtype=acc),
+            image.new_empty((B,), dtype=acc), image.new_empty((B,), dtype=acc))
 
 
 @torch.library.custom_op("mmkernels::info_nce_bwd", mutates_args=())
 def _info_nce_bwd(grad: Tensor, image: Tensor, text: Tensor, scale: Tensor, lse_r: Tensor,
-                  lse_c: Tensor, chunk: int) -> tuple[Tensor, Tensor, Tensor]:
+                  lse_c: Tensor, pos_w: Tensor, chunk: int) -> tuple[Tensor, Tensor, Tensor]:
     B = image.shape[0]
-    w = 1.0 / (2 * B)
-    d_i, d_t, d_s = _add_positive_grads(
-        image, text, scale, *_path(image).lse_backward(image, text, scale, lse_r, lse_c, w, w, chunk))
-    g = grad.to(lse_r.dtype)
-    return (g * d_i).to(image.dtype), (g * d_t).to(text.dtype), (g * d_s).to(scale.dtype)
+    c = 1.0 / (2 * B)  # the loss weight of every log-sum-exp
+    d_i, d_t, d_s, _ = _path(image).lse_grads(image, text, scale, grad, lse_r, lse_c, c, c,
+                                              pos_w, 0, chunk, bound=1.0 / B)
+    return d_i.to(image.dtype), d_t.to(text.dtype), d_s.to(scale.dtype)
 
 
 @_info_nce_bwd.register_fake
-def _(grad, image, text, scale, lse_r, lse_c, chunk):
+def _(grad, image, text, scale, lse_r, lse_c, pos_w, chunk):
     # the real op returns contiguous gradients whatever the features' layout
     return image.new_empty(image.shape), text.new_empty(text.shape), scale.new_empty(())
 
 
 def _info_nce_setup(ctx, inputs, output):
     image, text, scale, chunk = inputs
-    _, lse_r, lse_c = output
-    ctx.save_for_backward(image, text, scale, lse_r, lse_c)
+    _, lse_r, lse_c, pos_w = output
+    ctx.save_for_backward(image, text, scale, lse_r, lse_c, pos_w)
     ctx.chunk = chunk
-    ctx.mark_non_differentiable(lse_r, lse_c)
+    ctx.mark_non_differentiable(lse_r, lse_c, pos_w)
 
 
-def _info_nce_backward(ctx, grad, _g_r, _g_c):
-    image, text, scale, lse_r, lse_c = ctx.saved_tensors
-    d_i, d_t, d_s = _info_nce_bwd(grad, image, text, scale, lse_r, lse_c, ctx.chunk)
+def _info_nce_backward(ctx, grad, _g_r, _g_c, _g_p):
+    image, text, scale, lse_r, lse_c, pos_w = ctx.saved_tensors
+    d_i, d_t, d_s = _info_nce_bwd(grad, image, text, scale, lse_r, lse_c, pos_w, ctx.chunk)
     return d_i, d_t, d_s, None
 
 
@@ -607,46 +216,85 @@ _info_nce_fwd.register_autograd(_info_nce_backward, setup_context=_info_nce_setu
 
 @torch.library.custom_op("mmkernels::sigmoid_contrastive_fwd", mutates_args=())
 def _siglip_fwd(image: Tensor, text: Tensor, scale: Tensor, bias: Tensor, chunk: int,
-                with_grad: bool) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """loss, and (with_grad) the gradients of the loss w.r.t. image, text, scale, bias from
-    the same panels (each element's gradient depends on its own logit only); without
-    with_grad the four are empty."""
+                with_grad: bool) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """loss (float32 scalar, float64 for float64) and, with_grad, the gradients of the
+    loss from the same panels (each element's gradient depends on its own logit only):
+    G_image, G_text, post, d_scale, d_bias, the features' gradients being G * post;
+    without with_grad the five are empty."""
     B = image.shape[0]
+    path = _path(image)
     if with_grad:
-        total, d_i, d_t, d_s, d_b = _path(image).siglip_panels(image, text, scale, bias, chunk, 0,
-                                                            grad_weight=1.0 / B)
-        return ((total / B).to(image.dtype), d_i.to(image.dtype), d_t.to(text.dtype),
-                d_s.to(scale.dtype), d_b.to(bias.dtype))
-    total = _path(image).siglip_panels(image, text, scale, bias, chunk, 0)
-    return ((total / B).to(image.dtype), image.new_empty((0, image.shape[1])),
-            text.new_empty((0, text.shape[1])), scale.new_empty(()), bias.new_empty(()))
+        total, g_i, g_t, post, d_s, d_b = path.siglip_panels(image, text, scale, bias, chunk, 0,
+                                                             grad_weight=1.0 / B)
+        acc = _acc(image)
+        return (total / B, g_i.to(_grad_dtype(image)), g_t.to(_grad_dtype(image)),
+                post.to(acc, copy=True), d_s.to(acc), d_b.to(acc))
+    total = path.siglip_panels(image, text, scale, bias, chunk, 0)
+    acc = _acc(image)
+    return (total / B, image.new_empty((0, image.shape[1])), text.new_empty((0, text.shape[1])),
+            *(image.new_zeros((), dtype=acc) for _ in range(3)))
 
 
 @_siglip_fwd.register_fake
 def _(image, text, scale, bias, chunk, with_grad):
+    acc, g = _acc(image), _grad_dtype(image)
     if with_grad:
-        return (image.new_empty(()), image.new_empty(image.shape), text.new_empty(text.shape),
-                scale.new_empty(()), bias.new_empty(()))
-    return (image.new_empty(()), image.new_empty((0, image.shape[1])),
-            text.new_empty((0, text.shape[1])), scale.new_empty(()), bias.new_empty(()))
+        return (image.new_empty((), dtype=acc), image.new_empty(image.shape, dtype=g),
+                text.new_empty(text.shape, dtype=g), image.new_empty((), dtype=acc),
+                image.new_empty((), dtype=acc), image.new_empty((), dtype=acc))
+    return (image.new_empty((), dtype=acc), image.new_empty((0, image.shape[1])),
+            text.new_empty((0, text.shape[1])), *(image.new_empty((), dtype=acc) for _ in range(3)))
 
 
 def _siglip_setup(ctx, inputs, output):
-    _, d_i, d_t, d_s, d_b = output
-    ctx.save_for_backward(d_i, d_t, d_s, d_b)
+    _, g_i, g_t, post, d_s, d_b = output
+    ctx.save_for_backward(g_i, g_t, post, d_s, d_b)
     ctx.with_grad = inputs[5]
-    ctx.mark_non_differentiable(d_i, d_t, d_s, d_b)
+    ctx.dtypes = tuple(t.dtype for t in inputs[:4])
+    ctx.mark_non_differentiable(g_i, g_t, post, d_s, d_b)
+    ctx.set_materialize_grads(False)  # no (B, D) zero gradients for the factor outputs
 
 
 def _siglip_backward(ctx, grad, *_):
     if not ctx.with_grad:
         raise RuntimeError("sigmoid_contrastive: the forward ran without gradients "
                            "(with_grad=False); call it with grad enabled to backpropagate")
-    d_i, d_t, d_s, d_b = ctx.saved_tensors
-    return grad * d_i, grad * d_t, grad * d_s, grad * d_b, None, None
+    if grad is None:  # only the (non-differentiable) factor outputs were used
+        return None, None, None, None, None, None
+    g_i, g_t, post, d_s, d_b = ctx.saved_tensors
+    f = grad * post
+    di, dt, ds, db = ctx.dtypes
+    return ((g_i * f).to(di), (g_t * f).to(dt), (grad * d_s).to(ds), (grad * d_b).to(db),
+            None, None)
 
 
 _siglip_fwd.register_autograd(_siglip_backward, setup_context=_siglip_setup)
+
+
+def _register_autocast(op, features: int) -> None:
+    """Under torch.autocast (cuda or cpu), cast the first `features` arguments (the
+    features, when floating point and not float64) to the autocast dtype and leave the
+    scale / bias in their dtype: the GEMMs run in the autocast dtype, every statistic in
+    float32, as open_clip's training (its logit matmul autocast, its loss float32)."""
+    name = op._qualname if hasattr(op, "_qualname") else op
+    for device in ("cuda", "cpu"):
+        key = "Autocast" + torch._C._dispatch_key_for_device(device)
+        keyset = torch._C.DispatchKeySet(getattr(torch._C.DispatchKey, key))
+
+        def kernel(_keyset, *args, device=device, keyset=keyset):
+            dtype = torch.get_autocast_dtype(device)
+            args = [a.to(dtype) if i < features and a.is_floating_point()
+                    and a.dtype != torch.float64 and a.device.type == device else a
+                    for i, a in enumerate(args)]
+            with torch._C._ExcludeDispatchKeyGuard(keyset):
+                return op(*args)
+
+        _AUTOCAST_LIB.impl(name.split("::")[1], kernel, key, with_keyset=True)
+
+
+_AUTOCAST_LIB = torch.library.Library("mmkernels", "IMPL")
+_register_autocast(_info_nce_fwd, 2)
+_register_autocast(_siglip_fwd, 2)
 
 
 # ---------------------------------------------------------------------------------
@@ -706,50 +354,95 @@ def _chunk(chunk_size, cols):
     return chunk_size
 
 
-def _distribution(x: Tensor, group, world: int, rank: int, local_batch_sizes) -> _Dist:
+def check_mode(mode) -> str:
+    """The distributed mode, validated: one of :data:`MODES` (ValueError naming
+    ``mode`` otherwise)."""
+    if not isinstance(mode, str) or mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    return mode
+
+
+def _distribution(x: Tensor, group, world: int, rank: int, local_batch_sizes, mode) -> Dist:
+    check_mode(mode)
     if world <= 1:
         if local_batch_sizes is not None and tuple(local_batch_sizes) != (x.shape[0],):
             raise ValueError(f"local_batch_sizes {local_batch_sizes!r} does not match one "
                              f"process with {x.shape[0]} rows")
-        return _LOCAL
-    return _Dist(group, world, rank, _local_sizes(x, group, world, rank, local_batch_sizes))
+        return LOCAL
+    return Dist(group, world, rank, local_sizes(x, group, world, rank, local_batch_sizes))
+
+
+def _autocast_on(device: str) -> bool:
+    """Whether autocast is enabled for this device type; False for the device types
+    autocast does not know (meta, the fake tensors of tracing), where
+    torch.is_autocast_enabled would raise."""
+    return is_autocast_available(device) and torch.is_autocast_enabled(device)
+
+
+def _loss_dtype(x: Tensor) -> torch.dtype:
+    """The features' dtype, or float32 where autocast casts them (open_clip's loss is
+    float32 under autocast)."""
+    if x.dtype != torch.float64 and _autocast_on(x.device.type):
+        return torch.promote_types(x.dtype, torch.float32)
+    return x.dtype
 
 
 def _info_nce_on(image_features, text_features, logit_scale, chunk_size, group, world, rank,
-                 local_batch_sizes=None) -> Tensor:
+                 local_batch_sizes=None, mode="all_gather") -> Tensor:
     """info_nce on an explicit (group, world, rank); world 1: local, no collective."""
     _check(image_features, text_features, logit_scale)
-    where = _distribution(image_features, group, world, rank, local_batch_sizes)
+    where = _distribution(image_features, group, world, rank, local_batch_sizes, mode)
     scale = logit_scale.reshape(())
+    out = _loss_dtype(image_features)
     if where.world > 1:
+        image, text = _autocast_features(image_features, text_features)
         chunk = _chunk(chunk_size, sum(where.sizes))
-        return _InfoNCEDistributed.apply(image_features, text_features, scale, chunk, where)
+        fn = cdist.InfoNCERing if mode == "ring" else cdist.InfoNCEAllGather
+        return fn.apply(image, text, scale, chunk, where, _path(image)).to(out)
     chunk = _chunk(chunk_size, image_features.shape[0])
-    return _info_nce_fwd(image_features, text_features, scale, chunk)[0]
+    return _info_nce_fwd(image_features, text_features, scale, chunk)[0].to(out)
+
+
+def _autocast_features(image: Tensor, text: Tensor) -> tuple[Tensor, Tensor]:
+    """The features as the autocast kernels of the ops cast them (the distributed
+    losses are autograd Functions, not custom ops)."""
+    device = image.device.type
+    if image.dtype == torch.float64 or not _autocast_on(device):
+        return image, text
+    dtype = torch.get_autocast_dtype(device)
+    return image.to(dtype), text.to(dtype)
 
 
 def _sigmoid_contrastive_on(image_features, text_features, logit_scale, logit_bias, chunk_size,
-                            group, world, rank, local_batch_sizes=None) -> Tensor:
+                            group, world, rank, local_batch_sizes=None,
+                            mode="all_gather") -> Tensor:
     """sigmoid_contrastive on an explicit (group, world, rank); world 1: local."""
     _check(image_features, text_features, logit_scale, logit_bias, check_bias=logit_bias is not None)
-    where = _distribution(image_features, group, world, rank, local_batch_sizes)
+    where = _distribution(image_features, group, world, rank, local_batch_sizes, mode)
     scale = logit_scale.reshape(())
     if logit_bias is None:  # open_clip adds no bias: the same as a constant 0
         bias = torch.zeros((), dtype=logit_scale.dtype, device=logit_scale.device)
     else:
         bias = logit_bias.reshape(())
-    if where.world > 1:
-        chunk = _chunk(chunk_size, sum(where.sizes))
-        return _SigLIPDistributed.apply(image_features, text_features, scale, bias, chunk, where)
-    chunk = _chunk(chunk_size, image_features.shape[0])
+    out = _loss_dtype(image_features)
     with_grad = torch.is_grad_enabled() and any(
         t.requires_grad for t in (image_features, text_features, scale, bias))
-    return _siglip_fwd(image_features, text_features, scale, bias, chunk, with_grad)[0]
+    if where.world > 1:
+        image, text = _autocast_features(image_features, text_features)
+        chunk = _chunk(chunk_size, sum(where.sizes))
+        path = _path(image)
+        if not with_grad:
+            return cdist.siglip_loss_only(image, text, scale, bias, chunk, where, path,
+                                          mode).to(out)
+        fn = cdist.SigLIPRing if mode == "ring" else cdist.SigLIPAllGather
+        return fn.apply(image, text, scale, bias, chunk, where, path).to(out)
+    chunk = _chunk(chunk_size, image_features.shape[0])
+    return _siglip_fwd(image_features, text_features, scale, bias, chunk, with_grad)[0].to(out)
 
 
 def info_nce(image_features: Tensor, text_features: Tensor, logit_scale: Tensor, *,
              chunk_size: int | None = None, process_group=None,
-             local_batch_sizes=None) -> Tensor:
+             local_batch_sizes=None, mode: str = "all_gather") -> Tensor:
     """CLIP's symmetric InfoNCE without the B x B logits.
 
     ``(CE(s I T^T, arange) + CE(s T I^T, arange)) / 2`` with ``s = logit_scale`` already
@@ -773,22 +466,33 @@ def info_nce(image_features: Tensor, text_features: Tensor, logit_scale: Tensor,
             open_clip requires); CPU features check that with one tiny host-side
             collective, GPU features are not checked (a check would cost a host sync per
             call; TORCH_DISTRIBUTED_DEBUG=DETAIL makes torch check every collective).
+        mode: distributed only: ``"all_gather"`` (default) or ``"ring"``; the same
+            loss and gradients, 1 + 3 GEMM passes per rank in both. Memory per rank
+            in bytes (e the features' itemsize, N the sum of the local batches, B_max
+            the largest, plus one weight panel of at most PANEL_BYTES): all_gather
+            ``N D e`` kept from forward to backward, about ``3 N D e`` at its peak;
+            ring ``O(B_max D)``, about ``(2 e + 24) B_max D`` at its peak,
+            independent of the world size. all_gather is faster while ``3 N D e``
+            fits; ring when it does not (itemised, and when the ring's transfers hide
+            behind its compute: mmkernels/ops/_contrastive_dist.py).
 
     Returns:
-        The scalar loss (features' dtype; accumulation in float32, or float64 for
-        float64). Memory: O(B * D) plus one similarity tile per step (on a GPU also
-        the forward's (2 x SMs, B) column partials); never B x B.
+        The scalar loss (features' dtype, float32 under autocast; accumulation in
+        float32, or float64 for float64). Memory on one process: O(B * D) plus one
+        similarity tile per step (on a GPU the forward's (2 x SMs, B) column partials
+        and the backward's weight panel, at most PANEL_BYTES); never B x B.
         NaN features give a NaN loss (never a silent number); an all -inf row or
         column of logits has log-sum-exp -inf, as torch.logsumexp.
     """
-    group, world, rank = _group_info(process_group)
+    group, world, rank = group_info(process_group)
     return _info_nce_on(image_features, text_features, logit_scale, chunk_size, group, world,
-                        rank, local_batch_sizes)
+                        rank, local_batch_sizes, mode)
 
 
 def sigmoid_contrastive(image_features: Tensor, text_features: Tensor, logit_scale: Tensor,
                         logit_bias: Tensor | None, *, chunk_size: int | None = None,
-                        process_group=None, local_batch_sizes=None) -> Tensor:
+                        process_group=None, local_batch_sizes=None,
+                        mode: str = "all_gather") -> Tensor:
     """SigLIP's sigmoid loss without the B x B logits.
 
     ``-sum_ij logsigmoid(z_ij (s I_i . T_j + b)) / B`` with z = +1 on the diagonal and -1
@@ -796,76 +500,12 @@ def sigmoid_contrastive(image_features: Tensor, text_features: Tensor, logit_sca
     against every global text (positives in its own block), divided by the local batch,
     as SigLipLoss with world_size > 1 (whose neighbour exchange passes gradients back the
     same way). Args as :func:`info_nce`, plus ``logit_bias`` (one element, gets a gradient;
-    None adds no bias, as open_clip).
+    None adds no bias, as open_clip). GEMM passes per rank: all_gather 3 (the forward
+    forms the gradients), ring 1 + 3 (see mmkernels/ops/_contrastive_dist.py for why).
+    Memory per rank in bytes, as :func:`info_nce`: all_gather ``(N + B) D e`` kept for
+    the backward (the gradient factors), about ``2 N D e`` at its peak; ring nothing
+    kept but the inputs, about ``(4 e + 16) B_max D`` at its peak.
     """
-    group, world, rank = _group_info(process_group)
+    group, world, rank = group_info(process_group)
     return _sigmoid_contrastive_on(image_features, text_features, logit_scale, logit_bias,
-                                   chunk_size, group, world, rank, local_batch_sizes)
-
-
-# ---------------------------------------------------------------------------------
-# static report
-# ---------------------------------------------------------------------------------
-
-
-def contrastive_spec(kernel, cfg: ContrastiveConfig, dtype: str, precision: str,
-                     consts: dict, tag: str, batch16: bool = False) -> KernelSpec:
-    """A KernelSpec specialised as every real launch is (see _operand): pointers, row
-    strides and D 16-divisible; scale/bias/statistics fp32. batch16: the batch sizes
-    are multiples of 16 as well (Triton specialises those launches separately)."""
-    import inspect
-
-    names = list(inspect.signature(kernel.fn).parameters)
-    consts = dict(consts, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
-                  PRECISION=precision)
-    if "BLOCK_D" in names:
-        consts["BLOCK_D"] = cfg.block_d
-    sig, attrs = {}, {}
-    for i, n in enumerate(names):
-        if n in consts:
-            sig[n] = "constexpr"
-        elif n.endswith("_ptr"):
-            sig[n] = f"*{dtype}" if n in ("a_ptr", "b_ptr") else "*fp32"
-            attrs[(i,)] = [["tt.divisibility", 16]]
-        elif n in ("c_a", "c_b"):
-            sig[n] = "fp32"
-        else:
-            sig[n] = "i32"
-            if n == "D" or n.startswith("stride_") or (batch16 and n in ("n_rows", "n_cols")):
-                attrs[(i,)] = [["tt.divisibility", 16]]
-    return KernelSpec(kernel.fn.__name__, kernel, sig, consts,
-                      {"num_warps": cfg.num_warps, "num_stages": cfg.num_stages},
-                      f"{tag} {dtype}{'' if dtype != 'fp32' else '/' + precision} {cfg}"
-                      f"{' B%16' if batch16 else ''}",
-                      needs_mma=precision != "ieee" or dtype != "fp32", attrs=attrs)
-
-
-def kernel_specs() -> list[KernelSpec]:
-    """The forward (InfoNCE with and without the column statistics, SigLIP) and the
-    heaviest backward variants (InfoNCE with both log-sum-exps, SigLIP with the loss;
-    the others drop code from these), for bf16, fp16, fp32 with TF32 and fp32 exact
-    (no tensor cores), any batch and batches that are multiples of 16, in every
-    configuration of the tables."""
-    from mmkernels.triton.contrastive import _contrastive_bwd_kernel, _contrastive_fwd_kernel
-
-    variants = {
-        _contrastive_fwd_kernel: [("infonce+cols", dict(MODE=0, WITH_COLS=True)),
-                                  ("infonce", dict(MODE=0, WITH_COLS=False)),
-                                  ("siglip", dict(MODE=1, WITH_COLS=False))],
-        _contrastive_bwd_kernel: [("infonce", dict(MODE=0, USE_LSE_A=True, USE_LSE_B=True,
-                                                   WITH_LOSS=False)),
-                                  ("siglip+loss", dict(MODE=1, USE_LSE_A=False,
-                                                       USE_LSE_B=False, WITH_LOSS=True))],
-    }
-    dtypes = {"mma": (("bf16", "ieee"), ("fp16", "ieee")), "tf32": (("fp32", "tf32"),),
-              "fp32": (("fp32", "ieee"),)}
-    specs = []
-    for kernel, kind in ((_contrastive_fwd_kernel, "fwd"), (_contrastive_bwd_kernel, "bwd")):
-        for operands, cfgs in CONFIGS[kind].items():
-            for cfg in cfgs:
-                for tag, consts in variants[kernel]:
-                    for dtype, precision in dtypes[operands]:
-                        for batch16 in (False, True):
-                            specs.append(contrastive_spec(kernel, cfg, dtype, precision, consts,
-                                                          tag, batch16))
-    return specs
+                                   chunk_size, group, world, rank, local_batch_sizes, mode)

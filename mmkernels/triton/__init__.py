@@ -56,8 +56,8 @@ class KernelSpec:
 
 
 def kernel_specs() -> list[KernelSpec]:
-    from mmkernels.ops import contrastive
     from mmkernels.triton import co_attention, varlen_attention
+    from mmkernels.triton import contrastive_launch as contrastive
 
     return (list(varlen_attention.kernel_specs()) + list(co_attention.kernel_specs())
             + list(contrastive.kernel_specs()))

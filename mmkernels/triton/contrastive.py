@@ -14,22 +14,27 @@ p + 2P, ...; each row block sweeps every column block):
     p touches that row: no atomics, deterministic). The host merges the P partials into
     the column log-sum-exp. Every tile is computed once for both directions; memory is
     O(P * m) with P = a few programs per SM, never O(n * m).
-  * SIGLIP: per-row sums of softplus(S + b), every element taken as a negative (the
-    host corrects the positives, O(n * D)).
+  * SIGLIP: per-row sums of the loss, softplus(S + b) for the negatives and
+    softplus(-(S + b)) for the positives (j = i + pos_offset).
+  * INFONCE also returns the positives' dot products A_i . B_(i + pos_offset), taken
+    from the tiles (no separate O(n * D) pass on the host).
 
-Backward, ``_contrastive_bwd_kernel`` (one program per row block): recomputes each S
-tile, forms dLoss/dS for it and accumulates G_A = (dLoss/dS) @ B for its rows, over the
-feature dim in BLOCK_D slices held in an fp32 buffer only this program touches. The
-column gradient G_B = (dLoss/dS)^T @ A is the same kernel with A and B swapped (the
-weights below are symmetric in that swap), so no atomics anywhere.
-  * INFONCE: dLoss/dS_ij = c_a exp(S_ij - lse_a_i) + c_b exp(S_ij - lse_b_j), each term
-    optional (USE_LSE_A / USE_LSE_B); the host passes coefficients of order one and
-    rescales, so fp16/bf16 tiles never hold subnormal weights.
-  * SIGLIP: dLoss/dS_ij = sigmoid(S_ij + b) (negatives; the host corrects positives),
-    with WITH_LOSS also the per-row sums of softplus(S + b) and of sigmoid(S + b), so a
-    forward that wants gradients costs two passes over the tiles, not three.
-The gradient GEMM multiplies the weight tile in the operands' dtype (fp16/bf16 tensor
-cores, as FlashAttention does with P) and accumulates in fp32.
+Gradients, ``_contrastive_weights_kernel`` (one program per (BLOCK_M, BLOCK_N) tile of a
+row panel): recomputes the tile once, forms dLoss/dS for it in fp32, subtracts the
+positive pairs' term there (before any rounding: near convergence P_ii - 1 cancels), and
+writes the weights once, in the operands' dtype, times a power of two chosen on the host
+(so fp16 weights of order 1/B are never subnormal). The host then runs the two gradient
+GEMMs on the weight panel with cuBLAS, G_A = W @ B and G_B = W^T @ A: three GEMM passes
+for the gradients, none of them with an accumulator round trip (mmkernels/triton/
+contrastive_launch.py).
+  * INFONCE: W_ij = exp(S_ij - shift_a_i) + exp(S_ij - shift_b_j) - coef [j = i + pos],
+    the shifts being the log-sum-exps minus the logs of the loss weights (each term
+    optional: USE_LSE_A / USE_LSE_B).
+  * SIGLIP: W_ij = coef (sigmoid(S_ij + b) - [j = i + pos]), the positive written
+    -sigmoid(-x) (no cancellation), with the per-tile row sums of the loss
+    (softplus(+-(S + b))) and of W.
+Both write the per-tile row sums of W_ij * (A_i . B_j) (the logit scale's gradient:
+dS/ds = A . B) in fp32, from the unrounded weights.
 """
 
 from __future__ import annotations
@@ -94,13 +99,18 @@ def _scale_and_bias(scale_ptr, bias_ptr, MODE: tl.constexpr):
 
 @triton.jit
 def _contrastive_fwd_kernel(a_ptr, b_ptr, scale_ptr, bias_ptr, row_out_ptr, part_m_ptr,
-                            part_l_ptr, n_rows, n_cols, D, stride_a, stride_b, stride_part,
+                            part_l_ptr, pos_ptr, n_rows, n_cols, D, stride_a, stride_b,
+                            stride_part, pos_offset,
                             MODE: tl.constexpr, WITH_COLS: tl.constexpr,
-                            BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                            BLOCK_K: tl.constexpr, PRECISION: tl.constexpr):
-    """row_out (n,) fp32: INFONCE the row log-sum-exp of S, SIGLIP sum_j softplus(S_ij + b).
-    INFONCE with WITH_COLS: part_m/part_l (P, m) fp32, initialised to -inf / 0, receive
-    this program's column max (base 2) and sum of exp2(S * log2 e - max)."""
+                            POSITIVES: tl.constexpr, BLOCK_M: tl.constexpr,
+                            BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                            PRECISION: tl.constexpr):
+    """row_out (n,) fp32: INFONCE the row log-sum-exp of S, SIGLIP sum_j of the loss
+    softplus(S_ij + b), or softplus(-(S_ij + b)) at the positive j = i + pos_offset
+    (POSITIVES). INFONCE with POSITIVES: pos (n,) fp32 gets A_i . B_(i + pos_offset) (0
+    where that column does not exist), from the same tiles. INFONCE with WITH_COLS:
+    part_m/part_l (P, m) fp32, initialised to -inf / 0, receive this program's column
+    max (base 2) and sum of exp2(S * log2 e - max)."""
     pid = tl.program_id(0)
     num_progs = tl.num_programs(0)
     scale, bias = _scale_and_bias(scale_ptr, bias_ptr, MODE)
@@ -113,12 +123,20 @@ def _contrastive_fwd_kernel(a_ptr, b_ptr, scale_ptr, bias_ptr, row_out_ptr, part
         row_ok = rows < n_rows
         m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
         l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+        p_i = tl.zeros([BLOCK_M], dtype=tl.float32)
         for c0 in range(0, n_cols, BLOCK_N):
             cols, col_ok, ok, dots = _column_tile(a_ptr, b_ptr, rows, row_ok, c0, n_cols,
                                                   stride_a, stride_b, D, BLOCK_M, BLOCK_N,
                                                   BLOCK_K, PRECISION)
+            pos = cols[None, :] == (rows[:, None] + pos_offset)
             if MODE == INFONCE:
                 s2 = tl.where(ok, dots * s_log2, float("-inf"))
+                if POSITIVES:
+                    # the positives stay out of both directions' sums: the statistics
+                    # are the negatives' (the host adds the positives back, and 1 - P_ii
+                    # = exp(neg - lse) keeps its relative accuracy near convergence)
+                    p_i += tl.sum(tl.where(pos & ok, dots, 0.0), 1)
+                    s2 = tl.where(pos, float("-inf"), s2)
                 m_new = tl.maximum(m_i, tl.max(s2, 1))
                 m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
                 l_i = l_i * tl.math.exp2(m_i - m_safe) + tl.sum(tl.math.exp2(s2 - m_safe[:, None]), 1)
@@ -136,68 +154,89 @@ def _contrastive_fwd_kernel(a_ptr, b_ptr, scale_ptr, bias_ptr, row_out_ptr, part
                     tl.store(part_m_row + cols, new, mask=col_ok)
                     tl.store(part_l_row + cols, p_l, mask=col_ok)
             else:
-                sp = _softplus(dots * scale + bias)
+                logit = dots * scale + bias
+                sp = _softplus(logit)
+                if POSITIVES:
+                    sp = tl.where(pos, _softplus(-logit), sp)
                 l_i += tl.sum(tl.where(ok, sp, 0.0), 1)
         if MODE == INFONCE:
             out = (m_i + tl.math.log2(tl.where(row_ok, l_i, 1.0))) * LN2
         else:
             out = l_i
         tl.store(row_out_ptr + rows, out, mask=row_ok)
+        if MODE == INFONCE and POSITIVES:
+            tl.store(pos_ptr + rows, p_i, mask=row_ok)
 
 
 @triton.jit
-def _contrastive_bwd_kernel(a_ptr, b_ptr, scale_ptr, bias_ptr, lse_a_ptr, lse_b_ptr, g_ptr,
-                            loss_ptr, wsum_ptr, n_rows, n_cols, D, stride_a, stride_b, stride_g,
-                            c_a, c_b,
-                            MODE: tl.constexpr, USE_LSE_A: tl.constexpr,
-                            USE_LSE_B: tl.constexpr, WITH_LOSS: tl.constexpr,
-                            BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                            BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
-                            PRECISION: tl.constexpr):
-    """g (n, D) fp32, zero-initialised: g_i += sum_j W_ij B_j for this program's rows,
-    W as in the module docstring. SIGLIP with WITH_LOSS: loss/wsum (n,) fp32 get the
-    row sums of softplus(S + b) and of W."""
-    pid = tl.program_id(0)
-    rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)
+def _contrastive_weights_kernel(a_ptr, b_ptr, scale_ptr, bias_ptr, lse_a_ptr, lse_b_ptr,
+                                coef_a_ptr, coef_b_ptr, pos_w_ptr, w_ptr, stat_ptr,
+                                col_stat_ptr, n_rows, n_cols, D, stride_a, stride_b, stride_w,
+                                stride_stat, stride_col_stat, coef, w_mult, pos_offset,
+                                MODE: tl.constexpr, USE_LSE_A: tl.constexpr,
+                                USE_LSE_B: tl.constexpr, POSITIVES: tl.constexpr,
+                                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                                BLOCK_K: tl.constexpr, PRECISION: tl.constexpr):
+    """w (n, m), the operands' dtype: w_mult * W for this program's tile (W in the module
+    docstring; INFONCE: coef_a/coef_b (n,)/(m,) fp32 multiply the two directions' terms,
+    pos_w (n,) fp32 is the positive pairs' whole weight). stat (3, cdiv(m, BLOCK_N), n)
+    fp32, row sums over this tile of [W_row * (A . B), loss (SIGLIP), W (SIGLIP)] at [k,
+    pid_n, rows] (stride_stat between the column blocks, n * cdiv(m, BLOCK_N) between the
+    three), W_row being W without the column term (INFONCE with USE_LSE_B: that term's
+    column sums of W_col * (A . B) go to col_stat (cdiv(n, BLOCK_M), m) at [pid_m,
+    cols]; so a distributed caller can attribute the logit scale's gradient to the loss
+    each term belongs to)."""
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = rows < n_rows
-    offs_d = tl.arange(0, BLOCK_D)
     scale, bias = _scale_and_bias(scale_ptr, bias_ptr, MODE)
-    s_log2 = scale * LOG2E
-    lse_a = tl.zeros([BLOCK_M], dtype=tl.float32)
-    if USE_LSE_A:
-        lse_a = tl.load(lse_a_ptr + rows, mask=row_ok, other=0.0) * LOG2E
-    loss_i = tl.zeros([BLOCK_M], dtype=tl.float32)
-    wsum_i = tl.zeros([BLOCK_M], dtype=tl.float32)
-    g_rows = g_ptr + rows[:, None].to(tl.int64) * stride_g
-    for c0 in range(0, n_cols, BLOCK_N):
-        cols, col_ok, ok, dots = _column_tile(a_ptr, b_ptr, rows, row_ok, c0, n_cols, stride_a,
-                                              stride_b, D, BLOCK_M, BLOCK_N, BLOCK_K, PRECISION)
-        if MODE == INFONCE:
-            s2 = dots * s_log2
-            w = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-            if USE_LSE_A:
-                w += c_a * tl.math.exp2(s2 - lse_a[:, None])
-            if USE_LSE_B:
-                lse_b = tl.load(lse_b_ptr + cols, mask=col_ok, other=0.0) * LOG2E
-                w += c_b * tl.math.exp2(s2 - lse_b[None, :])
-        else:
-            logit = dots * scale + bias
-            w = tl.sigmoid(logit)
-            if WITH_LOSS:
-                loss_i += tl.sum(tl.where(ok, _softplus(logit), 0.0), 1)
-        w = tl.where(ok, w, 0.0)
-        if WITH_LOSS:
-            wsum_i += tl.sum(w, 1)
-        w_op = w.to(b_ptr.dtype.element_ty)
-        b_cols = b_ptr + cols[:, None].to(tl.int64) * stride_b
-        for d0 in range(0, D, BLOCK_D):
-            d = d0 + offs_d
-            d_ok = d < D
-            b = tl.load(b_cols + d[None, :], mask=col_ok[:, None] & d_ok[None, :], other=0.0)
-            g_mask = row_ok[:, None] & d_ok[None, :]
-            g = tl.load(g_rows + d[None, :], mask=g_mask, other=0.0)
-            g = tl.dot(w_op, b, g, input_precision=PRECISION)
-            tl.store(g_rows + d[None, :], g, mask=g_mask)
-    if WITH_LOSS:
-        tl.store(loss_ptr + rows, loss_i, mask=row_ok)
-        tl.store(wsum_ptr + rows, wsum_i, mask=row_ok)
+    cols, col_ok, ok, dots = _column_tile(a_ptr, b_ptr, rows, row_ok, pid_n * BLOCK_N, n_cols,
+                                          stride_a, stride_b, D, BLOCK_M, BLOCK_N, BLOCK_K,
+                                          PRECISION)
+    pos = cols[None, :] == (rows[:, None] + pos_offset)
+    if MODE == INFONCE:
+        s2 = dots * (scale * LOG2E)
+        w_row = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)  # the row term
+        w_col = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)  # the column term
+        if USE_LSE_A:
+            sh_a = tl.load(lse_a_ptr + rows, mask=row_ok, other=0.0) * LOG2E
+            c_a = tl.load(coef_a_ptr + rows, mask=row_ok, other=0.0)
+            w_row = c_a[:, None] * tl.math.exp2(s2 - sh_a[:, None])
+        if USE_LSE_B:
+            sh_b = tl.load(lse_b_ptr + cols, mask=col_ok, other=0.0) * LOG2E
+            c_b = tl.load(coef_b_ptr + cols, mask=col_ok, other=0.0)
+            w_col = c_b[None, :] * tl.math.exp2(s2 - sh_b[None, :])
+        if POSITIVES:
+            # the positive's whole weight from the forward's statistics, -(c_a (1 - P_ii)
+            # + c_b (1 - Q_ii)): no cancellation of P_ii - 1 near convergence. It counts
+            # as the row term (a positive pair belongs to its row's loss).
+            p_w = tl.load(pos_w_ptr + rows, mask=row_ok, other=0.0)
+            w_row = tl.where(pos, p_w[:, None], w_row)
+            w_col = tl.where(pos, 0.0, w_col)
+        w_row = tl.where(ok, w_row, 0.0)
+        w_col = tl.where(ok, w_col, 0.0)
+        if USE_LSE_B:
+            tl.store(col_stat_ptr + pid_m.to(tl.int64) * stride_col_stat + cols,
+                     tl.sum(w_col * dots, 0), mask=col_ok)
+        w = w_row + w_col
+    else:
+        logit = dots * scale + bias
+        w = tl.sigmoid(logit)
+        loss = _softplus(logit)
+        if POSITIVES:
+            w = tl.where(pos, -tl.sigmoid(-logit), w)
+            loss = tl.where(pos, _softplus(-logit), loss)
+        w = w * coef
+    w = tl.where(ok, w, 0.0)
+    w_rows = w_ptr + rows[:, None].to(tl.int64) * stride_w
+    tl.store(w_rows + cols[None, :], (w * w_mult).to(w_ptr.dtype.element_ty), mask=ok)
+    stat = stat_ptr + pid_n.to(tl.int64) * stride_stat + rows
+    plane = tl.num_programs(1).to(tl.int64) * stride_stat
+    if MODE == INFONCE:
+        tl.store(stat, tl.sum(w_row * dots, 1), mask=row_ok)
+    else:
+        tl.store(stat, tl.sum(w * dots, 1), mask=row_ok)
+    if MODE == SIGLIP:
+        tl.store(stat + plane, tl.sum(tl.where(ok, loss, 0.0), 1), mask=row_ok)
+        tl.store(stat + 2 * plane, tl.sum(w, 1), mask=row_ok)
