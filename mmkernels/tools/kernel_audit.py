@@ -380,7 +380,7 @@ def run_open_clip(loss: str, batch: int, dim: int) -> list[Measurement] | None:
         value.backward()
     one_pass = contrastive_pass_flops(batch, dim)
     case = f"B={batch} D={dim} fp16"
-    name = "open_clip " + ("ClipLoss" if loss == "info_nce" else "SigLipLoss")
+    name = "open_clip " + ("Clip" if loss == "info_nce" else "SigLip")  # ClipLoss, SigLipLoss
     return [Measurement(name, case, "fwd", fwd, one_pass, _nbytes(img, txt, *params, value)),
             Measurement(name, case, "bwd", bwd, one_pass,
                         _nbytes(img, txt, *params, img.grad, txt.grad, *[p.grad for p in params]))]
