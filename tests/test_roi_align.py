@@ -1073,13 +1073,9 @@ def test_cuda_kernels_sass_vectors_and_no_spills(tmp_path):
     vectors on sm_80 and sm_90 (the kernel report's VECTOR_IO check), and no RoIAlign
     kernel spills (the tiled deterministic backward holds its kTileChannels
     accumulators in registers). The SASS of the .cu alone, built with nvcc."""
-    from mmkernels.tools import kernel_report
-    src = Path(__file__).resolve().parents[1] / "csrc" / "roi_align" / "roi_align_cuda.cu"
-    for arch in (80, 90):
-        try:
-            reports = kernel_report.source_reports(str(src), arch, str(tmp_path))
-        except FileNotFoundError as e:
-            pytest.skip(str(e))
+    from _sass import cu_source_reports
+
+    for reports in cu_source_reports("roi_align/roi_align_cuda.cu", tmp_path).values():
         vec = [r for r in reports if r.name.startswith("_roi_align_fwd_cl_vec_kernel<")]
         assert len(vec) == 4, [r.name for r in reports]  # one per dtype
         assert all(r.ldg128 >= 4 and r.stg128 >= 1 for r in vec), vec

@@ -736,15 +736,10 @@ def test_row_move_sass_has_16_byte_vectors(tmp_path):
     """Issue 13: the row movers load and store 16-byte words (LDG.E.128 / STG.E.128)
     on sm_80 and sm_90, with no spills; checked on the SASS of the .cu alone (the
     kernel report's VECTOR_IO check; the old one-thread-per-element kernel had none)."""
-    from pathlib import Path
+    from _sass import cu_source_reports
 
-    from mmkernels.tools import kernel_report
-    src = Path(__file__).resolve().parents[1] / "csrc" / "token_gather" / "token_gather_cuda.cu"
-    for arch in (80, 90):
-        try:
-            reports = kernel_report.source_reports(str(src), arch, str(tmp_path))
-        except FileNotFoundError as e:
-            pytest.skip(str(e))
+    for arch, reports in cu_source_reports("token_gather/token_gather_cuda.cu",
+                                           tmp_path).items():
         movers = [r for r in reports if r.name.startswith("_move_rows_kernel<")]
         assert len(movers) == 4, [r.name for r in reports]  # element sizes 1, 2, 4, 8
         for r in movers:

@@ -8,7 +8,10 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import os
+
+import torch
 
 _production_depth = 0  # open production_tiles() contexts (process-wide)
 
@@ -41,6 +44,27 @@ def production_tiles():
         yield
     finally:
         _production_depth -= 1
+
+
+def cdiv(a: int, b: int) -> int:
+    """ceil(a / b) for the grid sizes of the launchers."""
+    return -(-a // b)
+
+
+def device_guard(device: torch.device):
+    """Launch under the tensors' device (CUDA); nothing to guard on the CPU (the
+    interpreter)."""
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+
+
+@functools.cache
+def _cuda_sms(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def cuda_sm_count(device: torch.device) -> int:
+    """Streaming multiprocessors of the CUDA `device` (cached per device index)."""
+    return _cuda_sms(device.index if device.index is not None else torch.cuda.current_device())
 
 
 @dataclasses.dataclass

@@ -7,9 +7,7 @@ Nothing here imports :mod:`mmkernels.ops`."""
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import functools
 import inspect
 import os
 from collections.abc import Callable, Sequence
@@ -17,7 +15,7 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import Tensor
 
-from mmkernels.triton import KernelSpec, interpreting
+from mmkernels.triton import KernelSpec, cdiv, cuda_sm_count, device_guard, interpreting
 from mmkernels.triton.attention import PHILOX_ARGS, _attn_bwd_delta_kernel, _dropout_mask_kernel
 
 
@@ -109,17 +107,9 @@ SPLIT_ARGS = ("head_splits", "heads_per_split")
 DEFAULT_SMS = 132
 
 
-@functools.cache
-def _cuda_sms(index: int) -> int:
-    return torch.cuda.get_device_properties(index).multi_processor_count
-
-
 def sm_count(device: torch.device) -> int:
     """Streaming multiprocessors of `device` (CUDA), else :data:`DEFAULT_SMS`."""
-    if device.type == "cuda":
-        return _cuda_sms(device.index if device.index is not None
-                         else torch.cuda.current_device())
-    return DEFAULT_SMS
+    return cuda_sm_count(device) if device.type == "cuda" else DEFAULT_SMS
 
 
 def head_splits(programs: int, group: int, sms: int) -> int:
@@ -153,15 +143,6 @@ def block_d_for(head_dim: int) -> int:
     """Head dim padded to a power of two (>= 16): D = 80 runs as 128 with masked lanes."""
     return max(16, 1 << (head_dim - 1).bit_length())
 
-
-
-def cdiv(a: int, b: int) -> int:
-    return (a + b - 1) // b
-
-
-def device_guard(device: torch.device):
-    """Launch under the tensors' device (CUDA); nothing to guard on the CPU."""
-    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
 
 
 

@@ -16,7 +16,6 @@ traffic: 19% at R = 8192, D = 768).
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import functools
 import math
@@ -25,7 +24,14 @@ import torch
 from torch import Tensor
 
 from mmkernels import reference
-from mmkernels.triton import KernelSpec, interpreter_tiles, interpreting
+from mmkernels.triton import (
+    KernelSpec,
+    cdiv,
+    cuda_sm_count,
+    device_guard,
+    interpreter_tiles,
+    interpreting,
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -71,15 +77,6 @@ PANEL_BYTES = 1 << 30
 WEIGHT_TARGET = 2.0 ** 10
 
 
-def cdiv(a: int, b: int) -> int:
-    return -(-a // b)
-
-
-def guard(device: torch.device):
-    """The device guard of a launch (a no-op on the CPU, under the interpreter)."""
-    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
-
-
 def _operand_class(precision: str, dtype: torch.dtype) -> str:
     if dtype != torch.float32:
         return "mma"
@@ -95,17 +92,13 @@ def config(kind: str, dtype: torch.dtype) -> ContrastiveConfig:
     return CONFIGS[kind][_operand_class(precision(dtype), dtype)][0]
 
 
-@functools.cache
-def _sm_count(index: int) -> int:
-    return torch.cuda.get_device_properties(index).multi_processor_count
 
 
 def _num_programs(device: torch.device, row_blocks: int) -> int:
     """Persistent forward programs: a few per SM on a GPU; 3 in the interpreter, so
     the tests cover programs that take several row blocks."""
     if device.type == "cuda":
-        cap = PROGRAMS_PER_SM * _sm_count(device.index if device.index is not None
-                                          else torch.cuda.current_device())
+        cap = PROGRAMS_PER_SM * cuda_sm_count(device)
     else:
         cap = 3
     return max(1, min(row_blocks, cap))
@@ -185,7 +178,7 @@ def launch_fwd(rows: Tensor, cols: Tensor, scale: Tensor, bias: Tensor | None, m
         part_l = torch.zeros((P, m16), **f32)[:, :m]
     if mode == 0 and pos_offset is not None:
         pos = torch.empty(n, **f32)
-    with guard(rows.device):
+    with device_guard(rows.device):
         _contrastive_fwd_kernel[(P,)](
             rows, cols, scale, bias if bias is not None else scale, row_out,
             part_m if with_cols else row_out, part_l if with_cols else row_out,
@@ -250,7 +243,7 @@ def panel_gradients(rows: Tensor, cols: Tensor, scale: Tensor, bias: Tensor | No
         def rows_of(t, r0=r0, k=k):
             return t[r0:r0 + k] if t is not None else dummy
 
-        with guard(rows.device):
+        with device_guard(rows.device):
             _contrastive_weights_kernel[(n_rb, n_cb)](
                 rows[r0:r0 + k], cols, scale, bias if bias is not None else scale,
                 rows_of(lse_a), lse_b if lse_b is not None else dummy, rows_of(coef_a),
