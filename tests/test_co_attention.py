@@ -172,17 +172,17 @@ def test_biattention_matches_eager_vilbert(backend, mode):
     assert data is None and c1.shape == e1.shape == (3, 30, 64) and c2.shape == e2.shape
     valid_t = m2.reshape(3, 30) == 0
     valid_v = m1.reshape(3, 36) == 0
-    torch.testing.assert_close(c1[valid_t], e1[valid_t], rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(c2[valid_v], e2[valid_v], rtol=1e-5, atol=1e-5)
+    assert_close_to_reference(c1[valid_t], e1[valid_t], tol="float32_fused_vs_eager")
+    assert_close_to_reference(c2[valid_v], e2[valid_v], tol="float32_fused_vs_eager")
     assert not c1[~valid_t].any() and not c2[~valid_v].any()
     # gradients through the valid outputs
     g1, g2 = torch.randn_like(c1) * valid_t[..., None], torch.randn_like(c2) * valid_v[..., None]
     torch.autograd.backward([c1, c2], [g1, g2])
     torch.autograd.backward([e1, e2], [g1, g2])
-    torch.testing.assert_close(x1f.grad, x1e.grad, rtol=1e-4, atol=1e-5)
-    torch.testing.assert_close(x2f.grad, x2e.grad, rtol=1e-4, atol=1e-5)
+    assert_close_to_reference(x1f.grad, x1e.grad, tol="float32_fused_vs_eager_grads")
+    assert_close_to_reference(x2f.grad, x2e.grad, tol="float32_fused_vs_eager_grads")
     for (n, pf), pe in zip(fused.named_parameters(), eager.parameters()):
-        torch.testing.assert_close(pf.grad, pe.grad, rtol=1e-4, atol=1e-5, msg=n)
+        assert_close_to_reference(pf.grad, pe.grad, tol="float32_fused_vs_eager_grads", what=n)
 
 
 def test_biattention_visualization_falls_back_to_eager():
@@ -215,7 +215,7 @@ def test_cuda_biattention():
     c1, c2, _ = fused(x1, m1, x2, m2)
     e1, e2, _ = eager(x1, m1, x2, m2)
     valid_t = m2.reshape(3, 30) == 0
-    torch.testing.assert_close(c1[valid_t], e1[valid_t], rtol=1e-5, atol=1e-5)
+    assert_close_to_reference(c1[valid_t], e1[valid_t], tol="float32_fused_vs_eager")
 
 
 # ---------------------------------------------------------------------------------

@@ -142,11 +142,11 @@ def test_region_features_equals_roi_align_mean(aligned, sampling_ratio, layout):
     feats = mmkernels.region_features(x, rois, (4, 3), 0.5, sampling_ratio, aligned)
     pooled = mmkernels.roi_align(x, rois, (4, 3), 0.5, sampling_ratio, aligned).mean((2, 3))
     assert feats.shape == (20, 7)
-    torch.testing.assert_close(feats, pooled, atol=1e-12, rtol=1e-12)
+    assert_close_to_reference(feats, pooled, tol="float64_reordered")
     g = torch.randn_like(feats)
     (ga,) = torch.autograd.grad(feats, x, g)
     (gb,) = torch.autograd.grad(pooled, x, g)
-    torch.testing.assert_close(ga, gb, atol=1e-12, rtol=1e-12)
+    assert_close_to_reference(ga, gb, tol="float64_reordered")
 
 
 # ---------------------------------------------------------------------------------
@@ -171,12 +171,12 @@ def test_multiscale_matches_torchvision(num_levels, sampling_ratio):
     ours_in = {k: v.clone().requires_grad_() for k, v in feats.items()}
     theirs = pooler(theirs_in, boxes, image_sizes)
     ours = mmkernels.multiscale_roi_align(ours_in, boxes, image_sizes, (3, 2), sampling_ratio)
-    torch.testing.assert_close(ours, theirs, atol=1e-12, rtol=1e-12)
+    assert_close_to_reference(ours, theirs, tol="float64_vs_torchvision")
     g = torch.randn_like(ours)
     theirs.backward(g)
     ours.backward(g)
     for k in names:
-        torch.testing.assert_close(ours_in[k].grad, theirs_in[k].grad, atol=1e-12, rtol=1e-12)
+        assert_close_to_reference(ours_in[k].grad, theirs_in[k].grad, tol="float64_vs_torchvision")
 
 
 # ---------------------------------------------------------------------------------
@@ -267,7 +267,7 @@ def test_torch_compile_fullgraph():
             mmkernels.region_features(x, rois, 2, 0.5, -1, False)
 
     compiled = torch.compile(fn, fullgraph=True, backend="inductor")
-    torch.testing.assert_close(compiled(x, rois), fn(x, rois), atol=1e-6, rtol=1e-6)
+    assert_close_to_reference(compiled(x, rois), fn(x, rois), tol="float32_reordered")
 
 
 # ---------------------------------------------------------------------------------
@@ -372,7 +372,7 @@ def test_reference_backend_override(monkeypatch):
     fused = mmkernels.roi_align(x, rois, 2, 1.0, 2, True)
     monkeypatch.setenv("MMKERNELS_BACKEND", "reference")
     ref = mmkernels.roi_align(x, rois, 2, 1.0, 2, True)
-    torch.testing.assert_close(fused, ref, atol=1e-12, rtol=1e-12)
+    assert_close_to_reference(fused, ref, tol="float64_reordered")
 
 
 def test_module_wrappers():
@@ -382,7 +382,7 @@ def test_module_wrappers():
     torch.testing.assert_close(m(x, rois), torchvision.ops.RoIAlign((2, 3), 0.5, 2, True)(x, rois))
     assert "aligned=True" in repr(m)
     r = mmkernels.nn.RegionFeatures((2, 3), 0.5, 2, True)
-    torch.testing.assert_close(r(x, rois), m(x, rois).mean((2, 3)), atol=1e-6, rtol=1e-6)
+    assert_close_to_reference(r(x, rois), m(x, rois).mean((2, 3)), tol="float32_reordered")
 
 
 # ---------------------------------------------------------------------------------
@@ -466,7 +466,7 @@ def test_region_features_issue_example_transposed_map():
     rois = torch.tensor([[0, 0.2, 0.5, 0.9, 7.0], [1, 0.0, 2.0, 1.0, 9.0]])
     feats = mmkernels.region_features(x, rois, 2, 1.0, 2, True)
     pooled = torchvision.ops.roi_align(x, rois, 2, 1.0, 2, True).mean((2, 3))
-    torch.testing.assert_close(feats, pooled, atol=2e-6, rtol=2e-6)
+    assert_close_to_reference(feats, pooled, tol="float32_reordered")
 
 
 def _nan_cases(bad=math.nan):
@@ -514,8 +514,8 @@ def test_nan_propagation_same_on_every_layout_as_torchvision(aligned, sampling_r
     assert torch.equal(out.isnan(), tv.isnan())
     assert torch.equal(feats.isnan(), tv.mean((2, 3)).isnan())
     assert (~tv.isfinite()).any() and not tv.isnan().all()
-    torch.testing.assert_close(out, tv, atol=1e-12, rtol=1e-12, equal_nan=True)
-    torch.testing.assert_close(feats, tv.mean((2, 3)), atol=1e-12, rtol=1e-12, equal_nan=True)
+    assert_close_to_reference(out, tv, tol="float64_vs_torchvision")
+    assert_close_to_reference(feats, tv.mean((2, 3)), tol="float64_vs_torchvision")
     # backward: a NaN gradient reaches the taps it reaches in torchvision's backward
     xg = torch.randn(2, 4, 12, 12, dtype=torch.float64, requires_grad=True)
     g = torch.randn(rois.shape[0], 4, 2, 2, dtype=torch.float64)
@@ -526,7 +526,7 @@ def test_nan_propagation_same_on_every_layout_as_torchvision(aligned, sampling_r
     (ours,) = torch.autograd.grad(
         mmkernels.roi_align(xg, rois, (2, 2), 1.0, sampling_ratio, aligned), xg, g)
     assert torch.equal(ours.isnan(), tv_grad.isnan()) and (~tv_grad.isfinite()).any()
-    torch.testing.assert_close(ours, tv_grad, atol=1e-12, rtol=1e-12, equal_nan=True)
+    assert_close_to_reference(ours, tv_grad, tol="float64_vs_torchvision")
     (tv_mean,) = torch.autograd.grad(
         torchvision.ops.roi_align(xg, rois, (2, 2), 1.0, sampling_ratio, aligned).mean((2, 3)),
         xg, g.mean((2, 3)))
@@ -536,7 +536,7 @@ def test_nan_propagation_same_on_every_layout_as_torchvision(aligned, sampling_r
             mmkernels.region_features(xf, rois, (2, 2), 1.0, sampling_ratio, aligned), xf,
             g.mean((2, 3)))
         assert torch.equal(ours.isnan(), tv_mean.isnan())
-        torch.testing.assert_close(ours, tv_mean, atol=1e-12, rtol=1e-12, equal_nan=True)
+        assert_close_to_reference(ours, tv_mean, tol="float64_vs_torchvision")
 
 
 def test_region_features_inf_gives_nan_like_torchvision():
@@ -627,8 +627,8 @@ def test_region_features_huge_output_size_is_cheap(layout):
     assert time.perf_counter() - t0 < 5.0
     same = mmkernels.region_features(x, rois, 8, 1.0, 8192, True)
     (gs,) = torch.autograd.grad(same, x, torch.ones_like(same))
-    torch.testing.assert_close(out, same, atol=1e-12, rtol=1e-12)
-    torch.testing.assert_close(gx, gs, atol=1e-12, rtol=1e-12)
+    assert_close_to_reference(out, same, tol="float64_reordered")
+    assert_close_to_reference(gx, gs, tol="float64_reordered")
 
 
 @pytest.mark.parametrize("op", ["roi_align", "region_features"])
@@ -732,7 +732,7 @@ def test_multiscale_inverted_and_non_finite_boxes():
                           dtype=torch.float64)]
     ours = mmkernels.multiscale_roi_align(feats, boxes, [(128, 128)], 2, 2)
     theirs = torchvision.ops.MultiScaleRoIAlign(["p2", "p3"], 2, 2)(feats, boxes, [(128, 128)])
-    torch.testing.assert_close(ours[:3], theirs[:3], atol=1e-12, rtol=1e-12)
+    assert_close_to_reference(ours[:3], theirs[:3], tol="float64_vs_torchvision")
     assert not ours[1].any() and ours[3].isnan().all()
 
 
@@ -1059,8 +1059,8 @@ def test_cuda_region_features_huge_output_size(deterministic):
     xr = x.clone().requires_grad_()
     ref = mmkernels.region_features(xr, rois, (65536, 65536), 1.0, 1, True)
     (gr,) = torch.autograd.grad(ref, xr, torch.ones_like(ref))
-    torch.testing.assert_close(out.cpu(), ref, atol=1e-12, rtol=1e-12)
-    torch.testing.assert_close(gx.cpu(), gr, atol=1e-12, rtol=1e-12)
+    assert_close_to_reference(out.cpu(), ref, tol="float64_reordered")
+    assert_close_to_reference(gx.cpu(), gr, tol="float64_reordered")
 
 
 # ---------------------------------------------------------------------------------

@@ -20,7 +20,7 @@ from mmkernels.models.training import (
     max_relative_difference,
     train,
 )
-from mmkernels.testing import CONVERGENCE
+from mmkernels.testing import CONVERGENCE, assert_close_to_reference
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 DDP_WORKER = os.path.join(os.path.dirname(__file__), "_ddp_worker.py")
@@ -152,7 +152,7 @@ def check_ddp(case: str, tmp_path, world: int = 2) -> float:
         assert abs(res["loss"]["eager"] - res["loss"]["patched"]) <= (
             CONVERGENCE["loss_rtol"] * abs(res["loss"]["eager"]))
         for n in e:
-            torch.testing.assert_close(f[n], e[n], atol=1e-5, rtol=1e-4,
-                                       msg=lambda m, n=n, r=r: f"rank {r} grad {n}: {m}")
+            assert_close_to_reference(f[n], e[n], tol="float32_fused_vs_eager_grads",
+                                      what=f"rank {r} grad {n}")
             worst = max(worst, float((f[n] - e[n]).abs().max()))
     return worst
