@@ -1220,13 +1220,13 @@ def test_cuda_more_channels_than_grid_y(op):
     failed"). Now the kernels stride over the channel groups: the gradient equals the
     atomic one and the float64 reference, last channels included."""
     C = 262148
-    x64 = make_input((1, C, 3, 5), torch.float64)
+    x64 = make_input((1, C, 3, 5), torch.float64).float().double()
     rois64 = torch.tensor([[0, 0.5, 0.25, 3.5, 2.0], [0, 1.0, 0.0, 4.0, 2.5]],
                           dtype=torch.float64)
     x = x64.float().cuda().requires_grad_()
     rois = rois64.float().cuda()
     if op == "roi_align":
-        g64 = torch.randn(2, C, 2, 2, dtype=torch.float64)
+        g64 = torch.randn(2, C, 2, 2, dtype=torch.float64).float().double()
 
         def fn():
             return mmkernels.roi_align(x, rois, 2, 1.0, 2, True)
@@ -1235,7 +1235,7 @@ def test_cuda_more_channels_than_grid_y(op):
         (ref,) = torch.autograd.grad(reference.roi_align(xr, rois64, (2, 2), 1.0, 2, True), xr,
                                      g64)
     else:
-        g64 = torch.randn(2, C, dtype=torch.float64)
+        g64 = torch.randn(2, C, dtype=torch.float64).float().double()
 
         def fn():
             return mmkernels.region_features(x, rois, 2, 1.0, 2, True)
@@ -1252,12 +1252,13 @@ def test_cuda_more_channels_than_grid_y(op):
 def _check_det_against_atomic_and_reference(x64, rois64, layout):
     """roi_align's deterministic backward on (x64, rois64) in float32: bitwise run to
     run, within the tolerance table of the float64 reference and of the atomic one."""
+    x64, rois64 = x64.float().double(), rois64.float().double()  # the float32 inputs
     x = x64.float().cuda()
     if layout == "channels_last":
         x = x.contiguous(memory_format=torch.channels_last)
     x.requires_grad_()
     rois = rois64.float().cuda()
-    g64 = torch.randn(rois.shape[0], x.shape[1], 2, 3, dtype=torch.float64)
+    g64 = torch.randn(rois.shape[0], x.shape[1], 2, 3, dtype=torch.float64).float().double()
     atomic, det = _det_and_atomic_grads(
         lambda: mmkernels.roi_align(x, rois, (2, 3), 1.0, 2, False), x, g64.float().cuda())
     assert torch.equal(det[0], det[1])
@@ -1291,11 +1292,17 @@ def test_cuda_deterministic_backward_bins(layout, overflow):
 
 
 @pytest.mark.cuda
-def test_cuda_deterministic_backward_writes_every_element():
+@pytest.mark.parametrize("fill", [True, False], ids=["nan_fill", "no_fill"])
+def test_cuda_deterministic_backward_writes_every_element(fill, monkeypatch):
     """Issue 13 review (d): the deterministic backward's accumulation buffers are no
-    longer zero-filled (the gather writes every element). Recycled NaN-filled memory
-    (the caching allocator hands the freed block back) must not show through: pixels
-    that no region reaches are exactly 0, on every level."""
+    longer zero-filled (the gather writes every element). Neither the NaN that
+    deterministic mode's empty() writes (torch.utils.deterministic.
+    fill_uninitialized_memory) nor, with that off, recycled NaN-filled memory (the
+    caching allocator hands the freed block back) may show through: pixels that no
+    region reaches are exactly 0, on every level."""
+    import torch.utils.deterministic
+
+    monkeypatch.setattr(torch.utils.deterministic, "fill_uninitialized_memory", fill)
     feats = [torch.randn(2, 6, 40, 72, device="cuda", requires_grad=True),
              torch.randn(2, 6, 20, 36, device="cuda", requires_grad=True)]
     boxes = [torch.tensor([[4.0, 4.0, 30.0, 40.0]], device="cuda"),

@@ -211,6 +211,8 @@ std::vector<at::Tensor> backward_cuda(const char* op, const at::Tensor& grad,
   const bool det = at::globalContext().deterministicAlgorithms();
   // The deterministic gather writes every element of every level's buffer; the atomic
   // scatter adds into it, so only then (or with nothing to launch) is it zero-filled.
+  // (In deterministic mode at::empty itself NaN-fills unless the user turned off
+  // torch.utils.deterministic.fill_uninitialized_memory: PyTorch's choice, not ours.)
   const bool launch = K > 0 && C > 0;
   std::vector<at::Tensor> bufs;
   for (int64_t l = 0; l < L; ++l) {
