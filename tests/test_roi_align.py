@@ -5,10 +5,7 @@ eager reference in mmkernels.reference; tolerances come from mmkernels.testing.
 """
 
 import math
-import shutil
-import subprocess
 import time
-from pathlib import Path
 
 import pytest
 import torch
@@ -597,21 +594,14 @@ def test_shared_math_host_unit(tmp_path):
     sample, built by the host compiler (with UBSan where it links): review findings 1
     (pixel 1 is tapped from [-1, 0)) and 5 (axis_tap on a float map of width
     2^31 - 1: no float-to-int overflow; untestable through the ops on CPU without
-    copying an 8 GiB map)."""
-    root = Path(__file__).resolve().parents[1]
-    src = root / "tests" / "cpp" / "roi_align_math_test.cpp"
-    cxx = shutil.which("c++") or shutil.which("g++") or shutil.which("clang++")
-    if cxx is None or not (root / "csrc" / "roi_align" / "roi_align_math.h").exists():
-        pytest.skip("needs a C++ compiler and the csrc tree")
-    exe = tmp_path / "roi_align_math_test"
-    base = [cxx, "-std=c++17", "-O1", f"-I{root / 'csrc'}", str(src), "-o", str(exe)]
-    ubsan = ["-fsanitize=undefined,float-cast-overflow", "-fno-sanitize-recover=all"]
-    build = subprocess.run(base + ubsan, capture_output=True, text=True)
-    if build.returncode != 0:  # no sanitizer runtime: the explicit checks still run
-        build = subprocess.run(base, capture_output=True, text=True)
-    assert build.returncode == 0, build.stderr
-    run = subprocess.run([str(exe)], capture_output=True, text=True, timeout=120)
-    assert run.returncode == 0 and "OK" in run.stdout, run.stdout + run.stderr
+    copying an 8 GiB map). Issue 13: the deterministic backward's binning (the
+    regions' tiles, sort keys, each tile's run, the overflow rule past the fixed pair
+    slots, one and two levels) emulated step by step against the scatter, the bin
+    plans and slot budgets, and the strided launch geometry (C = 262144 channels once
+    asked for gridDim.y = 65536)."""
+    from _cpp import run_host_unit
+
+    run_host_unit("roi_align_math_test.cpp", tmp_path)
 
 
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
@@ -863,9 +853,20 @@ def test_cuda_multiscale_and_bad_index():
 
 
 @pytest.mark.cuda
-def test_cuda_graph_capture():
+@pytest.mark.parametrize("deterministic", [False, True])
+def test_cuda_graph_capture(deterministic):
     """Defect 4: no host sync, so roi_align and region_features (forward and
-    backward) can be captured in a CUDA graph and replayed on new data."""
+    backward) can be captured in a CUDA graph and replayed on new data; issue 13:
+    also the deterministic backward (binning, sort and gather: every buffer sized by
+    the shapes)."""
+    torch.use_deterministic_algorithms(deterministic)
+    try:
+        _graph_capture_case()
+    finally:
+        torch.use_deterministic_algorithms(False)
+
+
+def _graph_capture_case():
     x = torch.randn(2, 8, 20, 24, device="cuda", requires_grad=True)
     rois = make_rois(2, 20, 24, 16, 1.0, device="cuda")
     gout = torch.randn(16, 8, 3, 3, device="cuda")
@@ -896,14 +897,17 @@ def test_cuda_graph_capture():
 
 
 @pytest.mark.cuda
-def test_cuda_no_host_sync_any_op():
+@pytest.mark.parametrize("deterministic", [False, True])
+def test_cuda_no_host_sync_any_op(deterministic):
     """Defect 4: with torch.cuda.set_sync_debug_mode("error"), any synchronising
-    call (such as .item() on a CUDA tensor) raises; every op, forward and backward."""
+    call (such as .item() on a CUDA tensor) raises; every op, forward and backward;
+    issue 13: the deterministic backward's binning too."""
     feats = [torch.randn(2, 4, 32, 32, device="cuda", requires_grad=True),
              torch.randn(2, 4, 16, 16, device="cuda", requires_grad=True)]
     rois = make_rois(2, 32, 32, 12, 1.0, device="cuda")
     boxes = [torch.tensor([[1.0, 1.0, 20.0, 20.0], [0.0, 0.0, 120.0, 100.0]], device="cuda")] * 2
     torch.cuda.synchronize()
+    torch.use_deterministic_algorithms(deterministic)
     torch.cuda.set_sync_debug_mode("error")
     try:
         outs = [mmkernels.roi_align(feats[0], rois, 3, 1.0, 2, True),
@@ -912,6 +916,7 @@ def test_cuda_no_host_sync_any_op():
         torch.autograd.grad([o.sum() for o in outs], feats)
     finally:
         torch.cuda.set_sync_debug_mode(0)
+        torch.use_deterministic_algorithms(False)
 
 
 @pytest.mark.cuda
@@ -1194,3 +1199,127 @@ def test_cuda_tiled_deterministic_backward_matches_atomic(dtype, layout):
         atol, rtol = TOLERANCES[dtype]
         torch.testing.assert_close(runs[0][0], a0, atol=atol, rtol=rtol)
         torch.testing.assert_close(runs[0][1], a1, atol=atol, rtol=rtol)
+
+
+def _det_and_atomic_grads(fn, x, gout, runs=2):
+    """(atomic, [deterministic] * runs) gradients of fn() with respect to x."""
+    (atomic,) = torch.autograd.grad(fn(), x, gout)
+    torch.use_deterministic_algorithms(True)
+    try:
+        det = [torch.autograd.grad(fn(), x, gout)[0] for _ in range(runs)]
+    finally:
+        torch.use_deterministic_algorithms(False)
+    return atomic, det
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("op", ["roi_align", "region_features"])
+def test_cuda_more_channels_than_grid_y(op):
+    """Issue 13: C = 262148 channels are 65537 groups of kTileChannels, one more than
+    gridDim.y allows; the deterministic backward used to fail to launch ("CUDA launch
+    failed"). Now the kernels stride over the channel groups: the gradient equals the
+    atomic one and the float64 reference, last channels included."""
+    C = 262148
+    x64 = make_input((1, C, 3, 5), torch.float64).float().double()
+    rois64 = torch.tensor([[0, 0.5, 0.25, 3.5, 2.0], [0, 1.0, 0.0, 4.0, 2.5]],
+                          dtype=torch.float64)
+    x = x64.float().cuda().requires_grad_()
+    rois = rois64.float().cuda()
+    if op == "roi_align":
+        g64 = torch.randn(2, C, 2, 2, dtype=torch.float64).float().double()
+
+        def fn():
+            return mmkernels.roi_align(x, rois, 2, 1.0, 2, True)
+
+        xr = x64.clone().requires_grad_()
+        (ref,) = torch.autograd.grad(reference.roi_align(xr, rois64, (2, 2), 1.0, 2, True), xr,
+                                     g64)
+    else:
+        g64 = torch.randn(2, C, dtype=torch.float64).float().double()
+
+        def fn():
+            return mmkernels.region_features(x, rois, 2, 1.0, 2, True)
+
+        xr = x64.clone().requires_grad_()
+        (ref,) = torch.autograd.grad(
+            reference.roi_align(xr, rois64, (2, 2), 1.0, 2, True).mean((2, 3)), xr, g64)
+    atomic, det = _det_and_atomic_grads(fn, x, g64.float().cuda())
+    assert torch.equal(det[0], det[1])
+    assert_close_to_reference(det[0].cpu(), ref, what="deterministic grad")
+    assert_close_to_reference(atomic.cpu(), ref, what="atomic grad")
+
+
+def _check_det_against_atomic_and_reference(x64, rois64, layout):
+    """roi_align's deterministic backward on (x64, rois64) in float32: bitwise run to
+    run, within the tolerance table of the float64 reference and of the atomic one."""
+    x64, rois64 = x64.float().double(), rois64.float().double()  # the float32 inputs
+    x = x64.float().cuda()
+    if layout == "channels_last":
+        x = x.contiguous(memory_format=torch.channels_last)
+    x.requires_grad_()
+    rois = rois64.float().cuda()
+    g64 = torch.randn(rois.shape[0], x.shape[1], 2, 3, dtype=torch.float64).float().double()
+    atomic, det = _det_and_atomic_grads(
+        lambda: mmkernels.roi_align(x, rois, (2, 3), 1.0, 2, False), x, g64.float().cuda())
+    assert torch.equal(det[0], det[1])
+    xr = x64.clone().requires_grad_()
+    (ref,) = torch.autograd.grad(reference.roi_align(xr, rois64, (2, 3), 1.0, 2, False), xr, g64)
+    assert_close_to_reference(det[0].cpu(), ref, what="deterministic grad")
+    atol, rtol = TOLERANCES[torch.float32]
+    torch.testing.assert_close(det[0], atomic, atol=atol, rtol=rtol)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("overflow", [False, True])
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_cuda_deterministic_backward_bins(layout, overflow):
+    """Issue 13: the binned deterministic backward on a 256 x 1024 map (32 x 32 tiles of
+    8 x 32 per image): 400 small boxes (a few tiles each, every pair in its slot), then
+    with overflow also 48 whole-map boxes (1024 tiles each: 48 * 1024 pairs against
+    kBinSlotsPerRegion * 448 + 2048 slots), so the regions from k_cut on are tested in
+    order by every tile. Bitwise run to run, equal to the atomic backward and the
+    float64 reference within the tolerance table."""
+    x64 = make_input((2, 3, 256, 1024), torch.float64, layout)
+    xy = torch.rand(400, 2, dtype=torch.float64) * torch.tensor([1000.0, 240.0])
+    wh = torch.rand(400, 2, dtype=torch.float64) * 24.0
+    small = torch.cat([torch.randint(0, 2, (400, 1)).double(), xy, xy + wh], 1)
+    rois64 = small
+    if overflow:
+        big = torch.tensor([[k % 2, 0.3 * k, 0.1 * k, 1023.0 - 0.7 * k, 255.0 - 0.2 * k]
+                            for k in range(48)], dtype=torch.float64)
+        rois64 = torch.cat([small, big])
+    _check_det_against_atomic_and_reference(x64, rois64, layout)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("fill", [True, False], ids=["nan_fill", "no_fill"])
+def test_cuda_deterministic_backward_writes_every_element(fill, monkeypatch):
+    """Issue 13 review (d): the deterministic backward's accumulation buffers are no
+    longer zero-filled (the gather writes every element). Neither the NaN that
+    deterministic mode's empty() writes (torch.utils.deterministic.
+    fill_uninitialized_memory) nor, with that off, recycled NaN-filled memory (the
+    caching allocator hands the freed block back) may show through: pixels that no
+    region reaches are exactly 0, on every level."""
+    import torch.utils.deterministic
+
+    monkeypatch.setattr(torch.utils.deterministic, "fill_uninitialized_memory", fill)
+    feats = [torch.randn(2, 6, 40, 72, device="cuda", requires_grad=True),
+             torch.randn(2, 6, 20, 36, device="cuda", requires_grad=True)]
+    boxes = [torch.tensor([[4.0, 4.0, 30.0, 40.0]], device="cuda"),
+             torch.tensor([[100.0, 50.0, 260.0, 150.0]], device="cuda")]
+    out = mmkernels.multiscale_roi_align(feats, boxes, [(160, 288)] * 2, 3, 2,
+                                         canonical_scale=64, canonical_level=3)
+    g = torch.randn_like(out)
+    atomic = torch.autograd.grad(out, feats, g, retain_graph=True)
+    torch.use_deterministic_algorithms(True)
+    try:
+        for _ in range(3):
+            junk = torch.full((4 * sum(f.numel() for f in feats),), float("nan"), device="cuda")
+            del junk
+            det = torch.autograd.grad(out, feats, g, retain_graph=True)
+            for a, d in zip(atomic, det):
+                assert not d.isnan().any()
+                assert (d[a == 0] == 0).all()  # pixels no region reaches
+                torch.testing.assert_close(d, a, atol=1e-5, rtol=1e-5)
+    finally:
+        torch.use_deterministic_algorithms(False)

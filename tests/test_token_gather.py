@@ -2,6 +2,8 @@
 scatter_image_features, against the eager formulations in mmkernels.reference
 (MAE's random_masking, x[mask], HF LLaVA's masked_scatter)."""
 
+import re
+
 import pytest
 import torch
 
@@ -732,6 +734,18 @@ def test_cuda_deterministic_mode_bitwise_and_matches_cpu():
 # count, the mask-token gradient without a float copy, no shared dummy slot
 # ---------------------------------------------------------------------------------
 
+def test_shared_math_host_unit(tmp_path):
+    """Issue 13: the CUDA row mover's word choice (row_word_bytes: the widest of 16, 8
+    and 4 bytes on which source and destination agree, so fp16 rows of 200 bytes that
+    agree modulo 8 move in 8-byte words instead of element by element), the rank
+    count's launch shape (rank_split: gridDim.y capped, chunks covering the row) and
+    its chunked count (rank_count over staged chunks equals the stable sort's rank),
+    built by the host compiler and run (tests/cpp/token_gather_math_test.cpp)."""
+    from _cpp import run_host_unit
+
+    run_host_unit("token_gather_math_test.cpp", tmp_path)
+
+
 def test_row_move_sass_has_16_byte_vectors(tmp_path):
     """Issue 13: the row movers load and store 16-byte words (LDG.E.128 / STG.E.128)
     on sm_80 and sm_90, with no spills; checked on the SASS of the .cu alone (the
@@ -746,6 +760,26 @@ def test_row_move_sass_has_16_byte_vectors(tmp_path):
             assert r.needs_vec == (True, True)
             assert r.ldg128 > 0 and r.stg128 > 0 and not r.problems(), (arch, r)
         assert all(not r.problems() for r in reports), [(r.name, r.problems()) for r in reports]
+    # Review (b): rows whose source and destination agree modulo 8 (or 4) bytes only move
+    # in 8-byte (4-byte) words, not element by element: the movers of 1-, 2- and 4-byte
+    # elements hold 8-byte word loads and stores, those of 1- and 2-byte elements 4-byte
+    # ones (the old movers had none: 16-byte words or elements).
+    from mmkernels.tools import kernel_report
+
+    sass = kernel_report._sass_by_function(str(tmp_path / "token_gather_cuda.cu.sm_90.o"),
+                                           kernel_report.find_tool("cuobjdump"))
+    for fn, lines in sass.items():
+        m = re.search(r"_move_rows_kernelILi(\d)E", fn)
+        if m is None:
+            continue
+        text = "\n".join(lines)
+        E = int(m.group(1))
+        if E < 8:  # (one 8-byte load is the row map's index: the words add more)
+            assert len(re.findall(r"\bLDG\.E\.64\.CONSTANT\b", text)) > 1, (E, "LDG.E.64")
+            assert re.search(r"\bSTG\.E\.64\b", text), (E, "STG.E.64")
+        if E < 4:  # 4-byte words: read-only cached 32-bit loads, 32-bit stores
+            assert re.search(r"\bLDG\.E\.CONSTANT\s", text), (E, "LDG.E.CONSTANT")
+            assert re.search(r"\bSTG\.E\s", text), (E, "STG.E")
 
 
 def _unaligned_rows(dtype, D, offset, device):
@@ -762,8 +796,9 @@ def _unaligned_rows(dtype, D, offset, device):
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_cuda_unaligned_rows_match_eager(dtype, D, offset):
     """Every op on rows of D * itemsize % 16 != 0 bytes and on misaligned bases
-    (scalar head/tail, the relative-misalignment scalar path), fp16/bf16 included,
-    equals eager bitwise (row moves are exact)."""
+    (scalar head/tail; rows whose source and destination agree only modulo 8 or 4
+    bytes move in 8- or 4-byte words, rows that agree on none element by element),
+    fp16/bf16 included, equals eager bitwise (row moves are exact)."""
     x = _unaligned_rows(dtype, D, offset, "cuda")
     noise = torch.rand(x.shape[:2], device="cuda")
     ours = mmkernels.random_masking(x, 0.6, noise=noise)
@@ -811,11 +846,12 @@ def test_cuda_lowp_gradients_match_eager(dtype):
 
 @pytest.mark.cuda
 @pytest.mark.parametrize("B", [1, 2, 7])
-@pytest.mark.parametrize("N", [1, 255, 257, 3000, 7000])
+@pytest.mark.parametrize("N", [1, 255, 257, 3000, 6144, 7000, 20000])
 def test_cuda_random_masking_small_batch_split_rows(B, N):
     """Issue 13: with B < 2 * SMs each noise row is ranked by several blocks (chunks
-    of tokens, 7000 > kMaxSharedTokens from global memory); the ranks equal the CPU's
-    sort-based ones exactly, ties and NaN included."""
+    of tokens; a row of more than kStageTokens = 6144 is staged in shared memory in
+    chunks, 7000 in two, 20000 in four); the ranks equal the CPU's sort-based ones
+    exactly, ties and NaN included."""
     x = torch.randn(B, N, 8, device="cuda")
     noise = torch.rand(B, N, device="cuda")
     noise[:, ::5] = 0.25  # ties

@@ -4,8 +4,13 @@
 //   _roi_align_fwd_kernel     one thread per output element (k, c, ph, pw).
 //   _roi_align_bwd_kernel     one thread per grad element, atomicAdd into an
 //                             fp32/fp64 buffer (fp32 even for half inputs).
-//   _roi_align_bwd_det_kernel one thread per grad_input element, gathering the
-//                             contributions of every region in ascending order.
+//   _bin_*_kernel             the deterministic backward's binning, once per call and
+//                             independent of C: each region's tiles, prefix sums, one
+//                             sort key per (tile, region) pair (radix-sorted by CUB),
+//                             each tile's run of the sorted pairs.
+//   _roi_align_bwd_det_kernel one thread per grad_input pixel and kTileChannels
+//                             channels, gathering the contributions of its tile's
+//                             regions in ascending order (no atomics).
 //   _region_*_kernel          region_features, in the CPU's profile formulation
 //                             (axis_profile in roi_align_math.h): per-region axis
 //                             profiles, then the bilinear form per (k, c); the work
@@ -15,8 +20,15 @@
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
+// The radix sort of the deterministic backward's binning, in a
+// namespace of our own (the kernels are hidden, this keeps the host symbols apart
+// from torch's CUB too).
+#define CUB_WRAPPED_NAMESPACE mmkernels_cub
+#include <cub/device/device_radix_sort.cuh>
+
 #include <cstdint>
 
+#include "common/launch_geometry.h"
 #include "roi_align/roi_align_cuda.h"
 #include "roi_align/roi_align_math.h"
 
@@ -283,36 +295,41 @@ __global__ void _roi_align_bwd_kernel(const Params p, const T* __restrict__ grad
 
 // ---- deterministic backward: regions binned per image tile -------------------------
 //
-// A block owns a tile of kTileH x kTileW pixels of one (image, level) plane and
-// kTileChannels channels; a thread owns one pixel. The block scans the regions'
-// pixel boxes (RegionBox, precomputed once per region) in chunks of blockDim, keeps
-// the ids of those that meet its tile in shared memory in ascending order (a
-// ballot/popc prefix, no atomics), and each thread then gathers, region by region
-// in that order, the contributions to its pixel (visit_pixel_bins): the same result
-// every run. Work: O(K) box tests per block, which are cheap next to the per-pixel
-// gathers, so the whole is O(K * samples * C + N * C * H * W) instead of one test of
-// every region by every grad_input element.
-constexpr int kTileH = 8;
-constexpr int kTileW = 32;
+// Once per call, independent of C (launch_bin_regions): each region's pixel box
+// (RegionBox, once per region) gives the tiles it meets; one (tile, k) key per pair
+// goes into a fixed number of slots, a radix sort orders the keys by tile, then k,
+// and each tile's run of sorted keys is found by binary search (roi_align_math.h:
+// region_tile_count, region_tile_at, bin_key, first_cut_region). Then a block owns a
+// tile of kTileH x kTileW pixels of one (image, level) plane and kTileChannels
+// channels (a thread per pixel); it stages its run of region ids in shared memory and
+// each thread gathers, region by region in ascending order, the contributions to its
+// pixel (visit_pixel_bins): the same result every run. Binning costs O(K log K +
+// slots * log K) plus a sort of `slots` keys; each (tile, channel group) then reads
+// only the regions that meet its tile, so the gather is O(K * samples * C + N * C *
+// H * W), with no test of a region against a tile it does not meet (the former
+// kernel re-tested all K regions in every (tile, channel group): O(N * H * W / 256 *
+// C / 4 * K)). When the pairs do not fit their slots, the regions from k_cut on are
+// tested in order by every tile (scan_tile_regions): slower, the same sums.
 constexpr int kTileThreads = kTileH * kTileW;  // one pixel per thread
-constexpr int kTileChannels = 4;               // accumulators per thread
 constexpr int kListCap = 1024;                 // region ids held at once per tile
 
 static_assert(sizeof(RegionBox) == 32, "RegionBox is allocated as (K, 8) int32 on the host");
+static_assert(kListCap >= kTileThreads, "a staged chunk of a tile's run fits the list");
 
-// Calls flush(list, count) with the ids k < K for which hit(k) holds, in ascending
-// order, at most kListCap at a time. Every thread of the block must call it (it
-// synchronises); hit may be called for any k < K, flush by every thread.
+// Calls flush(list, count) with the ids k in [from, K) for which hit(k) holds, in
+// ascending order, at most kListCap at a time, in the shared `list`. Every thread of
+// the block must call it (it synchronises); hit may be called for any k < K, flush by
+// every thread.
 template <typename Hit, typename Flush>
-__device__ __forceinline__ void scan_tile_regions(const int64_t K, const Hit& hit,
+__device__ __forceinline__ void scan_tile_regions(int64_t* list, const int64_t from,
+                                                  const int64_t K, const Hit& hit,
                                                   const Flush& flush) {
-  __shared__ int64_t list[kListCap];
   __shared__ int warp_total[kTileThreads / 32];
   __shared__ int count;
   const int tid = threadIdx.x, lane = tid & 31, wid = tid >> 5;
   if (tid == 0) count = 0;
   __syncthreads();
-  for (int64_t base = 0; base < K; base += kTileThreads) {
+  for (int64_t base = from; base < K; base += kTileThreads) {
     const int64_t k = base + tid;
     const bool h = k < K && hit(k);
     const unsigned bal = __ballot_sync(0xffffffffu, h);
@@ -335,33 +352,77 @@ __device__ __forceinline__ void scan_tile_regions(const int64_t K, const Hit& hi
     if (tid == 0) count = c + total;
     __syncthreads();
   }
-  flush(list, count);
+  const int c = count;
+  flush(list, c);
 }
 
-// The pixel and channels of this thread: block x is tile (x mod tiles) of image
-// x / tiles of an H x W plane, block y the channels [y * kTileChannels, ...).
+// Calls flush(list, count) with the regions of tile tg (its index in the bins) in
+// ascending order, at most kListCap at a time: first the regions below k_cut of the
+// tile's run of sorted pairs (all of them meet the tile), then the regions from k_cut
+// on for which hit(k) holds, tested in order (from 0 without bins). Every thread of
+// the block must call it (it synchronises).
+template <typename Hit, typename Flush>
+__device__ __forceinline__ void for_tile_regions(const TileRuns& runs, const int64_t tg,
+                                                 const int64_t K, const Hit& hit,
+                                                 const Flush& flush) {
+  __shared__ __align__(16) int64_t list[kListCap];
+  __syncthreads();  // the previous tile's flush has read the list
+  int64_t from = 0;
+  if (runs.sorted != nullptr) {
+    const int64_t s = runs.start[tg], e = runs.start[tg + 1], k_cut = runs.start[runs.tiles + 1];
+    for (int64_t at = s; at < e; at += kTileThreads) {
+      const int64_t i = at + threadIdx.x;
+      // The run is ascending in k, so the regions below k_cut are a prefix of it.
+      const int64_t k = i < e ? bin_key_region(runs.sorted[i]) : K;
+      const bool keep = k < k_cut;
+      if (keep) list[threadIdx.x] = k;
+      const int n = __syncthreads_count(keep);  // also: the chunk is in `list`
+      flush(list, n);
+      __syncthreads();  // read before the next chunk overwrites it
+      if (n < kTileThreads) break;  // the run's end, or k_cut: uniform
+    }
+    from = k_cut;
+  }
+  if (from < K) scan_tile_regions(list, from, K, hit, flush);
+}
+
+// The pixel and channels of this thread in tile tb (tile tb mod tiles of image
+// tb / tiles of an H x W plane), channel group cg (channels [cg * kTileChannels, ...)).
 struct TilePixel {
   int64_t n, c0;
   int ty0, tx0, h, w, nc;
   bool on_map;
 };
 
-__device__ __forceinline__ TilePixel tile_pixel(const Level& lv, int64_t C) {
+__device__ __forceinline__ TilePixel tile_pixel(const Level& lv, int64_t C, int64_t tb,
+                                                int64_t cg) {
   TilePixel tp;
   // (int64: W + kTileW - 1 overflows int for W near 2^31)
   const int64_t tiles_w = (int64_t(lv.W) + kTileW - 1) / kTileW;
-  const int64_t tiles_h = (int64_t(lv.H) + kTileH - 1) / kTileH;
-  const int64_t tiles = tiles_h * tiles_w;
-  tp.n = blockIdx.x / tiles;
-  const int t = static_cast<int>(blockIdx.x % tiles);
-  tp.ty0 = (t / tiles_w) * kTileH;
-  tp.tx0 = (t % tiles_w) * kTileW;
+  const int64_t tiles = tiles_per_image(lv.H, lv.W, kTileH, kTileW);
+  tp.n = tb / tiles;
+  const int64_t t = tb % tiles;
+  tp.ty0 = static_cast<int>(t / tiles_w) * kTileH;
+  tp.tx0 = static_cast<int>(t % tiles_w) * kTileW;
   tp.h = tp.ty0 + static_cast<int>(threadIdx.x) / kTileW;
   tp.w = tp.tx0 + static_cast<int>(threadIdx.x) % kTileW;
   tp.on_map = tp.h < lv.H && tp.w < lv.W;
-  tp.c0 = int64_t(blockIdx.y) * kTileChannels;
+  tp.c0 = cg * kTileChannels;
   tp.nc = static_cast<int>(C - tp.c0 < kTileChannels ? C - tp.c0 : kTileChannels);
   return tp;
+}
+
+// f(tb, tp) for each (tile, channel group) of this block: tiles blockIdx.x,
+// blockIdx.x + gridDim.x, ... of the level's N * tiles, channel groups blockIdx.y,
+// blockIdx.y + gridDim.y, ... (a grid clamped by strided_grid still covers any C).
+template <typename F>
+__device__ __forceinline__ void for_each_tile(const Level& lv, int64_t N, int64_t C,
+                                              const F& f) {
+  const int64_t tiles = N * tiles_per_image(lv.H, lv.W, kTileH, kTileW);
+  const int64_t groups = (C + kTileChannels - 1) / kTileChannels;
+  for (int64_t tb = blockIdx.x; tb < tiles; tb += gridDim.x) {
+    for (int64_t cg = blockIdx.y; cg < groups; cg += gridDim.y) f(tb, tile_pixel(lv, C, tb, cg));
+  }
 }
 
 // The pixel's kTileChannels results into the accumulation buffer lv.data (every
@@ -417,42 +478,143 @@ __global__ void _region_box_kernel(const Params p, RegionBox* __restrict__ boxes
   }
 }
 
-// Deterministic backward of one level: grid (N * tiles, ceil(C / kTileChannels)).
+// Binning, steps 1 and 2: the number of tiles each region's box meets and its
+// inclusive prefix sum over the regions (integers: exact, the same every run). Block g
+// of G <= kScanBlocks owns regions [g * chunk, (g + 1) * chunk): step 1 writes their
+// counts and their sum; step 2 adds the sums of blocks 0..g-1 and scans its regions
+// kScanThreads at a time. Two launches, O(K + G^2 / kScanThreads) work.
+constexpr int kScanThreads = 1024;
+constexpr int64_t kScanBlocks = 1024;
+
+// Inclusive scan of v over the block (blockDim.x == kScanThreads); total: the
+// block's sum. `warp` holds kScanThreads / 32 values; every thread must call it.
+__device__ __forceinline__ int64_t block_inclusive_scan(int64_t v, int64_t* warp,
+                                                        int64_t& total) {
+  const int lane = threadIdx.x & 31, wid = threadIdx.x >> 5;
+#pragma unroll
+  for (int off = 1; off < 32; off <<= 1) {
+    const int64_t u = __shfl_up_sync(0xffffffffu, v, off);
+    v += lane >= off ? u : 0;
+  }
+  __syncthreads();  // `warp` is free (a previous call has read it)
+  if (lane == 31) warp[wid] = v;
+  __syncthreads();
+  int64_t before = 0;
+  total = 0;
+#pragma unroll 8
+  for (int j = 0; j < kScanThreads / 32; ++j) {
+    before += j < wid ? warp[j] : 0;
+    total += warp[j];
+  }
+  return v + before;
+}
+
+__global__ void __launch_bounds__(kScanThreads)
+    _bin_count_kernel(const RegionBox* __restrict__ boxes, const int64_t K, const int64_t chunk,
+                      int64_t* __restrict__ count, int64_t* __restrict__ block_sum) {
+  __shared__ int64_t warp[kScanThreads / 32];
+  const int64_t lo = blockIdx.x * chunk, hi = lo + chunk < K ? lo + chunk : K;
+  int64_t sum = 0;
+  for (int64_t k = lo + threadIdx.x; k < hi; k += kScanThreads) {
+    const int64_t c = region_tile_count(boxes[k], kTileH, kTileW);
+    count[k] = c;
+    sum += c;
+  }
+  int64_t total;
+  block_inclusive_scan(sum, warp, total);
+  if (threadIdx.x == 0) block_sum[blockIdx.x] = total;
+}
+
+__global__ void __launch_bounds__(kScanThreads)
+    _bin_scan_kernel(const int64_t* __restrict__ count, const int64_t K, const int64_t chunk,
+                     const int64_t* __restrict__ block_sum, int64_t* __restrict__ incl) {
+  __shared__ int64_t warp[kScanThreads / 32];
+  int64_t before = 0, carry, total;
+  for (int64_t g = threadIdx.x; g < blockIdx.x; g += kScanThreads) before += block_sum[g];
+  block_inclusive_scan(before, warp, carry);  // carry: the sum of the blocks before this
+  const int64_t lo = blockIdx.x * chunk, hi = lo + chunk < K ? lo + chunk : K;
+  for (int64_t base = lo; base < hi; base += kScanThreads) {  // uniform
+    const int64_t k = base + threadIdx.x;
+    const int64_t v = block_inclusive_scan(k < hi ? count[k] : 0, warp, total);
+    if (k < hi) incl[k] = carry + v;
+    carry += total;
+  }
+}
+
+// Step 3 (after the prefix sums): one thread per slot s writes the key of the pair
+// that has slot s (its region: the first k with incl[k] > s), or kNoPair past the
+// pairs; every slot is written.
+__global__ void _bin_emit_kernel(const Params p, const RegionBox* __restrict__ boxes,
+                                 const TileBins b, const int64_t K) {
+  for (int64_t s = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; s < b.slots;
+       s += int64_t(gridDim.x) * blockDim.x) {
+    const int64_t k = search_sorted<int64_t>(b.incl, K, s, /*upper=*/true);
+    uint64_t key = kNoPair;
+    if (k < K) {
+      const RegionBox bx = boxes[k];
+      const Level lv = level_at(p, bx.level);
+      int64_t base = b.base[0];
+#pragma unroll
+      for (int l = 1; l < kMaxLevels; ++l) base = l == bx.level ? b.base[l] : base;
+      const int64_t tiles_w = (int64_t(lv.W) + kTileW - 1) / kTileW;
+      const int64_t t = base + bx.n * tiles_per_image(lv.H, lv.W, kTileH, kTileW) +
+                        region_tile_at(bx, kTileH, kTileW, tiles_w, s - (b.incl[k] - b.count[k]));
+      key = bin_key(t, k);
+    }
+    b.keys[s] = key;
+  }
+}
+
+// Step 5 (after the sort): start[t] for t <= tiles (each tile's first sorted slot;
+// start[tiles] the end of the real pairs), start[tiles + 1] = k_cut.
+__global__ void _bin_runs_kernel(const TileBins b, const int64_t K) {
+  for (int64_t t = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; t <= b.tiles + 1;
+       t += int64_t(gridDim.x) * blockDim.x) {
+    b.start[t] = t <= b.tiles ? search_sorted<uint64_t>(b.sorted, b.slots, bin_key(t, 0), false)
+                              : first_cut_region(b.incl, K, b.slots);
+  }
+}
+
+// Deterministic backward of one level, after the binning: block (x, y) owns tiles
+// x, x + gridDim.x, ... (of N * tiles) and channel groups y, y + gridDim.y, ...
 template <typename T>
 __global__ void __launch_bounds__(kTileThreads, 1)
     _roi_align_bwd_det_kernel(const Params p, const int level, const T* __restrict__ grad,
                               const int64_t gs0, const int64_t gs1, const int64_t gs2,
-                              const int64_t gs3, const RegionBox* __restrict__ boxes) {
+                              const int64_t gs3, const RegionBox* __restrict__ boxes,
+                              const TileRuns runs, const int64_t tile_base) {
   using A = typename Acc<T>::type;
   const T* rois = static_cast<const T*>(p.rois);
   const Level lv = level_at(p, level);
-  const TilePixel tp = tile_pixel(lv, p.C);
-  const int64_t n = tp.n, c0 = tp.c0;
-  const int h = tp.h, w = tp.w, nc = tp.nc, ty0 = tp.ty0, tx0 = tp.tx0;
-  const bool on_map = tp.on_map;
-  ChannelVisitor<T, A> v;
-  v.gs1 = gs1;
-  v.gs2 = gs2;
-  v.gs3 = gs3;
-  v.nc = nc;
+  for_each_tile(lv, p.N, p.C, [&](int64_t tb, const TilePixel& tp) {
+    const int64_t n = tp.n, c0 = tp.c0;
+    const int h = tp.h, w = tp.w, ty0 = tp.ty0, tx0 = tp.tx0;
+    const bool on_map = tp.on_map;
+    ChannelVisitor<T, A> v;
+    v.gs1 = gs1;
+    v.gs2 = gs2;
+    v.gs3 = gs3;
+    v.nc = tp.nc;
 #pragma unroll
-  for (int j = 0; j < kTileChannels; ++j) v.acc[j] = A(0);
-  const int ty1 = ty0 + kTileH - 1, tx1 = tx0 + kTileW - 1;
-  scan_tile_regions(
-      p.K, [&](int64_t k) { return region_in_tile(boxes[k], n, level, ty0, ty1, tx0, tx1); },
-      [&](const int64_t* list, int count) {
-        if (!on_map) return;
-        for (int i = 0; i < count; ++i) {
-          const int64_t k = list[i];
-          const RegionBox bx = boxes[k];
-          if (h < bx.y0 || h > bx.y1 || w < bx.x0 || w > bx.x1) continue;
-          const auto g = geometry<T, A>(p, rois + k * 5, lv.scale);
-          v.grad = grad + k * gs0 + c0 * gs1;
-          v.count = g.count;
-          visit_pixel_bins(g, p.PH, p.PW, lv.H, lv.W, h, w, v);
-        }
-      });
-  store_tile_pixel(lv, tp, v.acc);
+    for (int j = 0; j < kTileChannels; ++j) v.acc[j] = A(0);
+    const int ty1 = ty0 + kTileH - 1, tx1 = tx0 + kTileW - 1;
+    for_tile_regions(
+        runs, tile_base + tb, p.K,
+        [&](int64_t k) { return region_in_tile(boxes[k], n, level, ty0, ty1, tx0, tx1); },
+        [&](const int64_t* list, int count) {
+          if (!on_map) return;
+          for (int i = 0; i < count; ++i) {
+            const int64_t k = list[i];
+            const RegionBox bx = boxes[k];
+            if (h < bx.y0 || h > bx.y1 || w < bx.x0 || w > bx.x1) continue;
+            const auto g = geometry<T, A>(p, rois + k * 5, lv.scale);
+            v.grad = grad + k * gs0 + c0 * gs1;
+            v.count = g.count;
+            visit_pixel_bins(g, p.PH, p.PW, lv.H, lv.W, h, w, v);
+          }
+        });
+    store_tile_pixel(lv, tp, v.acc);
+  });
 }
 
 // ---- region_features ---------------------------------------------------------------
@@ -477,10 +639,14 @@ __global__ void _region_profile_kernel(const Params p, const RegionWork wk, cons
     const auto g = geometry<T, A>(p, r, lv.scale);
     if (j == HW) {
       static_cast<A*>(wk.norm)[k] = g.count * A(p.PH) * A(p.PW);
-      wk.nidx[k] = valid && !g.nan ? n : -1;
+      const RegionBox bx = region_box(g, valid, n, 0, p.PH, p.PW, lv.H, lv.W);
+      wk.nidx[k] = bx.n;
       int* sp = wk.span + k * 4;
-      axis_span(g.start_h, g.bin_h, p.PH, g.grid_h, lv.H, sp[0], sp[1]);
-      axis_span(g.start_w, g.bin_w, p.PW, g.grid_w, lv.W, sp[2], sp[3]);
+      sp[0] = bx.y0;
+      sp[1] = bx.y1;
+      sp[2] = bx.x0;
+      sp[3] = bx.x1;
+      if (wk.box != nullptr) wk.box[k] = bx;
       continue;
     }
     A v = A(0);
@@ -627,57 +793,54 @@ __global__ void _region_bwd_kernel(const Params p, const RegionWork wk, const T*
   }
 }
 
-// Deterministic backward: the tiles of scan_tile_regions (grid (N * tiles,
-// ceil(C / kTileChannels))), binned on the regions' spans; each pixel then adds, in
-// ascending region order, the CPU's NCHW expression (nvcc may fuse it into an FMA,
-// so equal to the CPU within rounding, not bitwise).
+// Deterministic backward: the tiles and channel groups of _roi_align_bwd_det_kernel,
+// the regions binned on their spans (w.box); each pixel then adds, in ascending region
+// order, the CPU's NCHW expression (nvcc may fuse it into an FMA, so equal to the CPU
+// within rounding, not bitwise).
 template <typename T>
 __global__ void __launch_bounds__(kTileThreads, 1)
     _region_bwd_det_kernel(const Params p, const RegionWork wk, const T* __restrict__ grad,
-                           const int64_t gs0, const int64_t gs1) {
+                           const int64_t gs0, const int64_t gs1, const TileRuns runs) {
   using A = typename Acc<T>::type;
   const Level lv = p.lv[0];
   const int64_t HW = int64_t(lv.H) + lv.W;
-  const TilePixel tp = tile_pixel(lv, p.C);
-  const int64_t n = tp.n, c0 = tp.c0;
-  const int h = tp.h, w = tp.w, nc = tp.nc, ty0 = tp.ty0, tx0 = tp.tx0;
-  const bool on_map = tp.on_map;
-  const int ty1 = ty0 + kTileH - 1, tx1 = tx0 + kTileW - 1;
-  A acc[kTileChannels];
+  for_each_tile(lv, p.N, p.C, [&](int64_t tb, const TilePixel& tp) {
+    const int64_t n = tp.n, c0 = tp.c0;
+    const int h = tp.h, w = tp.w, nc = tp.nc, ty0 = tp.ty0, tx0 = tp.tx0;
+    const bool on_map = tp.on_map;
+    const int ty1 = ty0 + kTileH - 1, tx1 = tx0 + kTileW - 1;
+    A acc[kTileChannels];
 #pragma unroll
-  for (int j = 0; j < kTileChannels; ++j) acc[j] = A(0);
-  scan_tile_regions(
-      p.K,
-      [&](int64_t k) {
-        const int* sp = wk.span + k * 4;
-        const RegionBox bx{wk.nidx[k], 0, sp[0], sp[1], sp[2], sp[3], 0};
-        return region_in_tile(bx, n, 0, ty0, ty1, tx0, tx1);
-      },
-      [&](const int64_t* list, int count) {
-        if (!on_map) return;
-        for (int i = 0; i < count; ++i) {
-          const int64_t k = list[i];
-          const int* sp = wk.span + k * 4;
-          if (h < sp[0] || h > sp[1] || w < sp[2] || w > sp[3]) continue;
-          const unsigned char fy = wk.flags[k * HW + h];
-          const unsigned char fx = wk.flags[k * HW + lv.H + w];
-          if (!(fy & kTouched) || !(fx & kTouched)) continue;
-          const A* py = static_cast<const A*>(wk.prof) + k * HW;
-          const A norm = static_cast<const A*>(wk.norm)[k];
-          const A wy = py[h], wx = py[lv.H + w];
-          const bool zero = (fy | fx) & kZeroTap;
-          const T* gk = grad + k * gs0 + c0 * gs1;
+    for (int j = 0; j < kTileChannels; ++j) acc[j] = A(0);
+    for_tile_regions(
+        runs, tb, p.K,
+        [&](int64_t k) { return region_in_tile(wk.box[k], n, 0, ty0, ty1, tx0, tx1); },
+        [&](const int64_t* list, int count) {
+          if (!on_map) return;
+          for (int i = 0; i < count; ++i) {
+            const int64_t k = list[i];
+            const int* sp = wk.span + k * 4;
+            if (h < sp[0] || h > sp[1] || w < sp[2] || w > sp[3]) continue;
+            const unsigned char fy = wk.flags[k * HW + h];
+            const unsigned char fx = wk.flags[k * HW + lv.H + w];
+            if (!(fy & kTouched) || !(fx & kTouched)) continue;
+            const A* py = static_cast<const A*>(wk.prof) + k * HW;
+            const A norm = static_cast<const A*>(wk.norm)[k];
+            const A wy = py[h], wx = py[lv.H + w];
+            const bool zero = (fy | fx) & kZeroTap;
+            const T* gk = grad + k * gs0 + c0 * gs1;
 #pragma unroll
-          for (int j = 0; j < kTileChannels; ++j) {
-            if (j < nc) {
-              const A coef = to_acc(gk[j * gs1]) / norm;
-              const A cy = coef * wy;
-              acc[j] += cy * wx + (zero ? A(0) * coef : A(0));
+            for (int j = 0; j < kTileChannels; ++j) {
+              if (j < nc) {
+                const A coef = to_acc(gk[j * gs1]) / norm;
+                const A cy = coef * wy;
+                acc[j] += cy * wx + (zero ? A(0) * coef : A(0));
+              }
             }
           }
-        }
-      });
-  store_tile_pixel(lv, tp, acc);
+        });
+    store_tile_pixel(lv, tp, acc);
+  });
 }
 
 constexpr int kThreads = 256;
@@ -759,27 +922,67 @@ cudaError_t launch_region_boxes(DType dtype, const Params& p, RegionBox* boxes,
   });
 }
 
-// (N * tiles, channel groups) for the tiled deterministic backward of an H x W level.
-static cudaError_t tile_grid(const Params& p, int H, int W, dim3& grid) {
-  const int64_t tiles = ((int64_t(H) + kTileH - 1) / kTileH) * ((int64_t(W) + kTileW - 1) / kTileW);
-  const int64_t gx = p.N * tiles, gy = (p.C + kTileChannels - 1) / kTileChannels;
-  if (gx > 0x7fffffff || gy > 65535) return cudaErrorInvalidConfiguration;
-  grid = dim3(static_cast<unsigned>(gx), static_cast<unsigned>(gy));
+// Blocks of the prefix sum over K regions (_bin_count_kernel, _bin_scan_kernel).
+static int64_t scan_chunk(int64_t K) {
+  const int64_t per = (K + kScanBlocks - 1) / kScanBlocks;
+  return ((per + kScanThreads - 1) / kScanThreads) * kScanThreads;  // whole rounds
+}
+
+cudaError_t bin_temp_bytes(int64_t K, int64_t slots, int key_bits, size_t& bytes) {
+  size_t sort = 0;
+  if (slots > 0) {
+    const cudaError_t e = ::mmkernels_cub::cub::DeviceRadixSort::SortKeys(
+        nullptr, sort, static_cast<const uint64_t*>(nullptr), static_cast<uint64_t*>(nullptr),
+        slots, 0, key_bits);
+    if (e != cudaSuccess) return e;
+  }
+  const size_t sums = K > 0 ? kScanBlocks * sizeof(int64_t) : 0;  // _bin_count_kernel's
+  bytes = sort > sums ? sort : sums;  // (used one after the other)
   return cudaSuccess;
+}
+
+cudaError_t launch_bin_regions(const Params& p, const RegionBox* boxes, const TileBins& b,
+                               cudaStream_t stream) {
+  if (p.K == 0 || b.slots == 0 || b.sorted == nullptr) return cudaSuccess;
+  const int64_t chunk = scan_chunk(p.K);
+  const unsigned blocks = static_cast<unsigned>((p.K + chunk - 1) / chunk);  // <= kScanBlocks
+  int64_t* block_sum = static_cast<int64_t*>(b.temp);
+  _bin_count_kernel<<<blocks, kScanThreads, 0, stream>>>(boxes, p.K, chunk, b.count, block_sum);
+  _bin_scan_kernel<<<blocks, kScanThreads, 0, stream>>>(b.count, p.K, chunk, block_sum, b.incl);
+  _bin_emit_kernel<<<blocks_for(b.slots), kThreads, 0, stream>>>(p, boxes, b, p.K);
+  cudaError_t e = cudaGetLastError();
+  if (e != cudaSuccess) return e;
+  size_t bytes = b.temp_bytes;
+  e = ::mmkernels_cub::cub::DeviceRadixSort::SortKeys(b.temp, bytes,
+                                                      static_cast<const uint64_t*>(b.keys),
+                                                      b.sorted, b.slots, 0, b.key_bits, stream);
+  if (e != cudaSuccess) return e;
+  _bin_runs_kernel<<<blocks_for(b.tiles + 2), kThreads, 0, stream>>>(b, p.K);
+  return cudaGetLastError();
+}
+
+// The grid of a deterministic gather over level lv: its N * tiles and channel groups,
+// clamped (strided_grid: the kernels stride over both, so any C launches); false
+// when there is nothing to launch.
+static bool tile_grid(const Params& p, const Level& lv, dim3& grid) {
+  const int64_t tiles = p.N * tiles_per_image(lv.H, lv.W, kTileH, kTileW);
+  const int64_t groups = (p.C + kTileChannels - 1) / kTileChannels;
+  const GridShape g = strided_grid(tiles, groups);
+  grid = dim3(g.x, g.y);
+  return tiles > 0 && groups > 0;
 }
 
 cudaError_t launch_backward_deterministic(DType dtype, const Params& p, int level,
                                           const void* grad, const int64_t gs[4],
-                                          const RegionBox* boxes, cudaStream_t stream) {
-  const int64_t total = p.N * p.C * int64_t(p.lv[level].H) * p.lv[level].W;
-  if (total == 0) return cudaSuccess;
+                                          const RegionBox* boxes, const TileBins& bins,
+                                          cudaStream_t stream) {
   dim3 grid;
-  const cudaError_t e = tile_grid(p, p.lv[level].H, p.lv[level].W, grid);
-  if (e != cudaSuccess) return e;
+  if (!tile_grid(p, p.lv[level], grid)) return cudaSuccess;
   return dispatch(dtype, [&](auto tag) {
     using T = decltype(tag);
     _roi_align_bwd_det_kernel<T><<<grid, kTileThreads, 0, stream>>>(
-        p, level, static_cast<const T*>(grad), gs[0], gs[1], gs[2], gs[3], boxes);
+        p, level, static_cast<const T*>(grad), gs[0], gs[1], gs[2], gs[3], boxes, bins.runs(),
+        bins.base[level]);
     return cudaGetLastError();
   });
 }
@@ -813,25 +1016,24 @@ cudaError_t launch_region_forward(DType dtype, const Params& p, const RegionWork
 }
 
 cudaError_t launch_region_backward(DType dtype, const Params& p, const RegionWork& w,
-                                   const void* grad, const int64_t gs[2], bool deterministic,
+                                   const void* grad, const int64_t gs[2], const TileBins* bins,
                                    cudaStream_t stream) {
-  const int64_t total = deterministic ? p.N * p.C * int64_t(p.lv[0].H) * p.lv[0].W
-                                      : p.K * p.C * int64_t(p.lv[0].H);
-  if (total == 0) return cudaSuccess;
-  dim3 grid;
-  if (deterministic) {
-    const cudaError_t e = tile_grid(p, p.lv[0].H, p.lv[0].W, grid);
-    if (e != cudaSuccess) return e;
+  if (bins != nullptr) {
+    dim3 grid;
+    if (!tile_grid(p, p.lv[0], grid)) return cudaSuccess;
+    return dispatch(dtype, [&](auto tag) {
+      using T = decltype(tag);
+      _region_bwd_det_kernel<T><<<grid, kTileThreads, 0, stream>>>(
+          p, w, static_cast<const T*>(grad), gs[0], gs[1], bins->runs());
+      return cudaGetLastError();
+    });
   }
+  const int64_t total = p.K * p.C * int64_t(p.lv[0].H);
+  if (total == 0) return cudaSuccess;
   return dispatch(dtype, [&](auto tag) {
     using T = decltype(tag);
-    if (deterministic) {
-      _region_bwd_det_kernel<T><<<grid, kTileThreads, 0, stream>>>(
-          p, w, static_cast<const T*>(grad), gs[0], gs[1]);
-    } else {
-      _region_bwd_kernel<T><<<blocks_for(total), kThreads, 0, stream>>>(
-          p, w, static_cast<const T*>(grad), gs[0], gs[1], total);
-    }
+    _region_bwd_kernel<T><<<blocks_for(total), kThreads, 0, stream>>>(
+        p, w, static_cast<const T*>(grad), gs[0], gs[1], total);
     return cudaGetLastError();
   });
 }

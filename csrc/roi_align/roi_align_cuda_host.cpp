@@ -15,6 +15,7 @@
 #include "common/cuda_check.h"
 
 #include <cstdint>
+#include <optional>
 #include <vector>
 
 #include "roi_align/roi_align_common.h"
@@ -79,9 +80,11 @@ at::ScalarType grad_acc_type(at::ScalarType t) {
 // region_features workspace (see cuda::RegionWork), on the map's device: K * (H + W)
 // profile weights and flags, as on the CPU, and a few values per region.
 struct RegionWorkspace {
-  at::Tensor prof, flags, norm, nidx, span;
-  cuda::RegionWork w;
-  RegionWorkspace(const at::Tensor& rois, const at::Tensor& map, at::ScalarType acc) {
+  at::Tensor prof, flags, norm, nidx, span, box;
+  cuda::RegionWork w{};
+  // with_boxes: also each region's RegionBox (the input of the binned backward).
+  RegionWorkspace(const at::Tensor& rois, const at::Tensor& map, at::ScalarType acc,
+                  bool with_boxes = false) {
     const int64_t K = rois.size(0), HW = map.size(2) + map.size(3);
     const auto opts = map.options();
     prof = at::empty({K, HW}, opts.dtype(acc));
@@ -94,6 +97,47 @@ struct RegionWorkspace {
     w.norm = norm.mutable_data_ptr();
     w.nidx = nidx.mutable_data_ptr<int64_t>();
     w.span = span.mutable_data_ptr<int>();
+    if (with_boxes) {
+      box = at::empty({K, 8}, opts.dtype(at::kInt));
+      w.box = reinterpret_cast<RegionBox*>(box.mutable_data_ptr<int32_t>());
+    }
+  }
+};
+
+// Buffers of the deterministic backward's binning (cuda::TileBins) for K regions on
+// levels of heights x widths, N images: sizes from plan_bins, i.e. from the shapes
+// only (no host sync). Without bins (plan.binned false) nothing is allocated and the
+// kernels test every region in order.
+struct BinWorkspace {
+  at::Tensor count, incl, keys, sorted, start, temp;
+  cuda::TileBins b{};
+  BinWorkspace(const char* op, int64_t K, int64_t N, at::IntArrayRef heights,
+               at::IntArrayRef widths, const at::TensorOptions& opts) {
+    int H[cuda::kMaxLevels], W[cuda::kMaxLevels];
+    const int L = static_cast<int>(heights.size());
+    for (int l = 0; l < L; ++l) {
+      H[l] = static_cast<int>(heights[l]);
+      W[l] = static_cast<int>(widths[l]);
+    }
+    const BinPlan plan = plan_bins(K, N, L, H, W, cuda::kTileH, cuda::kTileW, b.base);
+    if (!plan.binned) return;
+    const auto i64 = opts.dtype(at::kLong);
+    count = at::empty({K}, i64);
+    incl = at::empty({K}, i64);
+    keys = at::empty({plan.slots}, i64);
+    sorted = at::empty({plan.slots}, i64);
+    start = at::empty({plan.tiles + 2}, i64);
+    check_launch(op, cuda::bin_temp_bytes(K, plan.slots, plan.key_bits, b.temp_bytes));
+    temp = at::empty({static_cast<int64_t>(b.temp_bytes)}, opts.dtype(at::kByte));
+    b.count = count.mutable_data_ptr<int64_t>();
+    b.incl = incl.mutable_data_ptr<int64_t>();
+    b.keys = reinterpret_cast<uint64_t*>(keys.mutable_data_ptr<int64_t>());
+    b.sorted = reinterpret_cast<uint64_t*>(sorted.mutable_data_ptr<int64_t>());
+    b.start = start.mutable_data_ptr<int64_t>();
+    b.temp = temp.mutable_data_ptr();
+    b.slots = plan.slots;
+    b.tiles = plan.tiles;
+    b.key_bits = plan.key_bits;
   }
 };
 
@@ -164,16 +208,23 @@ std::vector<at::Tensor> backward_cuda(const char* op, const at::Tensor& grad,
   const c10::cuda::CUDAGuard guard(grad.device());
   const auto acc_type = grad_acc_type(grad.scalar_type());
   const auto fmt = channels_last ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
+  const bool det = at::globalContext().deterministicAlgorithms();
+  // The deterministic gather writes every element of every level's buffer; the atomic
+  // scatter adds into it, so only then (or with nothing to launch) is it zero-filled.
+  // (In deterministic mode at::empty itself NaN-fills unless the user turned off
+  // torch.utils.deterministic.fill_uninitialized_memory: PyTorch's choice, not ours.)
+  const bool launch = K > 0 && C > 0;
   std::vector<at::Tensor> bufs;
   for (int64_t l = 0; l < L; ++l) {
     TORCH_CHECK(heights[l] >= 0 && widths[l] >= 0 && heights[l] < (1LL << 31) &&
                     widths[l] < (1LL << 31),
                 op, ": height/width must lie in [0, 2^31), got ", heights[l], " x ", widths[l]);
-    bufs.push_back(at::empty({N, C, heights[l], widths[l]},
-                             grad.options().dtype(acc_type).memory_format(fmt))
-                       .zero_());
+    auto buf = at::empty({N, C, heights[l], widths[l]},
+                         grad.options().dtype(acc_type).memory_format(fmt));
+    if (!(det && launch)) buf.zero_();
+    bufs.push_back(buf);
   }
-  if (K > 0 && C > 0) {
+  if (launch) {
     const at::Tensor r = rois.contiguous();
     const at::Tensor lvl = levels != nullptr ? levels->contiguous() : at::Tensor();
     auto p = make_params(r, levels != nullptr ? &lvl : nullptr, N, C, PH, PW, sr, aligned,
@@ -185,25 +236,32 @@ std::vector<at::Tensor> backward_cuda(const char* op, const at::Tensor& grad,
     }
     const auto stream = c10::cuda::getCurrentCUDAStream();
     const auto dt = dtype_of(grad.scalar_type());
-    const bool det = at::globalContext().deterministicAlgorithms();
     if (mean) {
-      // Profiles (the geometry of the regions on this map), then the bilinear form.
-      RegionWorkspace ws(rois, bufs[0], acc_type);
+      // Profiles (the geometry of the regions on this map), then the bilinear form;
+      // deterministic: the regions binned per image tile on their spans first.
+      RegionWorkspace ws(rois, bufs[0], acc_type, /*with_boxes=*/det);
       check_launch(op, cuda::launch_region_profiles(dt, p, ws.w, stream));
       const int64_t gs[2] = {grad.stride(0), grad.stride(1)};
-      check_launch(op, cuda::launch_region_backward(dt, p, ws.w, grad.const_data_ptr(), gs, det,
-                                                    stream));
+      std::optional<BinWorkspace> bins;
+      if (det) {
+        bins.emplace(op, K, N, heights, widths, grad.options());
+        check_launch(op, cuda::launch_bin_regions(p, ws.w.box, bins->b, stream));
+      }
+      check_launch(op, cuda::launch_region_backward(dt, p, ws.w, grad.const_data_ptr(), gs,
+                                                    det ? &bins->b : nullptr, stream));
     } else if (det) {
-      // Each region's pixel box once (RegionBox, 32 bytes), then per level the tiled
-      // gather that bins the regions per image tile.
+      // Each region's pixel box once (RegionBox, 32 bytes), the regions binned per
+      // image tile once (every level, independent of C), then per level the gather.
       static_assert(sizeof(RegionBox) == 8 * sizeof(int32_t), "RegionBox layout");
       auto boxes = at::empty({K, 8}, grad.options().dtype(at::kInt));
       auto* bp = reinterpret_cast<RegionBox*>(boxes.mutable_data_ptr<int32_t>());
       check_launch(op, cuda::launch_region_boxes(dt, p, bp, stream));
+      const BinWorkspace bins(op, K, N, heights, widths, grad.options());
+      check_launch(op, cuda::launch_bin_regions(p, bp, bins.b, stream));
       const int64_t gs[4] = {grad.stride(0), grad.stride(1), grad.stride(2), grad.stride(3)};
       for (int l = 0; l < p.L; ++l) {
-        const cudaError_t err =
-            cuda::launch_backward_deterministic(dt, p, l, grad.const_data_ptr(), gs, bp, stream);
+        const cudaError_t err = cuda::launch_backward_deterministic(
+            dt, p, l, grad.const_data_ptr(), gs, bp, bins.b, stream);
         check_launch(op, err);
       }
     } else {

@@ -387,11 +387,18 @@ HOST_DEVICE_INLINE void axis_profile(T start, T bin, int pooled, int grid, int s
 // ---- the deterministic backward as a gather (CUDA), testable on the host -----------
 //
 // grad_in[n, c, h, w] = sum over the regions k of image n, in ascending k, of the
-// contribution of k to pixel (h, w) (visit_pixel_bins). The CUDA kernel bins the
-// regions per image tile first (region_in_tile on the pixel boxes of axis_span), so a
-// pixel only visits the regions whose box meets its tile: O(K * samples * C +
-// N * C * H * W) work in all, not O(N * C * H * W * K). tests/cpp/roi_align_math_test.cpp
-// runs this tiled gather on the host against a brute-force scatter.
+// contribution of k to pixel (h, w) (visit_pixel_bins). The CUDA backward first bins
+// the regions per image tile, once per call and independent of C: each region emits
+// one (tile, k) pair per tile its pixel box meets (region_tile_count /
+// region_tile_at), the pairs are sorted by bin_key (tile, then k), and each tile's
+// pixels then visit only the regions of their tile's run of the sorted pairs, in
+// ascending k. Work: O(K * tiles per box) to bin, O(K * samples * C + N * C * H * W)
+// to gather, instead of O(N * C * H * W * K). The pairs have a fixed number of slots
+// (bin_slots, from the shapes only: no host sync, nothing sized by the data); when
+// the pairs of regions k >= k_cut do not fit (first_cut_region), every tile walks its
+// pairs of the regions below k_cut, then tests the regions from k_cut on in order
+// (region_in_tile): the same sums in the same order. tests/cpp/roi_align_math_test.cpp
+// runs this binned gather on the host against a brute-force scatter.
 
 // The pixels a region can tap (axis_span on both axes), its image, and its level;
 // n < 0 for a region that gets no gradient (invalid index or level, non-finite box).
@@ -405,6 +412,112 @@ HOST_DEVICE_INLINE bool region_in_tile(const RegionBox& b, int64_t n, int l, int
                                        int tx0, int tx1) {
   return b.n == n && b.level == l && b.y0 <= b.y1 && b.x0 <= b.x1 && b.y0 <= ty1 &&
          b.y1 >= ty0 && b.x0 <= tx1 && b.x1 >= tx0;
+}
+
+// Tiles of tile_h x tile_w pixels covering an H x W map (row-major, per image).
+HOST_DEVICE_INLINE int64_t tiles_per_image(int H, int W, int tile_h, int tile_w) {
+  // (int64: H + tile_h - 1 overflows int for H near 2^31)
+  return ((int64_t(H) + tile_h - 1) / tile_h) * ((int64_t(W) + tile_w - 1) / tile_w);
+}
+
+// Number of tiles (of its level's grid) that region box b meets; 0 for a region with
+// no gradient or an empty box. (y0, x0 >= 0: axis_span clamps them to the map.)
+HOST_DEVICE_INLINE int64_t region_tile_count(const RegionBox& b, int tile_h, int tile_w) {
+  if (b.n < 0 || b.y0 > b.y1 || b.x0 > b.x1) return 0;
+  return int64_t(b.y1 / tile_h - b.y0 / tile_h + 1) * (b.x1 / tile_w - b.x0 / tile_w + 1);
+}
+
+// The i-th of those tiles (row-major over the box's tiles), as its index in the
+// (level, image) tile grid of tiles_w tiles per row, i in [0, region_tile_count).
+HOST_DEVICE_INLINE int64_t region_tile_at(const RegionBox& b, int tile_h, int tile_w,
+                                          int64_t tiles_w, int64_t i) {
+  const int64_t cols = b.x1 / tile_w - b.x0 / tile_w + 1;
+  return (b.y0 / tile_h + i / cols) * tiles_w + b.x0 / tile_w + i % cols;
+}
+
+// Sort key of the pair (tile t, region k): t in the high 32 bits, k in the low ones,
+// so ascending keys list each tile's regions in ascending k. kNoPair (all ones) pads
+// the unused slots and sorts after every real key (t < 2^31, bins_fit).
+constexpr uint64_t kNoPair = ~uint64_t(0);
+HOST_DEVICE_INLINE uint64_t bin_key(int64_t t, int64_t k) {
+  return (static_cast<uint64_t>(t) << 32) | static_cast<uint64_t>(k);
+}
+HOST_DEVICE_INLINE int64_t bin_key_region(uint64_t key) {
+  return static_cast<int64_t>(key & 0xffffffffu);
+}
+
+// Whether the pair keys can hold K regions and T tiles (k < 2^32, t < 2^31).
+HOST_DEVICE_INLINE bool bins_fit(int64_t K, int64_t T) {
+  return K >= 0 && K <= 0xffffffffLL && T >= 0 && T < (int64_t(1) << 31);
+}
+
+// Pair slots for K regions binned into T tiles, the largest level having
+// max_tiles (per image): every pair fits when K * max_tiles <= slots_per_region * K
+// + T, else that many slots (the overflow rule of first_cut_region then applies).
+// From the shapes only, so the buffers are allocated without a host sync.
+constexpr int64_t kBinSlotsPerRegion = 64;
+HOST_DEVICE_INLINE int64_t bin_slots(int64_t K, int64_t max_tiles, int64_t T,
+                                     int64_t slots_per_region = kBinSlotsPerRegion) {
+  if (K <= 0) return 0;
+  const int64_t budget = slots_per_region * K + T;
+  return max_tiles <= budget / K ? K * max_tiles : budget;  // (no K * max_tiles overflow)
+}
+
+// Sort bits of the keys: the region half and enough bits for tiles < T.
+HOST_DEVICE_INLINE int bin_key_bits(int64_t T) {
+  int bits = 32;
+  while (bits < 64 && (int64_t(1) << (bits - 32)) < T) ++bits;
+  return bits;
+}
+
+// The bins of one deterministic backward (host side): K regions on L levels of N
+// images, level l of H[l] x W[l] pixels; level l's tiles are numbered from base[l]
+// (levels one after the other, images one after the other, tiles row-major).
+struct BinPlan {
+  int64_t tiles;  // T, over every level
+  int64_t slots;  // pair slots (bin_slots)
+  int key_bits;   // bin_key_bits(T)
+  bool binned;    // false when the keys cannot hold K and T (bins_fit): no bins, every
+                  // tile tests every region in order (the same sums, slower)
+};
+inline BinPlan plan_bins(int64_t K, int64_t N, int L, const int* H, const int* W, int tile_h,
+                         int tile_w, int64_t* base) {
+  BinPlan b{0, 0, 32, false};
+  int64_t max_tiles = 0;
+  for (int l = 0; l < L; ++l) {
+    const int64_t t = tiles_per_image(H[l], W[l], tile_h, tile_w);
+    base[l] = b.tiles;
+    b.tiles += N * t;
+    max_tiles = t > max_tiles ? t : max_tiles;
+  }
+  b.binned = K > 0 && b.tiles > 0 && bins_fit(K, b.tiles);
+  if (b.binned) {
+    b.slots = bin_slots(K, max_tiles, b.tiles);
+    b.key_bits = bin_key_bits(b.tiles);
+  }
+  return b;
+}
+
+// First index i in [0, n) with a[i] >= v (upper: a[i] > v), n if none; a ascending.
+template <typename V>
+HOST_DEVICE_INLINE int64_t search_sorted(const V* a, int64_t n, V v, bool upper) {
+  int64_t lo = 0, hi = n;
+  while (lo < hi) {
+    const int64_t mid = lo + (hi - lo) / 2;
+    if (upper ? !(v < a[mid]) : a[mid] < v) {
+      lo = mid + 1;
+    } else {
+      hi = mid;
+    }
+  }
+  return lo;
+}
+
+// k_cut: the first region whose pairs do not all fit in `slots`, given the inclusive
+// prefix sums `incl` of the regions' tile counts (K if every pair fits). Pair j of
+// region k has slot incl[k] - count_k + j, so the regions below k_cut are complete.
+HOST_DEVICE_INLINE int64_t first_cut_region(const int64_t* incl, int64_t K, int64_t slots) {
+  return search_sorted<int64_t>(incl, K, slots, /*upper=*/true);
 }
 
 // Box of a region with geometry g on an H x W map (n < 0: no gradient).

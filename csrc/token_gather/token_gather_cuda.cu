@@ -3,14 +3,16 @@
 //
 //   _move_rows_kernel      every op's data movement (take_a, token_gather_math.h):
 //                          out[r] = a[map[r]] if 0 <= map[r] < rows_a, else b[r];
-//                          a group of lanes (up to a warp) per row, 16-byte vector
-//                          loads and stores with a scalar head/tail (any D, any
-//                          offset). Each output row has exactly one writer:
-//                          deterministic, no atomics.
-//   _masking_rank_kernel   blocks (row, chunk); the row sits in shared memory and
-//                          each thread counts, for its tokens, how many tokens come
-//                          before them (an O(N) selection per token, no sort); a
-//                          row is split over several blocks when B is small.
+//                          a group of lanes (up to a warp) per row, the widest
+//                          vector loads and stores (16, 8 or 4 bytes) the row's
+//                          source and destination addresses allow, with a scalar
+//                          head/tail (any D, any offset). Each output row has
+//                          exactly one writer: deterministic, no atomics.
+//   _masking_rank_kernel   blocks (rows, chunk); the row is staged in shared memory
+//                          (in chunks when long) and each thread counts, for its
+//                          tokens, how many tokens come before them (an O(N)
+//                          selection per token, no sort); a row is split over
+//                          several blocks when B is small.
 //   _masked_colsum_kernel  restore_tokens' mask-token gradient: fixed-order column
 //                          sums of the filled rows, straight from the gradient.
 #include <cuda_bf16.h>
@@ -19,6 +21,7 @@
 
 #include <cstdint>
 
+#include "common/launch_geometry.h"
 #include "token_gather/token_gather_cuda.h"
 #include "token_gather/token_gather_math.h"
 
@@ -35,45 +38,86 @@ template <> struct Word<1> { using type = uint8_t; };
 template <> struct Word<2> { using type = uint16_t; };
 template <> struct Word<4> { using type = uint32_t; };
 template <> struct Word<8> { using type = uint64_t; };
+template <> struct Word<16> { using type = uint4; };
 
-// Copy (or zero, src == nullptr) one row of D E-byte elements with `lanes` threads
-// (lane in [0, lanes)). A contiguous source whose address agrees with dst modulo 16
-// moves as a scalar head up to dst's 16-byte boundary, then 16-byte words
-// (LDG.E.128 / STG.E.128), then a scalar tail: any D, any storage offset. A strided
-// source, or one misaligned relative to dst, moves element by element, still one
-// coalesced element per lane. Every index is a loop counter: no div/mod per element.
-template <int E>
-__device__ __forceinline__ void move_row(char* __restrict__ dst, const char* __restrict__ src,
-                                         const int64_t s2, const int64_t D, const int lane,
-                                         const int lanes) {
+// Read-only cached load of a V-byte word (LDG.E.128 / .64 / 32).
+__device__ __forceinline__ uint4 load_word(const uint4* p) { return __ldg(p); }
+__device__ __forceinline__ uint64_t load_word(const uint64_t* p) {
+  return __ldg(reinterpret_cast<const unsigned long long*>(p));
+}
+__device__ __forceinline__ uint32_t load_word(const uint32_t* p) { return __ldg(p); }
+template <typename V> __device__ __forceinline__ V zero_word() { return V(0); }
+template <> __device__ __forceinline__ uint4 zero_word<uint4>() { return make_uint4(0, 0, 0, 0); }
+
+// Copy (or zero, src == nullptr) one row of D E-byte elements in V-byte words (V > E),
+// src and dst agreeing modulo V: a scalar head up to dst's V-byte boundary, the
+// words, a scalar tail. Lanes [0, lanes) of the row's group share it.
+template <int E, int V>
+__device__ __forceinline__ void move_row_words(char* __restrict__ dst,
+                                               const char* __restrict__ src, const int64_t D,
+                                               const int lane, const int lanes) {
   using W = typename Word<E>::type;
+  using VW = typename Word<V>::type;
   W* d = reinterpret_cast<W*>(dst);
   const W* s = reinterpret_cast<const W*>(src);
   const uintptr_t da = reinterpret_cast<uintptr_t>(dst);
-  if (src != nullptr && s2 != 1) {
-    for (int64_t i = lane; i < D; i += lanes) d[i] = s[i * s2];
-    return;
-  }
-  const uintptr_t sa = reinterpret_cast<uintptr_t>(src);
-  const bool vec = src == nullptr || ((sa ^ da) & 15) == 0;
-  int64_t head = vec ? static_cast<int64_t>(((16 - (da & 15)) & 15) / E) : D;
+  int64_t head = static_cast<int64_t>(((V - (da & (V - 1))) & (V - 1)) / E);
   head = head < D ? head : D;
-  const int64_t nvec = (D - head) * E / 16;
-  const int64_t tail = head + nvec * (16 / E);
+  const int64_t nvec = (D - head) * E / V;
+  const int64_t tail = head + nvec * (V / E);
+  VW* dv = reinterpret_cast<VW*>(d + head);
   if (src == nullptr) {
     for (int64_t i = lane; i < head; i += lanes) d[i] = W(0);
-    uint4* dv = reinterpret_cast<uint4*>(d + head);
-    const uint4 z = make_uint4(0, 0, 0, 0);
+    const VW z = zero_word<VW>();
     for (int64_t i = lane; i < nvec; i += lanes) dv[i] = z;
     for (int64_t i = tail + lane; i < D; i += lanes) d[i] = W(0);
     return;
   }
   for (int64_t i = lane; i < head; i += lanes) d[i] = s[i];
-  uint4* dv = reinterpret_cast<uint4*>(d + head);
-  const uint4* sv = reinterpret_cast<const uint4*>(s + head);
+  const VW* sv = reinterpret_cast<const VW*>(s + head);
 #pragma unroll 4
-  for (int64_t i = lane; i < nvec; i += lanes) dv[i] = __ldg(sv + i);
+  for (int64_t i = lane; i < nvec; i += lanes) dv[i] = load_word(sv + i);
   for (int64_t i = tail + lane; i < D; i += lanes) d[i] = s[i];
+}
+
+// One row element by element (s2: the source's element stride), one coalesced
+// element per lane.
+template <int E>
+__device__ __forceinline__ void move_row_scalar(char* __restrict__ dst,
+                                                const char* __restrict__ src, const int64_t s2,
+                                                const int64_t D, const int lane,
+                                                const int lanes) {
+  using W = typename Word<E>::type;
+  W* d = reinterpret_cast<W*>(dst);
+  const W* s = reinterpret_cast<const W*>(src);
+  for (int64_t i = lane; i < D; i += lanes) d[i] = s[i * s2];
+}
+
+// Copy (or zero, src == nullptr) one row of D E-byte elements with `lanes` threads
+// (lane in [0, lanes)). A contiguous source moves in the widest word (16, 8 or 4
+// bytes, row_word_bytes) in which its address agrees with dst's: a scalar head to
+// dst's word boundary, then words (LDG.E.128 / STG.E.128 for 16 bytes), then a scalar
+// tail: any D, any storage offset; a zero fill always in 16-byte words. A strided
+// source, or one that agrees with dst on no word, moves element by element
+// (move_row_scalar). Every index is a loop counter: no div/mod per element.
+template <int E>
+__device__ __forceinline__ void move_row(char* __restrict__ dst, const char* __restrict__ src,
+                                         const int64_t s2, const int64_t D, const int lane,
+                                         const int lanes) {
+  if (src != nullptr && s2 != 1) return move_row_scalar<E>(dst, src, s2, D, lane, lanes);
+  const int w = src == nullptr ? 16
+                               : row_word_bytes(reinterpret_cast<uintptr_t>(src),
+                                                reinterpret_cast<uintptr_t>(dst), E);
+  // (E constant: the branches for words no wider than the element are removed)
+  if (w == 16) {
+    move_row_words<E, 16>(dst, src, D, lane, lanes);
+  } else if (E < 8 && w == 8) {
+    move_row_words<E, (E < 8 ? 8 : 16)>(dst, src, D, lane, lanes);
+  } else if (E < 4 && w == 4) {
+    move_row_words<E, (E < 4 ? 4 : 16)>(dst, src, D, lane, lanes);
+  } else {
+    move_row_scalar<E>(dst, src, 1, D, lane, lanes);
+  }
 }
 
 // One group of 2^log_lanes threads per output row (a warp for rows of 512 bytes or
@@ -144,49 +188,55 @@ __global__ void _masked_colsum_kernel(const T* __restrict__ grad, const int64_t 
 }
 
 // W: the comparison type (float for 16/32-bit noise, exact; double for double).
-// Block (b, y) ranks tokens [y * chunk, (y + 1) * chunk) of noise row b: the whole
-// row sits in shared memory (each block loads it: O(N), small next to its
-// O(chunk * N) compares) and each thread counts, for its tokens, how many tokens
-// come before them. Splitting a row over gridDim.y blocks keeps the GPU full when B
-// is small (B < 2 * SMs): one block per row left most SMs idle on the O(N^2) count.
+// Block (x, y) ranks tokens [y * chunk, (y + 1) * chunk) of noise rows x, x +
+// gridDim.x, ...: each thread counts, for its tokens, how many tokens come before
+// them (rank_count). The row is staged in shared memory: whole when N <=
+// kStageTokens (each block loads it: O(N), small next to its O(chunk * N) compares),
+// else kStageTokens tokens at a time for each round of blockDim tokens (every load
+// from global memory is then shared by blockDim compares). Splitting a row over
+// gridDim.y blocks keeps the GPU full when B is small (B < 2 * SMs): one block per
+// row left most SMs idle on the O(N^2) count.
 template <typename T, typename W>
 __global__ void _masking_rank_kernel(const T* __restrict__ noise, const int64_t ns0,
-                                     const int64_t ns1, const int64_t N, const int64_t n_keep,
-                                     const int64_t chunk, const bool use_shared,
+                                     const int64_t ns1, const int64_t B, const int64_t N,
+                                     const int64_t n_keep, const int64_t chunk,
                                      int64_t* __restrict__ ids_restore,
                                      int64_t* __restrict__ ids_keep) {
-  extern __shared__ unsigned char smem_raw[];
+  extern __shared__ __align__(16) unsigned char smem_raw[];
   W* row = reinterpret_cast<W*>(smem_raw);
-  const int64_t b = blockIdx.x;
-  const T* nz = noise + b * ns0;
-  if (use_shared) {
-    for (int64_t j = threadIdx.x; j < N; j += blockDim.x) row[j] = widen<W>(nz[j * ns1]);
-    __syncthreads();
-  }
   const int64_t j0 = blockIdx.y * chunk;
   const int64_t j1 = j0 + chunk < N ? j0 + chunk : N;
-  for (int64_t j = j0 + threadIdx.x; j < j1; j += blockDim.x) {
-    int64_t r;
-    if (use_shared) {
-      r = rank_of<W>(j, N, [&](int64_t i) { return row[i]; });
-    } else {
-      r = rank_of<W>(j, N, [&](int64_t i) { return widen<W>(nz[i * ns1]); });
+  for (int64_t b = blockIdx.x; b < B; b += gridDim.x) {
+    const T* nz = noise + b * ns0;
+    if (N <= kStageTokens) {
+      __syncthreads();  // the previous row has been read
+      for (int64_t j = threadIdx.x; j < N; j += blockDim.x) row[j] = widen<W>(nz[j * ns1]);
+      __syncthreads();
+      for (int64_t j = j0 + threadIdx.x; j < j1; j += blockDim.x) {
+        const int64_t r = rank_count<W>(row[j], j, 0, N, [&](int64_t i) { return row[i]; });
+        ids_restore[b * N + j] = r;
+        if (r < n_keep) ids_keep[b * n_keep + r] = j;
+      }
+      continue;
     }
-    ids_restore[b * N + j] = r;
-    if (r < n_keep) ids_keep[b * n_keep + r] = j;
+    for (int64_t jb = j0; jb < j1; jb += blockDim.x) {  // uniform: every thread syncs
+      const int64_t j = jb + threadIdx.x;
+      const bool mine = j < j1;
+      const W v = mine ? widen<W>(nz[j * ns1]) : W(0);
+      int64_t r = 0;
+      for (int64_t i0 = 0; i0 < N; i0 += kStageTokens) {
+        const int64_t n = N - i0 < kStageTokens ? N - i0 : kStageTokens;
+        __syncthreads();  // the previous chunk has been read
+        for (int64_t i = threadIdx.x; i < n; i += blockDim.x) row[i] = widen<W>(nz[(i0 + i) * ns1]);
+        __syncthreads();
+        if (mine) r += rank_count<W>(v, j, i0, i0 + n, [&](int64_t i) { return row[i - i0]; });
+      }
+      if (mine) {
+        ids_restore[b * N + j] = r;
+        if (r < n_keep) ids_keep[b * n_keep + r] = j;
+      }
+    }
   }
-}
-
-// Streaming multiprocessors of the current device (for the launch shapes only; no
-// result depends on it).
-inline int sm_count() {
-  int dev = 0, sms = 0;
-  if (cudaGetDevice(&dev) != cudaSuccess ||
-      cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev) != cudaSuccess) {
-    cudaGetLastError();  // clear it: the launch reports its own errors
-    return 132;
-  }
-  return sms > 0 ? sms : 132;
 }
 
 // f(T(), W()) for dtype code 0 float, 1 double, 2 half, 3 bfloat16: T the stored type,
@@ -204,22 +254,13 @@ cudaError_t dispatch(int code, F&& f) {
 
 template <typename T, typename W>
 cudaError_t launch_ranks(const void* noise, int64_t ns0, int64_t ns1, int64_t B, int64_t N,
-                         int64_t n_keep, int64_t* ids_restore, int64_t* ids_keep,
+                         int64_t n_keep, int64_t* ids_restore, int64_t* ids_keep, int sms,
                          cudaStream_t stream) {
-  const bool use_shared = N <= kMaxSharedTokens;
-  const size_t smem = use_shared ? static_cast<size_t>(N) * sizeof(W) : 0;
-  // Blocks per row: enough for about 4 blocks per SM in all, at least kThreads tokens
-  // per block (each thread ranks one or more), at most 65535 (gridDim.y).
-  const int64_t want = (4 * int64_t(sm_count()) + B - 1) / B;
-  const int64_t most = (N + kThreads - 1) / kThreads;
-  int64_t splits = want < most ? want : most;
-  splits = splits < 1 ? 1 : (splits > 65535 ? 65535 : splits);
-  const int64_t chunk = (N + splits - 1) / splits;
-  splits = (N + chunk - 1) / chunk;
-  const dim3 grid(static_cast<unsigned>(B), static_cast<unsigned>(splits));
-  _masking_rank_kernel<T, W><<<grid, kThreads, smem, stream>>>(
-      static_cast<const T*>(noise), ns0, ns1, N, n_keep, chunk, use_shared, ids_restore,
-      ids_keep);
+  const size_t smem = static_cast<size_t>(N < kStageTokens ? N : kStageTokens) * sizeof(W);
+  const RankSplit sp = rank_split(B, N, sms, kThreads);
+  const GridShape g = strided_grid(B, sp.splits);
+  _masking_rank_kernel<T, W><<<dim3(g.x, g.y), kThreads, smem, stream>>>(
+      static_cast<const T*>(noise), ns0, ns1, B, N, n_keep, sp.chunk, ids_restore, ids_keep);
   return cudaGetLastError();
 }
 
@@ -282,11 +323,11 @@ cudaError_t launch_masked_colsum(const void* grad, int grad_dtype, int64_t B, in
 
 cudaError_t launch_masking_ranks(const void* noise, int noise_dtype, int64_t ns0, int64_t ns1,
                                  int64_t B, int64_t N, int64_t n_keep, int64_t* ids_restore,
-                                 int64_t* ids_keep, cudaStream_t stream) {
+                                 int64_t* ids_keep, int sms, cudaStream_t stream) {
   if (B == 0 || N == 0) return cudaSuccess;
   return dispatch(noise_dtype, [&](auto t, auto w) {
     return launch_ranks<decltype(t), decltype(w)>(noise, ns0, ns1, B, N, n_keep, ids_restore,
-                                                  ids_keep, stream);
+                                                  ids_keep, sms, stream);
   });
 }
 

@@ -23,10 +23,11 @@ cudaError_t launch_move_rows(void* out, int64_t R, int64_t D, int elem_size, con
 
 // MAE masking order of each noise row (B, N): ids_restore[b, j] = rank of token j
 // (ascending noise, NaN last, ties to the lower index) and ids_keep[b, r] = j for
-// r < n_keep. noise_dtype: 0 float, 1 double, 2 half, 3 bfloat16.
+// r < n_keep. noise_dtype: 0 float, 1 double, 2 half, 3 bfloat16. sms: the device's
+// multiprocessors (the launch shape only, rank_split; no result depends on it).
 cudaError_t launch_masking_ranks(const void* noise, int noise_dtype, int64_t ns0, int64_t ns1,
                                  int64_t B, int64_t N, int64_t n_keep, int64_t* ids_restore,
-                                 int64_t* ids_keep, cudaStream_t stream);
+                                 int64_t* ids_keep, int sms, cudaStream_t stream);
 
 // The mask-token gradient: partial[s, d] = sum of grad[b, n, d] over the rows r = b * N + n
 // with filled[r], for rows [s * ceil(R / S), (s + 1) * ceil(R / S)), in row order
@@ -42,8 +43,9 @@ constexpr int64_t kColsumRows = 128;
 constexpr int64_t kMaxColsumSplits = 1024;
 int64_t masked_colsum_splits(int64_t R);
 
-// Largest N ranked in shared memory; longer rows are ranked from global memory.
-constexpr int64_t kMaxSharedTokens = 6144;
+// Noise values staged in shared memory at once by the rank count (48 KiB in double):
+// a row of up to kStageTokens tokens is staged whole, a longer one in chunks.
+constexpr int64_t kStageTokens = 6144;
 
 }  // namespace cuda
 }  // namespace token_gather

@@ -14,6 +14,7 @@
 #include <torch/library.h>
 
 #include "common/cuda_check.h"
+#include "common/cuda_device.h"
 
 #include <tuple>
 
@@ -61,7 +62,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> random_masking_cuda(
   const cudaError_t err = cuda::launch_masking_ranks(
       noise.const_data_ptr(), noise_code(noise.scalar_type()), noise.stride(0), noise.stride(1),
       B, N, n_keep, ids_restore.mutable_data_ptr<int64_t>(), ids_keep.mutable_data_ptr<int64_t>(),
-      c10::cuda::getCurrentCUDAStream());
+      sm_count(x.device().index()), c10::cuda::getCurrentCUDAStream());
   check_launch(op, err);
   auto mask = ids_restore.ge(n_keep).to(x.scalar_type());
   move_rows(op, x_kept, keep_map(ids_keep, N), B * N, rows_of(x), zeros_source(), false);

@@ -15,6 +15,7 @@
 #include <cstdint>
 
 #include "common/host_device.h"
+#include "common/launch_geometry.h"
 
 namespace mmkernels {
 namespace token_gather {
@@ -33,14 +34,42 @@ HOST_DEVICE_INLINE bool noise_before(T a, int64_t ia, T b, int64_t ib) {
   return ia < ib;
 }
 
-// Rank of token j in the masking order (= ids_restore[j]), by counting: used by
-// the CUDA kernel, where each thread ranks its tokens against the row in shared memory.
+// The tokens i in [i0, i1) that come before token j (noise v) in the masking order.
+// Summed over [0, n), the rank of token j (= ids_restore[j]): the CUDA kernel counts
+// so, each thread for its tokens, against the row staged in shared memory in chunks.
 template <typename T, typename Load>
-HOST_DEVICE_INLINE int64_t rank_of(int64_t j, int64_t n, const Load& noise) {
-  const T v = noise(j);
+HOST_DEVICE_INLINE int64_t rank_count(T v, int64_t j, int64_t i0, int64_t i1, const Load& noise) {
   int64_t r = 0;
-  for (int64_t i = 0; i < n; ++i) r += noise_before<T>(noise(i), i, v, j) ? 1 : 0;
+  for (int64_t i = i0; i < i1; ++i) r += noise_before<T>(noise(i), i, v, j) ? 1 : 0;
   return r;
+}
+
+// Launch shape of the CUDA rank count (host side): `splits` blocks per noise row of N
+// tokens, `chunk` tokens each, so that B * splits is about 4 blocks per SM (sms),
+// with at most ceil(N / threads) blocks per row (a thread per token at least) and at
+// most kMaxGridYZ (gridDim.y). No result depends on it: each rank is counted whole.
+struct RankSplit {
+  int64_t splits, chunk;
+};
+inline RankSplit rank_split(int64_t B, int64_t N, int sms, int threads) {
+  const int64_t want = (4 * int64_t(sms > 0 ? sms : 1) + B - 1) / (B > 0 ? B : 1);
+  const int64_t most = (N + threads - 1) / threads;
+  int64_t splits = want < most ? want : most;
+  splits = splits < 1 ? 1 : (splits > kMaxGridYZ ? kMaxGridYZ : splits);
+  const int64_t chunk = N > 0 ? (N + splits - 1) / splits : 1;
+  return {N > 0 ? (N + chunk - 1) / chunk : 1, chunk};
+}
+
+// Widest word, among 16, 8 and 4 bytes and wider than the E-byte element, in which a
+// contiguous row can move from address src to address dst: the two agree modulo the
+// word, so a scalar head aligns both at once and a scalar tail ends the row (any row
+// size). E when none does (the row moves element by element).
+HOST_DEVICE_INLINE int row_word_bytes(uint64_t src, uint64_t dst, int E) {
+  const uint64_t rel = src ^ dst;
+  for (int w = 16; w >= 4 && w > E; w >>= 1) {
+    if ((rel & static_cast<uint64_t>(w - 1)) == 0) return w;
+  }
+  return E;
 }
 
 // restore_tokens: source row of output token j, or -1 for the mask token.

@@ -23,7 +23,10 @@ Contract shared by the three ops (details in :func:`roi_align`):
 * A batch index outside [0, N) raises on CPU; on CUDA (no host sync) its row is NaN.
 * Deterministic by default: CPU forward and backward (independent of the thread
   count), CUDA forward. The CUDA backward uses atomics unless
-  ``torch.use_deterministic_algorithms(True)``, which selects a gather kernel.
+  ``torch.use_deterministic_algorithms(True)``, which selects a gather kernel:
+  the regions are binned per image tile once (independent of C), then each tile's
+  pixels gather the regions of their tile in ascending order (cost in
+  :func:`roi_align`).
 """
 
 from __future__ import annotations
@@ -341,7 +344,24 @@ def roi_align(input: Tensor, boxes: BoxesLike, output_size, spatial_scale: float
 
     Determinism: CPU forward and backward are deterministic and independent of the
     thread count; the CUDA forward is deterministic; the CUDA backward uses atomics
-    unless ``torch.use_deterministic_algorithms(True)``, which selects a gather kernel.
+    unless ``torch.use_deterministic_algorithms(True)``, which selects a gather kernel,
+    bitwise identical run to run and equal to the atomic one within rounding:
+
+        * binning, once per call and independent of C: each region's pixel box gives
+          the 8 x 32-pixel tiles of its image that it meets; one (tile, region) key
+          per pair is radix-sorted, so each tile holds its regions in ascending order.
+          O(K * tiles per box) work, in a fixed number of pair slots sized from the
+          shapes (64 per region plus one per tile, or every possible pair when fewer):
+          no host sync, so the backward can be captured in a CUDA graph;
+        * gather: per tile and group of 4 channels, each pixel sums, region by region
+          in ascending order, the contributions of the regions of its tile only:
+          O(K * samples * C + N * C * H * W) in all (the former kernel tested every
+          region in every tile and channel group: O(N * H * W * C * K / 1024)).
+        * Memory: about 24 bytes per pair slot and 32 bytes per region, besides the
+          float32 (float64) gradient buffers, which the gather writes whole.
+        * When the pairs do not fit their slots (regions meeting more than ~64 tiles
+          each on average), the regions past the last one that fits are tested in
+          order by every tile: slower, the same result.
 
     Raises:
         TypeError / ValueError for malformed arguments (naming the argument).
@@ -378,7 +398,8 @@ def region_features(input: Tensor, boxes: BoxesLike, output_size, spatial_scale:
     weight that pixel positively; the same for an Inf gradient in the backward).
     Not bitwise equal to torchvision: the sum runs in another order (a bilinear
     form, see the README's design notes). On CUDA both backward kernels use the
-    same per-region profiles; the deterministic one gathers per input element.
+    same per-region profiles; the deterministic one bins the regions per image tile
+    on their spans and gathers per input element, as :func:`roi_align`'s does.
     Cost: building a region's profiles visits each of its samples on the map a few
     times, O((PH + PW) * grid) per region at most, and the form costs its window
     per (k, c); nothing scales with PH * PW, on CPU or CUDA.
