@@ -30,21 +30,20 @@ from mmkernels.triton import KernelSpec, interpreter_tiles
 from mmkernels.triton.attention import (
     PHILOX_ARGS,
     _attn_bwd_delta_tile,
-    _attn_bwd_dkdv_tile,
-    _attn_bwd_dq_tile,
     _attn_fwd_tile,
     _seq_bounds,
 )
+from mmkernels.triton.attention_bwd import _attn_bwd_dkdv_tile, _attn_bwd_dq_tile
 from mmkernels.triton.attention_launch import (
     INTERPRET_CONFIG,
     AttnConfig,
     attention_spec,
     autotuning,
-    block_d_for,
     cdiv,
     delta_block_t,
     delta_spec,
     device_guard,
+    head_chunks,
     launch_attention,
     philox_args,
 )
@@ -67,7 +66,8 @@ def _co_attn_fwd_kernel(qa_ptr, ka_ptr, va_ptr, qb_ptr, kb_ptr, vb_ptr, oa_ptr, 
                         stride_lah, stride_lbh, sm_scale, dropout_a, dropout_b, seed_lo,
                         seed_hi, ctr_lo, ctr_hi, head_dim, num_heads,
                         HAS_DROPOUT: tl.constexpr, BLOCK_M: tl.constexpr,
-                        BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+                        BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+                        BLOCK_D1: tl.constexpr = 0, EVEN_D: tl.constexpr = False):
     start_m = tl.program_id(0)
     b = tl.program_id(1)
     dh = tl.program_id(2)
@@ -86,7 +86,8 @@ def _co_attn_fwd_kernel(qa_ptr, ka_ptr, va_ptr, qb_ptr, kb_ptr, vb_ptr, oa_ptr, 
                            stride_at, stride_ad, stride_bt, stride_bd, stride_bt, stride_bd,
                            stride_oat, stride_oad, len_a, len_b, start_m, head_dim, sm_scale,
                            dropout_a, seed_lo, seed_hi, ctr_lo, ctr_hi, stream, a0,
-                           False, False, HAS_DROPOUT, BLOCK_M, BLOCK_N, BLOCK_D)
+                           False, False, HAS_DROPOUT, BLOCK_M, BLOCK_N, BLOCK_D,
+                           BLOCK_D1=BLOCK_D1, EVEN_D=EVEN_D)
     else:
         if start_m * BLOCK_M < len_b:
             _attn_fwd_tile(qb_ptr + b64 * stride_bt + h * stride_bh,
@@ -98,14 +99,16 @@ def _co_attn_fwd_kernel(qa_ptr, ka_ptr, va_ptr, qb_ptr, kb_ptr, vb_ptr, oa_ptr, 
                            stride_bt, stride_bd, stride_at, stride_ad, stride_at, stride_ad,
                            stride_obt, stride_obd, len_b, len_a, start_m, head_dim, sm_scale,
                            dropout_b, seed_lo, seed_hi, ctr_lo, ctr_hi, stream, b0,
-                           False, False, HAS_DROPOUT, BLOCK_M, BLOCK_N, BLOCK_D)
+                           False, False, HAS_DROPOUT, BLOCK_M, BLOCK_N, BLOCK_D,
+                           BLOCK_D1=BLOCK_D1, EVEN_D=EVEN_D)
 
 
 @triton.jit
 def _co_attn_bwd_delta_kernel(oa_ptr, doa_ptr, ob_ptr, dob_ptr, deltaa_ptr, deltab_ptr, total_a,
                               total_b, stride_at, stride_ah, stride_ad, stride_bt, stride_bh,
                               stride_bd, stride_lah, stride_lbh, head_dim, num_heads,
-                              BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr):
+                              BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
+                              BLOCK_D1: tl.constexpr = 0, EVEN_D: tl.constexpr = False):
     """delta = rowsum(dO * O) of both directions in one launch: program (t, d * H + h)
     covers tokens [t*BLOCK_T, +BLOCK_T) of head h of stream A (d = 0) or B (d = 1).
     O and dO of a stream are contiguous, laid out like it (stride_a*/stride_b*)."""
@@ -117,12 +120,14 @@ def _co_attn_bwd_delta_kernel(oa_ptr, doa_ptr, ob_ptr, dob_ptr, deltaa_ptr, delt
         if start_t * BLOCK_T < total_a:
             _attn_bwd_delta_tile(oa_ptr + h * stride_ah, doa_ptr + h * stride_ah,
                                  deltaa_ptr + h * stride_lah, start_t, total_a, head_dim,
-                                 stride_at, stride_ad, stride_at, stride_ad, BLOCK_T, BLOCK_D)
+                                 stride_at, stride_ad, stride_at, stride_ad, BLOCK_T, BLOCK_D,
+                                 BLOCK_D1, EVEN_D)
     else:
         if start_t * BLOCK_T < total_b:
             _attn_bwd_delta_tile(ob_ptr + h * stride_bh, dob_ptr + h * stride_bh,
                                  deltab_ptr + h * stride_lbh, start_t, total_b, head_dim,
-                                 stride_bt, stride_bd, stride_bt, stride_bd, BLOCK_T, BLOCK_D)
+                                 stride_bt, stride_bd, stride_bt, stride_bd, BLOCK_T, BLOCK_D,
+                                 BLOCK_D1, EVEN_D)
 
 
 @triton.jit(do_not_specialize=PHILOX_ARGS)
@@ -134,7 +139,8 @@ def _co_attn_bwd_dkdv_kernel(qa_ptr, ka_ptr, va_ptr, qb_ptr, kb_ptr, vb_ptr, doa
                              seed_hi, ctr_lo, ctr_hi, head_dim, num_heads,
                              HAS_DROPOUT: tl.constexpr, ATOMIC_DQ: tl.constexpr,
                              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                             BLOCK_D: tl.constexpr):
+                             BLOCK_D: tl.constexpr, BLOCK_D1: tl.constexpr = 0,
+                             EVEN_D: tl.constexpr = False):
     """Direction 0 (A queries over B keys) produces dK_b, dV_b; direction 1 dK_a, dV_a.
     All gradient tensors are contiguous, laid out like their stream (stride_a*/stride_b*).
     ATOMIC_DQ (the one-pass backward): direction 0 also adds dQ_a into the float32
@@ -164,7 +170,8 @@ def _co_attn_bwd_dkdv_kernel(qa_ptr, ka_ptr, va_ptr, qb_ptr, kb_ptr, vb_ptr, doa
                                 seed_lo, seed_hi, ctr_lo, ctr_hi, stream0, a0, h, 1,
                                 False, False, HAS_DROPOUT, BLOCK_M, BLOCK_N, BLOCK_D,
                                 dq_seq=dq_acc_a_ptr + a64 * stride_at, stride_dqt=stride_at,
-                                stride_dqh=stride_ah, stride_dqd=stride_ad, ATOMIC_DQ=ATOMIC_DQ)
+                                stride_dqh=stride_ah, stride_dqd=stride_ad, ATOMIC_DQ=ATOMIC_DQ,
+                                BLOCK_D1=BLOCK_D1, EVEN_D=EVEN_D)
     else:
         if start_n * BLOCK_N < len_a:
             _attn_bwd_dkdv_tile(qb_ptr + b64 * stride_bt, ka_ptr + a64 * stride_at + h * stride_ah,
@@ -180,7 +187,8 @@ def _co_attn_bwd_dkdv_kernel(qa_ptr, ka_ptr, va_ptr, qb_ptr, kb_ptr, vb_ptr, doa
                                 seed_lo, seed_hi, ctr_lo, ctr_hi, stream0, b0, h, 1,
                                 False, False, HAS_DROPOUT, BLOCK_M, BLOCK_N, BLOCK_D,
                                 dq_seq=dq_acc_b_ptr + b64 * stride_bt, stride_dqt=stride_bt,
-                                stride_dqh=stride_bh, stride_dqd=stride_bd, ATOMIC_DQ=ATOMIC_DQ)
+                                stride_dqh=stride_bh, stride_dqd=stride_bd, ATOMIC_DQ=ATOMIC_DQ,
+                                BLOCK_D1=BLOCK_D1, EVEN_D=EVEN_D)
 
 
 @triton.jit(do_not_specialize=PHILOX_ARGS)
@@ -191,7 +199,8 @@ def _co_attn_bwd_dq_kernel(qa_ptr, ka_ptr, va_ptr, qb_ptr, kb_ptr, vb_ptr, doa_p
                            stride_lah, stride_lbh, sm_scale, dropout_a, dropout_b, seed_lo,
                            seed_hi, ctr_lo, ctr_hi, head_dim, num_heads,
                            HAS_DROPOUT: tl.constexpr, BLOCK_M: tl.constexpr,
-                           BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+                           BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+                           BLOCK_D1: tl.constexpr = 0, EVEN_D: tl.constexpr = False):
     start_m = tl.program_id(0)
     b = tl.program_id(1)
     dh = tl.program_id(2)
@@ -213,7 +222,7 @@ def _co_attn_bwd_dq_kernel(qa_ptr, ka_ptr, va_ptr, qb_ptr, kb_ptr, vb_ptr, doa_p
                               stride_at, stride_ad, stride_at, stride_ad,
                               len_a, len_b, start_m, head_dim, sm_scale, dropout_a, seed_lo,
                               seed_hi, ctr_lo, ctr_hi, stream, a0, False, False, HAS_DROPOUT,
-                              BLOCK_M, BLOCK_N, BLOCK_D)
+                              BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_D1=BLOCK_D1, EVEN_D=EVEN_D)
     else:
         if start_m * BLOCK_M < len_b:
             _attn_bwd_dq_tile(qb_ptr + b64 * stride_bt + h * stride_bh,
@@ -228,7 +237,7 @@ def _co_attn_bwd_dq_kernel(qa_ptr, ka_ptr, va_ptr, qb_ptr, kb_ptr, vb_ptr, doa_p
                               stride_bt, stride_bd, stride_bt, stride_bd,
                               len_b, len_a, start_m, head_dim, sm_scale, dropout_b, seed_lo,
                               seed_hi, ctr_lo, ctr_hi, stream, b0, False, False, HAS_DROPOUT,
-                              BLOCK_M, BLOCK_N, BLOCK_D)
+                              BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_D1=BLOCK_D1, EVEN_D=EVEN_D)
 
 
 # ---------------------------------------------------------------------------------
@@ -286,16 +295,18 @@ def launch_fwd(qa, ka, va_, qb, kb, vb, cu_a, cu_b, max_a, max_b, scale, p_a, p_
     lse_b = torch.full((H, total_b), float("-inf"), dtype=torch.float32, device=qa.device)
     if batch == 0 or max(max_a, max_b) == 0:
         return oa, ob, lse_a, lse_b
-    block_d = block_d_for(D)
+    block_d, block_d1 = head_chunks(D)
+    chunks = dict(BLOCK_D=block_d, BLOCK_D1=block_d1, EVEN_D=D == block_d + block_d1)
+    bucket = block_d + block_d1  # the config bucket
     longest = max(max_a, max_b)
     with device_guard(qa.device):
         launch_attention(
-            _co_attn_fwd_kernel, "fwd", block_d, _configs("fwd", block_d, autotuning()),
+            _co_attn_fwd_kernel, "fwd", bucket, _configs("fwd", bucket, autotuning()),
             lambda m, n: (cdiv(longest, m), batch, 2 * H),
             (qa, ka, va_, qb, kb, vb, oa, ob, lse_a, lse_b, cu_a, cu_b,
              *qa.stride(), *qb.stride(), *oa.stride(), *ob.stride(), lse_a.stride(0),
              lse_b.stride(0), scale, p_a, p_b, *philox_args(seed, offset), D, H),
-            dict(HAS_DROPOUT=(p_a > 0 or p_b > 0), BLOCK_D=block_d), qa.device, longest)
+            dict(HAS_DROPOUT=(p_a > 0 or p_b > 0), **chunks), qa.device, longest)
     return oa, ob, lse_a, lse_b
 
 
@@ -326,7 +337,9 @@ def launch_bwd(doa, dob, qa, ka, va_, qb, kb, vb, oa, ob, lse_a, lse_b, cu_a, cu
     else:
         dqa, dqb = torch.empty_like(qa), torch.empty_like(qb)
         dq_acc_a, dq_acc_b = lse_a, lse_b  # unused placeholders (float32)
-    block_d = block_d_for(D)
+    block_d, block_d1 = head_chunks(D)
+    chunks = dict(BLOCK_D=block_d, BLOCK_D1=block_d1, EVEN_D=D == block_d + block_d1)
+    block_d += block_d1  # the config bucket
     delta_a = torch.empty(H, total_a, dtype=torch.float32, device=qa.device)
     delta_b = torch.empty(H, total_b, dtype=torch.float32, device=qa.device)
     block_t = delta_block_t(block_d)
@@ -335,8 +348,8 @@ def launch_bwd(doa, dob, qa, ka, va_, qb, kb, vb, oa, ob, lse_a, lse_b, cu_a, cu
     with device_guard(qa.device):
         _co_attn_bwd_delta_kernel[(cdiv(max(total_a, total_b), block_t), 2 * H)](
             oa, doa, ob, dob, delta_a, delta_b, total_a, total_b, *qa.stride(), *qb.stride(),
-            delta_a.stride(0), delta_b.stride(0), D, H, BLOCK_T=block_t, BLOCK_D=block_d,
-            num_warps=DELTA_WARPS)
+            delta_a.stride(0), delta_b.stride(0), D, H, BLOCK_T=block_t,
+            num_warps=DELTA_WARPS, **chunks)
         kind = "bwd" if one_pass else "dkdv"
         longest = max(max_a, max_b)
         launch_attention(
@@ -345,7 +358,7 @@ def launch_bwd(doa, dob, qa, ka, va_, qb, kb, vb, oa, ob, lse_a, lse_b, cu_a, cu
             lambda m, n: (cdiv(longest, n), batch, 2 * H),
             (qa, ka, va_, qb, kb, vb, doa, dob, lse_a, lse_b, delta_a, delta_b, dka, dva, dkb,
              dvb, dq_acc_a, dq_acc_b, *common),
-            dict(HAS_DROPOUT=(p_a > 0 or p_b > 0), ATOMIC_DQ=one_pass, BLOCK_D=block_d),
+            dict(HAS_DROPOUT=(p_a > 0 or p_b > 0), ATOMIC_DQ=one_pass, **chunks),
             qa.device, longest,
             reset_to_zero=("dq_acc_a_ptr", "dq_acc_b_ptr") if one_pass else ())
         if one_pass:
@@ -356,8 +369,8 @@ def launch_bwd(doa, dob, qa, ka, va_, qb, kb, vb, oa, ob, lse_a, lse_b, cu_a, cu
         _co_attn_bwd_dq_kernel[(cdiv(max(max_a, max_b), cfg.block_m), batch, 2 * H)](
             qa, ka, va_, qb, kb, vb, doa, dob, lse_a, lse_b, delta_a, delta_b, dqa, dqb,
             *common, HAS_DROPOUT=(p_a > 0 or p_b > 0), BLOCK_M=cfg.block_m,
-            BLOCK_N=cfg.block_n, BLOCK_D=block_d, num_warps=cfg.num_warps,
-            num_stages=cfg.num_stages)
+            BLOCK_N=cfg.block_n, num_warps=cfg.num_warps,
+            num_stages=cfg.num_stages, **chunks)
     return dqa, dka, dva, dqb, dkb, dvb
 
 
@@ -371,14 +384,14 @@ def kernel_specs() -> list[KernelSpec]:
     specs = []
     for kernel, kind in ((_co_attn_fwd_kernel, "fwd"), (_co_attn_bwd_dkdv_kernel, "bwd"),
                          (_co_attn_bwd_dkdv_kernel, "dkdv"), (_co_attn_bwd_dq_kernel, "dq")):
-        for block_d in (64, 128):
+        for block_d in (64, 80, 96, 128):
             for cfg in CONFIGS[kind][block_d]:  # the autotune space (the dq kernel: first)
                 for dropout in (False, True):
                     for ints16 in (False, True):
                         specs.append(attention_spec(kernel, block_d, cfg, False, False, "bf16",
                                                     dropout=dropout, ints16=ints16,
                                                     atomic_dq=kind == "bwd"))
-    for block_d in (64, 128):
+    for block_d in (64, 80, 96, 128):
         names = ("oa_ptr", "doa_ptr", "ob_ptr", "dob_ptr", "deltaa_ptr", "deltab_ptr")
         sig = {n: "*fp32" if n.startswith("delta") else "*bf16" for n in names}
         sig.update({n: "i32" for n in ("total_a", "total_b", "stride_at", "stride_ah")})
