@@ -241,17 +241,31 @@ def _store_chunks(base, idx, idx_ok, stride_t, stride_d, head_dim, x0, x1,
 
 
 @triton.jit
+def _atomic_add_chunk(base, idx, idx_ok, stride_t, stride_d, head_dim, x, D_START: tl.constexpr,
+                      BLOCK: tl.constexpr, MASK_T: tl.constexpr, MASK_D: tl.constexpr):
+    """Add a float32 (tokens, BLOCK) chunk with relaxed atomics; without MASK_T and
+    MASK_D (an interior tile of a full head dim) the atomics carry no mask (Triton
+    cannot return the None mask of :func:`_chunk_ptrs` from a compiled function)."""
+    offs_d = D_START + tl.arange(0, BLOCK)
+    ptrs = base + idx[:, None].to(tl.int64) * stride_t + offs_d[None, :] * stride_d
+    if MASK_T or MASK_D:
+        _p, mask = _chunk_ptrs(base, idx, idx_ok, stride_t, stride_d, head_dim, D_START, BLOCK,
+                               MASK_T, MASK_D)
+        tl.atomic_add(ptrs, x, mask=mask, sem="relaxed")
+    else:
+        tl.atomic_add(ptrs, x, sem="relaxed")
+
+
+@triton.jit
 def _atomic_add_chunks(base, idx, idx_ok, stride_t, stride_d, head_dim, x0, x1,
                        BLOCK_D: tl.constexpr, BLOCK_D1: tl.constexpr, EVEN_D: tl.constexpr,
                        MASK_T: tl.constexpr):
     """Add float32 chunks to a float32 (tokens, head_dim) buffer with relaxed atomics."""
-    p0, m0 = _chunk_ptrs(base, idx, idx_ok, stride_t, stride_d, head_dim, 0, BLOCK_D, MASK_T,
-                         (not EVEN_D) and (BLOCK_D1 == 0))
-    tl.atomic_add(p0, x0, mask=m0, sem="relaxed")
+    _atomic_add_chunk(base, idx, idx_ok, stride_t, stride_d, head_dim, x0, 0, BLOCK_D, MASK_T,
+                      (not EVEN_D) and (BLOCK_D1 == 0))
     if BLOCK_D1 > 0:
-        p1, m1 = _chunk_ptrs(base, idx, idx_ok, stride_t, stride_d, head_dim, BLOCK_D, BLOCK_D1,
-                             MASK_T, not EVEN_D)
-        tl.atomic_add(p1, x1, mask=m1, sem="relaxed")
+        _atomic_add_chunk(base, idx, idx_ok, stride_t, stride_d, head_dim, x1, BLOCK_D,
+                          BLOCK_D1, MASK_T, not EVEN_D)
 
 
 @triton.jit
