@@ -213,17 +213,22 @@ CONFIGS: dict[str, dict[int, list[AttnConfig]]] = {
     # M32-N32-w4 (which spilled 8-40 bytes: cold values at 128/168 registers);
     # M64-N32-w8 and M32-N64-w4 spilled. D256: M32-N32-w8 spilled 16 bytes on sm_80 in
     # the heavy variants, M16-N32-w8 fits (252 registers at most). D64 M32-N64-w8-s2:
-    # the pipelined candidate (two stages) that fits every variant.
+    # the pipelined candidate (two stages).
+    # D80/D96 (two chunks): M32-N64-w8 spilled 150-490 bytes on sm_80 (M32-N32-w8 and
+    # M64-N32-w8 too); D96: M16-N64-w8 keeps the 64-key tiles and fits. D80 STILL
+    # SPILLS: M16-N64-w8 16-450 bytes, M16-N32-w8 (the least) 8-144 bytes.
     "bwd": {64: [_C(32, 64, 8, 1), _C(32, 64, 8, 2)],
-            80: [_C(32, 64, 8, 1)],
-            96: [_C(32, 64, 8, 1)],
+            80: [_C(16, 32, 8, 1)],
+            96: [_C(16, 64, 8, 1)],
             128: [_C(32, 64, 8, 1)],
             256: [_C(16, 32, 8, 1)]},
     # D64: M32-N32 (4 or 8 warps), M32-N64-w8 and M16-N32-w4 spilled 8-40 bytes in
     # some variant; M64-N32-w8 fits (197 registers at most).
     "dkdv": {64: [_C(64, 32, 8, 1)],
-             80: [_C(32, 64, 8, 1)],
-             96: [_C(32, 64, 8, 1)],
+             # D80/D96: M32-N64-w8 and M16-N64-w8 spilled 8-300 bytes on sm_80;
+             # M16-N32-w8 STILL SPILLS 16-56 bytes in the heavy variants
+             80: [_C(16, 32, 8, 1)],
+             96: [_C(16, 32, 8, 1)],
              # (16, 32, 4, 1) left D128: 8 bytes of stack on sm_90 with dropout once
              # the Philox arguments stopped being specialised
              128: [_C(32, 64, 8, 1)],
