@@ -1028,6 +1028,40 @@ def test_backward_path_selection(monkeypatch, mode):
 
 
 @pytest.mark.skipif(not interpreting(), reason="the Triton path on CPU tensors (interpreter)")
+@pytest.mark.parametrize("deterministic", [False, True], ids=["one-pass", "deterministic"])
+@pytest.mark.parametrize("D, buckets", [(72, (80, 96, 128)), (80, (80, 96, 128)),
+                                        (96, (96, 96, 128)), (256, (256, 256, 256))])
+def test_head_dim_buckets_per_kernel(monkeypatch, D, buckets, deterministic):
+    """The head-dim bucket each kernel launches with (head_chunks): the forward in 64 +
+    16 lanes for D <= 80, the one-pass backward in 64 + 32, the deterministic backward
+    padded to 128; D = 256 (one masked loop in the dK/dV tile) everywhere 256. Each
+    against the float64 reference, causal with image blocks and a window."""
+    seen = []
+    pick = tva.pick_config
+    monkeypatch.setattr(tva, "pick_config", lambda kind, d: seen.append((kind, d)) or pick(kind, d))
+    lengths = [19, 0, 33]
+    cu = cu_of(lengths)
+    bid = torch.zeros(52, dtype=torch.int32)
+    bid[3:11] = 1
+    q, k, v = [t.requires_grad_() for t in make_qkv(lengths, lengths, 2, 1, D, torch.float32)]
+    out = mmkernels.varlen_attention(q, k, v, cu, cu, 33, 33, causal=True, block_ids=bid,
+                                     window_size=(20, 0), deterministic=deterministic)
+    g = torch.randn_like(out)
+    out.backward(g)
+    fwd, bwd, det = buckets
+    want = [("fwd", fwd)] + ([("dkdv", det), ("dq", det)] if deterministic else [("bwd", bwd)])
+    assert seen == want
+    q64, k64, v64 = [t.detach().double().requires_grad_() for t in (q, k, v)]
+    ref, _ = reference.varlen_attention(q64, k64, v64, cu, cu, None, True, bid,
+                                        window_size=(20, 0))
+    ref.backward(g.double())
+    assert_close_to_reference(out, ref, what="out")
+    for got, want_, name in ((q.grad, q64.grad, "dq"), (k.grad, k64.grad, "dk"),
+                             (v.grad, v64.grad, "dv")):
+        assert_close_to_reference(got, want_, what=name)
+
+
+@pytest.mark.skipif(not interpreting(), reason="the Triton path on CPU tensors (interpreter)")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
 def test_delta_prekernel(dtype):
     """delta = rowsum(dO * O) by the Triton pre-kernel, from operands in their dtype and

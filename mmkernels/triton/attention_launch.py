@@ -25,9 +25,22 @@ class AttnConfig:
     block_n: int
     num_warps: int
     num_stages: int
+    #: ptxas register cap (Triton's ``maxnreg``). None: ptxas chooses, and for some
+    #: kernels it aims at a count that costs occupancy nothing but spills a few cold
+    #: values (128 or 168 registers); 255, the architecture's limit, lets it keep them
+    maxnreg: int | None = None
 
     def __str__(self) -> str:
-        return f"M{self.block_m}-N{self.block_n}-w{self.num_warps}-s{self.num_stages}"
+        r = f"-r{self.maxnreg}" if self.maxnreg else ""
+        return f"M{self.block_m}-N{self.block_n}-w{self.num_warps}-s{self.num_stages}{r}"
+
+    @property
+    def options(self) -> dict:
+        """The compile options of a launch (num_warps, num_stages, maxnreg if set)."""
+        out = {"num_warps": self.num_warps, "num_stages": self.num_stages}
+        if self.maxnreg:
+            out["maxnreg"] = self.maxnreg
+        return out
 
 
 # CPU interpreter: small tiles, ragged tails (mmkernels.triton.production_tiles() overrides)
@@ -82,8 +95,7 @@ def launch_attention(kernel, kind: str, block_d: int, configs: Sequence[AttnConf
     if len(configs) == 1:
         c = configs[0]
         kernel[grid(c.block_m, c.block_n)](*args, BLOCK_M=c.block_m, BLOCK_N=c.block_n,
-                                           num_warps=c.num_warps, num_stages=c.num_stages,
-                                           **kwargs)
+                                           **c.options, **kwargs)
         return
     import triton
 
@@ -92,8 +104,8 @@ def launch_attention(kernel, kind: str, block_d: int, configs: Sequence[AttnConf
     tuner = _TUNERS.get(key)
     if tuner is None:
         tuner = triton.autotune(
-            [triton.Config({"BLOCK_M": c.block_m, "BLOCK_N": c.block_n},
-                           num_warps=c.num_warps, num_stages=c.num_stages) for c in configs],
+            [triton.Config({"BLOCK_M": c.block_m, "BLOCK_N": c.block_n}, **c.options)
+             for c in configs],
             key=["CAUSAL", "HAS_BLOCKS"], reset_to_zero=list(reset_to_zero) or None)(kernel)
         _TUNERS[key] = tuner
     tuner[lambda meta: grid(meta["BLOCK_M"], meta["BLOCK_N"])](*args, **kwargs)
@@ -144,14 +156,24 @@ def block_d_for(head_dim: int) -> int:
     return max(16, 1 << (head_dim - 1).bit_length())
 
 
-def head_chunks(head_dim: int) -> tuple[int, int]:
+def head_chunks(head_dim: int, backward: bool = False, deterministic: bool = False
+                ) -> tuple[int, int]:
     """(BLOCK_D, BLOCK_D1): the head dim's two chunks of lanes in the kernels, a power of
-    two and 0, 16 or 32. Head dims in (64, 96] run as 64 + 16 or 64 + 32 lanes (D = 72
-    and 80: 80 lanes, D = 96: 96) instead of padding to 128, which would waste 37-44% of
-    the MMA work; every other head dim pads to a power of two (BLOCK_D1 = 0). The
-    launch-config bucket of a head dim is the sum of its chunks."""
-    if 64 < head_dim <= 96:
-        return 64, 16 if head_dim <= 80 else 32
+    two and 0, 16 or 32. Head dims in (64, 96] run as 64 + 16 or 64 + 32 lanes instead of
+    padding to 128, which would waste 37-44% of the MMA work; every other head dim pads
+    to a power of two (BLOCK_D1 = 0). The launch-config bucket of a head dim is the sum
+    of its chunks.
+
+    Forward: D = 72 and 80 in 80 lanes, D = 96 in 96. Backward (`backward`: the dK/dV,
+    dQ and delta kernels): every head dim in (64, 96] in 96 lanes. A 16-lane chunk does
+    not fit the backward's registers: its dK/dV kernel spilled 8-376 bytes on sm_80 at
+    every tile tried (M16/M32 x N32/N64 x 4/8 warps, kernel report), so D = 80 wastes
+    1/6 of the backward's MMA work (96 / 80 = 1.2) and D = 72 a quarter (96 / 72).
+    The deterministic backward (`deterministic`: its dK/dV and dQ kernels) pads them to
+    128: its dK/dV kernel spilled 32-296 bytes on sm_80 with 64 + 32 lanes at every
+    tile tried (M16/M32 x N32/N64 x 4/8 warps)."""
+    if 64 < head_dim <= 96 and not deterministic:
+        return 64, 16 if head_dim <= 80 and not backward else 32
     return block_d_for(head_dim), 0
 
 
@@ -305,7 +327,7 @@ def attention_spec(kernel, block_d: int, cfg: AttnConfig, causal: bool, blocks: 
     tag += " split" if split and "dk_ptr" in names else ""
     tag += f" D{block_d} {cfg}" + (" ints%16" if ints16 else "")
     return KernelSpec(kernel.fn.__name__, kernel, sig, consts,
-                      {"num_warps": cfg.num_warps, "num_stages": cfg.num_stages}, tag,
+                      cfg.options, tag,
                       attrs=attrs)
 
 

@@ -248,16 +248,17 @@ def _co_attn_bwd_dq_kernel(qa_ptr, ka_ptr, va_ptr, qb_ptr, kb_ptr, vb_ptr, doa_p
 # varlen list, except where the two-direction kernel spills with it (checked by the
 # kernel report); varlen's further candidates are not checked for this kernel.
 CONFIGS = {kind: {d: table[d][:1] for d in table} for kind, table in VARLEN_CONFIGS.items()}
-CONFIGS["dq"][128] = [AttnConfig(32, 64, 8, 1)]
-# D=128 forward: M128-N64 spills on sm_80 in the dropout variant once the sizes are
-# multiples of 16 (64 B of stack, 3 or 2 stages); M128-N32 keeps the q tile and the
-# pipelining without spills (216 registers at most)
-CONFIGS["fwd"][128] = [AttnConfig(128, 32, 8, 2)]
-# one-pass backward D64: varlen's M32-N64-w8 spills 16 bytes on sm_80 with dropout
-# (ints%16), M64-N32-w8 16-24 and M64-N64-w8 24-64. M32-N64-w4 fits (249-255
-# registers on sm_80, little headroom) and, against M32-N32-w4 (168 at most), halves
-# the dQ atomics: the audit's backward requests 7.7 MB instead of 13.2
-CONFIGS["bwd"][64] = [AttnConfig(32, 64, 4, 1)]
+# Where varlen's first entry spills here (kernel report, sm_80; co-attention has no
+# window, softcap or image-block variants but its own register mix):
+# forward D96 and D128: M128-N32-w8 with two or three stages spilled 8-16 bytes (full,
+# full + dropout); one stage keeps the 128-query tile and fits (M64-N64-w4-s2 spilled
+# 8-72 bytes, M64-N32-w4-s2 fits too)
+CONFIGS["fwd"][96] = [AttnConfig(128, 32, 8, 1)]
+CONFIGS["fwd"][128] = [AttnConfig(128, 32, 8, 1), AttnConfig(64, 32, 4, 2)]
+# one-pass backward D64: M32-N64-w4 spilled 48 bytes with dropout once interior tiles
+# ran unmasked; varlen's M32-N64-w8 fits. Deterministic dK/dV D64: varlen's M64-N32-w8
+# spilled 8 bytes; M32-N64-w8 fits.
+CONFIGS["dkdv"][64] = [AttnConfig(32, 64, 8, 1)]
 # the delta pre-kernel (varlen's tiles, both directions inlined): 4 warps spill 8
 # bytes at D64 on sm_80 (255 registers); 8 warps need 80
 DELTA_WARPS = 8
@@ -337,7 +338,7 @@ def launch_bwd(doa, dob, qa, ka, va_, qb, kb, vb, oa, ob, lse_a, lse_b, cu_a, cu
     else:
         dqa, dqb = torch.empty_like(qa), torch.empty_like(qb)
         dq_acc_a, dq_acc_b = lse_a, lse_b  # unused placeholders (float32)
-    block_d, block_d1 = head_chunks(D)
+    block_d, block_d1 = head_chunks(D, backward=True, deterministic=deterministic)
     chunks = dict(BLOCK_D=block_d, BLOCK_D1=block_d1, EVEN_D=D == block_d + block_d1)
     block_d += block_d1  # the config bucket
     delta_a = torch.empty(H, total_a, dtype=torch.float32, device=qa.device)
@@ -369,8 +370,7 @@ def launch_bwd(doa, dob, qa, ka, va_, qb, kb, vb, oa, ob, lse_a, lse_b, cu_a, cu
         _co_attn_bwd_dq_kernel[(cdiv(max(max_a, max_b), cfg.block_m), batch, 2 * H)](
             qa, ka, va_, qb, kb, vb, doa, dob, lse_a, lse_b, delta_a, delta_b, dqa, dqb,
             *common, HAS_DROPOUT=(p_a > 0 or p_b > 0), BLOCK_M=cfg.block_m,
-            BLOCK_N=cfg.block_n, num_warps=cfg.num_warps,
-            num_stages=cfg.num_stages, **chunks)
+            BLOCK_N=cfg.block_n, **cfg.options, **chunks)
     return dqa, dka, dva, dqb, dkb, dvb
 
 
@@ -384,7 +384,7 @@ def kernel_specs() -> list[KernelSpec]:
     specs = []
     for kernel, kind in ((_co_attn_fwd_kernel, "fwd"), (_co_attn_bwd_dkdv_kernel, "bwd"),
                          (_co_attn_bwd_dkdv_kernel, "dkdv"), (_co_attn_bwd_dq_kernel, "dq")):
-        for block_d in (64, 80, 96, 128):
+        for block_d in (d for d in (64, 80, 96, 128) if d in CONFIGS[kind]):
             for cfg in CONFIGS[kind][block_d]:  # the autotune space (the dq kernel: first)
                 for dropout in (False, True):
                     for ints16 in (False, True):

@@ -202,41 +202,44 @@ CONFIGS: dict[str, dict[int, list[AttnConfig]]] = {
     # D128: M128-N64 spilled 8-24 bytes on sm_80 with image blocks + window + softcap
     # (with or without dropout); M128-N32, as co-attention's D128 forward and FA2's
     # hdim-128 forward with dropout, fits every variant.
-    # D64 and D256: the two-stage and three-stage versions of each tile fit too.
-    # D80 (64 + 16 lanes) and D96 (64 + 32): head_chunks(); the D128 tiles to start
+    # D64: the two-stage and three-stage versions of each tile fit too.
+    # D80 (64 + 16 lanes, also D72) and D96 (64 + 32): head_chunks(); the D128 tiles.
+    # D256: M32-N32-w4 (two or three stages) spilled 16-24 bytes on sm_80 in the
+    # heaviest variant once interior tiles ran unmasked; 8 warps or M16 fit there, but
+    # in the light variants ptxas aimed at 128 (8 warps) or 168 registers (4 warps) and
+    # spilled 8-16 bytes: register cap 255 (AttnConfig.maxnreg), as the backward's.
     "fwd": {64: [_C(128, 64, 8, 3), _C(64, 64, 4, 3), _C(128, 64, 8, 2), _C(64, 64, 4, 2)],
             80: [_C(128, 32, 8, 3)],
             96: [_C(128, 32, 8, 3)],
             128: [_C(128, 32, 8, 3), _C(128, 32, 8, 2)],
-            256: [_C(32, 32, 4, 2), _C(32, 32, 4, 3)]},
+            256: [_C(32, 32, 8, 2, 255), _C(16, 32, 4, 2, 255)]},
     # one-pass backward (dK/dV + atomic dQ). D64: N64 halves the dQ atomics of
     # M32-N32-w4 (which spilled 8-40 bytes: cold values at 128/168 registers);
-    # M64-N32-w8 and M32-N64-w4 spilled. D256: M32-N32-w8 spilled 16 bytes on sm_80 in
-    # the heavy variants, M16-N32-w8 fits (252 registers at most). D64 M32-N64-w8-s2:
-    # the pipelined candidate (two stages).
-    # D80/D96 (two chunks): M32-N64-w8 spilled 150-490 bytes on sm_80 (M32-N32-w8 and
-    # M64-N32-w8 too); D96: M16-N64-w8 keeps the 64-key tiles and fits. D80 STILL
-    # SPILLS: M16-N64-w8 16-450 bytes, M16-N32-w8 (the least) 8-144 bytes.
+    # M64-N32-w8 and M32-N64-w4 spilled; M32-N64-w8-s2 is the pipelined candidate.
+    # D96 (every head dim in (64, 96]: head_chunks(backward=True)): M32-N64-w8 spilled
+    # 150-490 bytes on sm_80 (M32-N32-w8 and M64-N32-w8 too); M16-N64-w8 keeps the
+    # 64-key tiles and fits. D128: M32-N64-w8 spilled 24-136 bytes on sm_80 in the
+    # heaviest variants with the unmasked interior loop (two stages 24-136, M64-N64-w8
+    # 104-152); M16-N64-w8 fits. D256: M16-N32-w8 with one masked loop (attention_bwd);
+    # M16-N64-w8, M32-N32-w8, M16-N32-w4 and 16 warps spilled 8-208 bytes.
     "bwd": {64: [_C(32, 64, 8, 1), _C(32, 64, 8, 2)],
-            80: [_C(16, 32, 8, 1)],
             96: [_C(16, 64, 8, 1)],
-            128: [_C(32, 64, 8, 1)],
+            128: [_C(16, 64, 8, 1)],
             256: [_C(16, 32, 8, 1)]},
+    # the deterministic path (head dims in (64, 96] pad to 128 there, see head_chunks).
     # D64: M32-N32 (4 or 8 warps), M32-N64-w8 and M16-N32-w4 spilled 8-40 bytes in
-    # some variant; M64-N32-w8 fits (197 registers at most).
+    # some variant; M64-N32-w8 fits (197 registers at most). D256: M32-N32-w8 and
+    # M16-N32-w4 spilled 24-104 bytes on sm_80; M16-N32-w8 fits with register cap 255
+    # (ptxas's own choice of 128 spilled 8-24 bytes in the lightest and heaviest variants).
     "dkdv": {64: [_C(64, 32, 8, 1)],
-             # D80/D96: M32-N64-w8 and M16-N64-w8 spilled 8-300 bytes on sm_80;
-             # M16-N32-w8 STILL SPILLS 16-56 bytes in the heavy variants
-             80: [_C(16, 32, 8, 1)],
-             96: [_C(16, 32, 8, 1)],
              # (16, 32, 4, 1) left D128: 8 bytes of stack on sm_90 with dropout once
              # the Philox arguments stopped being specialised
              128: [_C(32, 64, 8, 1)],
-             256: [_C(32, 32, 8, 1), _C(16, 32, 4, 1)]},
+             256: [_C(16, 32, 8, 1, 255)]},
+    # D128: M64-N32-w8-s2 spilled 16 bytes on sm_80 (heaviest variant); M32-N64-w8-s2
+    # (64-key tiles, two stages) fits, varlen and co-attention
     "dq": {64: [_C(64, 32, 8, 2), _C(64, 32, 4, 2)],
-           80: [_C(64, 32, 8, 2)],
-           96: [_C(64, 32, 8, 2)],
-           128: [_C(64, 32, 8, 2)],
+           128: [_C(32, 64, 8, 2)],
            256: [_C(32, 32, 8, 1), _C(16, 32, 4, 1)]},
 }
 # CPU interpreter: small tiles, ragged tails (mmkernels.triton.production_tiles() overrides)
@@ -280,7 +283,8 @@ def dkdv_grid(max_k: int, batch: int, H: int, H_kv: int, head_dim: int,
     (key tiles, sequences, kv heads x head splits). The audit checks that an MQA
     backward fills an H100 with it."""
     device = torch.device("cpu") if device is None else device
-    kind, block_d = "dkdv" if deterministic else "bwd", sum(head_chunks(head_dim))
+    kind = "dkdv" if deterministic else "bwd"
+    block_d = sum(head_chunks(head_dim, backward=True, deterministic=deterministic))
     # the autotune space's largest key tile (the launcher's smallest grid); one config
     # under the interpreter's small tiles
     configs = launch_configs(kind, block_d, not interpreter_tiles())
@@ -343,7 +347,7 @@ def launch_bwd(do, q, k, v, out, lse, cu_q, cu_k, block_ids, max_q, max_k, scale
                 torch.zeros_like(k, memory_format=torch.contiguous_format),
                 torch.zeros_like(v, memory_format=torch.contiguous_format))
     one_pass = not deterministic
-    block_d, block_d1 = head_chunks(D)
+    block_d, block_d1 = head_chunks(D, backward=True, deterministic=deterministic)
     bucket = block_d + block_d1  # the config bucket
     kind = "bwd" if one_pass else "dkdv"
     configs = launch_configs(kind, bucket, one_pass and autotuning())
@@ -395,8 +399,7 @@ def launch_bwd(do, q, k, v, out, lse, cu_q, cu_k, block_ids, max_q, max_k, scale
             *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dq.stride(),
             lse.stride(0), scale, dropout_p, *philox_args(seed, offset), D, H // H_kv,
             float(softcap), left, right,
-            BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, num_warps=cfg.num_warps,
-            num_stages=cfg.num_stages, **flags)
+            BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, **cfg.options, **flags)
     return dq, dk, dv
 
 
@@ -411,7 +414,7 @@ def kernel_specs() -> list[KernelSpec]:
     for kernel, kind in ((_varlen_attn_fwd_kernel, "fwd"), (_varlen_attn_bwd_dkdv_kernel, "bwd"),
                          (_varlen_attn_bwd_dkdv_kernel, "dkdv"),
                          (_varlen_attn_bwd_dq_kernel, "dq")):
-        for block_d in (64, 80, 96, 128, 256):
+        for block_d in CONFIGS[kind]:  # the backward has no 80 bucket (head_chunks)
             for cfg in prune_configs(kind, block_d):
                 # the lightest and the heaviest variants of each configuration (causal:
                 # blocks + window + softcap + dropout; non-causal: both window sides +
