@@ -246,16 +246,18 @@ def scatter_image_features(inputs_embeds: Tensor, image_mask: Tensor,
 # Dropout masks: one definition for every backend (Triton on GPU and in the
 # interpreter, the CPU path, MMKERNELS_BACKEND=reference). Element (stream s, packed
 # query row r, key column j) of a call with Philox state (seed, offset) keeps the
-# probability when U >= p, where U is the first output of Philox4x32-10 keyed by
+# probability when U >= p, where U is output word j % 4 of Philox4x32-10 keyed by
 # the 64-bit seed, with the counter
-#     words 0-1 = offset // 4 + j   (64-bit, low word first)
-#     word 2    = s                 (head h; co-attention: direction * H + h)
-#     word 3    = r                 (the row's index in the packed q tensor)
-# mapped to [0, 1) as Triton's tl.rand does. This follows PyTorch's Philox
-# convention (counter.xy = offset / 4 + per-thread index, counter.zw = the
-# subsequence), so a call that reserved 4 * max_seqlen_k values with
-# Generator.philox_state owns its stream outright: no two rows, heads, directions
-# or calls share a counter, whatever the sequence lengths.
+#     words 0-1 = offset // 4 + j // 4   (64-bit, low word first)
+#     word 2    = s                      (head h; co-attention: direction * H + h)
+#     word 3    = r                      (the row's index in the packed q tensor)
+# mapped to [0, 1) as Triton's tl.rand does: one Philox call gives four consecutive
+# columns. This follows PyTorch's Philox convention (counter.xy = offset / 4 +
+# per-thread index, counter.zw = the subsequence), so a call that reserved
+# max_seqlen_k values (rounded up to a multiple of 4) with Generator.philox_state owns
+# its stream outright: no two rows, heads, directions or calls share a counter word,
+# whatever the sequence lengths. (j // 4 and j % 4 are floor division and remainder:
+# only the two's complement bits of a column count.)
 
 _U32 = 0xFFFFFFFF
 _PHILOX_ROUND_A, _PHILOX_ROUND_B = 0xD2511F53, 0xCD9E8D57
@@ -291,13 +293,14 @@ def dropout_uniform(seed: int, offset: int, stream: int, rows: Tensor, cols: Ten
     rows are packed query indices, cols key indices within the sequence (int64)."""
     rows, cols = rows.to(torch.int64), cols.to(torch.int64)
     base = (offset & ((1 << 64) - 1)) >> 2
-    lo = (cols + (base & _U32))                      # < 2**33: carry into word 1
+    lo = ((cols >> 2) + (base & _U32))               # group j // 4; carry into word 1
     c0 = (lo & _U32)[None, :]
     c1 = (((base >> 32) + (lo >> 32)) & _U32)[None, :]
     c2 = torch.full((), stream & _U32, dtype=torch.int64, device=rows.device)
     c3 = (rows & _U32)[:, None]
     shape = (rows.numel(), cols.numel())
-    x, _, _, _ = philox4x32(*(c.expand(shape).contiguous() for c in (c0, c1, c2, c3)), seed)
+    words = philox4x32(*(c.expand(shape).contiguous() for c in (c0, c1, c2, c3)), seed)
+    x = torch.stack(words).gather(0, (cols & 3).expand(shape)[None]).squeeze(0)  # word j % 4
     x = torch.where(x >= 2**31, _U32 - x, x)         # int32 bitcast, negatives to ~x
     return x.to(torch.float32) * torch.tensor(_PHILOX_TO_UNIT, dtype=torch.float32)
 

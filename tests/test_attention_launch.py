@@ -30,7 +30,7 @@ def test_kernel_report_covers_the_autotune_space(module, kernels):
     varlen dK/dV kernel, with the float32 partials of a head split)."""
     specs = module.kernel_specs()
     for kind, table in module.CONFIGS.items():
-        for d in (64, 128, 256) if module is tva else (64, 128):
+        for d in (d for d in table if module is tva or d <= 128):
             tags = _tags(specs, kernels[kind])
             for cfg in table[d]:
                 one_pass = " one-pass" if kind == "bwd" else ""
@@ -117,3 +117,23 @@ def test_autotuner_key_configs_and_reset(monkeypatch):
     assert launched[0] == ((3, 2, 3), (1, 2), dict(CAUSAL=True, BLOCK_D=128))
     assert sorted(al._TUNERS) == [("k", "bwd", (9, 0), 128, 1024), ("k", "bwd", (9, 0), 128, 8192)]
     al.reset_autotune()
+
+
+def test_head_chunks_per_kernel():
+    """Head dims in (64, 96]: the forward in 64 + 16 (D <= 80) or 64 + 32 lanes, the
+    one-pass backward always in 64 + 32 (a 16-lane chunk spills there), the
+    deterministic backward padded to 128; other head dims pad to a power of two. Each
+    launcher's bucket has configs in its table."""
+    hc = al.head_chunks
+    assert [hc(d) for d in (48, 64, 72, 80, 88, 96, 128, 200)] == [
+        (64, 0), (64, 0), (64, 16), (64, 16), (64, 32), (64, 32), (128, 0), (256, 0)]
+    assert [hc(d, backward=True) for d in (64, 72, 80, 96, 128)] == [
+        (64, 0), (64, 32), (64, 32), (64, 32), (128, 0)]
+    assert [hc(d, backward=True, deterministic=True) for d in (64, 72, 80, 96, 256)] == [
+        (64, 0), (128, 0), (128, 0), (128, 0), (256, 0)]
+    for d in range(1, 257):
+        assert sum(hc(d)) in tva.CONFIGS["fwd"] or d < 64
+        assert max(sum(hc(d, backward=True)), 64) in tva.CONFIGS["bwd"]
+        for kind in ("dkdv", "dq"):
+            assert max(sum(hc(d, True, True)), 64) in tva.CONFIGS[kind]
+            assert max(sum(hc(d, True, True)), 64) in tco.CONFIGS[kind] or d > 128

@@ -73,6 +73,13 @@ def test_co_attention(backend, dtype, H, D):
 
 
 @pytest.mark.parametrize("backend", BACKENDS, indirect=True)
+@pytest.mark.parametrize("D", [72, 96])
+def test_co_attention_split_head_dims(backend, D):
+    """Head dims run in two chunks of lanes (64 + 16: D = 72, 80; 64 + 32: D = 96)."""
+    run_and_compare([9, 0, 23], [36, 5, 17], H=2, D=D, dtype=torch.float32)
+
+
+@pytest.mark.parametrize("backend", BACKENDS, indirect=True)
 def test_co_attention_dropout(backend):
     run_and_compare([9, 0, 23], [30, 5, 12], H=2, D=64, dtype=torch.float32, dropout_p=0.2)
 

@@ -90,7 +90,7 @@ def run_and_compare(lq, lk, H, H_kv, D, dtype, causal=False, block_ids=None, dro
 
 @pytest.mark.parametrize("backend", BACKENDS, indirect=True)
 @pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
-@pytest.mark.parametrize("D", [32, 64, 80, 128])
+@pytest.mark.parametrize("D", [32, 64, 72, 80, 96, 128])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
 def test_forward_backward(backend, dtype, D, causal):
     run_and_compare([7, 0, 21, 33], [7, 0, 21, 33], H=4, H_kv=2, D=D, dtype=dtype, causal=causal)
@@ -687,6 +687,8 @@ def test_triton_and_reference_masks_are_bit_identical(seed, offset, stream):
     assert torch.equal(got, want)
     u = reference.dropout_uniform(seed, offset, stream, rows, torch.arange(40))
     assert ((u >= 0) & (u < 1)).all()
+    # one Philox call per four columns: a call reserves max_seqlen_k values, rounded up
+    assert [va.dropout_increment(n) for n in (0, 1, 4, 5, 100, 101)] == [4, 4, 4, 8, 100, 104]
     # the dK/dV tile's spelling of the counter carry (CARRY_BY_COMPARE) gives the same bits
     other = va._triton_keep(seed, offset, stream, rows, 40, 0.3, 1, torch.device("cpu"),
                            carry_by_compare=True)
@@ -747,27 +749,38 @@ def test_dropout_op_matches_reference_bitwise():
 
 @needs_dropout_op
 def test_dropout_op_random123_known_answers():
-    """The C++ op's first Philox word is Random123's kat_vectors answer, mapped to a
-    uniform as tl.rand does (counter words 0-1 = offset / 4 + column, 2 = stream,
-    3 = row, key = seed)."""
+    """The C++ op's uniforms are Random123's kat_vectors answers, mapped to a uniform as
+    tl.rand does: counter words 0-1 = offset / 4 + column // 4, 2 = stream, 3 = row,
+    key = seed, and column j takes output word j % 4 (one Philox call per four
+    columns)."""
     def unit(word):
         x = torch.tensor([word], dtype=torch.int64)
         x = torch.where(x >= 2**31, 0xFFFFFFFF - x, x)
         return x.to(torch.float32) * torch.tensor(4.6566127342e-10, dtype=torch.float32)
 
-    # (seed, offset, column, stream, row) -> Philox4x32-10 x0
-    cases = [(0, 0, 0, 0, 0, 0x6627E8D5),
-             (2**64 - 1, 0, -1, 0xFFFFFFFF, 0xFFFFFFFF, 0x408F276D),           # all ones
-             (2**64 - 1, 4 * (2**32 - 1), 2**64 - 2**32, 0xFFFFFFFF, 0xFFFFFFFF,  # via the offset
-              0x408F276D),
-             (0x299F31D0_A4093822, 0, 0x85A308D3_243F6A88, 0x13198A2E, 0x03707344, 0xD16CFE09)]
+    zeros = (0x6627E8D5, 0xE169C58D, 0xBC57AC4C, 0x9B00DBD8)
+    ones = (0x408F276D, 0x41C83B0E, 0xA20BC7C6, 0x6D5451FD)
+    # (seed, offset, column, stream, row) -> Philox4x32-10 output word
+    cases = [(0, 0, j, 0, 0, zeros[j]) for j in range(4)]
+    cases += [(0, 4 * 5, 4 * 7 + j, 0, 0, None) for j in range(4)]  # group 12: reference only
+    cases += [(2**64 - 1, 0, -4 + j, 0xFFFFFFFF, 0xFFFFFFFF, ones[j]) for j in range(4)]
+    # the counter reaches all ones through the offset: (2^32 - 1) + (-2^32) = -1
+    cases += [(2**64 - 1, 4 * (2**32 - 1), -(2**34) + j, 0xFFFFFFFF, 0xFFFFFFFF, ones[j])
+              for j in range(4)]
     for seed, offset, col, stream, row, word in cases:
-        col = acpu._as_int64(col)
         got = _op_uniform(seed, offset, stream, 1, torch.tensor([row]), torch.tensor([col]))
-        assert torch.equal(got.view(1).view(torch.int32), unit(word).view(torch.int32)), hex(word)
+        if word is not None:
+            assert torch.equal(got.view(1).view(torch.int32), unit(word).view(torch.int32)), (
+                hex(word))
         want = reference.dropout_uniform(seed, offset, stream, torch.tensor([row]),
                                          torch.tensor([col]))
         assert torch.equal(got.view(1), want.view(1))
+    # four consecutive columns are the four words of one counter
+    cols = torch.arange(8)
+    got = _op_uniform(0, 0, 0, 1, torch.tensor([0]), cols).view(8)
+    assert torch.equal(got[:4].view(torch.int32), torch.cat([unit(w) for w in zeros]).view(
+        torch.int32))
+    assert not torch.equal(got[:4], got[4:])
 
 
 @needs_dropout_op
@@ -924,7 +937,7 @@ def test_default_dropout_state_reproducible_and_fresh(backend):
 @pytest.mark.cuda
 def test_cuda_dropout_state_from_cuda_philox_generator():
     """CUDA: (seed, offset) reserved with Generator.philox_state, as PyTorch's own
-    dropout: the offset advances by 4 * max_seqlen_k per call, torch.manual_seed
+    dropout: the offset advances by max_seqlen_k (a multiple of 4) per call, torch.manual_seed
     reproduces, and CUDA-graph capture with dropout raises instead of baking a mask."""
     lengths = [100, 37]
     cu = cu_of(lengths, "cuda")
@@ -933,7 +946,7 @@ def test_cuda_dropout_state_from_cuda_philox_generator():
     torch.manual_seed(0)
     off0 = gen.get_offset()
     a = mmkernels.varlen_attention(q, k, v, cu, cu, 100, 100, dropout_p=0.2)
-    assert gen.get_offset() - off0 >= 4 * 100
+    assert gen.get_offset() - off0 >= 100
     b = mmkernels.varlen_attention(q, k, v, cu, cu, 100, 100, dropout_p=0.2)
     torch.manual_seed(0)
     assert torch.equal(mmkernels.varlen_attention(q, k, v, cu, cu, 100, 100, dropout_p=0.2), a)
@@ -1012,6 +1025,40 @@ def test_backward_path_selection(monkeypatch, mode):
     for got, want, name in ((q.grad, q64.grad, "dq"), (k.grad, k64.grad, "dk"),
                             (v.grad, v64.grad, "dv")):
         assert_close_to_reference(got, want, what=name)
+
+
+@pytest.mark.skipif(not interpreting(), reason="the Triton path on CPU tensors (interpreter)")
+@pytest.mark.parametrize("deterministic", [False, True], ids=["one-pass", "deterministic"])
+@pytest.mark.parametrize("D, buckets", [(72, (80, 96, 128)), (80, (80, 96, 128)),
+                                        (96, (96, 96, 128)), (256, (256, 256, 256))])
+def test_head_dim_buckets_per_kernel(monkeypatch, D, buckets, deterministic):
+    """The head-dim bucket each kernel launches with (head_chunks): the forward in 64 +
+    16 lanes for D <= 80, the one-pass backward in 64 + 32, the deterministic backward
+    padded to 128; D = 256 (one masked loop in the dK/dV tile) everywhere 256. Each
+    against the float64 reference, causal with image blocks and a window."""
+    seen = []
+    pick = tva.pick_config
+    monkeypatch.setattr(tva, "pick_config", lambda kind, d: seen.append((kind, d)) or pick(kind, d))
+    lengths = [19, 0, 33]
+    cu = cu_of(lengths)
+    bid = torch.zeros(52, dtype=torch.int32)
+    bid[3:11] = 1
+    q, k, v = [t.requires_grad_() for t in make_qkv(lengths, lengths, 2, 1, D, torch.float32)]
+    out = mmkernels.varlen_attention(q, k, v, cu, cu, 33, 33, causal=True, block_ids=bid,
+                                     window_size=(20, 0), deterministic=deterministic)
+    g = torch.randn_like(out)
+    out.backward(g)
+    fwd, bwd, det = buckets
+    want = [("fwd", fwd)] + ([("dkdv", det), ("dq", det)] if deterministic else [("bwd", bwd)])
+    assert seen == want
+    q64, k64, v64 = [t.detach().double().requires_grad_() for t in (q, k, v)]
+    ref, _ = reference.varlen_attention(q64, k64, v64, cu, cu, None, True, bid,
+                                        window_size=(20, 0))
+    ref.backward(g.double())
+    assert_close_to_reference(out, ref, what="out")
+    for got, want_, name in ((q.grad, q64.grad, "dq"), (k.grad, k64.grad, "dk"),
+                             (v.grad, v64.grad, "dv")):
+        assert_close_to_reference(got, want_, what=name)
 
 
 @pytest.mark.skipif(not interpreting(), reason="the Triton path on CPU tensors (interpreter)")

@@ -57,7 +57,19 @@ at::Tensor dropout_fill(int64_t seed, int64_t offset, int64_t stream0, int64_t n
       const uint32_t stream = st0 + static_cast<uint32_t>(hr / R);
       const uint32_t row = static_cast<uint32_t>(static_cast<uint64_t>(rp[hr % R]));
       Out* o = op_ + hr * C;
-      for (int64_t j = 0; j < C; ++j) o[j] = f(dropout_uniform_at(base, cp[j], stream, row, k0, k1));
+      // one Philox call per column group (four consecutive columns share one)
+      uint64_t group = 0;
+      Philox4 x{};
+      bool have = false;
+      for (int64_t j = 0; j < C; ++j) {
+        const uint64_t g = dropout_group(cp[j]);
+        if (!have || g != group) {
+          x = dropout_philox(base, g, stream, row, k0, k1);
+          group = g;
+          have = true;
+        }
+        o[j] = f(philox_uint_to_uniform(philox_word(x, dropout_word(cp[j]))));
+      }
     }
   });
   return out;

@@ -6,12 +6,14 @@
 // mmkernels/triton/attention.py (_dropout_keep).
 //
 // Element (stream s, packed query row r, key column j) under the Philox state
-// (seed, offset) is the first output word of Philox4x32-10 keyed by the 64-bit seed,
+// (seed, offset) is output word j % 4 of Philox4x32-10 keyed by the 64-bit seed,
 // with the counter
-//     words 0-1 = offset / 4 + j   (64-bit, low word first)
+//     words 0-1 = offset / 4 + j / 4   (64-bit, low word first)
 //     word 2    = s
 //     word 3    = r
-// all taken modulo 2^32 (words 2 and 3) or 2^64 (words 0-1).
+// all taken modulo 2^32 (words 2 and 3) or 2^64 (words 0-1); j / 4 and j % 4 are the
+// floor division and remainder of the int64 column (its two's complement bits): one
+// Philox call gives four consecutive columns.
 #pragma once
 
 #include <cstdint>
@@ -57,15 +59,38 @@ HOST_DEVICE_INLINE float philox_uint_to_uniform(uint32_t x) {
   return static_cast<float>(static_cast<int32_t>(y)) * kPhiloxToUnit;
 }
 
-// The dropout uniform of key column `col` (any int64: only its two's complement bits
-// count, as in the reference) in the row/stream whose counter words 2-3 are given;
-// `base` = offset / 4 as a uint64, (k0, k1) the seed's low and high words.
-HOST_DEVICE_INLINE float dropout_uniform_at(uint64_t base, int64_t col, uint32_t stream,
-                                            uint32_t row, uint32_t k0, uint32_t k1) {
-  const uint64_t lo = static_cast<uint64_t>(col) + (base & 0xFFFFFFFFull);
+// The column group col / 4 (floor: an arithmetic shift of the two's complement bits)
+// as a uint64 bit pattern, and the output word col % 4 within it.
+HOST_DEVICE_INLINE uint64_t dropout_group(int64_t col) {
+  const uint64_t u = static_cast<uint64_t>(col);
+  return (u >> 2) | (col < 0 ? 0xC000000000000000ull : 0ull);
+}
+HOST_DEVICE_INLINE int dropout_word(int64_t col) {
+  return static_cast<int>(static_cast<uint64_t>(col) & 3u);
+}
+
+// The four outputs of the counter of column group `group` (dropout_group) in the
+// row/stream whose counter words 2-3 are given; `base` = offset / 4 as a uint64,
+// (k0, k1) the seed's low and high words.
+HOST_DEVICE_INLINE Philox4 dropout_philox(uint64_t base, uint64_t group, uint32_t stream,
+                                          uint32_t row, uint32_t k0, uint32_t k1) {
+  const uint64_t lo = group + (base & 0xFFFFFFFFull);  // mod 2^64, as the reference
   const uint32_t c0 = static_cast<uint32_t>(lo);
   const uint32_t c1 = static_cast<uint32_t>((base >> 32) + (lo >> 32));
-  return philox_uint_to_uniform(philox4x32(c0, c1, stream, row, k0, k1).x0);
+  return philox4x32(c0, c1, stream, row, k0, k1);
+}
+
+HOST_DEVICE_INLINE uint32_t philox_word(const Philox4& x, int word) {
+  return word == 0 ? x.x0 : word == 1 ? x.x1 : word == 2 ? x.x2 : x.x3;
+}
+
+// The dropout uniform of key column `col` (any int64: only its two's complement bits
+// count, as in the reference) in the row/stream whose counter words 2-3 are given.
+HOST_DEVICE_INLINE float dropout_uniform_at(uint64_t base, int64_t col, uint32_t stream,
+                                            uint32_t row, uint32_t k0, uint32_t k1) {
+  return philox_uint_to_uniform(
+      philox_word(dropout_philox(base, dropout_group(col), stream, row, k0, k1),
+                  dropout_word(col)));
 }
 
 }  // namespace attention

@@ -89,9 +89,9 @@ def philox_state(device: torch.device, increment: int,
 
 
 def dropout_increment(max_seqlen_k: int) -> int:
-    """Philox values one call reserves: each (stream, row) subsequence uses one
-    counter (4 values) per key column."""
-    return 4 * max(int(max_seqlen_k), 1)
+    """Philox values one call reserves: each (stream, row) subsequence uses one value
+    per key column, one counter (4 values) per four columns."""
+    return 4 * ((max(int(max_seqlen_k), 1) + 3) // 4)
 
 
 def deterministic_backward(deterministic: bool) -> bool:

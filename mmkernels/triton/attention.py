@@ -21,6 +21,16 @@ are never loaded.
 Scores: S = scale * q k^T, or with HAS_SOFTCAP, S = softcap * tanh(scale * q k^T /
 softcap) (Gemma-2); the backward multiplies dS by the cap's derivative 1 - (S/softcap)^2.
 
+Head dims run in two chunks of lanes, BLOCK_D (a power of two) + BLOCK_D1 (0, 16 or
+32; D = 72/80 as 64 + 16, D = 96 as 64 + 32, see attention_launch.head_chunks): every
+load, store and product along the head dim is done per chunk. EVEN_D: the head dim
+fills the chunks, so no lane is masked.
+
+Masks only where needed: each key loop (forward, dQ) and query loop (dK/dV) runs in
+three parts: tiles before the window's full range, the interior (MASKED off: no
+bounds mask, no visibility test), then the boundary tiles (causal diagonal, window
+edge, image-block reach, ragged tail). The set of tiles is the same.
+
 Forward (one program per (q tile, sequence, head)): the q tile stays in SRAM for the
 whole key loop; scores are kept in the log2 domain with the online softmax (running
 max m, running sum l) and exp2. Key tiles past the tile's reach (the last key any of
@@ -38,11 +48,13 @@ dO in their dtype), then
     forward: it recomputes S and dP (seven GEMMs per tile pair, 1.4x the one pass's
     MMA work) but no atomics, so every run is bit-identical.
 Dropout keeps an element with probability 1 - p, decided by Philox4x32-10 keyed by
-the call's 64-bit seed, with the counter (offset // 4 + j as 64 bits, stream,
-q_global): see :func:`_dropout_keep` and :func:`mmkernels.reference.dropout_uniform`,
-which computes the same bits with torch ops. The backward and the testing hooks
-regenerate exactly the forward's mask. The 64-bit seed and counter base arrive as
-int32 halves (seed_lo, seed_hi, ctr_lo, ctr_hi) so that a launch's argument types
+the call's 64-bit seed, with the counter (offset // 4 + j // 4 as 64 bits, stream,
+q_global) and output word j % 4 (one Philox call per four elements): see
+:func:`_dropout_keep` and :func:`mmkernels.reference.dropout_uniform`, which computes
+the same bits with torch ops. The 1 / (1 - p) scaling is a scalar folded into the
+forward's row sums and the backward's final dV scale: no division in the loops. The
+backward and the testing hooks regenerate exactly the forward's mask. The 64-bit seed
+and counter base arrive as int32 halves (seed_lo, seed_hi, ctr_lo, ctr_hi) so that a launch's argument types
 never depend on their values.
 """
 
@@ -70,40 +82,43 @@ def _seq_bounds(cu_ptr, b):
 
 
 @triton.jit
-def _dropout_keep(seed_lo, seed_hi, ctr_lo, ctr_hi, stream, rows_global, cols, dropout_p,
-                  CARRY_BY_COMPARE: tl.constexpr = False):
-    """(BLOCK_M, BLOCK_N) bool: keep element (row, col) of stream `stream`.
+def _dropout_keep(seed_lo, seed_hi, ctr_lo, ctr_hi, stream, rows_global, col0, dropout_p,
+                  BLOCK_N: tl.constexpr, CARRY_BY_COMPARE: tl.constexpr = False):
+    """(BLOCK_M, BLOCK_N) bool: keep element (row, col) of stream `stream`, for the key
+    columns col0 .. col0 + BLOCK_N - 1 (col0 a multiple of 4).
 
     Philox4x32-10, key = the 64-bit seed (seed_hi:seed_lo); counter words 0-1 = the
-    64-bit counter base (ctr_hi:ctr_lo, the Philox offset // 4) + col, word 2 = the
-    stream (head; co-attention: direction * H + head), word 3 = the row's index in
-    the packed q tensor. Every (row, col, stream) of a call has its own counter,
-    and calls with disjoint reserved offsets never share one (PyTorch's convention:
-    counter.xy = offset / 4 + index, counter.zw = subsequence).
+    64-bit counter base (ctr_hi:ctr_lo, the Philox offset // 4) + col // 4, word 2 =
+    the stream (head; co-attention: direction * H + head), word 3 = the row's index in
+    the packed q tensor; element (row, col) is output word col % 4. One Philox call
+    covers four columns. Every (row, col, stream) of a call has its own counter and
+    word, and calls with disjoint reserved offsets never share one (PyTorch's
+    convention: counter.xy = offset / 4 + index, counter.zw = subsequence).
     """
     k0 = tl.to_tensor(seed_lo).to(tl.uint32, bitcast=True)
     k1 = tl.to_tensor(seed_hi).to(tl.uint32, bitcast=True)
-    # the 64-bit counter base + col, on a (N,) vector. Two spellings of the same words
-    # (tested bit for bit against reference.dropout_uniform): the low word + col in
-    # int64 with bit 32 as the carry, or a wrapping uint32 add with the carry as
-    # (sum < base). They only steer ptxas: the first keeps the forward tiles spill-free
-    # on sm_80, the second the dK/dV tile on sm_90 (python -m mmkernels.tools.kernel_report).
+    groups = col0 // 4 + tl.arange(0, BLOCK_N // 4)
+    # the 64-bit counter base + col // 4, on a (N / 4,) vector. Two spellings of the same
+    # words (tested bit for bit against reference.dropout_uniform): the low word + group
+    # in int64 with bit 32 as the carry, or a wrapping uint32 add with the carry as
+    # (sum < base). They only steer ptxas (python -m mmkernels.tools.kernel_report).
     base = tl.to_tensor(ctr_lo).to(tl.uint32, bitcast=True)
     hi = tl.to_tensor(ctr_hi).to(tl.uint32, bitcast=True)
     if CARRY_BY_COMPARE:
-        lo = tl.add(base, cols.to(tl.uint32), sanitize_overflow=False)
+        lo = tl.add(base, groups.to(tl.uint32), sanitize_overflow=False)
         hi = tl.add(hi, (lo < base).to(tl.uint32), sanitize_overflow=False)
     else:
-        low = base.to(tl.int64) + cols.to(tl.int64)
+        low = base.to(tl.int64) + groups.to(tl.int64)
         lo = low.to(tl.uint32)
         hi = tl.add(hi, (low >> 32).to(tl.uint32), sanitize_overflow=False)
     r = rows_global.to(tl.uint32)  # non-negative: packed row indices are int32
-    # The words stay (1, N), (1, N), scalar and (M, 1): the first round broadcasts them,
-    # so no (M, N) counter tile is materialised. The row sits in word 3, which the
-    # first round only XORs: nothing per row but the row index itself is kept live
-    # across the key loop (word 2 is multiplied; the scalar stream costs nothing there).
-    x, _, _, _ = philox_impl(lo[None, :], hi[None, :], tl.to_tensor(stream).to(tl.uint32),
-                             r[:, None], k0, k1)
+    # The words stay (1, N/4), (1, N/4), scalar and (M, 1): the first round broadcasts
+    # them, so no counter tile is materialised; the row sits in word 3, which the first
+    # round only XORs.
+    x0, x1, x2, x3 = philox_impl(lo[None, :], hi[None, :], tl.to_tensor(stream).to(tl.uint32),
+                                 r[:, None], k0, k1)
+    # columns 4g .. 4g + 3 take words 0 .. 3 of group g: interleave (M, N/4) x 4 -> (M, N)
+    x = tl.interleave(tl.interleave(x0, x2), tl.interleave(x1, x3))
     return uint_to_uniform_float(x) >= dropout_p
 
 
@@ -146,25 +161,126 @@ def _scores(qk, sm_scale, softcap, HAS_SOFTCAP: tl.constexpr):
 
 
 @triton.jit
-def _load_tokens(base, idx, idx_ok, stride_t, offs_d, d_ok, stride_d):
-    """A (tokens, BLOCK_D) tile of one head, token idx[i] at base + idx[i] * stride_t
-    (int64 offsets); out-of-range tokens and padded feature lanes read zeros."""
-    return tl.load(base + idx[:, None].to(tl.int64) * stride_t + offs_d[None, :] * stride_d,
-                   mask=idx_ok[:, None] & d_ok[None, :], other=0.0)
+def _load_chunk(base, idx, idx_ok, stride_t, stride_d, head_dim, D_START: tl.constexpr,
+                BLOCK: tl.constexpr, MASK_T: tl.constexpr, MASK_D: tl.constexpr,
+                TRANS: tl.constexpr):
+    """Feature lanes [D_START, D_START + BLOCK) of a (tokens, BLOCK) tile of one head,
+    token idx[i] at base + idx[i] * stride_t (int64 offsets), or its transpose
+    (BLOCK, tokens) with TRANS (the right operand of q k^T). MASK_T: out-of-range
+    tokens read zeros; MASK_D: lanes past head_dim read zeros. Without either, the
+    load carries no mask at all (interior tiles, head dims that fill the chunks)."""
+    offs_d = D_START + tl.arange(0, BLOCK)
+    if TRANS:
+        ptrs = base + idx[None, :].to(tl.int64) * stride_t + offs_d[:, None] * stride_d
+        t_ok = idx_ok[None, :]
+        d_ok = offs_d[:, None] < head_dim
+    else:
+        ptrs = base + idx[:, None].to(tl.int64) * stride_t + offs_d[None, :] * stride_d
+        t_ok = idx_ok[:, None]
+        d_ok = offs_d[None, :] < head_dim
+    if MASK_T:
+        if MASK_D:
+            x = tl.load(ptrs, mask=t_ok & d_ok, other=0.0)
+        else:
+            x = tl.load(ptrs, mask=t_ok, other=0.0)
+    else:
+        if MASK_D:
+            x = tl.load(ptrs, mask=d_ok, other=0.0)
+        else:
+            x = tl.load(ptrs)
+    return x
 
 
 @triton.jit
-def _load_tokens_t(base, idx, idx_ok, stride_t, offs_d, d_ok, stride_d):
-    """The same tile loaded transposed, (BLOCK_D, tokens): the right operand of q k^T."""
-    return tl.load(base + idx[None, :].to(tl.int64) * stride_t + offs_d[:, None] * stride_d,
-                   mask=idx_ok[None, :] & d_ok[:, None], other=0.0)
+def _load_chunks(base, idx, idx_ok, stride_t, stride_d, head_dim, BLOCK_D: tl.constexpr,
+                 BLOCK_D1: tl.constexpr, EVEN_D: tl.constexpr, MASK_T: tl.constexpr = True,
+                 TRANS: tl.constexpr = False):
+    """The two head-dim chunks (lanes [0, BLOCK_D) and [BLOCK_D, BLOCK_D + BLOCK_D1)) of
+    a token tile (see :func:`_load_chunk`); the second is 0 (unused) when BLOCK_D1 == 0.
+    With a second chunk the first is full (head_dim > BLOCK_D); EVEN_D (head_dim ==
+    BLOCK_D + BLOCK_D1): no lane is masked."""
+    x0 = _load_chunk(base, idx, idx_ok, stride_t, stride_d, head_dim, 0, BLOCK_D, MASK_T,
+                     (not EVEN_D) and (BLOCK_D1 == 0), TRANS)
+    x1 = 0
+    if BLOCK_D1 > 0:
+        x1 = _load_chunk(base, idx, idx_ok, stride_t, stride_d, head_dim, BLOCK_D, BLOCK_D1,
+                         MASK_T, not EVEN_D, TRANS)
+    return x0, x1
 
 
 @triton.jit
-def _store_tokens(base, idx, idx_ok, stride_t, offs_d, d_ok, stride_d, value):
-    """Store a (tokens, BLOCK_D) float32 tile in base's dtype (in-range lanes only)."""
-    tl.store(base + idx[:, None].to(tl.int64) * stride_t + offs_d[None, :] * stride_d,
-             value.to(base.dtype.element_ty), mask=idx_ok[:, None] & d_ok[None, :])
+def _chunk_ptrs(base, idx, idx_ok, stride_t, stride_d, head_dim, D_START: tl.constexpr,
+                BLOCK: tl.constexpr, MASK_T: tl.constexpr, MASK_D: tl.constexpr):
+    """Pointers and mask (or None) of lanes [D_START, +BLOCK) of a (tokens, BLOCK) tile."""
+    offs_d = D_START + tl.arange(0, BLOCK)
+    ptrs = base + idx[:, None].to(tl.int64) * stride_t + offs_d[None, :] * stride_d
+    mask = None
+    if MASK_T:
+        if MASK_D:
+            mask = idx_ok[:, None] & (offs_d[None, :] < head_dim)
+        else:
+            mask = idx_ok[:, None]  # broadcast over the lanes
+    else:
+        if MASK_D:
+            mask = offs_d[None, :] < head_dim
+    return ptrs, mask
+
+
+@triton.jit
+def _store_chunks(base, idx, idx_ok, stride_t, stride_d, head_dim, x0, x1,
+                  BLOCK_D: tl.constexpr, BLOCK_D1: tl.constexpr, EVEN_D: tl.constexpr):
+    """Store the float32 chunks of a (tokens, BLOCK_D [+ BLOCK_D1]) tile in base's dtype
+    (in-range tokens and lanes only)."""
+    p0, m0 = _chunk_ptrs(base, idx, idx_ok, stride_t, stride_d, head_dim, 0, BLOCK_D, True,
+                         (not EVEN_D) and (BLOCK_D1 == 0))
+    tl.store(p0, x0.to(base.dtype.element_ty), mask=m0)
+    if BLOCK_D1 > 0:
+        p1, m1 = _chunk_ptrs(base, idx, idx_ok, stride_t, stride_d, head_dim, BLOCK_D, BLOCK_D1,
+                             True, not EVEN_D)
+        tl.store(p1, x1.to(base.dtype.element_ty), mask=m1)
+
+
+@triton.jit
+def _atomic_add_chunk(base, idx, idx_ok, stride_t, stride_d, head_dim, x, D_START: tl.constexpr,
+                      BLOCK: tl.constexpr, MASK_T: tl.constexpr, MASK_D: tl.constexpr):
+    """Add a float32 (tokens, BLOCK) chunk with relaxed atomics; without MASK_T and
+    MASK_D (an interior tile of a full head dim) the atomics carry no mask (Triton
+    cannot return the None mask of :func:`_chunk_ptrs` from a compiled function)."""
+    offs_d = D_START + tl.arange(0, BLOCK)
+    ptrs = base + idx[:, None].to(tl.int64) * stride_t + offs_d[None, :] * stride_d
+    if MASK_T or MASK_D:
+        _p, mask = _chunk_ptrs(base, idx, idx_ok, stride_t, stride_d, head_dim, D_START, BLOCK,
+                               MASK_T, MASK_D)
+        tl.atomic_add(ptrs, x, mask=mask, sem="relaxed")
+    else:
+        tl.atomic_add(ptrs, x, sem="relaxed")
+
+
+@triton.jit
+def _atomic_add_chunks(base, idx, idx_ok, stride_t, stride_d, head_dim, x0, x1,
+                       BLOCK_D: tl.constexpr, BLOCK_D1: tl.constexpr, EVEN_D: tl.constexpr,
+                       MASK_T: tl.constexpr):
+    """Add float32 chunks to a float32 (tokens, head_dim) buffer with relaxed atomics."""
+    _atomic_add_chunk(base, idx, idx_ok, stride_t, stride_d, head_dim, x0, 0, BLOCK_D, MASK_T,
+                      (not EVEN_D) and (BLOCK_D1 == 0))
+    if BLOCK_D1 > 0:
+        _atomic_add_chunk(base, idx, idx_ok, stride_t, stride_d, head_dim, x1, BLOCK_D,
+                          BLOCK_D1, MASK_T, not EVEN_D)
+
+
+@triton.jit
+def _dot2(a0, a1, b0, b1, BLOCK_D1: tl.constexpr, TRANS_B: tl.constexpr = False):
+    """a0 b0 (+ a1 b1 with a second head-dim chunk): a product contracting the head dim,
+    in float32; TRANS_B: with b0, b1 transposed (they are (tokens, lanes) tiles)."""
+    if TRANS_B:
+        acc = tl.dot(a0, tl.trans(b0), input_precision="ieee")
+        if BLOCK_D1 > 0:
+            acc = tl.dot(a1, tl.trans(b1), acc, input_precision="ieee")
+    else:
+        acc = tl.dot(a0, b0, input_precision="ieee")
+        if BLOCK_D1 > 0:
+            acc = tl.dot(a1, b1, acc, input_precision="ieee")
+    return acc
 
 
 @triton.jit
@@ -229,6 +345,84 @@ def _query_range(cols, col_ok, start_n, seqlen_q, seqlen_k, bk_base, reach_base,
 
 
 @triton.jit
+def _split3(lo, hi, first, end, BLOCK: tl.constexpr):
+    """Split the tile loop range(lo, hi, BLOCK) (lo a multiple of BLOCK) into [lo, a),
+    [a, b), [b, hi): the middle holds exactly the tiles that start at or after `first`
+    and end at or before `end` (the interior tiles, which need no mask); the same tiles
+    as before, so the executed work does not change."""
+    a = ((tl.maximum(first, lo) + BLOCK - 1) // BLOCK) * BLOCK
+    a = tl.minimum(a, hi)
+    b = (tl.maximum(end, 0) // BLOCK) * BLOCK
+    b = tl.maximum(tl.minimum(b, (hi // BLOCK) * BLOCK), a)
+    return a, b
+
+
+@triton.jit
+def _interior_keys(lo, hi, start_m, seqlen_q, seqlen_k, win_left, win_right,
+                   CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, BLOCK_M: tl.constexpr,
+                   BLOCK_N: tl.constexpr):
+    """(a, b): the key tiles [a, b) of a q tile's loop range(lo, hi, BLOCK_N) that every
+    row of the tile sees whole (in range, causally below the first row's diagonal,
+    inside the last row's left and the first row's right window edge). Image blocks
+    only add visible keys, so they do not shrink it. Rows past seqlen_q read zeros and
+    are never stored: they need no mask."""
+    m0 = start_m * BLOCK_M
+    off = seqlen_k - seqlen_q
+    end = seqlen_k
+    first = lo
+    if CAUSAL:
+        end = tl.minimum(end, m0 + off + 1)
+    elif HAS_WINDOW:
+        end = tl.minimum(end, m0 + off + win_right + 1)
+    if HAS_WINDOW:
+        first = m0 + BLOCK_M - 1 + off - win_left
+    return _split3(lo, hi, first, end, BLOCK_N)
+
+
+@triton.jit
+def _attn_fwd_step(acc0, acc1, m_i, l_i, q0, q1, bq, rows, start_n, k_base, v_base, bk_base,
+                   stride_kt, stride_kd, stride_vt, stride_vd, seqlen_q, seqlen_k, head_dim,
+                   sm_scale, softcap, win_left, win_right, dropout_p, seed_lo, seed_hi, ctr_lo,
+                   ctr_hi, stream, q_global0, CAUSAL: tl.constexpr, HAS_BLOCKS: tl.constexpr,
+                   HAS_DROPOUT: tl.constexpr, HAS_WINDOW: tl.constexpr,
+                   HAS_SOFTCAP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+                   BLOCK_D1: tl.constexpr, EVEN_D: tl.constexpr, MASKED: tl.constexpr):
+    """One key tile [start_n, +BLOCK_N) of the forward's online softmax. MASKED: the
+    tile may hold keys past seqlen_k or keys some row must not see (bounds masks and
+    the visibility test); without, every key of the tile is in range and visible to
+    every row, and neither runs."""
+    cols = start_n + tl.arange(0, BLOCK_N)
+    col_ok = cols < seqlen_k
+    kt0, kt1 = _load_chunks(k_base, cols, col_ok, stride_kt, stride_kd, head_dim, BLOCK_D,
+                            BLOCK_D1, EVEN_D, MASKED, TRANS=True)
+    s, _t = _scores(_dot2(q0, q1, kt0, kt1, BLOCK_D1), sm_scale, softcap, HAS_SOFTCAP)
+    if MASKED:
+        bk = bq
+        if HAS_BLOCKS:
+            bk = tl.load(bk_base + cols, mask=col_ok, other=0)
+        ok = _visible(rows, cols, seqlen_q, seqlen_k, bq, bk, win_left, win_right, CAUSAL,
+                      HAS_BLOCKS, HAS_WINDOW)
+        s = tl.where(ok, s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    p = tl.math.exp2(s - m_safe[:, None])
+    alpha = tl.math.exp2(m_i - m_safe)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    if HAS_DROPOUT:
+        keep = _dropout_keep(seed_lo, seed_hi, ctr_lo, ctr_hi, stream, q_global0 + rows,
+                             start_n, dropout_p, BLOCK_N)
+        p = tl.where(keep, p, 0.0)  # 1 / (1 - p) is applied to the output
+    v0, v1 = _load_chunks(v_base, cols, col_ok, stride_vt, stride_vd, head_dim, BLOCK_D,
+                          BLOCK_D1, EVEN_D, MASKED)
+    acc0 = acc0 * alpha[:, None]
+    acc0 += tl.dot(p.to(v0.dtype), v0, input_precision="ieee")
+    if BLOCK_D1 > 0:
+        acc1 = acc1 * alpha[:, None]
+        acc1 += tl.dot(p.to(v1.dtype), v1, input_precision="ieee")
+    return acc0, acc1, m_new, l_i
+
+
+@triton.jit
 def _attn_fwd_tile(q_base, k_base, v_base, o_base, lse_base, bq_base, bk_base, reach_base,
                    stride_qt, stride_qd, stride_kt, stride_kd, stride_vt, stride_vd,
                    stride_ot, stride_od, seqlen_q, seqlen_k, start_m, head_dim, sm_scale,
@@ -236,223 +430,95 @@ def _attn_fwd_tile(q_base, k_base, v_base, o_base, lse_base, bq_base, bk_base, r
                    CAUSAL: tl.constexpr, HAS_BLOCKS: tl.constexpr, HAS_DROPOUT: tl.constexpr,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
                    reach_back_base=None, softcap=0.0, win_left=0, win_right=0,
-                   HAS_WINDOW: tl.constexpr = False, HAS_SOFTCAP: tl.constexpr = False):
+                   HAS_WINDOW: tl.constexpr = False, HAS_SOFTCAP: tl.constexpr = False,
+                   BLOCK_D1: tl.constexpr = 0, EVEN_D: tl.constexpr = False):
     """Output rows [start_m*BLOCK_M, +BLOCK_M) of one (sequence, head).
 
     The *_base pointers point at this sequence's first token and this head; the
     dropout stream of this head is `stream`. reach_back_base (blocks with a window),
-    softcap, win_left/right: see the module docstring.
+    softcap, win_left/right: see the module docstring. The head dim runs in two
+    chunks, BLOCK_D + BLOCK_D1 lanes (BLOCK_D1 = 0: one).
     """
     rows = start_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, BLOCK_D)
     row_ok = rows < seqlen_q
-    d_ok = offs_d < head_dim
-    q = _load_tokens(q_base, rows, row_ok, stride_qt, offs_d, d_ok, stride_qd)
+    q0, q1 = _load_chunks(q_base, rows, row_ok, stride_qt, stride_qd, head_dim, BLOCK_D,
+                          BLOCK_D1, EVEN_D)
     lo, hi, bq = _key_range(rows, row_ok, start_m, seqlen_q, seqlen_k, bq_base, reach_base,
                             reach_back_base, win_left, win_right, CAUSAL, HAS_BLOCKS,
                             HAS_WINDOW, BLOCK_M, BLOCK_N)
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
-    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    for start_n in range(lo, hi, BLOCK_N):
-        cols = start_n + offs_n
-        col_ok = cols < seqlen_k
-        kt = _load_tokens_t(k_base, cols, col_ok, stride_kt, offs_d, d_ok, stride_kd)
-        s, _t = _scores(tl.dot(q, kt, input_precision="ieee"), sm_scale, softcap, HAS_SOFTCAP)
-        bk = bq
-        if HAS_BLOCKS:
-            bk = tl.load(bk_base + cols, mask=col_ok, other=0)
-        ok = _visible(rows, cols, seqlen_q, seqlen_k, bq, bk, win_left, win_right, CAUSAL,
-                      HAS_BLOCKS, HAS_WINDOW)
-        s = tl.where(ok, s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        p = tl.math.exp2(s - m_safe[:, None])
-        alpha = tl.math.exp2(m_i - m_safe)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None]
-        if HAS_DROPOUT:
-            keep = _dropout_keep(seed_lo, seed_hi, ctr_lo, ctr_hi, stream, q_global0 + rows,
-                                 cols, dropout_p)
-            p = tl.where(keep, p, 0.0)  # 1 / (1 - p) is applied to the output
-        v = _load_tokens(v_base, cols, col_ok, stride_vt, offs_d, d_ok, stride_vd)
-        acc += tl.dot(p.to(v.dtype), v, input_precision="ieee")
-        m_i = m_new
+    acc0 = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    acc1 = 0.0
+    if BLOCK_D1 > 0:
+        acc1 = tl.zeros([BLOCK_M, BLOCK_D1], dtype=tl.float32)
+    # key tiles before the window's full range, the interior (no mask, no visibility
+    # test), then the diagonal / window edge / image-block reach / ragged tail
+    a, b = _interior_keys(lo, hi, start_m, seqlen_q, seqlen_k, win_left, win_right, CAUSAL,
+                          HAS_WINDOW, BLOCK_M, BLOCK_N)
+    if HAS_WINDOW:  # without a window, a == lo
+        for start_n in range(lo, a, BLOCK_N):
+            acc0, acc1, m_i, l_i = _attn_fwd_step(
+                acc0, acc1, m_i, l_i, q0, q1, bq, rows, start_n, k_base, v_base, bk_base,
+                stride_kt, stride_kd, stride_vt, stride_vd, seqlen_q, seqlen_k, head_dim,
+                sm_scale, softcap, win_left, win_right, dropout_p, seed_lo, seed_hi, ctr_lo,
+                ctr_hi, stream, q_global0, CAUSAL, HAS_BLOCKS, HAS_DROPOUT, HAS_WINDOW,
+                HAS_SOFTCAP, BLOCK_N, BLOCK_D, BLOCK_D1, EVEN_D, True)
+    for start_n in range(a, b, BLOCK_N):
+        acc0, acc1, m_i, l_i = _attn_fwd_step(
+            acc0, acc1, m_i, l_i, q0, q1, bq, rows, start_n, k_base, v_base, bk_base,
+            stride_kt, stride_kd, stride_vt, stride_vd, seqlen_q, seqlen_k, head_dim, sm_scale,
+            softcap, win_left, win_right, dropout_p, seed_lo, seed_hi, ctr_lo, ctr_hi, stream,
+            q_global0, CAUSAL, HAS_BLOCKS, HAS_DROPOUT, HAS_WINDOW, HAS_SOFTCAP, BLOCK_N,
+            BLOCK_D, BLOCK_D1, EVEN_D, False)
+    for start_n in range(b, hi, BLOCK_N):
+        acc0, acc1, m_i, l_i = _attn_fwd_step(
+            acc0, acc1, m_i, l_i, q0, q1, bq, rows, start_n, k_base, v_base, bk_base,
+            stride_kt, stride_kd, stride_vt, stride_vd, seqlen_q, seqlen_k, head_dim, sm_scale,
+            softcap, win_left, win_right, dropout_p, seed_lo, seed_hi, ctr_lo, ctr_hi, stream,
+            q_global0, CAUSAL, HAS_BLOCKS, HAS_DROPOUT, HAS_WINDOW, HAS_SOFTCAP, BLOCK_N,
+            BLOCK_D, BLOCK_D1, EVEN_D, True)
     l_safe = tl.where(l_i == 0.0, 1.0, l_i)
     if HAS_DROPOUT:
         # kept probabilities scale by 1 / (1 - p): folded into the row sums, not per
         # element (p = 0, e.g. co-attention's undropped direction, divides by l exactly)
-        out = acc / (l_safe * (1.0 - dropout_p))[:, None]
+        inv = 1.0 / (l_safe * (1.0 - dropout_p))
     else:
-        out = acc / l_safe[:, None]
+        inv = 1.0 / l_safe
     lse = tl.where(l_i == 0.0, float("-inf"), (m_i + tl.math.log2(l_safe)) * LN2)
-    _store_tokens(o_base, rows, row_ok, stride_ot, offs_d, d_ok, stride_od, out)
+    out1 = acc1
+    if BLOCK_D1 > 0:
+        out1 = acc1 * inv[:, None]
+    _store_chunks(o_base, rows, row_ok, stride_ot, stride_od, head_dim, acc0 * inv[:, None],
+                  out1, BLOCK_D, BLOCK_D1, EVEN_D)
     tl.store(lse_base + rows, lse, mask=row_ok)
-
-
-@triton.jit
-def _attn_bwd_dkdv_tile(q_seq, k_base, v_base, do_seq, lse_seq, delta_seq, dk_base, dv_base,
-                        bq_base, bk_base, reach_back_base,
-                        stride_qt, stride_qh, stride_qd, stride_kt, stride_kd,
-                        stride_vt, stride_vd, stride_dot, stride_doh, stride_dod, stride_lh,
-                        stride_dkt, stride_dkd, stride_dvt, stride_dvd,
-                        seqlen_q, seqlen_k, start_n, head_dim, sm_scale, dropout_p,
-                        seed_lo, seed_hi, ctr_lo, ctr_hi, stream0, q_global0, kv_head, group,
-                        CAUSAL: tl.constexpr, HAS_BLOCKS: tl.constexpr,
-                        HAS_DROPOUT: tl.constexpr, BLOCK_M: tl.constexpr,
-                        BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-                        reach_base=None, softcap=0.0, win_left=0, win_right=0,
-                        HAS_WINDOW: tl.constexpr = False, HAS_SOFTCAP: tl.constexpr = False,
-                        dq_seq=None, stride_dqt=0, stride_dqh=0, stride_dqd=0,
-                        ATOMIC_DQ: tl.constexpr = False):
-    """dK, dV for key rows [start_n*BLOCK_N, +BLOCK_N) of one (sequence, kv head).
-
-    q_seq/do_seq/lse_seq/delta_seq point at the sequence start (head 0); the loop
-    covers the `group` query heads that share this kv head (query head h draws
-    dropout stream stream0 + h). ATOMIC_DQ: also add this tile's dQ contributions
-    to the float32 buffer dq_seq (sequence start, head 0) with atomics.
-    """
-    cols = start_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_m = tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, BLOCK_D)
-    col_ok = cols < seqlen_k
-    d_ok = offs_d < head_dim
-    drop_scale = 1.0 / (1.0 - dropout_p)  # a scalar: no per-element division
-    k = _load_tokens(k_base, cols, col_ok, stride_kt, offs_d, d_ok, stride_kd)
-    v = _load_tokens(v_base, cols, col_ok, stride_vt, offs_d, d_ok, stride_vd)
-    dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
-    dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
-    # Query range: from the first to the last query that sees any key of the tile.
-    lo, hi, bk = _query_range(cols, col_ok, start_n, seqlen_q, seqlen_k, bk_base, reach_base,
-                              reach_back_base, win_left, win_right, CAUSAL, HAS_BLOCKS,
-                              HAS_WINDOW, BLOCK_M, BLOCK_N)
-    for g in range(group):
-        h = kv_head * group + g
-        h64 = h.to(tl.int64)
-        q_h = q_seq + h64 * stride_qh
-        do_h = do_seq + h64 * stride_doh
-        if ATOMIC_DQ:
-            dq_h = dq_seq + h64 * stride_dqh
-        for start_m in range(lo, hi, BLOCK_M):
-            rows = start_m + offs_m
-            row_ok = rows < seqlen_q
-            q = _load_tokens(q_h, rows, row_ok, stride_qt, offs_d, d_ok, stride_qd)
-            do = _load_tokens(do_h, rows, row_ok, stride_dot, offs_d, d_ok, stride_dod)
-            lse = tl.load(lse_seq + h64 * stride_lh + rows, mask=row_ok, other=0.0)
-            delta = tl.load(delta_seq + h64 * stride_lh + rows, mask=row_ok, other=0.0)
-            lse2 = tl.where(lse == float("-inf"), 0.0, lse * LOG2E)
-            bq = bk
-            if HAS_BLOCKS:
-                bq = tl.load(bq_base + rows, mask=row_ok, other=0)
-            s, t = _scores(tl.dot(q, tl.trans(k), input_precision="ieee"), sm_scale, softcap,
-                           HAS_SOFTCAP)
-            ok = _visible(rows, cols, seqlen_q, seqlen_k, bq, bk, win_left, win_right, CAUSAL,
-                          HAS_BLOCKS, HAS_WINDOW)
-            p = tl.where(ok, tl.math.exp2(s - lse2[:, None]), 0.0)
-            if HAS_DROPOUT:
-                keep = _dropout_keep(seed_lo, seed_hi, ctr_lo, ctr_hi, stream0 + h,
-                                     q_global0 + rows, cols, dropout_p,
-                                     CARRY_BY_COMPARE=True)
-                # dv is scaled by 1 / (1 - p) once, at the end
-                dv += tl.dot(tl.trans(tl.where(keep, p, 0.0).to(do.dtype)), do,
-                             input_precision="ieee")
-            else:
-                dv += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision="ieee")
-            if HAS_SOFTCAP:  # fold the cap's derivative into P: one tile live, not two
-                p = p * (1.0 - t * t)
-            dp = tl.dot(do, tl.trans(v), input_precision="ieee")
-            if HAS_DROPOUT:
-                dp = tl.where(keep, dp * drop_scale, 0.0)
-            ds = p * (dp - delta[:, None])
-            dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision="ieee")
-            if ATOMIC_DQ:
-                dq = tl.dot(ds.to(k.dtype), k, input_precision="ieee") * sm_scale
-                tl.atomic_add(dq_h + rows[:, None].to(tl.int64) * stride_dqt
-                              + offs_d[None, :] * stride_dqd, dq,
-                              mask=row_ok[:, None] & d_ok[None, :], sem="relaxed")
-    dk = dk * sm_scale
-    if HAS_DROPOUT:
-        dv = dv * drop_scale
-    _store_tokens(dk_base, cols, col_ok, stride_dkt, offs_d, d_ok, stride_dkd, dk)
-    _store_tokens(dv_base, cols, col_ok, stride_dvt, offs_d, d_ok, stride_dvd, dv)
-
-
-@triton.jit
-def _attn_bwd_dq_tile(q_base, k_base, v_base, do_base, dq_base, lse_base, delta_base,
-                      bq_base, bk_base, reach_base,
-                      stride_qt, stride_qd, stride_kt, stride_kd, stride_vt, stride_vd,
-                      stride_dot, stride_dod, stride_dqt, stride_dqd,
-                      seqlen_q, seqlen_k, start_m, head_dim, sm_scale, dropout_p,
-                      seed_lo, seed_hi, ctr_lo, ctr_hi, stream, q_global0,
-                      CAUSAL: tl.constexpr, HAS_BLOCKS: tl.constexpr, HAS_DROPOUT: tl.constexpr,
-                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-                      reach_back_base=None, softcap=0.0, win_left=0, win_right=0,
-                      HAS_WINDOW: tl.constexpr = False, HAS_SOFTCAP: tl.constexpr = False):
-    """dQ for query rows [start_m*BLOCK_M, +BLOCK_M) of one (sequence, head)."""
-    rows = start_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, BLOCK_D)
-    row_ok = rows < seqlen_q
-    d_ok = offs_d < head_dim
-    drop_scale = 1.0 / (1.0 - dropout_p)  # a scalar: no per-element division
-    q = _load_tokens(q_base, rows, row_ok, stride_qt, offs_d, d_ok, stride_qd)
-    do = _load_tokens(do_base, rows, row_ok, stride_dot, offs_d, d_ok, stride_dod)
-    lse = tl.load(lse_base + rows, mask=row_ok, other=0.0)
-    delta = tl.load(delta_base + rows, mask=row_ok, other=0.0)
-    lse2 = tl.where(lse == float("-inf"), 0.0, lse * LOG2E)
-    lo, hi, bq = _key_range(rows, row_ok, start_m, seqlen_q, seqlen_k, bq_base, reach_base,
-                            reach_back_base, win_left, win_right, CAUSAL, HAS_BLOCKS,
-                            HAS_WINDOW, BLOCK_M, BLOCK_N)
-    dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    for start_n in range(lo, hi, BLOCK_N):
-        cols = start_n + offs_n
-        col_ok = cols < seqlen_k
-        kt = _load_tokens_t(k_base, cols, col_ok, stride_kt, offs_d, d_ok, stride_kd)
-        vt = _load_tokens_t(v_base, cols, col_ok, stride_vt, offs_d, d_ok, stride_vd)
-        bk = bq
-        if HAS_BLOCKS:
-            bk = tl.load(bk_base + cols, mask=col_ok, other=0)
-        # dP (and its dropout mask) first: only dP - delta is live while S, its cap and P
-        # are computed and folded into dS (kernel report: fewer registers)
-        dp = tl.dot(do, vt, input_precision="ieee")
-        if HAS_DROPOUT:
-            keep = _dropout_keep(seed_lo, seed_hi, ctr_lo, ctr_hi, stream, q_global0 + rows,
-                                 cols, dropout_p)
-            dp = tl.where(keep, dp * drop_scale, 0.0)
-        dp = dp - delta[:, None]
-        s, t = _scores(tl.dot(q, kt, input_precision="ieee"), sm_scale, softcap, HAS_SOFTCAP)
-        ok = _visible(rows, cols, seqlen_q, seqlen_k, bq, bk, win_left, win_right, CAUSAL,
-                      HAS_BLOCKS, HAS_WINDOW)
-        ds = tl.where(ok, tl.math.exp2(s - lse2[:, None]) * dp, 0.0)
-        if HAS_SOFTCAP:
-            ds = ds * (1.0 - t * t)
-        dq += tl.dot(ds.to(kt.dtype), tl.trans(kt), input_precision="ieee")
-    dq = dq * sm_scale
-    _store_tokens(dq_base, rows, row_ok, stride_dqt, offs_d, d_ok, stride_dqd, dq)
 
 
 @triton.jit
 def _attn_bwd_delta_tile(o_base, do_base, delta_base, start_t, n_tokens, head_dim, stride_ot,
                          stride_od, stride_dot, stride_dod, BLOCK_T: tl.constexpr,
-                         BLOCK_D: tl.constexpr):
+                         BLOCK_D: tl.constexpr, BLOCK_D1: tl.constexpr = 0,
+                         EVEN_D: tl.constexpr = False):
     """delta[t] = sum_d dO[t, d] * O[t, d] (float32) for tokens [start_t*BLOCK_T, +BLOCK_T)
     of one head (o_base/do_base/delta_base at that head): O and dO are read in their
-    dtype and multiplied in float32 in registers."""
+    dtype and multiplied in float32 in registers (head dim in BLOCK_D + BLOCK_D1 lanes)."""
     idx = start_t * BLOCK_T + tl.arange(0, BLOCK_T)
     idx_ok = idx < n_tokens
-    offs_d = tl.arange(0, BLOCK_D)
-    d_ok = offs_d < head_dim
-    o = _load_tokens(o_base, idx, idx_ok, stride_ot, offs_d, d_ok, stride_od)
-    do = _load_tokens(do_base, idx, idx_ok, stride_dot, offs_d, d_ok, stride_dod)
-    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
+    o0, o1 = _load_chunks(o_base, idx, idx_ok, stride_ot, stride_od, head_dim, BLOCK_D,
+                          BLOCK_D1, EVEN_D)
+    do0, do1 = _load_chunks(do_base, idx, idx_ok, stride_dot, stride_dod, head_dim, BLOCK_D,
+                            BLOCK_D1, EVEN_D)
+    delta = tl.sum(o0.to(tl.float32) * do0.to(tl.float32), 1)
+    if BLOCK_D1 > 0:
+        delta += tl.sum(o1.to(tl.float32) * do1.to(tl.float32), 1)
     tl.store(delta_base + idx, delta, mask=idx_ok)
 
 
 @triton.jit
 def _attn_bwd_delta_kernel(o_ptr, do_ptr, delta_ptr, n_tokens, head_dim, stride_ot, stride_oh,
                            stride_od, stride_dot, stride_doh, stride_dod, stride_lh,
-                           BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr):
+                           BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
+                           BLOCK_D1: tl.constexpr = 0, EVEN_D: tl.constexpr = False):
     """Backward preprocess: delta[h, t] = sum_d dO[t, h, d] * O[t, h, d] (float32), for
     tokens [pid*BLOCK_T, +BLOCK_T) of head program_id(1). O and dO (total, H, D) are
     read in their dtype and multiplied in float32 in registers: no (total, H, D)
@@ -460,7 +526,7 @@ def _attn_bwd_delta_kernel(o_ptr, do_ptr, delta_ptr, n_tokens, head_dim, stride_
     h = tl.program_id(1).to(tl.int64)
     _attn_bwd_delta_tile(o_ptr + h * stride_oh, do_ptr + h * stride_doh, delta_ptr + h * stride_lh,
                          tl.program_id(0), n_tokens, head_dim, stride_ot, stride_od, stride_dot,
-                         stride_dod, BLOCK_T, BLOCK_D)
+                         stride_dod, BLOCK_T, BLOCK_D, BLOCK_D1, EVEN_D)
 
 
 @triton.jit(do_not_specialize=PHILOX_ARGS)
@@ -477,8 +543,8 @@ def _dropout_mask_kernel(mask_ptr, rows_ptr, n_rows, n_cols, stride_mh, stride_m
     rows = tl.load(rows_ptr + idx, mask=idx_ok, other=0)
     for start_n in range(0, n_cols, BLOCK_N):
         cols = start_n + tl.arange(0, BLOCK_N)
-        keep = _dropout_keep(seed_lo, seed_hi, ctr_lo, ctr_hi, stream0 + h, rows, cols,
-                             dropout_p, CARRY_BY_COMPARE)
+        keep = _dropout_keep(seed_lo, seed_hi, ctr_lo, ctr_hi, stream0 + h, rows, start_n,
+                             dropout_p, BLOCK_N, CARRY_BY_COMPARE)
         ptrs = (mask_ptr + h.to(tl.int64) * stride_mh + idx[:, None].to(tl.int64) * stride_mr
                 + cols[None, :])
         tl.store(ptrs, keep.to(tl.int8), mask=idx_ok[:, None] & (cols[None, :] < n_cols))

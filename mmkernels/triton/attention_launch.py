@@ -25,9 +25,22 @@ class AttnConfig:
     block_n: int
     num_warps: int
     num_stages: int
+    #: ptxas register cap (Triton's ``maxnreg``). None: ptxas chooses, and for some
+    #: kernels it aims at a count that costs occupancy nothing but spills a few cold
+    #: values (128 or 168 registers); 255, the architecture's limit, lets it keep them
+    maxnreg: int | None = None
 
     def __str__(self) -> str:
-        return f"M{self.block_m}-N{self.block_n}-w{self.num_warps}-s{self.num_stages}"
+        r = f"-r{self.maxnreg}" if self.maxnreg else ""
+        return f"M{self.block_m}-N{self.block_n}-w{self.num_warps}-s{self.num_stages}{r}"
+
+    @property
+    def options(self) -> dict:
+        """The compile options of a launch (num_warps, num_stages, maxnreg if set)."""
+        out = {"num_warps": self.num_warps, "num_stages": self.num_stages}
+        if self.maxnreg:
+            out["maxnreg"] = self.maxnreg
+        return out
 
 
 # CPU interpreter: small tiles, ragged tails (mmkernels.triton.production_tiles() overrides)
@@ -82,8 +95,7 @@ def launch_attention(kernel, kind: str, block_d: int, configs: Sequence[AttnConf
     if len(configs) == 1:
         c = configs[0]
         kernel[grid(c.block_m, c.block_n)](*args, BLOCK_M=c.block_m, BLOCK_N=c.block_n,
-                                           num_warps=c.num_warps, num_stages=c.num_stages,
-                                           **kwargs)
+                                           **c.options, **kwargs)
         return
     import triton
 
@@ -92,8 +104,8 @@ def launch_attention(kernel, kind: str, block_d: int, configs: Sequence[AttnConf
     tuner = _TUNERS.get(key)
     if tuner is None:
         tuner = triton.autotune(
-            [triton.Config({"BLOCK_M": c.block_m, "BLOCK_N": c.block_n},
-                           num_warps=c.num_warps, num_stages=c.num_stages) for c in configs],
+            [triton.Config({"BLOCK_M": c.block_m, "BLOCK_N": c.block_n}, **c.options)
+             for c in configs],
             key=["CAUSAL", "HAS_BLOCKS"], reset_to_zero=list(reset_to_zero) or None)(kernel)
         _TUNERS[key] = tuner
     tuner[lambda meta: grid(meta["BLOCK_M"], meta["BLOCK_N"])](*args, **kwargs)
@@ -140,8 +152,29 @@ def sum_head_splits(parts: Tensor, splits: int, dtype: torch.dtype) -> Tensor:
 
 
 def block_d_for(head_dim: int) -> int:
-    """Head dim padded to a power of two (>= 16): D = 80 runs as 128 with masked lanes."""
+    """Head dim padded to a power of two (>= 16)."""
     return max(16, 1 << (head_dim - 1).bit_length())
+
+
+def head_chunks(head_dim: int, backward: bool = False, deterministic: bool = False
+                ) -> tuple[int, int]:
+    """(BLOCK_D, BLOCK_D1): the head dim's two chunks of lanes in the kernels, a power of
+    two and 0, 16 or 32. Head dims in (64, 96] run as 64 + 16 or 64 + 32 lanes instead of
+    padding to 128, which would waste 37-44% of the MMA work; every other head dim pads
+    to a power of two (BLOCK_D1 = 0). The launch-config bucket of a head dim is the sum
+    of its chunks.
+
+    Forward: D = 72 and 80 in 80 lanes, D = 96 in 96. Backward (`backward`: the dK/dV,
+    dQ and delta kernels): every head dim in (64, 96] in 96 lanes. A 16-lane chunk does
+    not fit the backward's registers: its dK/dV kernel spilled 8-376 bytes on sm_80 at
+    every tile tried (M16/M32 x N32/N64 x 4/8 warps, kernel report), so D = 80 wastes
+    1/6 of the backward's MMA work (96 / 80 = 1.2) and D = 72 a quarter (96 / 72).
+    The deterministic backward (`deterministic`: its dK/dV and dQ kernels) pads them to
+    128: its dK/dV kernel spilled 32-296 bytes on sm_80 with 64 + 32 lanes at every
+    tile tried (M16/M32 x N32/N64 x 4/8 warps)."""
+    if 64 < head_dim <= 96 and not deterministic:
+        return 64, 16 if head_dim <= 80 and not backward else 32
+    return block_d_for(head_dim), 0
 
 
 
@@ -204,8 +237,9 @@ def block_tables(block_ids: Tensor, cu_seqlens: Tensor, total: int) -> tuple[Ten
 
 
 def delta_block_t(block_d: int) -> int:
-    """Tokens per program of the delta pre-kernel: 8192 elements per operand tile."""
-    return max(16, 8192 // block_d)
+    """Tokens per program of the delta pre-kernel: about 8192 elements per operand tile
+    (block_d: the head-dim bucket, the sum of the chunks)."""
+    return max(16, 1 << (8192 // block_d).bit_length() - 1)
 
 
 def attention_delta(out: Tensor, do: Tensor) -> Tensor:
@@ -215,12 +249,13 @@ def attention_delta(out: Tensor, do: Tensor) -> Tensor:
     total, H, D = out.shape
     delta = torch.empty(H, total, dtype=torch.float32, device=out.device)
     if delta.numel():
-        block_d = block_d_for(D)
-        block_t = delta_block_t(block_d)
+        block_d, block_d1 = head_chunks(D)
+        block_t = delta_block_t(block_d + block_d1)
         with device_guard(out.device):
             _attn_bwd_delta_kernel[(cdiv(total, block_t), H)](
                 out, do, delta, total, D, *out.stride(), *do.stride(), delta.stride(0),
-                BLOCK_T=block_t, BLOCK_D=block_d, num_warps=4)
+                BLOCK_T=block_t, BLOCK_D=block_d, BLOCK_D1=block_d1,
+                EVEN_D=D == block_d + block_d1, num_warps=4)
     return delta
 
 
@@ -247,16 +282,21 @@ def attention_spec(kernel, block_d: int, cfg: AttnConfig, causal: bool, blocks: 
     cu/bid/reach int32, the rest `dtype`; sizes and window bounds int32;
     scale/p/softcap float32, dq_acc float32. window / softcap / atomic_dq: the
     HAS_WINDOW / HAS_SOFTCAP / ATOMIC_DQ variants (kernels without those constexprs
-    ignore them). split: dk/dv are the float32 partials of a head split
+    ignore them). block_d: the head-dim bucket (:func:`head_chunks`: 80 and 96 run in
+    two chunks). split: dk/dv are the float32 partials of a head split
     (:func:`head_splits`; kernels with a dk_ptr). ints16: the
     integer arguments (head dim, max_seqlen_k, seed, group) are multiples of 16 too, as
     Triton specialises such launches separately (head dims 64/80/128 always are), except
     the Philox and head-split arguments, which the kernels never specialise
     (PHILOX_ARGS, SPLIT_ARGS)."""
     names = list(inspect.signature(kernel.fn).parameters)
+    d0, d1 = head_chunks(block_d)
+    # EVEN_D (head dim == the chunks: no lane masks) goes with ints16, as head dims
+    # 64/80/96/128/256 launch it (a padded multiple of 16 such as 48 is not checked)
     consts = {"CAUSAL": causal, "HAS_BLOCKS": blocks, "HAS_DROPOUT": dropout,
               "HAS_WINDOW": window, "HAS_SOFTCAP": softcap, "ATOMIC_DQ": atomic_dq,
-              "BLOCK_M": cfg.block_m, "BLOCK_N": cfg.block_n, "BLOCK_D": block_d}
+              "BLOCK_M": cfg.block_m, "BLOCK_N": cfg.block_n, "BLOCK_D": d0, "BLOCK_D1": d1,
+              "EVEN_D": ints16}
     consts = {k: v for k, v in consts.items() if k in names}
     sig, attrs = {}, {}
     for i, n in enumerate(names):
@@ -287,16 +327,18 @@ def attention_spec(kernel, block_d: int, cfg: AttnConfig, causal: bool, blocks: 
     tag += " split" if split and "dk_ptr" in names else ""
     tag += f" D{block_d} {cfg}" + (" ints%16" if ints16 else "")
     return KernelSpec(kernel.fn.__name__, kernel, sig, consts,
-                      {"num_warps": cfg.num_warps, "num_stages": cfg.num_stages}, tag,
+                      cfg.options, tag,
                       attrs=attrs)
 
 
 def delta_spec(kernel, name: str, sig: dict, num_ptrs: int, block_d: int,
                num_warps: int) -> KernelSpec:
     """A KernelSpec of a delta pre-kernel (no MMA): head-dim strides 1, the first
-    `num_ptrs` pointers multiples of 16."""
+    `num_ptrs` pointers multiples of 16; block_d the head-dim bucket (EVEN_D off)."""
     consts = {n: 1 for n, t in sig.items() if t == "constexpr" and n.startswith("stride_")}
-    consts.update(BLOCK_T=delta_block_t(block_d), BLOCK_D=block_d)
+    d0, d1 = head_chunks(block_d)
+    sig = {**sig, "BLOCK_D1": "constexpr", "EVEN_D": "constexpr"}
+    consts.update(BLOCK_T=delta_block_t(block_d), BLOCK_D=d0, BLOCK_D1=d1, EVEN_D=False)
     return KernelSpec(name, kernel, sig, consts, {"num_warps": num_warps, "num_stages": 1},
                       f"D{block_d}", needs_mma=False,
                       attrs={(i,): [["tt.divisibility", 16]] for i in range(num_ptrs)})

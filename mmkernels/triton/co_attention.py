@@ -30,21 +30,20 @@ from mmkernels.triton import KernelSpec, interpreter_tiles
 from mmkernels.triton.attention import (
     PHILOX_ARGS,
     _attn_bwd_delta_tile,
-    _attn_bwd_dkdv_tile,
-    _attn_bwd_dq_tile,
     _attn_fwd_tile,
     _seq_bounds,
 )
+from mmkernels.triton.attention_bwd import _attn_bwd_dkdv_tile, _attn_bwd_dq_tile
 from mmkernels.triton.attention_launch import (
     INTERPRET_CONFIG,
     AttnConfig,
     attention_spec,
     autotuning,
-    block_d_for,
     cdiv,
     delta_block_t,
     delta_spec,
     device_guard,
+    head_chunks,
     launch_attention,
     philox_args,
 )
@@ -67,7 +66,8 @@ def _co_attn_fwd_kernel(qa_ptr, ka_ptr, va_ptr, qb_ptr, kb_ptr, vb_ptr, oa_ptr, 
                         stride_lah, stride_lbh, sm_scale, dropout_a, dropout_b, seed_lo,
                         seed_hi, ctr_lo, ctr_hi, head_dim, num_heads,
                         HAS_DROPOUT: tl.constexpr, BLOCK_M: tl.constexpr,
-                        BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+                        BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+                        BLOCK_D1: tl.constexpr = 0, EVEN_D: tl.constexpr = False):
     start_m = tl.program_id(0)
     b = tl.program_id(1)
     dh = tl.program_id(2)
@@ -86,7 +86,8 @@ def _co_attn_fwd_kernel(qa_ptr, ka_ptr, va_ptr, qb_ptr, kb_ptr, vb_ptr, oa_ptr, 
                            stride_at, stride_ad, stride_bt, stride_bd, stride_bt, stride_bd,
                            stride_oat, stride_oad, len_a, len_b, start_m, head_dim, sm_scale,
                            dropout_a, seed_lo, seed_hi, ctr_lo, ctr_hi, stream, a0,
-                           False, False, HAS_DROPOUT, BLOCK_M, BLOCK_N, BLOCK_D)
+                           False, False, HAS_DROPOUT, BLOCK_M, BLOCK_N, BLOCK_D,
+                           BLOCK_D1=BLOCK_D1, EVEN_D=EVEN_D)
     else:
         if start_m * BLOCK_M < len_b:
             _attn_fwd_tile(qb_ptr + b64 * stride_bt + h * stride_bh,
@@ -98,14 +99,16 @@ def _co_attn_fwd_kernel(qa_ptr, ka_ptr, va_ptr, qb_ptr, kb_ptr, vb_ptr, oa_ptr, 
                            stride_bt, stride_bd, stride_at, stride_ad, stride_at, stride_ad,
                            stride_obt, stride_obd, len_b, len_a, start_m, head_dim, sm_scale,
                            dropout_b, seed_lo, seed_hi, ctr_lo, ctr_hi, stream, b0,
-                           False, False, HAS_DROPOUT, BLOCK_M, BLOCK_N, BLOCK_D)
+                           False, False, HAS_DROPOUT, BLOCK_M, BLOCK_N, BLOCK_D,
+                           BLOCK_D1=BLOCK_D1, EVEN_D=EVEN_D)
 
 
 @triton.jit
 def _co_attn_bwd_delta_kernel(oa_ptr, doa_ptr, ob_ptr, dob_ptr, deltaa_ptr, deltab_ptr, total_a,
                               total_b, stride_at, stride_ah, stride_ad, stride_bt, stride_bh,
                               stride_bd, stride_lah, stride_lbh, head_dim, num_heads,
-                              BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr):
+                              BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
+                              BLOCK_D1: tl.constexpr = 0, EVEN_D: tl.constexpr = False):
     """delta = rowsum(dO * O) of both directions in one launch: program (t, d * H + h)
     covers tokens [t*BLOCK_T, +BLOCK_T) of head h of stream A (d = 0) or B (d = 1).
     O and dO of a stream are contiguous, laid out like it (stride_a*/stride_b*)."""
@@ -117,12 +120,14 @@ def _co_attn_bwd_delta_kernel(oa_ptr, doa_ptr, ob_ptr, dob_ptr, deltaa_ptr, delt
         if start_t * BLOCK_T < total_a:
             _attn_bwd_delta_tile(oa_ptr + h * stride_ah, doa_ptr + h * stride_ah,
                                  deltaa_ptr + h * stride_lah, start_t, total_a, head_dim,
-                                 stride_at, stride_ad, stride_at, stride_ad, BLOCK_T, BLOCK_D)
+                                 stride_at, stride_ad, stride_at, stride_ad, BLOCK_T, BLOCK_D,
+                                 BLOCK_D1, EVEN_D)
     else:
         if start_t * BLOCK_T < total_b:
             _attn_bwd_delta_tile(ob_ptr + h * stride_bh, dob_ptr + h * stride_bh,
                                  deltab_ptr + h * stride_lbh, start_t, total_b, head_dim,
-                                 stride_bt, stride_bd, stride_bt, stride_bd, BLOCK_T, BLOCK_D)
+                                 stride_bt, stride_bd, stride_bt, stride_bd, BLOCK_T, BLOCK_D,
+                                 BLOCK_D1, EVEN_D)
 
 
 @triton.jit(do_not_specialize=PHILOX_ARGS)
@@ -134,7 +139,8 @@ def _co_attn_bwd_dkdv_kernel(qa_ptr, ka_ptr, va_ptr, qb_ptr, kb_ptr, vb_ptr, doa
                              seed_hi, ctr_lo, ctr_hi, head_dim, num_heads,
                              HAS_DROPOUT: tl.constexpr, ATOMIC_DQ: tl.constexpr,
                              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                             BLOCK_D: tl.constexpr):
+                             BLOCK_D: tl.constexpr, BLOCK_D1: tl.constexpr = 0,
+                             EVEN_D: tl.constexpr = False):
     """Direction 0 (A queries over B keys) produces dK_b, dV_b; direction 1 dK_a, dV_a.
     All gradient tensors are contiguous, laid out like their stream (stride_a*/stride_b*).
     ATOMIC_DQ (the one-pass backward): direction 0 also adds dQ_a into the float32
@@ -164,7 +170,8 @@ def _co_attn_bwd_dkdv_kernel(qa_ptr, ka_ptr, va_ptr, qb_ptr, kb_ptr, vb_ptr, doa
                                 seed_lo, seed_hi, ctr_lo, ctr_hi, stream0, a0, h, 1,
                                 False, False, HAS_DROPOUT, BLOCK_M, BLOCK_N, BLOCK_D,
                                 dq_seq=dq_acc_a_ptr + a64 * stride_at, stride_dqt=stride_at,
-                                stride_dqh=stride_ah, stride_dqd=stride_ad, ATOMIC_DQ=ATOMIC_DQ)
+                                stride_dqh=stride_ah, stride_dqd=stride_ad, ATOMIC_DQ=ATOMIC_DQ,
+                                BLOCK_D1=BLOCK_D1, EVEN_D=EVEN_D)
     else:
         if start_n * BLOCK_N < len_a:
             _attn_bwd_dkdv_tile(qb_ptr + b64 * stride_bt, ka_ptr + a64 * stride_at + h * stride_ah,
@@ -180,7 +187,8 @@ def _co_attn_bwd_dkdv_kernel(qa_ptr, ka_ptr, va_ptr, qb_ptr, kb_ptr, vb_ptr, doa
                                 seed_lo, seed_hi, ctr_lo, ctr_hi, stream0, b0, h, 1,
                                 False, False, HAS_DROPOUT, BLOCK_M, BLOCK_N, BLOCK_D,
                                 dq_seq=dq_acc_b_ptr + b64 * stride_bt, stride_dqt=stride_bt,
-                                stride_dqh=stride_bh, stride_dqd=stride_bd, ATOMIC_DQ=ATOMIC_DQ)
+                                stride_dqh=stride_bh, stride_dqd=stride_bd, ATOMIC_DQ=ATOMIC_DQ,
+                                BLOCK_D1=BLOCK_D1, EVEN_D=EVEN_D)
 
 
 @triton.jit(do_not_specialize=PHILOX_ARGS)
@@ -191,7 +199,8 @@ def _co_attn_bwd_dq_kernel(qa_ptr, ka_ptr, va_ptr, qb_ptr, kb_ptr, vb_ptr, doa_p
                            stride_lah, stride_lbh, sm_scale, dropout_a, dropout_b, seed_lo,
                            seed_hi, ctr_lo, ctr_hi, head_dim, num_heads,
                            HAS_DROPOUT: tl.constexpr, BLOCK_M: tl.constexpr,
-                           BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+                           BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+                           BLOCK_D1: tl.constexpr = 0, EVEN_D: tl.constexpr = False):
     start_m = tl.program_id(0)
     b = tl.program_id(1)
     dh = tl.program_id(2)
@@ -213,7 +222,7 @@ def _co_attn_bwd_dq_kernel(qa_ptr, ka_ptr, va_ptr, qb_ptr, kb_ptr, vb_ptr, doa_p
                               stride_at, stride_ad, stride_at, stride_ad,
                               len_a, len_b, start_m, head_dim, sm_scale, dropout_a, seed_lo,
                               seed_hi, ctr_lo, ctr_hi, stream, a0, False, False, HAS_DROPOUT,
-                              BLOCK_M, BLOCK_N, BLOCK_D)
+                              BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_D1=BLOCK_D1, EVEN_D=EVEN_D)
     else:
         if start_m * BLOCK_M < len_b:
             _attn_bwd_dq_tile(qb_ptr + b64 * stride_bt + h * stride_bh,
@@ -228,7 +237,7 @@ def _co_attn_bwd_dq_kernel(qa_ptr, ka_ptr, va_ptr, qb_ptr, kb_ptr, vb_ptr, doa_p
                               stride_bt, stride_bd, stride_bt, stride_bd,
                               len_b, len_a, start_m, head_dim, sm_scale, dropout_b, seed_lo,
                               seed_hi, ctr_lo, ctr_hi, stream, b0, False, False, HAS_DROPOUT,
-                              BLOCK_M, BLOCK_N, BLOCK_D)
+                              BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_D1=BLOCK_D1, EVEN_D=EVEN_D)
 
 
 # ---------------------------------------------------------------------------------
@@ -239,16 +248,17 @@ def _co_attn_bwd_dq_kernel(qa_ptr, ka_ptr, va_ptr, qb_ptr, kb_ptr, vb_ptr, doa_p
 # varlen list, except where the two-direction kernel spills with it (checked by the
 # kernel report); varlen's further candidates are not checked for this kernel.
 CONFIGS = {kind: {d: table[d][:1] for d in table} for kind, table in VARLEN_CONFIGS.items()}
-CONFIGS["dq"][128] = [AttnConfig(32, 64, 8, 1)]
-# D=128 forward: M128-N64 spills on sm_80 in the dropout variant once the sizes are
-# multiples of 16 (64 B of stack, 3 or 2 stages); M128-N32 keeps the q tile and the
-# pipelining without spills (216 registers at most)
-CONFIGS["fwd"][128] = [AttnConfig(128, 32, 8, 2)]
-# one-pass backward D64: varlen's M32-N64-w8 spills 16 bytes on sm_80 with dropout
-# (ints%16), M64-N32-w8 16-24 and M64-N64-w8 24-64. M32-N64-w4 fits (249-255
-# registers on sm_80, little headroom) and, against M32-N32-w4 (168 at most), halves
-# the dQ atomics: the audit's backward requests 7.7 MB instead of 13.2
-CONFIGS["bwd"][64] = [AttnConfig(32, 64, 4, 1)]
+# Where varlen's first entry spills here (kernel report, sm_80; co-attention has no
+# window, softcap or image-block variants but its own register mix):
+# forward D96 and D128: M128-N32-w8 with two or three stages spilled 8-16 bytes (full,
+# full + dropout); one stage keeps the 128-query tile and fits (M64-N64-w4-s2 spilled
+# 8-72 bytes, M64-N32-w4-s2 fits too)
+CONFIGS["fwd"][96] = [AttnConfig(128, 32, 8, 1)]
+CONFIGS["fwd"][128] = [AttnConfig(128, 32, 8, 1), AttnConfig(64, 32, 4, 2)]
+# one-pass backward D64: M32-N64-w4 spilled 48 bytes with dropout once interior tiles
+# ran unmasked; varlen's M32-N64-w8 fits. Deterministic dK/dV D64: varlen's M64-N32-w8
+# spilled 8 bytes; M32-N64-w8 fits.
+CONFIGS["dkdv"][64] = [AttnConfig(32, 64, 8, 1)]
 # the delta pre-kernel (varlen's tiles, both directions inlined): 4 warps spill 8
 # bytes at D64 on sm_80 (255 registers); 8 warps need 80
 DELTA_WARPS = 8
@@ -286,16 +296,18 @@ def launch_fwd(qa, ka, va_, qb, kb, vb, cu_a, cu_b, max_a, max_b, scale, p_a, p_
     lse_b = torch.full((H, total_b), float("-inf"), dtype=torch.float32, device=qa.device)
     if batch == 0 or max(max_a, max_b) == 0:
         return oa, ob, lse_a, lse_b
-    block_d = block_d_for(D)
+    block_d, block_d1 = head_chunks(D)
+    chunks = dict(BLOCK_D=block_d, BLOCK_D1=block_d1, EVEN_D=D == block_d + block_d1)
+    bucket = block_d + block_d1  # the config bucket
     longest = max(max_a, max_b)
     with device_guard(qa.device):
         launch_attention(
-            _co_attn_fwd_kernel, "fwd", block_d, _configs("fwd", block_d, autotuning()),
+            _co_attn_fwd_kernel, "fwd", bucket, _configs("fwd", bucket, autotuning()),
             lambda m, n: (cdiv(longest, m), batch, 2 * H),
             (qa, ka, va_, qb, kb, vb, oa, ob, lse_a, lse_b, cu_a, cu_b,
              *qa.stride(), *qb.stride(), *oa.stride(), *ob.stride(), lse_a.stride(0),
              lse_b.stride(0), scale, p_a, p_b, *philox_args(seed, offset), D, H),
-            dict(HAS_DROPOUT=(p_a > 0 or p_b > 0), BLOCK_D=block_d), qa.device, longest)
+            dict(HAS_DROPOUT=(p_a > 0 or p_b > 0), **chunks), qa.device, longest)
     return oa, ob, lse_a, lse_b
 
 
@@ -326,7 +338,9 @@ def launch_bwd(doa, dob, qa, ka, va_, qb, kb, vb, oa, ob, lse_a, lse_b, cu_a, cu
     else:
         dqa, dqb = torch.empty_like(qa), torch.empty_like(qb)
         dq_acc_a, dq_acc_b = lse_a, lse_b  # unused placeholders (float32)
-    block_d = block_d_for(D)
+    block_d, block_d1 = head_chunks(D, backward=True, deterministic=deterministic)
+    chunks = dict(BLOCK_D=block_d, BLOCK_D1=block_d1, EVEN_D=D == block_d + block_d1)
+    block_d += block_d1  # the config bucket
     delta_a = torch.empty(H, total_a, dtype=torch.float32, device=qa.device)
     delta_b = torch.empty(H, total_b, dtype=torch.float32, device=qa.device)
     block_t = delta_block_t(block_d)
@@ -335,8 +349,8 @@ def launch_bwd(doa, dob, qa, ka, va_, qb, kb, vb, oa, ob, lse_a, lse_b, cu_a, cu
     with device_guard(qa.device):
         _co_attn_bwd_delta_kernel[(cdiv(max(total_a, total_b), block_t), 2 * H)](
             oa, doa, ob, dob, delta_a, delta_b, total_a, total_b, *qa.stride(), *qb.stride(),
-            delta_a.stride(0), delta_b.stride(0), D, H, BLOCK_T=block_t, BLOCK_D=block_d,
-            num_warps=DELTA_WARPS)
+            delta_a.stride(0), delta_b.stride(0), D, H, BLOCK_T=block_t,
+            num_warps=DELTA_WARPS, **chunks)
         kind = "bwd" if one_pass else "dkdv"
         longest = max(max_a, max_b)
         launch_attention(
@@ -345,7 +359,7 @@ def launch_bwd(doa, dob, qa, ka, va_, qb, kb, vb, oa, ob, lse_a, lse_b, cu_a, cu
             lambda m, n: (cdiv(longest, n), batch, 2 * H),
             (qa, ka, va_, qb, kb, vb, doa, dob, lse_a, lse_b, delta_a, delta_b, dka, dva, dkb,
              dvb, dq_acc_a, dq_acc_b, *common),
-            dict(HAS_DROPOUT=(p_a > 0 or p_b > 0), ATOMIC_DQ=one_pass, BLOCK_D=block_d),
+            dict(HAS_DROPOUT=(p_a > 0 or p_b > 0), ATOMIC_DQ=one_pass, **chunks),
             qa.device, longest,
             reset_to_zero=("dq_acc_a_ptr", "dq_acc_b_ptr") if one_pass else ())
         if one_pass:
@@ -356,8 +370,7 @@ def launch_bwd(doa, dob, qa, ka, va_, qb, kb, vb, oa, ob, lse_a, lse_b, cu_a, cu
         _co_attn_bwd_dq_kernel[(cdiv(max(max_a, max_b), cfg.block_m), batch, 2 * H)](
             qa, ka, va_, qb, kb, vb, doa, dob, lse_a, lse_b, delta_a, delta_b, dqa, dqb,
             *common, HAS_DROPOUT=(p_a > 0 or p_b > 0), BLOCK_M=cfg.block_m,
-            BLOCK_N=cfg.block_n, BLOCK_D=block_d, num_warps=cfg.num_warps,
-            num_stages=cfg.num_stages)
+            BLOCK_N=cfg.block_n, **cfg.options, **chunks)
     return dqa, dka, dva, dqb, dkb, dvb
 
 
@@ -371,14 +384,14 @@ def kernel_specs() -> list[KernelSpec]:
     specs = []
     for kernel, kind in ((_co_attn_fwd_kernel, "fwd"), (_co_attn_bwd_dkdv_kernel, "bwd"),
                          (_co_attn_bwd_dkdv_kernel, "dkdv"), (_co_attn_bwd_dq_kernel, "dq")):
-        for block_d in (64, 128):
+        for block_d in (d for d in (64, 80, 96, 128) if d in CONFIGS[kind]):
             for cfg in CONFIGS[kind][block_d]:  # the autotune space (the dq kernel: first)
                 for dropout in (False, True):
                     for ints16 in (False, True):
                         specs.append(attention_spec(kernel, block_d, cfg, False, False, "bf16",
                                                     dropout=dropout, ints16=ints16,
                                                     atomic_dq=kind == "bwd"))
-    for block_d in (64, 128):
+    for block_d in (64, 80, 96, 128):
         names = ("oa_ptr", "doa_ptr", "ob_ptr", "dob_ptr", "deltaa_ptr", "deltab_ptr")
         sig = {n: "*fp32" if n.startswith("delta") else "*bf16" for n in names}
         sig.update({n: "i32" for n in ("total_a", "total_b", "stride_at", "stride_ah")})

@@ -15,11 +15,10 @@ from mmkernels.triton import KernelSpec, interpreter_tiles
 from mmkernels.triton.attention import (
     PHILOX_ARGS,
     _attn_bwd_delta_kernel,
-    _attn_bwd_dkdv_tile,
-    _attn_bwd_dq_tile,
     _attn_fwd_tile,
     _seq_bounds,
 )
+from mmkernels.triton.attention_bwd import _attn_bwd_dkdv_tile, _attn_bwd_dq_tile
 from mmkernels.triton.attention_launch import (
     INTERPRET_CONFIG,
     SPLIT_ARGS,
@@ -27,11 +26,11 @@ from mmkernels.triton.attention_launch import (
     attention_delta,
     attention_spec,
     autotuning,
-    block_d_for,
     block_tables,
     cdiv,
     delta_spec,
     device_guard,
+    head_chunks,
     head_splits,
     launch_attention,
     philox_args,
@@ -50,7 +49,8 @@ def _varlen_attn_fwd_kernel(q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, cu_q_ptr, cu_k_
                             CAUSAL: tl.constexpr, HAS_BLOCKS: tl.constexpr,
                             HAS_DROPOUT: tl.constexpr, HAS_WINDOW: tl.constexpr,
                             HAS_SOFTCAP: tl.constexpr, BLOCK_M: tl.constexpr,
-                            BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+                            BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+                            BLOCK_D1: tl.constexpr = 0, EVEN_D: tl.constexpr = False):
     start_m = tl.program_id(0)
     b = tl.program_id(1)
     h = tl.program_id(2)
@@ -72,7 +72,7 @@ def _varlen_attn_fwd_kernel(q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, cu_q_ptr, cu_k_
                        dropout_p, seed_lo, seed_hi, ctr_lo, ctr_hi, h, q_start,
                        CAUSAL, HAS_BLOCKS, HAS_DROPOUT, BLOCK_M, BLOCK_N, BLOCK_D,
                        reach_back_ptr + q64, softcap, win_left, win_right, HAS_WINDOW,
-                       HAS_SOFTCAP)
+                       HAS_SOFTCAP, BLOCK_D1, EVEN_D)
 
 
 @triton.jit(do_not_specialize=PHILOX_ARGS + SPLIT_ARGS)
@@ -90,7 +90,8 @@ def _varlen_attn_bwd_dkdv_kernel(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr
                                  HAS_DROPOUT: tl.constexpr, HAS_WINDOW: tl.constexpr,
                                  HAS_SOFTCAP: tl.constexpr, ATOMIC_DQ: tl.constexpr,
                                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                                 BLOCK_D: tl.constexpr):
+                                 BLOCK_D: tl.constexpr, BLOCK_D1: tl.constexpr = 0,
+                                 EVEN_D: tl.constexpr = False):
     """dK, dV per key tile; with ATOMIC_DQ also dQ (atomics into the float32 dq_acc):
     the one-pass backward. Without, the deterministic path's first kernel.
 
@@ -128,7 +129,7 @@ def _varlen_attn_bwd_dkdv_kernel(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr
                             CAUSAL, HAS_BLOCKS, HAS_DROPOUT, BLOCK_M, BLOCK_N, BLOCK_D,
                             reach_ptr + k64, softcap, win_left, win_right, HAS_WINDOW,
                             HAS_SOFTCAP, dq_acc_ptr + q64 * stride_dqat, stride_dqat,
-                            stride_dqah, stride_dqad, ATOMIC_DQ)
+                            stride_dqah, stride_dqad, ATOMIC_DQ, BLOCK_D1, EVEN_D)
 
 
 @triton.jit(do_not_specialize=PHILOX_ARGS)
@@ -142,7 +143,8 @@ def _varlen_attn_bwd_dq_kernel(q_ptr, k_ptr, v_ptr, do_ptr, dq_ptr, lse_ptr, del
                                CAUSAL: tl.constexpr, HAS_BLOCKS: tl.constexpr,
                                HAS_DROPOUT: tl.constexpr, HAS_WINDOW: tl.constexpr,
                                HAS_SOFTCAP: tl.constexpr, BLOCK_M: tl.constexpr,
-                               BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+                               BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+                            BLOCK_D1: tl.constexpr = 0, EVEN_D: tl.constexpr = False):
     start_m = tl.program_id(0)
     b = tl.program_id(1)
     h = tl.program_id(2)
@@ -167,7 +169,7 @@ def _varlen_attn_bwd_dq_kernel(q_ptr, k_ptr, v_ptr, do_ptr, dq_ptr, lse_ptr, del
                           seed_lo, seed_hi, ctr_lo, ctr_hi, h, q_start,
                           CAUSAL, HAS_BLOCKS, HAS_DROPOUT, BLOCK_M, BLOCK_N, BLOCK_D,
                           reach_back_ptr + q64, softcap, win_left, win_right, HAS_WINDOW,
-                          HAS_SOFTCAP)
+                          HAS_SOFTCAP, BLOCK_D1, EVEN_D)
 
 
 # ---------------------------------------------------------------------------------
@@ -200,36 +202,53 @@ CONFIGS: dict[str, dict[int, list[AttnConfig]]] = {
     # D128: M128-N64 spilled 8-24 bytes on sm_80 with image blocks + window + softcap
     # (with or without dropout); M128-N32, as co-attention's D128 forward and FA2's
     # hdim-128 forward with dropout, fits every variant.
-    # D64 and D256: the two-stage and three-stage versions of each tile fit too.
+    # D64: the two-stage and three-stage versions of each tile fit too.
+    # D80 (64 + 16 lanes, also D72) and D96 (64 + 32): head_chunks(); the D128 tiles.
+    # D256: M32-N32-w4 (two or three stages) spilled 16-24 bytes on sm_80 in the
+    # heaviest variant once interior tiles ran unmasked; 8 warps or M16 fit there, but
+    # in the light variants ptxas aimed at 128 (8 warps) or 168 registers (4 warps) and
+    # spilled 8-16 bytes: register cap 255 (AttnConfig.maxnreg), as the backward's.
     "fwd": {64: [_C(128, 64, 8, 3), _C(64, 64, 4, 3), _C(128, 64, 8, 2), _C(64, 64, 4, 2)],
+            80: [_C(128, 32, 8, 3)],
+            96: [_C(128, 32, 8, 3)],
             128: [_C(128, 32, 8, 3), _C(128, 32, 8, 2)],
-            256: [_C(32, 32, 4, 2), _C(32, 32, 4, 3)]},
+            256: [_C(32, 32, 8, 2, 255), _C(16, 32, 4, 2, 255)]},
     # one-pass backward (dK/dV + atomic dQ). D64: N64 halves the dQ atomics of
     # M32-N32-w4 (which spilled 8-40 bytes: cold values at 128/168 registers);
-    # M64-N32-w8 and M32-N64-w4 spilled. D256: M32-N32-w8 spilled 16 bytes on sm_80 in
-    # the heavy variants, M16-N32-w8 fits (252 registers at most). D64 M32-N64-w8-s2:
-    # the pipelined candidate (two stages) that fits every variant.
+    # M64-N32-w8 and M32-N64-w4 spilled; M32-N64-w8-s2 is the pipelined candidate.
+    # D96 (every head dim in (64, 96]: head_chunks(backward=True)): M32-N64-w8 spilled
+    # 150-490 bytes on sm_80 (M32-N32-w8 and M64-N32-w8 too); M16-N64-w8 keeps the
+    # 64-key tiles and fits. D128: M32-N64-w8 spilled 24-136 bytes on sm_80 in the
+    # heaviest variants with the unmasked interior loop (two stages 24-136, M64-N64-w8
+    # 104-152); M16-N64-w8 fits. D256: M16-N32-w8 with one masked loop (attention_bwd);
+    # M16-N64-w8, M32-N32-w8, M16-N32-w4 and 16 warps spilled 8-208 bytes.
     "bwd": {64: [_C(32, 64, 8, 1), _C(32, 64, 8, 2)],
-            128: [_C(32, 64, 8, 1)],
+            96: [_C(16, 64, 8, 1)],
+            128: [_C(16, 64, 8, 1)],
             256: [_C(16, 32, 8, 1)]},
+    # the deterministic path (head dims in (64, 96] pad to 128 there, see head_chunks).
     # D64: M32-N32 (4 or 8 warps), M32-N64-w8 and M16-N32-w4 spilled 8-40 bytes in
-    # some variant; M64-N32-w8 fits (197 registers at most).
+    # some variant; M64-N32-w8 fits (197 registers at most). D256: M32-N32-w8 and
+    # M16-N32-w4 spilled 24-104 bytes on sm_80; M16-N32-w8 fits with register cap 255
+    # (ptxas's own choice of 128 spilled 8-24 bytes in the lightest and heaviest variants).
     "dkdv": {64: [_C(64, 32, 8, 1)],
              # (16, 32, 4, 1) left D128: 8 bytes of stack on sm_90 with dropout once
              # the Philox arguments stopped being specialised
              128: [_C(32, 64, 8, 1)],
-             256: [_C(32, 32, 8, 1), _C(16, 32, 4, 1)]},
+             256: [_C(16, 32, 8, 1, 255)]},
+    # D128: M64-N32-w8-s2 spilled 16 bytes on sm_80 (heaviest variant); M32-N64-w8-s2
+    # (64-key tiles, two stages) fits, varlen and co-attention
     "dq": {64: [_C(64, 32, 8, 2), _C(64, 32, 4, 2)],
-           128: [_C(64, 32, 8, 2)],
+           128: [_C(32, 64, 8, 2)],
            256: [_C(32, 32, 8, 1), _C(16, 32, 4, 1)]},
 }
 # CPU interpreter: small tiles, ragged tails (mmkernels.triton.production_tiles() overrides)
 
 
 def prune_configs(kind: str, block_d: int) -> list[AttnConfig]:
-    """The configurations of kernel `kind` ("fwd", "dkdv", "dq") that fit a padded head
-    dim without spills (head dims below 64 use the 64 entries, which need fewer
-    registers)."""
+    """The configurations of kernel `kind` ("fwd", "bwd", "dkdv", "dq") that fit a head-dim
+    bucket (:func:`head_chunks`: the sum of the chunks) without spills (head dims below
+    64 use the 64 entries, which need fewer registers)."""
     return CONFIGS[kind][max(block_d, 64)]
 
 
@@ -264,7 +283,8 @@ def dkdv_grid(max_k: int, batch: int, H: int, H_kv: int, head_dim: int,
     (key tiles, sequences, kv heads x head splits). The audit checks that an MQA
     backward fills an H100 with it."""
     device = torch.device("cpu") if device is None else device
-    kind, block_d = "dkdv" if deterministic else "bwd", block_d_for(head_dim)
+    kind = "dkdv" if deterministic else "bwd"
+    block_d = sum(head_chunks(head_dim, backward=True, deterministic=deterministic))
     # the autotune space's largest key tile (the launcher's smallest grid); one config
     # under the interpreter's small tiles
     configs = launch_configs(kind, block_d, not interpreter_tiles())
@@ -296,17 +316,19 @@ def launch_fwd(q, k, v, cu_q, cu_k, block_ids, max_q, max_k, scale, causal, drop
         reach, reach_back = block_tables(bid, cu_q, total_q)
     else:
         bid = reach = reach_back = cu_q  # unused placeholders
-    block_d = block_d_for(D)
+    block_d, block_d1 = head_chunks(D)
+    bucket = block_d + block_d1  # the config bucket
     with device_guard(q.device):
         launch_attention(
-            _varlen_attn_fwd_kernel, "fwd", block_d, launch_configs("fwd", block_d, autotuning()),
+            _varlen_attn_fwd_kernel, "fwd", bucket, launch_configs("fwd", bucket, autotuning()),
             lambda m, n: (cdiv(max_q, m), batch, H),
             (q, k, v, out, lse, cu_q, cu_k, bid, reach, reach_back,
              *q.stride(), *k.stride(), *v.stride(), *out.stride(), lse.stride(0),
              scale, dropout_p, *philox_args(seed, offset), D, H // H_kv, float(softcap), left,
              right),
             dict(CAUSAL=causal, HAS_BLOCKS=has_blocks, HAS_DROPOUT=dropout_p > 0,
-                 HAS_WINDOW=has_window, HAS_SOFTCAP=softcap > 0, BLOCK_D=block_d),
+                 HAS_WINDOW=has_window, HAS_SOFTCAP=softcap > 0, BLOCK_D=block_d,
+                 BLOCK_D1=block_d1, EVEN_D=D == block_d + block_d1),
             q.device, max(max_q, max_k))
     return out, lse
 
@@ -325,9 +347,10 @@ def launch_bwd(do, q, k, v, out, lse, cu_q, cu_k, block_ids, max_q, max_k, scale
                 torch.zeros_like(k, memory_format=torch.contiguous_format),
                 torch.zeros_like(v, memory_format=torch.contiguous_format))
     one_pass = not deterministic
-    block_d = block_d_for(D)
+    block_d, block_d1 = head_chunks(D, backward=True, deterministic=deterministic)
+    bucket = block_d + block_d1  # the config bucket
     kind = "bwd" if one_pass else "dkdv"
-    configs = launch_configs(kind, block_d, one_pass and autotuning())
+    configs = launch_configs(kind, bucket, one_pass and autotuning())
     # sized for the largest key tile of the autotune space (its smallest grid)
     splits = dkdv_splits(max(c.block_n for c in configs), max_k, batch, H, H_kv, q.device)
     # every key row belongs to a launched key tile, which stores its dK/dV rows (zeros
@@ -352,11 +375,12 @@ def launch_bwd(do, q, k, v, out, lse, cu_q, cu_k, block_ids, max_q, max_k, scale
     else:
         bid = reach = reach_back = cu_q
     flags = dict(CAUSAL=causal, HAS_BLOCKS=has_blocks, HAS_DROPOUT=dropout_p > 0,
-                 HAS_WINDOW=has_window, HAS_SOFTCAP=softcap > 0, BLOCK_D=block_d)
+                 HAS_WINDOW=has_window, HAS_SOFTCAP=softcap > 0, BLOCK_D=block_d,
+                 BLOCK_D1=block_d1, EVEN_D=D == bucket)
     dqa_strides = dq_acc.stride() if one_pass else (0, 0, 1)
     with device_guard(q.device):
         launch_attention(
-            _varlen_attn_bwd_dkdv_kernel, kind, block_d, configs,
+            _varlen_attn_bwd_dkdv_kernel, kind, bucket, configs,
             lambda m, n: (cdiv(max_k, n), batch, H_kv * splits),
             (q, k, v, do, lse, delta, dk, dv, dq_acc, cu_q, cu_k, bid, reach, reach_back,
              *q.stride(), *k.stride(), *v.stride(), *do.stride(), lse.stride(0),
@@ -369,14 +393,13 @@ def launch_bwd(do, q, k, v, out, lse, cu_q, cu_k, block_ids, max_q, max_k, scale
             dk, dv = sum_head_splits(dk, splits, k.dtype), sum_head_splits(dv, splits, v.dtype)
         if one_pass:
             return (dq_acc if q.dtype == torch.float32 else dq_acc.to(q.dtype)), dk, dv
-        cfg = pick_config("dq", block_d)
+        cfg = pick_config("dq", bucket)
         _varlen_attn_bwd_dq_kernel[(cdiv(max_q, cfg.block_m), batch, H)](
             q, k, v, do, dq, lse, delta, cu_q, cu_k, bid, reach, reach_back,
             *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dq.stride(),
             lse.stride(0), scale, dropout_p, *philox_args(seed, offset), D, H // H_kv,
             float(softcap), left, right,
-            BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, num_warps=cfg.num_warps,
-            num_stages=cfg.num_stages, **flags)
+            BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, **cfg.options, **flags)
     return dq, dk, dv
 
 
@@ -391,7 +414,7 @@ def kernel_specs() -> list[KernelSpec]:
     for kernel, kind in ((_varlen_attn_fwd_kernel, "fwd"), (_varlen_attn_bwd_dkdv_kernel, "bwd"),
                          (_varlen_attn_bwd_dkdv_kernel, "dkdv"),
                          (_varlen_attn_bwd_dq_kernel, "dq")):
-        for block_d in (64, 128, 256):
+        for block_d in CONFIGS[kind]:  # the backward has no 80 bucket (head_chunks)
             for cfg in prune_configs(kind, block_d):
                 # the lightest and the heaviest variants of each configuration (causal:
                 # blocks + window + softcap + dropout; non-causal: both window sides +
@@ -410,7 +433,7 @@ def kernel_specs() -> list[KernelSpec]:
                         specs.append(one(kernel, block_d, cfg, False, False, "bf16",
                                          dropout=True, ints16=ints16, window=True,
                                          softcap=True))
-    for block_d in (64, 128, 256):
+    for block_d in (64, 80, 96, 128, 256):
         sig = {"o_ptr": "*bf16", "do_ptr": "*bf16", "delta_ptr": "*fp32", "n_tokens": "i32",
                "head_dim": "i32", "stride_ot": "i32", "stride_oh": "i32", "stride_od": "constexpr",
                "stride_dot": "i32", "stride_doh": "i32", "stride_dod": "constexpr",
