@@ -33,7 +33,7 @@ Then it checks :data:`BUDGETS`. By default it prints everything and marks the ro
 over budget; ``--check`` exits 1 listing every enforced budget exceeded.
 ``--issue N`` (repeatable) audits only the op families of issue N's budgets and
 enforces only those; ``--waive KEY`` (repeatable) reports a budget without enforcing
-it (CI waives the budgets that open work has still to meet: see .ci/run).
+it (CI enforces every budget; a waiver is for a local run while work is open).
 ``--json PATH`` writes the results (schema ``mmkernels.kernel_audit/1``), ``--op``
 selects op families, ``--quick`` takes small sizes (for tests: tile tails weigh
 more there, so its verdicts are not the audit's).
