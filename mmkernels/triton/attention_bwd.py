@@ -175,17 +175,12 @@ def _attn_bwd_dkdv_tile(q_seq, k_base, v_base, do_seq, lse_seq, delta_seq, dk_ba
         # kept its own operand copies live across the group loop and spilled 100-700
         # bytes on sm_80 (kernel report)
         if BLOCK_D >= 256:
-            # D = 256: every query tile masked, in one loop. The MMAs dominate a tile
-            # there, and the interior loop's second body cost the heaviest one-pass
-            # variant 8-16 bytes of spills on sm_80 at every tile that fits (kernel report)
-            for start_m in range(lo, hi, BLOCK_M):
-                dk0, dk1, dv0, dv1 = _attn_bwd_dkdv_step(
-                    dk0, dk1, dv0, dv1, k0, k1, v0, v1, bk, cols, col0, start_m, q_h, do_h, lse_h,
-                    delta_h, dq_h, bq_base, stride_qt, stride_qd, stride_dot, stride_dod,
-                    stride_dqt, stride_dqd, seqlen_q, seqlen_k, head_dim, sm_scale, softcap,
-                    win_left, win_right, dropout_p, drop_scale, seed_lo, seed_hi, ctr_lo, ctr_hi,
-                    stream0 + h, q_global0, CAUSAL, HAS_BLOCKS, HAS_DROPOUT, HAS_WINDOW,
-                    HAS_SOFTCAP, ATOMIC_DQ, BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_D1, EVEN_D, True)
+            # D = 256: every query tile masked, in the interior loop alone. The MMAs
+            # dominate a tile there, and the edge loop's second body cost the heaviest
+            # one-pass variant 8-16 bytes of spills on sm_80 at every tile that fits
+            # (kernel report; running [lo, hi) in the edge loop spilled 8-24 bytes)
+            a = lo
+            b = hi
         else:
             n_before = (a - lo + BLOCK_M - 1) // BLOCK_M  # a may be hi, off the tile grid
             n_edge = n_before + (hi - b + BLOCK_M - 1) // BLOCK_M
@@ -198,14 +193,14 @@ def _attn_bwd_dkdv_tile(q_seq, k_base, v_base, do_seq, lse_seq, delta_seq, dk_ba
                     win_left, win_right, dropout_p, drop_scale, seed_lo, seed_hi, ctr_lo, ctr_hi,
                     stream0 + h, q_global0, CAUSAL, HAS_BLOCKS, HAS_DROPOUT, HAS_WINDOW,
                     HAS_SOFTCAP, ATOMIC_DQ, BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_D1, EVEN_D, True)
-            for start_m in range(a, b, BLOCK_M):
-                dk0, dk1, dv0, dv1 = _attn_bwd_dkdv_step(
-                    dk0, dk1, dv0, dv1, k0, k1, v0, v1, bk, cols, col0, start_m, q_h, do_h, lse_h,
-                    delta_h, dq_h, bq_base, stride_qt, stride_qd, stride_dot, stride_dod,
-                    stride_dqt, stride_dqd, seqlen_q, seqlen_k, head_dim, sm_scale, softcap,
-                    win_left, win_right, dropout_p, drop_scale, seed_lo, seed_hi, ctr_lo, ctr_hi,
-                    stream0 + h, q_global0, CAUSAL, HAS_BLOCKS, HAS_DROPOUT, HAS_WINDOW,
-                    HAS_SOFTCAP, ATOMIC_DQ, BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_D1, EVEN_D, False)
+        for start_m in range(a, b, BLOCK_M):
+            dk0, dk1, dv0, dv1 = _attn_bwd_dkdv_step(
+                dk0, dk1, dv0, dv1, k0, k1, v0, v1, bk, cols, col0, start_m, q_h, do_h, lse_h,
+                delta_h, dq_h, bq_base, stride_qt, stride_qd, stride_dot, stride_dod,
+                stride_dqt, stride_dqd, seqlen_q, seqlen_k, head_dim, sm_scale, softcap,
+                win_left, win_right, dropout_p, drop_scale, seed_lo, seed_hi, ctr_lo, ctr_hi,
+                stream0 + h, q_global0, CAUSAL, HAS_BLOCKS, HAS_DROPOUT, HAS_WINDOW,
+                HAS_SOFTCAP, ATOMIC_DQ, BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_D1, EVEN_D, BLOCK_D >= 256)
     if HAS_DROPOUT:
         dv0 = dv0 * drop_scale
         if BLOCK_D1 > 0:
