@@ -164,8 +164,10 @@ def head_chunks(head_dim: int, backward: bool = False, deterministic: bool = Fal
     to a power of two (BLOCK_D1 = 0). The launch-config bucket of a head dim is the sum
     of its chunks.
 
-    Forward: D = 72 and 80 in 80 lanes, D = 96 in 96. Backward (`backward`: the dK/dV,
-    dQ and delta kernels): every head dim in (64, 96] in 96 lanes. A 16-lane chunk does
+    Forward: D = 72 and 80 in 80 lanes, D = 96 in 96. Backward (`backward`: the dK/dV
+    and dQ kernels; the delta pre-kernels have no MMA and take either, varlen's the
+    forward's chunks, co-attention's its backward's): every head dim in (64, 96] in 96
+    lanes. A 16-lane chunk does
     not fit the backward's registers: its dK/dV kernel spilled 8-376 bytes on sm_80 at
     every tile tried (M16/M32 x N32/N64 x 4/8 warps, kernel report), so D = 80 wastes
     1/6 of the backward's MMA work (96 / 80 = 1.2) and D = 72 a quarter (96 / 72).
